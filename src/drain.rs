@@ -1,0 +1,126 @@
+//! Tracking in-flight connections so that the old process can wait for them before it exits.
+
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Default)]
+struct Counter {
+    open: Mutex<usize>,
+    changed: Condvar,
+}
+
+/// Counts live [`ConnectionGuard`]s.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tracker {
+    inner: Arc<Counter>,
+}
+
+/// Held by the code serving one connection; dropping it tells the drain that the connection is done.
+///
+/// Get one from [`Upgrader::track`](crate::Upgrader::track) when a connection is accepted and keep it for as
+/// long as the connection is served.
+#[derive(Debug)]
+#[must_use = "the connection counts as in flight only while the guard lives"]
+pub struct ConnectionGuard {
+    inner: Arc<Counter>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        let mut open = self.inner.open.lock().unwrap_or_else(PoisonError::into_inner);
+        *open -= 1;
+        if *open == 0 {
+            self.inner.changed.notify_all();
+        }
+    }
+}
+
+/// What a drain achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DrainReport {
+    /// Connections in flight when the drain began.
+    pub at_start: usize,
+    /// Of those (and any accepted later), how many finished before the deadline.
+    pub drained: usize,
+    /// Connections still open at the deadline; they end with the process.
+    pub left: usize,
+    /// How long the drain took.
+    pub took: Duration,
+}
+
+impl Tracker {
+    pub(crate) fn guard(&self) -> ConnectionGuard {
+        *self.inner.open.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        ConnectionGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    pub(crate) fn open(&self) -> usize {
+        *self.inner.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until no guard is left or `timeout` passes.
+    pub(crate) fn drain(&self, timeout: Duration) -> DrainReport {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut open = self.inner.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let at_start = *open;
+        let mut closed_during = 0usize;
+        let mut last = *open;
+        while *open > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let (g, _) = self
+                .inner
+                .changed
+                .wait_timeout(open, left)
+                .unwrap_or_else(PoisonError::into_inner);
+            open = g;
+            if *open < last {
+                closed_during += last - *open;
+            }
+            last = *open;
+        }
+        let left = *open;
+        DrainReport {
+            at_start,
+            drained: closed_during.max(at_start.saturating_sub(left)),
+            left,
+            took: start.elapsed(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drains_when_guards_drop_and_reports_leftovers() {
+        let t = Tracker::default();
+        let a = t.guard();
+        let b = t.guard();
+        let _c = t.guard();
+        assert_eq!(t.open(), 3);
+        let h = std::thread::spawn(move || {
+            drop(a);
+            drop(b);
+        });
+        let r = t.drain(Duration::from_millis(300));
+        h.join().unwrap();
+        assert_eq!((r.at_start, r.drained, r.left), (3, 2, 1));
+        assert!(r.took >= Duration::from_millis(300));
+    }
+
+    #[test]
+    fn an_idle_tracker_drains_at_once() {
+        let t = Tracker::default();
+        let r = t.drain(Duration::from_secs(10));
+        assert_eq!((r.at_start, r.drained, r.left), (0, 0, 0));
+        assert!(r.took < Duration::from_secs(1));
+    }
+}

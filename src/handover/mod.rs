@@ -1,0 +1,26 @@
+//! The versioned parent → child handover: starting the new binary with the sockets ([`parent`]), adopting
+//! them and reporting readiness in the new process ([`child`]), and the channel between the two
+//! ([`protocol`], [`channel`]).
+//!
+//! The sequence, seen from the old process (parent):
+//!
+//! 1. `fork`, then in the child place the sockets at fds 3.. and the channel right after them, set
+//!    `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID` (the child's own pid, written after `fork`) and the two
+//!    `EXUVIA_HANDOVER_*` variables, mark every other fd close-on-exec, `execve` the program on disk;
+//! 2. send `Hello` (parent pid, generation, application state);
+//! 3. wait for `Ready` or `Failed`, the child's exit (a pidfd), or the deadline; on anything but `Ready`,
+//!    SIGKILL and reap the child and keep serving;
+//! 4. send `Commit`: from here the child is the main process; the parent stops accepting and drains.
+
+pub(crate) mod channel;
+pub(crate) mod child;
+pub(crate) mod parent;
+pub(crate) mod protocol;
+
+/// The variable that names the channel's fd in the child.
+pub(crate) const VAR_FD: &str = "EXUVIA_HANDOVER_FD";
+/// The pid the channel variable is meant for (like `LISTEN_PID`): a grandchild that inherits the environment
+/// by accident ignores it.
+pub(crate) const VAR_PID: &str = "EXUVIA_HANDOVER_PID";
+/// Every variable of this library starts with this; none is passed on to a child except the ones set anew.
+pub(crate) const VAR_PREFIX: &str = "EXUVIA_";

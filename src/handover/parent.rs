@@ -1,0 +1,369 @@
+//! The old process's side: start the new binary with the sockets and wait for its verdict.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::channel::{Channel, Event};
+use super::protocol::Message;
+use crate::activation;
+use crate::error::{Error, ErrorKind, Result};
+use crate::sys::{self, PollSet, SpawnPlan};
+
+/// What to start.
+#[derive(Debug)]
+pub(crate) struct Launch<'a> {
+    pub(crate) program: &'a Path,
+    /// Full argv, argv[0] included.
+    pub(crate) argv: &'a [OsString],
+    pub(crate) extra_env: &'a [(OsString, OsString)],
+    pub(crate) generation: u32,
+}
+
+/// A started child that has not yet been committed. Dropping it kills and reaps the child, so no error path
+/// can leave a half-started process behind.
+#[derive(Debug)]
+pub(crate) struct PendingChild {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    channel: Channel,
+    done: bool,
+}
+
+fn is_ours(name: &std::ffi::OsStr) -> bool {
+    let b = name.as_bytes();
+    b.starts_with(super::VAR_PREFIX.as_bytes())
+        || [
+            activation::VAR_FDS,
+            activation::VAR_NAMES,
+            activation::VAR_PID,
+            activation::VAR_PIDFDID,
+        ]
+        .iter()
+        .any(|v| b == v.as_bytes())
+}
+
+/// Builds the child's environment: this process's, minus the fd-passing variables, plus `extra_env`, plus
+/// fresh `LISTEN_*` and handover variables whose pids are filled in after fork.
+fn plan(launch: &Launch<'_>, names: &[&str]) -> Result<SpawnPlan> {
+    let bad = |e| Error::with_io(ErrorKind::Spawn, "cannot prepare the new process", e);
+    let mut plan = SpawnPlan::new(launch.program, launch.argv).map_err(bad)?;
+    for (k, v) in std::env::vars_os() {
+        if is_ours(&k) || launch.extra_env.iter().any(|(ek, _)| *ek == k) {
+            continue;
+        }
+        plan.env(k.as_bytes(), v.as_bytes()).map_err(bad)?;
+    }
+    for (k, v) in launch.extra_env {
+        if is_ours(k) {
+            return Err(Error::new(
+                ErrorKind::Spawn,
+                format!("{k:?} is managed by exuvia and cannot be set for the new process"),
+            ));
+        }
+        plan.env(k.as_bytes(), v.as_bytes()).map_err(bad)?;
+    }
+    let n = names.len();
+    if n > 0 {
+        plan.env(activation::VAR_FDS.as_bytes(), n.to_string().as_bytes())
+            .map_err(bad)?;
+        plan.env(activation::VAR_NAMES.as_bytes(), names.join(":").as_bytes())
+            .map_err(bad)?;
+        plan.env_child_pid(activation::VAR_PID.as_bytes());
+    }
+    let channel_fd = activation::LISTEN_FDS_START as usize + n;
+    plan.env(super::VAR_FD.as_bytes(), channel_fd.to_string().as_bytes())
+        .map_err(bad)?;
+    plan.env_child_pid(super::VAR_PID.as_bytes());
+    Ok(plan)
+}
+
+/// Forks and executes the new binary with `sockets` at fds 3.. and the handover channel after them, then sends
+/// it `Hello` with `state`.
+pub(crate) fn start(
+    launch: &Launch<'_>,
+    sockets: &[(&str, BorrowedFd<'_>)],
+    state: Vec<u8>,
+    deadline: Instant,
+) -> Result<PendingChild> {
+    let names: Vec<&str> = sockets.iter().map(|(n, _)| *n).collect();
+    let mut plan = plan(launch, &names)?;
+    let (ours, theirs) = UnixStream::pair()
+        .map_err(|e| Error::io("cannot create the handover channel (socketpair)", e))?;
+    let mut fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, fd)| *fd).collect();
+    fds.push(theirs.as_fd());
+    let pid = match sys::spawn(&mut plan, &fds) {
+        Ok(pid) => pid,
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::ENOMEM) => {
+            return Err(Error::with_io(
+                ErrorKind::Spawn,
+                "cannot fork the new process (out of memory or process limit)",
+                e,
+            ))
+        }
+        Err(e) => return Err(Error::exec(launch.program, e)),
+    };
+    drop(theirs);
+    tracing::info!(
+        child_pid = pid,
+        program = %launch.program.display(),
+        sockets = names.len(),
+        generation = launch.generation,
+        "upgrade: child spawned"
+    );
+    for (i, name) in names.iter().enumerate() {
+        tracing::debug!(child_pid = pid, fd = 3 + i, name, "upgrade: passing socket");
+    }
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::waitpid(pid, false);
+            return Err(Error::io(
+                "pidfd_open failed (exuvia needs Linux 5.3 or newer to watch the new process)",
+                e,
+            ));
+        }
+    };
+    let channel = match Channel::new(ours) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::waitpid(pid, false);
+            return Err(e);
+        }
+    };
+    let mut child = PendingChild {
+        pid,
+        pidfd,
+        channel,
+        done: false,
+    };
+    let hello = Message::Hello {
+        parent_pid: std::process::id(),
+        generation: launch.generation,
+        state,
+    };
+    if let Err(e) = child.channel.send(&hello, deadline) {
+        // A child that exited before reading explains itself better than the broken pipe does.
+        return Err(child.fail_with(e));
+    }
+    Ok(child)
+}
+
+impl PendingChild {
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
+    fn has_exited(&self) -> bool {
+        let mut set = PollSet::new();
+        set.add(self.pidfd.as_fd(), libc::POLLIN);
+        set.wait(Some(Instant::now())).unwrap_or(false)
+    }
+
+    /// Kills (if still running) and reaps the child, returning how it ended.
+    fn kill_and_reap(&mut self) -> Option<std::process::ExitStatus> {
+        self.done = true;
+        let _ = sys::kill(self.pid, libc::SIGKILL);
+        match sys::waitpid(self.pid, false) {
+            Ok(status) => status,
+            // ECHILD: the application set SIGCHLD to SIG_IGN and the kernel reaped it already.
+            Err(_) => None,
+        }
+    }
+
+    /// Turns a failure into the most telling error: if the child has exited, its exit status; otherwise `e`,
+    /// after killing it.
+    fn fail_with(&mut self, e: Error) -> Error {
+        if self.has_exited() {
+            if let Some(status) = self.kill_and_reap() {
+                return Error::child_exited(status);
+            }
+        }
+        self.kill_and_reap();
+        e
+    }
+
+    /// Waits for `Ready`. Any other outcome kills and reaps the child and is returned as an error. `tick` runs
+    /// at least every `tick_every` while waiting (to feed a watchdog).
+    pub(crate) fn await_ready(
+        &mut self,
+        timeout: Duration,
+        tick_every: Duration,
+        tick: &mut dyn FnMut(),
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let next_tick = (Instant::now() + tick_every).min(deadline);
+            let event = match self.channel.recv(Some(next_tick), Some(self.pidfd.as_fd())) {
+                Ok(ev) => ev,
+                Err(e) => return Err(self.fail_with(e)),
+            };
+            match event {
+                Event::Message(Message::Ready) => return Ok(()),
+                Event::Message(Message::Failed(reason)) => {
+                    self.kill_and_reap();
+                    return Err(Error::new(
+                        ErrorKind::ChildFailed,
+                        format!("child reported failure during initialisation: {reason}"),
+                    ));
+                }
+                Event::Message(other) => {
+                    let e = Error::protocol(format!(
+                        "handover channel: unexpected {} message from the child",
+                        other.name()
+                    ));
+                    return Err(self.fail_with(e));
+                }
+                Event::Extra => {
+                    let status = self.kill_and_reap();
+                    return Err(match status {
+                        Some(s) => Error::child_exited(s),
+                        None => Error::new(ErrorKind::ChildExited, "child exited during initialisation"),
+                    });
+                }
+                Event::Closed => {
+                    // The channel closes as the child exits; its pidfd turns readable a moment later. Wait a
+                    // bounded time for that to report the exit status rather than a bare "closed".
+                    let mut set = PollSet::new();
+                    set.add(self.pidfd.as_fd(), libc::POLLIN);
+                    let exited = set
+                        .wait(Some(Instant::now() + Duration::from_secs(2)))
+                        .unwrap_or(false);
+                    let status = self.kill_and_reap();
+                    return Err(match (exited, status) {
+                        (true, Some(s)) => Error::child_exited(s),
+                        _ => Error::new(
+                            ErrorKind::Channel,
+                            "child closed the handover channel without reporting ready; killed",
+                        ),
+                    });
+                }
+                Event::Timeout => {
+                    if Instant::now() >= deadline {
+                        self.kill_and_reap();
+                        return Err(Error::ready_timeout(timeout));
+                    }
+                    tick();
+                }
+            }
+        }
+    }
+
+    /// Tells the child it is now the main process. After this the child is on its own: it is no longer killed
+    /// when this value is dropped.
+    pub(crate) fn commit(mut self) -> Result<u32> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        if let Err(e) = self.channel.send(&Message::Commit, deadline) {
+            return Err(self.fail_with(e));
+        }
+        if self.has_exited() {
+            let status = self.kill_and_reap();
+            return Err(match status {
+                Some(s) => Error::new(
+                    ErrorKind::ChildExited,
+                    format!("child ended right after reporting ready ({s}); keeping the old process"),
+                ),
+                None => Error::new(ErrorKind::ChildExited, "child ended right after reporting ready"),
+            });
+        }
+        self.done = true;
+        Ok(self.pid as u32)
+    }
+
+    /// Abandons the handover: kills and reaps the child.
+    pub(crate) fn abort(mut self) {
+        self.kill_and_reap();
+    }
+}
+
+impl Drop for PendingChild {
+    fn drop(&mut self) {
+        if !self.done {
+            self.kill_and_reap();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn library_variables_are_never_copied() {
+        for v in ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", "LISTEN_PIDFDID", "EXUVIA_HANDOVER_FD", "EXUVIA_X"] {
+            assert!(is_ours(std::ffi::OsStr::new(v)), "{v}");
+        }
+        for v in ["PATH", "LISTEN", "NOTIFY_SOCKET", "LISTEN_FDS_X"] {
+            assert!(!is_ours(std::ffi::OsStr::new(v)), "{v}");
+        }
+    }
+
+    #[test]
+    fn a_missing_program_is_a_spawn_error_with_the_path() {
+        let launch = Launch {
+            program: Path::new("/nonexistent/bin/app"),
+            argv: &["app".into()],
+            extra_env: &[],
+            generation: 1,
+        };
+        let e = start(&launch, &[], Vec::new(), Instant::now() + Duration::from_secs(5)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Spawn);
+        assert_eq!(e.to_string(), "cannot execute /nonexistent/bin/app: No such file or directory");
+    }
+
+    #[test]
+    fn extra_env_cannot_override_managed_variables() {
+        let launch = Launch {
+            program: Path::new("/bin/true"),
+            argv: &["true".into()],
+            extra_env: &[("LISTEN_FDS".into(), "9".into())],
+            generation: 1,
+        };
+        let e = start(&launch, &[], Vec::new(), Instant::now() + Duration::from_secs(5)).unwrap_err();
+        assert!(e.to_string().contains("managed by exuvia"), "{e}");
+    }
+
+    #[test]
+    fn a_child_that_exits_is_reported_with_its_status() {
+        // /bin/sh ignores the channel and exits 3: the parent must say so and leave no zombie.
+        let launch = Launch {
+            program: Path::new("/bin/sh"),
+            argv: &["sh".into(), "-c".into(), "exit 3".into()],
+            extra_env: &[],
+            generation: 1,
+        };
+        let mut child = start(&launch, &[], Vec::new(), Instant::now() + Duration::from_secs(5)).unwrap();
+        let pid = child.pid();
+        let e = child
+            .await_ready(Duration::from_secs(10), Duration::from_secs(1), &mut || {})
+            .unwrap_err();
+        assert_eq!(e.to_string(), "child exited with status 3 during initialisation");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "zombie left behind");
+    }
+
+    #[test]
+    fn a_child_that_hangs_is_killed_at_the_deadline() {
+        let launch = Launch {
+            program: Path::new("/bin/sleep"),
+            argv: &["sleep".into(), "30".into()],
+            extra_env: &[],
+            generation: 1,
+        };
+        let mut child = start(&launch, &[], Vec::new(), Instant::now() + Duration::from_secs(5)).unwrap();
+        let pid = child.pid();
+        let mut ticks = 0;
+        let t0 = Instant::now();
+        let e = child
+            .await_ready(Duration::from_millis(300), Duration::from_millis(50), &mut || ticks += 1)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ReadyTimeout);
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+        assert!(ticks >= 3, "watchdog tick ran {ticks} times");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "zombie left behind");
+    }
+}

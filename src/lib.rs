@@ -1,0 +1,89 @@
+//! Replace a running network service's binary with no connection refused and none dropped.
+//!
+//! # From the top
+//!
+//! On an upgrade signal the running process (the *exuvia*, the skin left behind) forks and executes the binary
+//! on disk. The new process inherits the very same listening sockets, initialises while the old one keeps
+//! accepting, and reports ready; only then does the old process stop accepting, drain its open connections
+//! within a deadline, and exit. If the new process crashes, hangs or fails, the old one kills it and serves on.
+//! One upgrade runs at a time.
+//!
+//! A handful of types do it:
+//!
+//! - [`Upgrader`], built once per process by [`Upgrader::builder`]: hands out named sockets (inherited or
+//!   freshly bound), runs upgrades, says when the process is [`Finish`]ing, tracks connections for the drain.
+//! - [`Incoming`]: a blocking accept loop that ends by itself once the process hands over.
+//! - [`ConnectionGuard`] and [`DrainReport`]: what the drain waits for, and how it went.
+//! - [`Error`] with an [`ErrorKind`]: every failure, with a message for an operator.
+//!
+//! # A service, without any async runtime
+//!
+//! ```no_run
+//! use std::io::Write;
+//!
+//! fn main() -> Result<(), exuvia::Error> {
+//!     // First thing in main, before threads: adopts inherited sockets, greets the old process if any.
+//!     let upgrader = exuvia::Upgrader::builder().build()?;
+//!     // Inherited from the old process when upgraded, bound fresh otherwise.
+//!     let listener = upgrader.listen_tcp("http", "127.0.0.1:8080")?;
+//!     upgrader.handle_signals()?; // SIGHUP upgrades, SIGTERM/SIGINT stop
+//!
+//!     let u = upgrader.clone();
+//!     std::thread::spawn(move || {
+//!         for conn in u.incoming(listener) {
+//!             let Ok(mut conn) = conn else { continue };
+//!             let guard = u.track(); // counted until dropped
+//!             std::thread::spawn(move || {
+//!                 let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nhi\n");
+//!                 drop(guard);
+//!             });
+//!         }
+//!     });
+//!
+//!     upgrader.ready()?; // the old process (if any) now stops accepting and drains
+//!     let why = upgrader.wait(); // until upgraded or stopped
+//!     let report = upgrader.drain(); // in-flight connections, up to the drain timeout
+//!     eprintln!("{why:?}: drained {}, left {}", report.drained, report.left);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # What the new process receives
+//!
+//! The sockets sit at fds 3, 4, ... with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` set to the new
+//! process's own pid, so any `sd_listen_fds`-compatible code works in it. The private handover channel comes
+//! right after them; it and its two `EXUVIA_HANDOVER_*` variables are the only additions. Every other
+//! descriptor is closed on exec, whatever flags it was opened with.
+//!
+//! The program executed is, by default, the path this process was started from (as `execve` saw it, made
+//! absolute), not `/proc/self/exe`: after a package upgrade that link points at the old, deleted file.
+//!
+//! # Caveats
+//!
+//! - Build the [`Upgrader`] before starting threads. It removes the fd-passing variables from the
+//!   environment, which is only sound while the process has one thread; later, it leaves them in place.
+//! - Do not set SIGCHLD to `SIG_IGN`: the upgrader reaps the processes it starts.
+//! - `O_NONBLOCK` belongs to the kernel socket, shared by the old and new process. [`Incoming`] copes with
+//!   either mode; a hand-written accept loop must treat `EAGAIN` as "someone else took it".
+//! - Linux 5.3 or newer (pidfd).
+//!
+//! See `docs/DESIGN.md` in the repository for the architecture and the handover sequence.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod accept;
+mod activation;
+mod drain;
+mod error;
+mod handover;
+mod listen;
+mod registry;
+mod sys;
+mod upgrade;
+
+pub use accept::{Accept, Incoming};
+pub use drain::{ConnectionGuard, DrainReport};
+pub use error::{Error, ErrorKind, Result};
+pub use handover::protocol::MAX_STATE_LEN;
+pub use listen::{BindOptions, SocketKind};
+pub use upgrade::{accept_seqpacket, Builder, Finish, UpgradeReport, Upgrader};

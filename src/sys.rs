@@ -1,0 +1,728 @@
+//! The only module with `unsafe`: thin, checked wrappers over the system calls exuvia needs.
+//!
+//! Everything returns owned or borrowed file descriptors, never bare integers, except where the kernel's own
+//! interface is an integer (a pid, a signal number). The fork/exec path ([`spawn`]) prepares every byte it
+//! needs before `fork` and runs only async-signal-safe calls in the child, so that it is sound in a process
+//! with threads.
+
+use std::ffi::{CStr, CString, OsString};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Instant;
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_eintr(mut f: impl FnMut() -> libc::c_int) -> io::Result<libc::c_int> {
+    loop {
+        match cvt(f()) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Takes ownership of a file descriptor that the environment says we inherited, after checking it is open.
+///
+/// The caller must make sure nothing else in the process owns `raw` (the numbers come from `LISTEN_FDS`-style
+/// variables that name fds handed to this process for its exclusive use, and each is adopted once).
+pub(crate) fn adopt_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    if raw < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_GETFD only queries the descriptor table; an invalid number yields EBADF.
+    cvt(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
+    // SAFETY: the fd is open (checked above) and, per the function contract, owned by no one else: it was
+    // passed to this process by its parent or service manager and is adopted exactly once.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Sets or clears close-on-exec.
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: fcntl on a borrowed, open fd; no memory is passed.
+    let flags = cvt(unsafe { libc::fcntl(raw, libc::F_GETFD) })?;
+    let new = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    if new != flags {
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(raw, libc::F_SETFD, new) })?;
+    }
+    Ok(())
+}
+
+/// Sets or clears O_NONBLOCK. Note that the flag belongs to the open file description, which is shared with
+/// every process holding a copy of the same socket.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: fcntl on a borrowed, open fd; no memory is passed.
+    let flags = cvt(unsafe { libc::fcntl(raw, libc::F_GETFL) })?;
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    if new != flags {
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(raw, libc::F_SETFL, new) })?;
+    }
+    Ok(())
+}
+
+/// What the kernel says a socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SocketInfo {
+    /// `AF_INET`, `AF_INET6`, `AF_UNIX`, ...
+    pub(crate) domain: libc::c_int,
+    /// `SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_SEQPACKET`, ...
+    pub(crate) ty: libc::c_int,
+    /// `SO_ACCEPTCONN`: whether `listen` was called on it.
+    pub(crate) listening: bool,
+}
+
+fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: value and len point to live locals of the sizes the kernel is told.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
+/// Returns `None` when the fd is not a socket at all.
+pub(crate) fn socket_info(fd: BorrowedFd<'_>) -> io::Result<Option<SocketInfo>> {
+    // SAFETY: fstat writes into a zeroed, properly sized stat buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: st is a valid, writable stat buffer.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Ok(None);
+    }
+    Ok(Some(SocketInfo {
+        domain: getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?,
+        ty: getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?,
+        listening: getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0,
+    }))
+}
+
+/// A new close-on-exec socket.
+pub(crate) fn new_socket(domain: libc::c_int, ty: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket takes no pointers; on success we own the returned descriptor.
+    let raw = cvt(unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: raw is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `setsockopt` for the common integer-valued options.
+pub(crate) fn set_int_option(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: value is a live c_int and its size is passed.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// Binds an inet socket.
+pub(crate) fn bind_inet(fd: BorrowedFd<'_>, addr: &SocketAddr) -> io::Result<()> {
+    // SAFETY: sockaddr_storage is plain data; zero is a valid initial value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and suitably aligned for sockaddr_in6.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    // SAFETY: storage holds a valid address of `len` bytes.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&storage as *const libc::sockaddr_storage).cast(),
+            len as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data; zero is a valid initial value.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.len() >= sun.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "unix socket path must be 1 to {} bytes without NUL",
+                sun.sun_path.len() - 1
+            ),
+        ));
+    }
+    for (dst, src) in sun.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    Ok((sun, len as libc::socklen_t))
+}
+
+/// Binds a Unix socket to a filesystem path.
+pub(crate) fn bind_unix(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let (sun, len) = sockaddr_un(path)?;
+    // SAFETY: sun is a valid sockaddr_un of `len` bytes.
+    cvt(unsafe { libc::bind(fd.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) })?;
+    Ok(())
+}
+
+/// Connects a Unix socket to a filesystem path (used to tell a stale socket file from a live one).
+pub(crate) fn connect_unix(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let (sun, len) = sockaddr_un(path)?;
+    // SAFETY: sun is a valid sockaddr_un of `len` bytes.
+    cvt_eintr(|| unsafe { libc::connect(fd.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) })?;
+    Ok(())
+}
+
+/// `listen(2)`.
+pub(crate) fn listen(fd: BorrowedFd<'_>, backlog: libc::c_int) -> io::Result<()> {
+    // SAFETY: no pointers.
+    cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })?;
+    Ok(())
+}
+
+/// `accept4` with close-on-exec, for socket kinds std has no type for (seqpacket).
+pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers are allowed; we own the returned fd.
+    let raw = cvt_eintr(|| unsafe {
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: a fresh descriptor from accept4.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1 as libc::c_int; 2];
+    // SAFETY: fds is a writable array of two ints.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both are fresh descriptors owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// One `read`, retried on EINTR.
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: buf is a live, writable slice of the length passed.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// A set of descriptors to wait on with `poll(2)`.
+#[derive(Debug, Default)]
+pub(crate) struct PollSet<'a> {
+    fds: Vec<libc::pollfd>,
+    _borrow: std::marker::PhantomData<BorrowedFd<'a>>,
+}
+
+impl<'a> PollSet<'a> {
+    pub(crate) fn new() -> PollSet<'a> {
+        PollSet::default()
+    }
+
+    /// Adds `fd`, returning its index.
+    pub(crate) fn add(&mut self, fd: BorrowedFd<'a>, events: libc::c_short) -> usize {
+        self.fds.push(libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events,
+            revents: 0,
+        });
+        self.fds.len() - 1
+    }
+
+    /// Waits until any fd is ready or `deadline` passes (`None`: forever). Returns false on timeout.
+    pub(crate) fn wait(&mut self, deadline: Option<Instant>) -> io::Result<bool> {
+        loop {
+            let timeout_ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    // Round up so that we never wake before the deadline and spin.
+                    left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+                }
+            };
+            for p in &mut self.fds {
+                p.revents = 0;
+            }
+            // SAFETY: fds is a live array of pollfd of the length passed; every fd is borrowed for 'a.
+            let n = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, timeout_ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n > 0 {
+                return Ok(true);
+            }
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
+    /// The events that fired for the fd at `index` in the last [`wait`](Self::wait).
+    pub(crate) fn revents(&self, index: usize) -> libc::c_short {
+        self.fds[index].revents
+    }
+}
+
+/// `pidfd_open(2)`: a descriptor that becomes readable when the process exits (Linux 5.3+).
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: a raw syscall taking two integers.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor from the kernel; pidfds are close-on-exec by default.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+}
+
+/// `waitpid(2)` for one pid. With `nohang`, `Ok(None)` means it is still running.
+pub(crate) fn waitpid(pid: libc::pid_t, nohang: bool) -> io::Result<Option<ExitStatus>> {
+    let mut status: libc::c_int = 0;
+    let flags = if nohang { libc::WNOHANG } else { 0 };
+    // SAFETY: status is a live, writable int.
+    let r = cvt_eintr(|| unsafe { libc::waitpid(pid, &mut status, flags) })?;
+    if r == 0 {
+        Ok(None)
+    } else {
+        Ok(Some(ExitStatus::from_raw(status)))
+    }
+}
+
+/// `kill(2)`.
+pub(crate) fn kill(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: no pointers.
+    cvt(unsafe { libc::kill(pid, signal) })?;
+    Ok(())
+}
+
+/// The pathname this program was executed by (`AT_EXECFN`), as given to `execve`: it may be relative, and it
+/// names the file on disk, not the running inode.
+pub(crate) fn exec_filename() -> Option<PathBuf> {
+    // SAFETY: getauxval has no preconditions; 0 means absent.
+    let ptr = unsafe { libc::getauxval(libc::AT_EXECFN) } as *const libc::c_char;
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: AT_EXECFN points at a NUL-terminated string on the initial stack, valid for the process's life.
+    let s = unsafe { CStr::from_ptr(ptr) };
+    Some(PathBuf::from(OsString::from_vec(s.to_bytes().to_vec())))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// fork + exec
+
+/// Everything the child needs, prepared before `fork` so that the child allocates nothing.
+#[derive(Debug)]
+pub(crate) struct SpawnPlan {
+    path: CString,
+    argv: Vec<CString>,
+    /// Each entry `NAME=VALUE\0`; pid slots are `NAME=` followed by [`PID_SLOT`] NUL bytes.
+    env: Vec<Vec<u8>>,
+    pid_slots: Vec<usize>,
+}
+
+/// Room for a decimal pid (pid_t is 32-bit: at most 10 digits) plus the terminating NUL.
+const PID_SLOT: usize = 12;
+
+impl SpawnPlan {
+    pub(crate) fn new(path: &Path, argv: &[OsString]) -> io::Result<SpawnPlan> {
+        let nul = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{what} contains a NUL byte"));
+        let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| nul("program path"))?;
+        let argv = argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()).map_err(|_| nul("an argument")))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(SpawnPlan {
+            path,
+            argv,
+            env: Vec::new(),
+            pid_slots: Vec::new(),
+        })
+    }
+
+    /// Adds `name=value`. Entries with a NUL byte cannot be passed by `execve` and are refused.
+    pub(crate) fn env(&mut self, name: &[u8], value: &[u8]) -> io::Result<()> {
+        if name.is_empty() || name.contains(&b'=') || name.contains(&0) || value.contains(&0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "environment variable {:?} cannot be passed to a new program",
+                    String::from_utf8_lossy(name)
+                ),
+            ));
+        }
+        let mut e = Vec::with_capacity(name.len() + value.len() + 2);
+        e.extend_from_slice(name);
+        e.push(b'=');
+        e.extend_from_slice(value);
+        e.push(0);
+        self.env.push(e);
+        Ok(())
+    }
+
+    /// Adds `name=<the child's own pid>`, filled in after `fork`.
+    pub(crate) fn env_child_pid(&mut self, name: &[u8]) {
+        let mut e = Vec::with_capacity(name.len() + 1 + PID_SLOT);
+        e.extend_from_slice(name);
+        e.push(b'=');
+        e.extend_from_slice(&[0; PID_SLOT]);
+        self.pid_slots.push(self.env.len());
+        self.env.push(e);
+    }
+
+}
+
+/// Forks and executes `plan` with `fds[i]` at descriptor `3 + i` (close-on-exec cleared), every other
+/// descriptor above 2 closed on exec, an empty signal mask and SIGPIPE at its default. Returns the child's pid
+/// once `execve` has succeeded; an exec failure comes back as the `execve` error, with the child reaped.
+pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<libc::pid_t> {
+    // Everything below is prepared here, in the parent, because the child may only make async-signal-safe
+    // calls: no allocation, no locks, no panics.
+    let srcs: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let n = srcs.len() as libc::c_int;
+    let mut high: Vec<RawFd> = vec![-1; srcs.len()];
+    let mut env_bases: Vec<*mut u8> = plan.env.iter_mut().map(|e| e.as_mut_ptr()).collect();
+    let slots: Vec<*mut u8> = plan
+        .pid_slots
+        .iter()
+        .map(|&i| {
+            let eq = plan.env[i].iter().position(|&b| b == b'=').unwrap_or(0);
+            // SAFETY: eq + 1 is within the entry, which has PID_SLOT bytes after '='.
+            unsafe { env_bases[i].add(eq + 1) }
+        })
+        .collect();
+    let mut envp: Vec<*const libc::c_char> = env_bases.iter_mut().map(|p| *p as *const libc::c_char).collect();
+    envp.push(std::ptr::null());
+    let mut argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let path = plan.path.as_ptr();
+    let (err_read, err_write) = pipe()?;
+    let err_write_raw = err_write.as_raw_fd();
+
+    // SAFETY: fork has no preconditions; the child branch below is restricted to async-signal-safe calls
+    // on memory prepared above and ends in execve or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: child after fork; see child_after_fork's contract.
+        unsafe {
+            child_after_fork(
+                path,
+                argv.as_ptr(),
+                envp.as_ptr(),
+                &slots,
+                &srcs,
+                &mut high,
+                n,
+                err_write_raw,
+            )
+        }
+    }
+    drop(err_write);
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < buf.len() {
+        match read(err_read.as_fd(), &mut buf[got..])? {
+            0 => break,
+            k => got += k,
+        }
+    }
+    if got == 0 {
+        return Ok(pid);
+    }
+    // The child failed before or at exec and is exiting; reap it so no zombie is left.
+    let _ = waitpid(pid, false);
+    if got == 4 {
+        Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)))
+    } else {
+        Err(io::Error::other("the new process failed before exec and reported a truncated error"))
+    }
+}
+
+/// The child's half of [`spawn`].
+///
+/// # Safety
+/// Must be called only in the child right after `fork`, with pointers into memory prepared before the fork.
+/// Makes only async-signal-safe calls and never returns.
+#[allow(clippy::too_many_arguments)] // the prepared pieces are passed loose to avoid any allocation here
+unsafe fn child_after_fork(
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    slots: &[*mut u8],
+    srcs: &[RawFd],
+    high: &mut [RawFd],
+    n: libc::c_int,
+    err_write: RawFd,
+) -> ! {
+    // SAFETY (whole body): every call is async-signal-safe per signal-safety(7) or a raw syscall; every
+    // pointer was prepared by the parent before fork and is valid in the child's copy of the address space.
+    unsafe {
+        let fail = |fd: RawFd| -> ! {
+            let errno = *libc::__errno_location();
+            let bytes = errno.to_ne_bytes();
+            libc::write(fd, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127)
+        };
+        // The parent may have signals blocked (for example a thread waiting in sigwait); a new program
+        // must start with none blocked. Rust's runtime ignores SIGPIPE: restore the default as std does.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+
+        // Move everything we still need above the target range 3..3+n first, so that placing fd i at 3+i
+        // can never overwrite a source that is still to be placed.
+        let base = 3 + n;
+        let err_fd = libc::fcntl(err_write, libc::F_DUPFD_CLOEXEC, base);
+        if err_fd < 0 {
+            fail(err_write);
+        }
+        for i in 0..srcs.len() {
+            let h = libc::fcntl(*srcs.as_ptr().add(i), libc::F_DUPFD_CLOEXEC, base);
+            if h < 0 {
+                fail(err_fd);
+            }
+            *high.as_mut_ptr().add(i) = h;
+        }
+        for i in 0..srcs.len() {
+            // dup2 onto a different number always clears close-on-exec on the new descriptor.
+            if libc::dup2(*high.as_ptr().add(i), 3 + i as libc::c_int) < 0 {
+                fail(err_fd);
+            }
+        }
+        let pid = libc::getpid();
+        for k in 0..slots.len() {
+            write_decimal(*slots.as_ptr().add(k), pid as u32);
+        }
+        // Nothing else may leak into the new program, not even an fd some library opened without
+        // O_CLOEXEC: mark everything from 3+n up close-on-exec.
+        let r = libc::syscall(
+            libc::SYS_close_range,
+            base as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        if r < 0 {
+            // Kernels before 5.11: walk the table up to the soft limit (bounded so this stays fast).
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur.min(1 << 16) as libc::c_int
+            } else {
+                1024
+            };
+            let mut fd = base;
+            while fd < max {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                fd += 1;
+            }
+        }
+        libc::execve(path, argv, envp);
+        fail(err_fd)
+    }
+}
+
+/// Writes `v` in decimal followed by NUL at `dst`, which has room for [`PID_SLOT`] bytes.
+///
+/// # Safety
+/// `dst` must be valid for PID_SLOT writes.
+unsafe fn write_decimal(dst: *mut u8, mut v: u32) {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (v % 10) as u8;
+        len += 1;
+        v /= 10;
+        if v == 0 || len == digits.len() {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: len <= 10 < PID_SLOT, within the caller's buffer.
+        unsafe { *dst.add(i) = digits[len - 1 - i] };
+    }
+    // SAFETY: as above.
+    unsafe { *dst.add(len) = 0 };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// signals
+
+static SIGNAL_PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    // SAFETY: only async-signal-safe calls; errno is saved and restored so the interrupted code is unaffected.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let fd = SIGNAL_PIPE_WRITE.load(Ordering::Relaxed);
+        if fd >= 0 {
+            let b = sig as u8;
+            // A full pipe drops the byte: the reader is already behind on signals of this kind, and upgrades
+            // coalesce anyway.
+            libc::write(fd, (&b as *const u8).cast(), 1);
+        }
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// Installs a handler for each of `signals` that writes the signal number as one byte into a self-pipe, and
+/// returns the read end. Works whatever threads exist and whatever their signal masks.
+pub(crate) fn signal_pipe(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
+    let (read_end, write_end) = pipe()?;
+    set_nonblocking(write_end.as_fd(), true)?;
+    let write_raw = std::os::fd::IntoRawFd::into_raw_fd(write_end);
+    if SIGNAL_PIPE_WRITE
+        .compare_exchange(-1, write_raw, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        // SAFETY: write_raw came from into_raw_fd above and is owned here.
+        drop(unsafe { OwnedFd::from_raw_fd(write_raw) });
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "signal handling is already installed in this process",
+        ));
+    }
+    for &sig in signals {
+        // SAFETY: sigaction with a zeroed struct filled in; the handler is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            cvt(libc::sigaction(sig, &sa, std::ptr::null_mut()))?;
+        }
+    }
+    Ok(read_end)
+}
+
+/// The number of threads in this process, from `/proc/self/status` (`None` if it cannot be read).
+pub(crate) fn thread_count() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_fits_any_pid() {
+        let mut buf = [0xffu8; PID_SLOT];
+        for v in [0u32, 7, 42, 4_194_304, u32::MAX] {
+            // SAFETY: buf has PID_SLOT bytes.
+            unsafe { write_decimal(buf.as_mut_ptr(), v) };
+            let end = buf.iter().position(|&b| b == 0).unwrap();
+            assert_eq!(std::str::from_utf8(&buf[..end]).unwrap(), v.to_string());
+        }
+    }
+
+    #[test]
+    fn adopt_refuses_closed_and_negative_fds() {
+        assert!(adopt_inherited_fd(-1).is_err());
+        // A number far above anything open in a test process.
+        assert!(adopt_inherited_fd(1_000_000).is_err());
+    }
+
+    #[test]
+    fn socket_info_tells_kinds_apart() {
+        let (r, _w) = pipe().unwrap();
+        assert_eq!(socket_info(std::os::fd::AsFd::as_fd(&r)).unwrap(), None);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let info = socket_info(std::os::fd::AsFd::as_fd(&l)).unwrap().unwrap();
+        assert_eq!((info.domain, info.ty, info.listening), (libc::AF_INET, libc::SOCK_STREAM, true));
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let info = socket_info(std::os::fd::AsFd::as_fd(&u)).unwrap().unwrap();
+        assert_eq!((info.ty, info.listening), (libc::SOCK_DGRAM, false));
+    }
+
+    #[test]
+    fn spawn_reports_exec_errors_and_reaps() {
+        let mut plan = SpawnPlan::new(Path::new("/nonexistent/exuvia-test"), &["x".into()]).unwrap();
+        let e = spawn(&mut plan, &[]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
+}

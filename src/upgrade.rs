@@ -1,0 +1,760 @@
+//! The [`Upgrader`]: one per process. It owns the named sockets, runs at most one upgrade at a time, and tells
+//! the application when this process is finishing (handed over, or stopping) and how the drain went.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::accept::{Accept, Incoming};
+use crate::activation;
+use crate::drain::{ConnectionGuard, DrainReport, Tracker};
+use crate::error::{Error, ErrorKind, Result};
+use crate::handover::{self, child::ParentLink, parent};
+use crate::listen::{self, BindOptions, SocketKind};
+use crate::registry::Registry;
+use crate::sys;
+
+/// How long a new process waits for the old one to confirm the handover after reporting ready.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+type StateFn = Box<dyn Fn() -> Vec<u8> + Send + Sync>;
+
+/// Why this process is finishing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Finish {
+    /// A new process took over the sockets; this one should drain and exit.
+    Upgraded {
+        /// The new process.
+        child_pid: u32,
+    },
+    /// A stop was requested ([`Upgrader::shutdown`], or SIGTERM/SIGINT with [`Upgrader::handle_signals`]).
+    Stopped,
+}
+
+/// What a successful upgrade did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UpgradeReport {
+    /// The new main process.
+    pub child_pid: u32,
+    /// From the upgrade request to the commit.
+    pub took: Duration,
+    /// Sockets passed on.
+    pub sockets: usize,
+}
+
+/// Configures and creates the process's [`Upgrader`]. Call [`build`](Builder::build) first thing in `main`,
+/// before threads start: it reads and removes the variables that carry inherited sockets.
+#[must_use]
+pub struct Builder {
+    ready_timeout: Duration,
+    drain_timeout: Duration,
+    program: Option<PathBuf>,
+    args: Option<Vec<OsString>>,
+    envs: Vec<(OsString, OsString)>,
+    state: Option<StateFn>,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("ready_timeout", &self.ready_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("envs", &self.envs)
+            .field("state", &self.state.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
+
+impl Builder {
+    /// How long a new process has to report ready before it is killed (default 30 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Builder {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// How long [`Upgrader::drain`] waits for in-flight connections (default 30 s).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Builder {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// The program to execute on upgrade. Default: the path this process was started from
+    /// (`AT_EXECFN`, made absolute against the working directory at [`build`](Builder::build)), so that a
+    /// binary replaced on disk is the one that runs. Symlinks are not resolved, for the same reason.
+    pub fn program(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.program = Some(path.into());
+        self
+    }
+
+    /// The arguments for the new process, after `argv[0]`. Default: this process's own.
+    pub fn args<I, S>(mut self, args: I) -> Builder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// An extra environment variable for the new process (it inherits this process's environment otherwise).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Builder {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// A function producing application state (at most [`MAX_STATE_LEN`](crate::MAX_STATE_LEN) bytes) to
+    /// hand to the new process at each upgrade; it reads it with [`Upgrader::inherited_state`].
+    pub fn state(mut self, f: impl Fn() -> Vec<u8> + Send + Sync + 'static) -> Builder {
+        self.state = Some(Box::new(f));
+        self
+    }
+
+    /// Reads the inherited sockets and, in a process started by an upgrade, greets the old process.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Environment`] when `LISTEN_*` or the handover variables are malformed or name fds that are
+    /// not open; [`ErrorKind::Protocol`]/[`ErrorKind::Channel`] when the old process cannot be understood.
+    /// A process that fails here should exit: its parent notices and keeps serving.
+    pub fn build(self) -> Result<Upgrader> {
+        let my_pid = std::process::id();
+        let program = match self.program {
+            Some(p) => p,
+            None => startup_program()?,
+        };
+        let mut argv: Vec<OsString> = std::env::args_os().take(1).collect();
+        if argv.is_empty() {
+            argv.push(program.clone().into_os_string());
+        }
+        match self.args {
+            Some(a) => argv.extend(a),
+            None => argv.extend(std::env::args_os().skip(1)),
+        }
+
+        let listen_names = activation::parse(
+            std::env::var_os(activation::VAR_PID).as_deref(),
+            std::env::var_os(activation::VAR_FDS).as_deref(),
+            std::env::var_os(activation::VAR_NAMES).as_deref(),
+            my_pid,
+        )?;
+        let channel_fd = handover::child::parse_vars(
+            std::env::var_os(handover::VAR_FD).as_deref(),
+            std::env::var_os(handover::VAR_PID).as_deref(),
+            my_pid,
+        )?;
+        scrub_environment();
+
+        let inherited = match listen_names {
+            Some(names) => activation::adopt(names)?,
+            None => Vec::new(),
+        };
+        let (parent, state, generation) = match channel_fd {
+            Some(fd) => {
+                let (link, state) = handover::child::connect(fd)?;
+                let generation = link.generation;
+                tracing::info!(
+                    parent_pid = link.parent_pid,
+                    generation,
+                    sockets = inherited.len(),
+                    state_bytes = state.len(),
+                    "started by an upgrade; inherited sockets"
+                );
+                (Some(link), Some(state), generation)
+            }
+            None => {
+                if !inherited.is_empty() {
+                    tracing::info!(sockets = inherited.len(), "adopted sockets passed by the service manager");
+                }
+                (None, None, 0)
+            }
+        };
+        let (stop_read, stop_write) =
+            sys::pipe().map_err(|e| Error::io("cannot create the finishing signal (pipe)", e))?;
+        Ok(Upgrader {
+            inner: Arc::new(Inner {
+                program,
+                argv,
+                envs: self.envs,
+                ready_timeout: self.ready_timeout,
+                drain_timeout: self.drain_timeout,
+                state: self.state,
+                registry: Mutex::new(Registry::with_inherited(inherited)),
+                parent: Mutex::new(parent),
+                inherited_state: state,
+                generation,
+                ready: AtomicBool::new(false),
+                upgrading: AtomicBool::new(false),
+                finish: Mutex::new(None),
+                finished: Condvar::new(),
+                stop_read,
+                stop_write: Mutex::new(Some(stop_write)),
+                tracker: Tracker::default(),
+                signals: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+/// Resolves the program path now, at start-up, as `execve` was given it.
+fn startup_program() -> Result<PathBuf> {
+    if let Some(p) = sys::exec_filename() {
+        if p.is_absolute() {
+            return Ok(p);
+        }
+        let cwd = std::env::current_dir()
+            .map_err(|e| Error::io("cannot read the working directory to resolve this program's path", e))?;
+        return Ok(cwd.join(p));
+    }
+    std::env::current_exe().map_err(|e| {
+        Error::io(
+            "cannot tell which program this is (no AT_EXECFN, no /proc/self/exe); set Builder::program",
+            e,
+        )
+    })
+}
+
+/// Removes the fd-passing variables so no code in this process (or a program it runs) mistakes the fds for
+/// its own. Environment mutation is only sound while the process has a single thread; otherwise the
+/// variables stay (they name this pid only, and are never passed to our own children) and we say so.
+fn scrub_environment() {
+    let vars = [
+        activation::VAR_PID,
+        activation::VAR_FDS,
+        activation::VAR_NAMES,
+        activation::VAR_PIDFDID,
+        handover::VAR_FD,
+        handover::VAR_PID,
+    ];
+    if !vars.iter().any(|v| std::env::var_os(v).is_some()) {
+        return;
+    }
+    if sys::thread_count() == Some(1) {
+        for v in vars {
+            // Sound: this process has one thread (checked just above), so nothing can read the environment
+            // concurrently.
+            std::env::remove_var(v);
+        }
+    } else {
+        tracing::debug!(
+            "threads already running: leaving LISTEN_*/EXUVIA_* in the environment (build the Upgrader before \
+             starting threads to have them removed)"
+        );
+    }
+}
+
+struct Inner {
+    program: PathBuf,
+    argv: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    ready_timeout: Duration,
+    drain_timeout: Duration,
+    state: Option<StateFn>,
+    registry: Mutex<Registry>,
+    /// The link to the old process, until this one has reported ready.
+    parent: Mutex<Option<ParentLink>>,
+    inherited_state: Option<Vec<u8>>,
+    generation: u32,
+    ready: AtomicBool,
+    upgrading: AtomicBool,
+    finish: Mutex<Option<Finish>>,
+    finished: Condvar,
+    /// Readable (end of file) once the process is finishing: every accept loop polls it.
+    stop_read: OwnedFd,
+    stop_write: Mutex<Option<OwnedFd>>,
+    tracker: Tracker,
+    signals: AtomicBool,
+}
+
+/// The process's handle on its sockets and upgrades. Cheap to clone; every clone is the same upgrader.
+///
+/// See the [crate documentation](crate) for the whole picture.
+#[derive(Clone)]
+pub struct Upgrader {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Upgrader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upgrader")
+            .field("program", &self.inner.program)
+            .field("generation", &self.inner.generation)
+            .field("finish", &*lock(&self.inner.finish))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Clears the in-flight flag however the upgrade ends.
+struct InFlight<'a>(&'a AtomicBool);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Upgrader {
+    /// Starts configuring the upgrader.
+    pub fn builder() -> Builder {
+        Builder {
+            ready_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            program: None,
+            args: None,
+            envs: Vec::new(),
+            state: None,
+        }
+    }
+
+    /// Whether this process was started by an upgrade (as opposed to fresh, or by systemd).
+    pub fn is_upgraded(&self) -> bool {
+        self.inner.generation > 0
+    }
+
+    /// How many upgrades led to this process: 0 for a fresh start.
+    pub fn generation(&self) -> u32 {
+        self.inner.generation
+    }
+
+    /// The application state the old process handed over, if this process was started by an upgrade.
+    pub fn inherited_state(&self) -> Option<&[u8]> {
+        self.inner.inherited_state.as_deref()
+    }
+
+    /// The program an upgrade will execute.
+    pub fn program(&self) -> &Path {
+        &self.inner.program
+    }
+
+    fn take_or_bind(
+        &self,
+        name: &str,
+        kind: SocketKind,
+        bind: impl FnOnce() -> std::io::Result<OwnedFd>,
+        what: impl fmt::Display,
+    ) -> Result<OwnedFd> {
+        check_name(name)?;
+        let mut reg = lock(&self.inner.registry);
+        if let Some(fd) = reg.take(name, kind)? {
+            tracing::info!(name, "using inherited socket");
+            return Ok(fd);
+        }
+        if reg.contains(name) {
+            return Err(Error::new(
+                ErrorKind::AlreadyTaken,
+                format!("socket {name:?} was already taken in this process; take each name once"),
+            ));
+        }
+        let fd = bind().map_err(|e| {
+            Error::with_io(ErrorKind::Bind, format!("cannot bind {name:?} on {what}: {e}"), e)
+        })?;
+        let keep = fd
+            .try_clone()
+            .map_err(|e| Error::io(format!("cannot duplicate socket {name:?}"), e))?;
+        reg.add_bound(name, keep);
+        tracing::info!(name, on = %what, "bound new socket");
+        Ok(fd)
+    }
+
+    /// A TCP listener named `name`: the inherited one if this process was handed one under that name,
+    /// otherwise a fresh bind on `addr` with [`BindOptions::new`].
+    ///
+    /// An inherited socket is used as it is, whatever `addr` says (its address is the one the old process or
+    /// systemd bound: with port 0, or a socket unit, it differs from `addr`).
+    ///
+    /// # Errors
+    /// [`ErrorKind::WrongSocketKind`] if the inherited socket of that name is not a TCP listener,
+    /// [`ErrorKind::AlreadyTaken`] on a second call with the same name, [`ErrorKind::Bind`] if the bind fails.
+    pub fn listen_tcp(&self, name: &str, addr: impl ToSocketAddrs) -> Result<TcpListener> {
+        self.listen_tcp_with(name, addr, &BindOptions::new())
+    }
+
+    /// [`listen_tcp`](Self::listen_tcp) with options (backlog, `SO_REUSEADDR`, a hook) for a fresh bind.
+    pub fn listen_tcp_with(&self, name: &str, addr: impl ToSocketAddrs, opts: &BindOptions) -> Result<TcpListener> {
+        let addr = resolve(name, addr)?;
+        self.take_or_bind(name, SocketKind::TcpListener, || listen::bind_tcp(&addr, opts), addr)
+            .map(TcpListener::from)
+    }
+
+    /// A UDP socket named `name`, inherited or freshly bound on `addr`.
+    pub fn bind_udp(&self, name: &str, addr: impl ToSocketAddrs) -> Result<UdpSocket> {
+        self.bind_udp_with(name, addr, &BindOptions::new())
+    }
+
+    /// [`bind_udp`](Self::bind_udp) with options for a fresh bind.
+    pub fn bind_udp_with(&self, name: &str, addr: impl ToSocketAddrs, opts: &BindOptions) -> Result<UdpSocket> {
+        let addr = resolve(name, addr)?;
+        self.take_or_bind(name, SocketKind::Udp, || listen::bind_udp(&addr, opts), addr)
+            .map(UdpSocket::from)
+    }
+
+    /// A Unix stream listener named `name`, inherited or freshly bound at `path`. A fresh bind replaces a
+    /// stale socket file left by a dead process; an inherited socket's path is never touched.
+    pub fn listen_unix(&self, name: &str, path: impl AsRef<Path>) -> Result<UnixListener> {
+        self.listen_unix_with(name, path, &BindOptions::new())
+    }
+
+    /// [`listen_unix`](Self::listen_unix) with options for a fresh bind.
+    pub fn listen_unix_with(&self, name: &str, path: impl AsRef<Path>, opts: &BindOptions) -> Result<UnixListener> {
+        let path = path.as_ref();
+        self.take_or_bind(
+            name,
+            SocketKind::UnixListener,
+            || listen::bind_unix(path, libc::SOCK_STREAM, true, opts),
+            path.display(),
+        )
+        .map(UnixListener::from)
+    }
+
+    /// A Unix datagram socket named `name`, inherited or freshly bound at `path`.
+    pub fn bind_unix_datagram(&self, name: &str, path: impl AsRef<Path>) -> Result<UnixDatagram> {
+        let path = path.as_ref();
+        self.take_or_bind(
+            name,
+            SocketKind::UnixDatagram,
+            || listen::bind_unix(path, libc::SOCK_DGRAM, false, &BindOptions::new()),
+            path.display(),
+        )
+        .map(UnixDatagram::from)
+    }
+
+    /// A Unix seqpacket listener named `name`, inherited or freshly bound at `path`. std has no type for it:
+    /// accept with [`accept_seqpacket`](crate::accept_seqpacket) or wrap the fd in your own.
+    pub fn listen_unix_seqpacket(&self, name: &str, path: impl AsRef<Path>) -> Result<OwnedFd> {
+        let path = path.as_ref();
+        self.take_or_bind(
+            name,
+            SocketKind::UnixSeqpacketListener,
+            || listen::bind_unix(path, libc::SOCK_SEQPACKET, true, &BindOptions::new()),
+            path.display(),
+        )
+    }
+
+    /// Takes the inherited TCP listener named `name`, if any: no bind. `Ok(None)` when there is none or it
+    /// was already taken.
+    pub fn take_tcp(&self, name: &str) -> Result<Option<TcpListener>> {
+        Ok(lock(&self.inner.registry)
+            .take(name, SocketKind::TcpListener)?
+            .map(TcpListener::from))
+    }
+
+    /// Takes the inherited socket named `name` as `kind`, if any, as an owned fd.
+    pub fn take(&self, name: &str, kind: SocketKind) -> Result<Option<OwnedFd>> {
+        lock(&self.inner.registry).take(name, kind)
+    }
+
+    /// Takes the `index`th inherited socket (0 is fd 3) as `kind`: for sockets passed without distinct names.
+    pub fn take_index(&self, index: usize, kind: SocketKind) -> Result<Option<OwnedFd>> {
+        lock(&self.inner.registry).take_index(index, kind)
+    }
+
+    /// Accepted connections from `listener` until this process finishes; then the iterator ends and closes
+    /// the listener. See [`Incoming`].
+    pub fn incoming<L: Accept>(&self, listener: L) -> Incoming<L> {
+        Incoming::new(listener, self.clone())
+    }
+
+    /// Reports that this process has initialised and can serve. In a process started by an upgrade this tells
+    /// the old process, then waits until it confirms (it hands over and starts draining). Elsewhere it does
+    /// nothing but record the fact. Calling it again does nothing.
+    ///
+    /// Start accepting *before* calling this: the old process stops accepting as soon as it returns.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Channel`] when the old process cannot be reached or does not confirm in time: it has given
+    /// up on this upgrade (and will kill this process); exit.
+    pub fn ready(&self) -> Result<()> {
+        let link = lock(&self.inner.parent).take();
+        if let Some(link) = link {
+            tracing::info!(parent_pid = link.parent_pid, "reporting ready to the old process");
+            link.ready(COMMIT_TIMEOUT)?;
+            tracing::info!(generation = self.inner.generation, "handover confirmed; this process is now the main one");
+        }
+        self.inner.ready.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Reports that initialisation failed, with a reason the old process logs and returns from its
+    /// [`upgrade`](Self::upgrade). The old process keeps serving; this one should exit.
+    pub fn fail(&self, reason: &str) -> Result<()> {
+        if let Some(link) = lock(&self.inner.parent).take() {
+            link.fail(reason)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces this process: starts the program on disk with every socket, waits for it to report ready, then
+    /// marks this process as finishing ([`Finish::Upgraded`]): accept loops end, and the application should
+    /// [`drain`](Self::drain) and exit.
+    ///
+    /// Blocks until the new process is ready or has failed. On failure the new process is killed and reaped,
+    /// and this process keeps serving as if nothing happened.
+    ///
+    /// # Errors
+    /// [`ErrorKind::UpgradeInProgress`] if another upgrade is running; [`ErrorKind::Finishing`] if this process
+    /// already handed over, is stopping, or has not reported ready itself; [`ErrorKind::Spawn`],
+    /// [`ErrorKind::ChildExited`], [`ErrorKind::ChildFailed`], [`ErrorKind::ReadyTimeout`],
+    /// [`ErrorKind::Protocol`], [`ErrorKind::Channel`] when the new process does not come up.
+    pub fn upgrade(&self) -> Result<UpgradeReport> {
+        let inner = &self.inner;
+        if let Some(f) = *lock(&inner.finish) {
+            return Err(finishing_error(f));
+        }
+        if inner
+            .upgrading
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            tracing::info!("upgrade requested while one is in flight; refused");
+            return Err(Error::new(
+                ErrorKind::UpgradeInProgress,
+                "an upgrade is already in progress; wait for its verdict",
+            ));
+        }
+        let _in_flight = InFlight(&inner.upgrading);
+        if !inner.ready.load(Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Finishing,
+                "this process has not reported ready yet; it cannot upgrade before it serves",
+            ));
+        }
+        let started = Instant::now();
+        tracing::info!(program = %inner.program.display(), generation = inner.generation, "upgrade requested");
+        let state = inner.state.as_ref().map(|f| f()).unwrap_or_default();
+        let launch = parent::Launch {
+            program: &inner.program,
+            argv: &inner.argv,
+            extra_env: &inner.envs,
+            generation: inner.generation + 1,
+        };
+        let result = (|| {
+            let (child, sockets) = {
+                let reg = lock(&inner.registry);
+                let set = reg.handover_set();
+                let unclaimed = reg.unclaimed();
+                if !unclaimed.is_empty() {
+                    tracing::debug!(?unclaimed, "passing on inherited sockets this version did not take");
+                }
+                let child = parent::start(&launch, &set, state, started + inner.ready_timeout)?;
+                (child, set.len())
+            };
+            let mut child = child;
+            let pid = child.pid();
+            child.await_ready(inner.ready_timeout, Duration::from_secs(1), &mut || {})?;
+            tracing::info!(child_pid = pid, "upgrade: child ready; handing over");
+            // Nobody may finish this process between the child's ready and the commit: claim the finish first.
+            {
+                let mut finish = lock(&inner.finish);
+                if let Some(f) = *finish {
+                    child.abort();
+                    return Err(finishing_error(f));
+                }
+                let child_pid = child.commit()?;
+                *finish = Some(Finish::Upgraded { child_pid });
+            }
+            Ok((pid, sockets))
+        })();
+        match result {
+            Ok((child_pid, sockets)) => {
+                self.after_finish();
+                let closed = lock(&inner.registry).close_all();
+                tracing::info!(child_pid, closed, "upgrade: handed over; stopped accepting, draining");
+                Ok(UpgradeReport {
+                    child_pid,
+                    took: started.elapsed(),
+                    sockets,
+                })
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "upgrade failed; this process keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks this process as stopping ([`Finish::Stopped`]): accept loops end; then [`drain`](Self::drain)
+    /// and exit. Does nothing if it is already finishing.
+    pub fn shutdown(&self) {
+        let first = {
+            let mut finish = lock(&self.inner.finish);
+            if finish.is_none() {
+                *finish = Some(Finish::Stopped);
+                true
+            } else {
+                false
+            }
+        };
+        if first {
+            tracing::info!("stop requested; no longer accepting");
+            self.after_finish();
+        }
+    }
+
+    fn after_finish(&self) {
+        // Closing the write end makes the read end readable forever: every accept loop wakes and ends.
+        lock(&self.inner.stop_write).take();
+        self.inner.finished.notify_all();
+    }
+
+    /// Whether this process is finishing, and why.
+    pub fn finishing(&self) -> Option<Finish> {
+        *lock(&self.inner.finish)
+    }
+
+    /// Blocks until this process is finishing, and says why.
+    pub fn wait(&self) -> Finish {
+        let mut finish = lock(&self.inner.finish);
+        loop {
+            if let Some(f) = *finish {
+                return f;
+            }
+            finish = self
+                .inner
+                .finished
+                .wait(finish)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// A descriptor that turns readable (end of file) once this process is finishing, for custom loops that
+    /// `poll` (a UDP receive loop, say) and should end like [`Incoming`] does.
+    pub fn finishing_fd(&self) -> BorrowedFd<'_> {
+        self.inner.stop_read.as_fd()
+    }
+
+    /// Counts a connection as in flight until the guard drops. [`drain`](Self::drain) waits for all guards.
+    pub fn track(&self) -> ConnectionGuard {
+        self.inner.tracker.guard()
+    }
+
+    /// Connections currently tracked.
+    pub fn in_flight(&self) -> usize {
+        self.inner.tracker.open()
+    }
+
+    /// Waits up to the drain timeout for tracked connections to finish, logs and returns the outcome.
+    /// Call it once this process is finishing, then exit.
+    pub fn drain(&self) -> DrainReport {
+        let open = self.inner.tracker.open();
+        tracing::info!(connections = open, timeout = ?self.inner.drain_timeout, "draining");
+        let report = self.inner.tracker.drain(self.inner.drain_timeout);
+        tracing::info!(
+            drained = report.drained,
+            left = report.left,
+            took_ms = report.took.as_millis() as u64,
+            "drain finished; exiting"
+        );
+        report
+    }
+
+    /// Handles the conventional signals on a thread of its own: SIGHUP upgrades (a SIGHUP during an upgrade is
+    /// refused and logged, never queued), SIGTERM and SIGINT [`shutdown`](Self::shutdown). Works whenever it is
+    /// called, whatever threads exist.
+    ///
+    /// # Errors
+    /// If signal handling was already installed in this process, or the handler cannot be installed.
+    pub fn handle_signals(&self) -> Result<JoinHandle<()>> {
+        if self.inner.signals.swap(true, Ordering::SeqCst) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "signal handling is already installed for this upgrader",
+            ));
+        }
+        let pipe = sys::signal_pipe(&[libc::SIGHUP, libc::SIGTERM, libc::SIGINT])
+            .map_err(|e| Error::io("cannot install signal handlers", e))?;
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("exuvia-signals".into())
+            .spawn(move || me.signal_loop(pipe))
+            .map_err(|e| Error::io("cannot start the signal thread", e))
+    }
+
+    fn signal_loop(self, pipe: OwnedFd) {
+        let mut buf = [0u8; 64];
+        loop {
+            let n = match sys::read(pipe.as_fd(), &mut buf) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "signal pipe failed; signals are no longer handled");
+                    return;
+                }
+            };
+            for &sig in &buf[..n] {
+                match sig as libc::c_int {
+                    libc::SIGHUP => {
+                        tracing::info!("SIGHUP received");
+                        let me = self.clone();
+                        // The upgrade runs on its own thread so that signals arriving meanwhile are seen (and
+                        // refused) at once rather than queued behind it.
+                        let spawned = std::thread::Builder::new()
+                            .name("exuvia-upgrade".into())
+                            .spawn(move || {
+                                if let Err(e) = me.upgrade() {
+                                    tracing::warn!(error = %e, "upgrade on SIGHUP did not happen");
+                                }
+                            });
+                        if let Err(e) = spawned {
+                            tracing::warn!(error = %e, "cannot start an upgrade thread");
+                        }
+                    }
+                    libc::SIGTERM | libc::SIGINT => {
+                        tracing::info!(signal = %crate::error::signal_name(sig as i32), "stop signal received");
+                        self.shutdown();
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn finishing_error(f: Finish) -> Error {
+    Error::new(
+        ErrorKind::Finishing,
+        match f {
+            Finish::Upgraded { child_pid } => {
+                format!("this process already handed over to pid {child_pid}; signal that process instead")
+            }
+            Finish::Stopped => "this process is stopping; it will not upgrade".to_string(),
+        },
+    )
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if activation::name_is_valid(name) {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::InvalidName,
+            format!(
+                "socket name {name:?} is invalid: use 1 to 255 printable ASCII characters without ':' (names \
+                 travel in LISTEN_FDNAMES)"
+            ),
+        ))
+    }
+}
+
+fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .map_err(|e| Error::with_io(ErrorKind::Bind, format!("cannot resolve the address for {name:?}: {e}"), e))?
+        .next()
+        .ok_or_else(|| Error::new(ErrorKind::Bind, format!("the address for {name:?} resolves to nothing")))
+}
+
+/// Accepts one connection on a seqpacket listener (from [`Upgrader::listen_unix_seqpacket`]).
+pub fn accept_seqpacket(listener: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    sys::accept(listener)
+}
