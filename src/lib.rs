@@ -28,6 +28,9 @@
 //!     let listener = upgrader.listen_tcp("http", "127.0.0.1:8080")?;
 //!     upgrader.handle_signals()?; // SIGHUP upgrades, SIGTERM/SIGINT stop
 //!
+//!     // ... load configuration, warm caches: the old process serves meanwhile ...
+//!     upgrader.ready()?; // the old process (if any) now stops accepting and drains
+//!
 //!     let u = upgrader.clone();
 //!     std::thread::spawn(move || {
 //!         for conn in u.incoming(listener) {
@@ -40,7 +43,6 @@
 //!         }
 //!     });
 //!
-//!     upgrader.ready()?; // the old process (if any) now stops accepting and drains
 //!     let why = upgrader.wait(); // until upgraded or stopped
 //!     let report = upgrader.drain(); // in-flight connections, up to the drain timeout
 //!     eprintln!("{why:?}: drained {}, left {}", report.drained, report.left);

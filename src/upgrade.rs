@@ -194,7 +194,7 @@ impl Builder {
                 generation,
                 ready: AtomicBool::new(false),
                 upgrading: AtomicBool::new(false),
-                finish: Mutex::new(None),
+                finish: Mutex::new(FinishState::default()),
                 finished: Condvar::new(),
                 stop_read,
                 stop_write: Mutex::new(Some(stop_write)),
@@ -252,6 +252,21 @@ fn scrub_environment() {
     }
 }
 
+/// Claimed at the decision (so that an upgrade and a stop cannot both happen), published once the deciding
+/// thread has done its bookkeeping (so that nobody acts on it half-way: the application may exit as soon as it
+/// sees it).
+#[derive(Debug, Default)]
+struct FinishState {
+    claimed: Option<Finish>,
+    published: bool,
+}
+
+impl FinishState {
+    fn visible(&self) -> Option<Finish> {
+        self.claimed.filter(|_| self.published)
+    }
+}
+
 struct Inner {
     program: PathBuf,
     argv: Vec<OsString>,
@@ -266,7 +281,7 @@ struct Inner {
     generation: u32,
     ready: AtomicBool,
     upgrading: AtomicBool,
-    finish: Mutex<Option<Finish>>,
+    finish: Mutex<FinishState>,
     finished: Condvar,
     /// Readable (end of file) once the process is finishing: every accept loop polls it.
     stop_read: OwnedFd,
@@ -288,7 +303,7 @@ impl fmt::Debug for Upgrader {
         f.debug_struct("Upgrader")
             .field("program", &self.inner.program)
             .field("generation", &self.inner.generation)
-            .field("finish", &*lock(&self.inner.finish))
+            .field("finish", &lock(&self.inner.finish).visible())
             .finish_non_exhaustive()
     }
 }
@@ -470,7 +485,9 @@ impl Upgrader {
     /// the old process, then waits until it confirms (it hands over and starts draining). Elsewhere it does
     /// nothing but record the fact. Calling it again does nothing.
     ///
-    /// Start accepting *before* calling this: the old process stops accepting as soon as it returns.
+    /// Start accepting *after* this returns. Until then the old process accepts, and connections that arrive
+    /// meanwhile wait in the shared kernel queue, so none is refused; a process that accepted before its
+    /// handover was confirmed would take those connections down with it if it then failed.
     ///
     /// # Errors
     /// [`ErrorKind::Channel`] when the old process cannot be reached or does not confirm in time: it has given
@@ -509,7 +526,7 @@ impl Upgrader {
     /// [`ErrorKind::Protocol`], [`ErrorKind::Channel`] when the new process does not come up.
     pub fn upgrade(&self) -> Result<UpgradeReport> {
         let inner = &self.inner;
-        if let Some(f) = *lock(&inner.finish) {
+        if let Some(f) = lock(&inner.finish).claimed {
             return Err(finishing_error(f));
         }
         if inner
@@ -557,20 +574,22 @@ impl Upgrader {
             // Nobody may finish this process between the child's ready and the commit: claim the finish first.
             {
                 let mut finish = lock(&inner.finish);
-                if let Some(f) = *finish {
+                if let Some(f) = finish.claimed {
                     child.abort();
                     return Err(finishing_error(f));
                 }
                 let child_pid = child.commit()?;
-                *finish = Some(Finish::Upgraded { child_pid });
+                finish.claimed = Some(Finish::Upgraded { child_pid });
             }
             Ok((pid, sockets))
         })();
         match result {
             Ok((child_pid, sockets)) => {
-                self.after_finish();
+                // Everything this thread has to do happens before the wake-up: once woken, the application
+                // drains and may exit at any moment.
                 let closed = lock(&inner.registry).close_all();
                 tracing::info!(child_pid, closed, "upgrade: handed over; stopped accepting, draining");
+                self.after_finish();
                 Ok(UpgradeReport {
                     child_pid,
                     took: started.elapsed(),
@@ -589,8 +608,8 @@ impl Upgrader {
     pub fn shutdown(&self) {
         let first = {
             let mut finish = lock(&self.inner.finish);
-            if finish.is_none() {
-                *finish = Some(Finish::Stopped);
+            if finish.claimed.is_none() {
+                finish.claimed = Some(Finish::Stopped);
                 true
             } else {
                 false
@@ -602,7 +621,9 @@ impl Upgrader {
         }
     }
 
+    /// Publishes the claimed finish and wakes everyone waiting for it.
     fn after_finish(&self) {
+        lock(&self.inner.finish).published = true;
         // Closing the write end makes the read end readable forever: every accept loop wakes and ends.
         lock(&self.inner.stop_write).take();
         self.inner.finished.notify_all();
@@ -610,14 +631,14 @@ impl Upgrader {
 
     /// Whether this process is finishing, and why.
     pub fn finishing(&self) -> Option<Finish> {
-        *lock(&self.inner.finish)
+        lock(&self.inner.finish).visible()
     }
 
     /// Blocks until this process is finishing, and says why.
     pub fn wait(&self) -> Finish {
         let mut finish = lock(&self.inner.finish);
         loop {
-            if let Some(f) = *finish {
+            if let Some(f) = finish.visible() {
                 return f;
             }
             finish = self

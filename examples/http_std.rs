@@ -1,0 +1,300 @@
+//! An HTTP/1.1 server on plain threads (no async runtime) that upgrades itself on SIGHUP.
+//!
+//! Run it:
+//!
+//! ```text
+//! cargo run --example http_std -- --listen 127.0.0.1:8080
+//! curl -i http://127.0.0.1:8080/        # pid=<pid> version=<v>, header X-Pid
+//! curl http://127.0.0.1:8080/env         # fd-passing variables still visible (none)
+//! kill -HUP <pid>                       # a new process takes over; the old one drains and exits
+//! kill -TERM <pid>                      # stop: no longer accept, drain, exit 0
+//! ```
+//!
+//! Options (this interface is driven by the tests and the demo; keep it stable):
+//!
+//! - `--listen ADDR`: where to listen when not handed a socket (default `127.0.0.1:8080`);
+//! - `--version-tag V`: reported in each response (default: the crate version, or `EXUVIA_EXAMPLE_VERSION`
+//!   at build time);
+//! - `--init-fault FILE`: read at start-up by every generation; `fail` in it makes the process exit with
+//!   status 3 before reporting ready, `hang` makes it never report ready;
+//! - `--init-delay-ms N`: simulated initialisation work before reporting ready;
+//! - `--ready-timeout SECS`, `--drain-timeout SECS`: the upgrade and drain deadlines (default 30 each);
+//! - `--hold-open FILE`: opens FILE *without* close-on-exec and keeps it, so that a test can check that such a
+//!   descriptor still does not reach the next generation.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use exuvia::Upgrader;
+
+const DEFAULT_VERSION: &str = match option_env!("EXUVIA_EXAMPLE_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
+/// How long a keep-alive connection may sit idle between requests.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+
+struct Args {
+    listen: String,
+    version: String,
+    init_fault: Option<String>,
+    init_delay: Duration,
+    ready_timeout: Duration,
+    drain_timeout: Duration,
+    hold_open: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        listen: "127.0.0.1:8080".into(),
+        version: DEFAULT_VERSION.into(),
+        init_fault: None,
+        init_delay: Duration::ZERO,
+        ready_timeout: Duration::from_secs(30),
+        drain_timeout: Duration::from_secs(30),
+        hold_open: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let secs = |v: String| -> Result<Duration, String> {
+            v.parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| format!("{flag}: {v:?} is not a number of seconds"))
+        };
+        match flag.as_str() {
+            "--listen" => a.listen = value()?,
+            "--version-tag" => a.version = value()?,
+            "--init-fault" => a.init_fault = Some(value()?),
+            "--init-delay-ms" => {
+                let v = value()?;
+                a.init_delay = Duration::from_millis(v.parse().map_err(|_| format!("--init-delay-ms: {v:?} is not a number"))?)
+            }
+            "--ready-timeout" => a.ready_timeout = secs(value()?)?,
+            "--drain-timeout" => a.drain_timeout = secs(value()?)?,
+            "--hold-open" => a.hold_open = Some(value()?),
+            "-h" | "--help" => {
+                return Err("usage: http_std [--listen ADDR] [--version-tag V] [--init-fault FILE] \
+                            [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE]"
+                    .into())
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(a)
+}
+
+/// Logs carry the pid: old and new processes share one stderr.
+struct PidTime;
+impl tracing_subscriber::fmt::time::FormatTime for PidTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        write!(w, "{}.{:03} pid={}", t.as_secs(), t.subsec_millis(), std::process::id())
+    }
+}
+
+/// `RUST_LOG=debug` (or trace, warn, error) for more or less detail; info by default.
+fn log_level() -> tracing::Level {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(tracing::Level::INFO)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("http_std: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(log_level())
+        .with_timer(PidTime)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+        .with_target(false)
+        .with_writer(io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let upgrader = Upgrader::builder()
+        .ready_timeout(args.ready_timeout)
+        .drain_timeout(args.drain_timeout)
+        .build()?;
+    let listener = upgrader.listen_tcp("http", args.listen.as_str())?;
+    let addr = listener.local_addr()?;
+    let _held = args.hold_open.as_deref().map(hold_open).transpose()?;
+    // Before reporting ready: a SIGHUP must never find this process without its handler.
+    upgrader.handle_signals()?;
+
+    // Initialisation. The old process (if any) serves meanwhile.
+    if !args.init_delay.is_zero() {
+        std::thread::sleep(args.init_delay);
+    }
+    if let Some(file) = &args.init_fault {
+        let fault = std::fs::read_to_string(file).unwrap_or_default();
+        if fault.contains("fail") {
+            tracing::error!(file, "init fault injected: exiting with status 3 before ready");
+            std::process::exit(3);
+        }
+        if fault.contains("hang") {
+            tracing::warn!(file, "init fault injected: never reporting ready");
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+    upgrader.ready()?;
+    tracing::info!(%addr, version = %args.version, generation = upgrader.generation(), "serving");
+
+    let acceptor = {
+        let u = upgrader.clone();
+        let version = args.version.clone();
+        std::thread::spawn(move || {
+            for conn in u.incoming(listener) {
+                match conn {
+                    Ok(stream) => {
+                        let guard = u.track();
+                        let u = u.clone();
+                        let version = version.clone();
+                        std::thread::spawn(move || {
+                            let _guard = guard;
+                            if let Err(e) = serve(stream, &u, &version) {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })
+    };
+
+    let finish = upgrader.wait();
+    let _ = acceptor.join();
+    tracing::info!(?finish, "finishing");
+    upgrader.drain();
+    Ok(())
+}
+
+/// Serves one connection: HTTP/1.1 keep-alive until the client closes, asks to close, idles out, or this
+/// process is finishing (then the next response says `Connection: close`).
+fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str) -> io::Result<()> {
+    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    let _ = stream.set_nodelay(true);
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    let pid = std::process::id();
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let start = head.len();
+            let n = reader.read_until(b'\n', &mut head)?;
+            if n == 0 {
+                return Ok(()); // client closed
+            }
+            if head.len() > MAX_HEAD {
+                out.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")?;
+                return Ok(());
+            }
+            let line = &head[start..];
+            if line == b"\r\n" || line == b"\n" {
+                if start == 0 {
+                    head.clear(); // tolerate blank lines between requests
+                    continue;
+                }
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&head);
+        let mut lines = text.lines();
+        let request_line = lines.next().unwrap_or_default();
+        let mut parts = request_line.split_whitespace();
+        let (method, path, proto) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        let mut close = proto != "HTTP/1.1";
+        let mut body_len = 0usize;
+        for h in lines {
+            let Some((k, v)) = h.split_once(':') else { continue };
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
+            match k.as_str() {
+                "connection" if v == "close" => close = true,
+                "connection" if v == "keep-alive" => close = false,
+                "content-length" => body_len = v.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        if body_len > 0 {
+            io::copy(&mut (&mut reader).take(body_len as u64), &mut io::sink())?;
+        }
+        close |= upgrader.finishing().is_some();
+        let (status, body) = match (method, path) {
+            ("GET", "/") | ("HEAD", "/") => ("200 OK", format!("pid={pid} version={version}\n")),
+            ("GET", "/env") => ("200 OK", fd_passing_env()),
+            ("GET", _) | ("HEAD", _) => ("404 Not Found", "not found\n".to_string()),
+            _ => ("405 Method Not Allowed", "method not allowed\n".to_string()),
+        };
+        let conn = if close { "close" } else { "keep-alive" };
+        let mut resp = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-pid: {pid}\r\nconnection: {conn}\r\n\r\n",
+            body.len()
+        );
+        if method != "HEAD" {
+            resp.push_str(&body);
+        }
+        out.write_all(resp.as_bytes())?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// The fd-passing variables this process can still see (names only): none once exuvia has read them.
+fn fd_passing_env() -> String {
+    let mut out = String::new();
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("LISTEN_") || k.starts_with("EXUVIA_") {
+            out.push_str(&k);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Opens `path` and clears close-on-exec on it, as careless C libraries do.
+fn hold_open(path: &str) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: fcntl on an fd owned by `f`, which outlives the call.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    tracing::info!(path, fd = f.as_raw_fd(), "holding a file open without close-on-exec");
+    Ok(f)
+}

@@ -1,0 +1,584 @@
+//! Shared helpers for the integration tests: real processes, real sockets, a load generator that counts every
+//! failure by kind, and a log watcher so that tests wait on what the processes say rather than on sleeps.
+// Each test file uses a different subset, and `pub` here is for the test files, not a crate API.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
+
+/// Makes this test process the reaper of every process it starts and their descendants, so that an old
+/// generation's orphaned child comes back to us and can be waited for (and no zombie outlives a test).
+pub fn become_subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(r, 0, "PR_SET_CHILD_SUBREAPER failed");
+    });
+}
+
+/// The path of a built example. `cargo test` builds examples before running tests; when a single test target is
+/// run (`cargo test --test handover`), build it here.
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let path = profile_dir.join("examples").join(name);
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _g = BUILD.lock().unwrap();
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--example", name]);
+        if profile_dir.file_name().unwrap() == "release" {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("cannot run cargo");
+        assert!(st.success(), "building example {name} failed");
+    }
+    assert!(path.exists(), "{} missing", path.display());
+    path
+}
+
+/// Lines a process tree wrote to stderr, shared with the test.
+#[derive(Clone, Default)]
+pub struct Log {
+    inner: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Log {
+    pub fn collect(stderr: impl Read + Send + 'static, echo: &'static str) -> Log {
+        let log = Log::default();
+        let l = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("EXUVIA_TEST_ECHO").is_some() {
+                    eprintln!("[{echo}] {line}");
+                }
+                let (m, cv) = &*l.inner;
+                m.lock().unwrap().push(line);
+                cv.notify_all();
+            }
+        });
+        log
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.0.lock().unwrap().len()
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.inner.0.lock().unwrap().clone()
+    }
+
+    /// Waits for a line at index >= `from` that satisfies `pred`; returns its index and text.
+    pub fn wait_for(&self, from: usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<(usize, String)> {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.inner;
+        let mut lines = m.lock().unwrap();
+        loop {
+            if let Some(i) = (from..lines.len()).find(|&i| pred(&lines[i])) {
+                return Some((i, lines[i].clone()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            lines = cv.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Waits until `pred` holds for all lines so far; true if it did within `timeout`.
+    pub fn wait_until(&self, timeout: Duration, pred: impl Fn(&[String]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.inner;
+        let mut lines = m.lock().unwrap();
+        loop {
+            if pred(&lines) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            lines = cv.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    pub fn dump(&self) -> String {
+        self.lines().join("\n")
+    }
+}
+
+/// `pid=N` as written by the example's log format and by the library's fields.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let pat = format!("{key}=");
+    let mut search = 0;
+    while let Some(i) = line[search..].find(&pat) {
+        let at = search + i;
+        // Must be a whole key, not the tail of another one (child_pid vs pid).
+        let whole = at == 0 || !line.as_bytes()[at - 1].is_ascii_alphanumeric() && line.as_bytes()[at - 1] != b'_';
+        if whole {
+            let rest = &line[at + pat.len()..];
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            return Some(rest[..end].trim_matches('"').to_string());
+        }
+        search = at + pat.len();
+    }
+    None
+}
+
+pub fn pid_of(line: &str) -> u32 {
+    field(line, "pid").and_then(|p| p.parse().ok()).expect("line without pid=")
+}
+
+/// Waits until `pid` has exited and reaps it if it is ours (we are the subreaper). True if it is gone.
+pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    // SAFETY: raw syscall with integer arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return true; // no such process
+    }
+    let mut p = libc::pollfd {
+        fd: fd as i32,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd as i32) };
+    if n <= 0 {
+        return false;
+    }
+    let mut status = 0;
+    // SAFETY: status is a live int. ECHILD (not ours) is fine: then init reaps it.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+    true
+}
+
+/// Whether `pid` is a zombie or gone entirely (`None`: gone; `Some(true)`: zombie).
+pub fn zombie_state(pid: u32) -> Option<bool> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    Some(after.trim_start().starts_with('Z'))
+}
+
+pub fn signal(pid: u32, sig: i32) -> bool {
+    // SAFETY: kill with integer arguments.
+    unsafe { libc::kill(pid as libc::pid_t, sig) == 0 }
+}
+
+/// Descriptors a process has open: fd number → link target.
+pub fn open_fds(pid: u32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let n: i32 = e.file_name().to_string_lossy().parse().unwrap_or(-1);
+        let target = std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default();
+        out.push((n, target));
+    }
+    out.sort();
+    out
+}
+
+/// A running http_std process tree (the first generation and its successors).
+pub struct Server {
+    pub addr: SocketAddr,
+    pub log: Log,
+    /// Every pid the tree reported serving with, in order.
+    pub generations: Vec<u32>,
+}
+
+impl Server {
+    pub fn start(program: &Path, args: &[&str]) -> Server {
+        become_subreaper();
+        let mut cmd = Command::new(program);
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start server");
+        let log = Log::collect(child.stderr.take().unwrap(), "server");
+        let (_, line) = log
+            .wait_for(0, Duration::from_secs(30), |l| l.contains(" serving "))
+            .unwrap_or_else(|| panic!("server did not start:\n{}", log.dump()));
+        let addr: SocketAddr = field(&line, "addr").unwrap().parse().unwrap();
+        let pid = pid_of(&line);
+        assert_eq!(pid, child.id());
+        // The Child handle is not needed: we reap by pid as the subreaper.
+        std::mem::forget(child);
+        Server {
+            addr,
+            log,
+            generations: vec![pid],
+        }
+    }
+
+    pub fn current(&self) -> u32 {
+        *self.generations.last().unwrap()
+    }
+
+    /// Sends SIGHUP to the current generation and waits for its verdict. `Ok(new pid)` once the new process
+    /// serves and the old one has exited; `Err(reason)` if the upgrade failed.
+    pub fn upgrade(&mut self) -> Result<u32, String> {
+        let old = self.current();
+        let new = self.upgrade_started()?;
+        assert!(wait_gone(old, Duration::from_secs(30)), "old process {old} did not exit");
+        Ok(new)
+    }
+
+    /// Like [`upgrade`](Self::upgrade) but returns as soon as the new process serves, while the old one may
+    /// still be draining.
+    pub fn upgrade_started(&mut self) -> Result<u32, String> {
+        let old = self.current();
+        let mark = self.log.len();
+        assert!(signal(old, libc::SIGHUP), "SIGHUP to {old} failed");
+        self.await_verdict(old, mark)
+    }
+
+    pub fn await_verdict(&mut self, old: u32, mark: usize) -> Result<u32, String> {
+        let (_, line) = self
+            .log
+            .wait_for(mark, Duration::from_secs(60), |l| {
+                field(l, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(old)
+                    && (l.contains("upgrade: handed over") || l.contains("upgrade failed"))
+            })
+            .unwrap_or_else(|| panic!("no upgrade verdict from {old}:\n{}", self.log.dump()));
+        if line.contains("upgrade failed") {
+            return Err(line);
+        }
+        let new: u32 = field(&line, "child_pid").unwrap().parse().unwrap();
+        self.log
+            .wait_for(mark, Duration::from_secs(30), |l| {
+                l.contains(" serving ") && field(l, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(new)
+            })
+            .unwrap_or_else(|| panic!("{new} never served:\n{}", self.log.dump()));
+        self.generations.push(new);
+        Ok(new)
+    }
+
+    /// SIGTERM to the current generation; waits for it to exit.
+    pub fn stop(&self) {
+        let pid = self.current();
+        signal(pid, libc::SIGTERM);
+        assert!(wait_gone(pid, Duration::from_secs(30)), "server {pid} did not stop");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Leave nothing behind, even when a test fails half-way: kill every pid the tree ever logged.
+        let mut pids: BTreeSet<u32> = self.generations.iter().copied().collect();
+        for l in self.log.lines() {
+            if let Some(p) = field(&l, "pid").and_then(|p| p.parse().ok()) {
+                pids.insert(p);
+            }
+            if let Some(p) = field(&l, "child_pid").and_then(|p| p.parse().ok()) {
+                pids.insert(p);
+            }
+        }
+        for &p in &pids {
+            if zombie_state(p) == Some(false) {
+                signal(p, libc::SIGKILL);
+            }
+        }
+        for p in pids {
+            wait_gone(p, Duration::from_secs(5));
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// HTTP client and load
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FailKind {
+    Refused,
+    Reset,
+    Timeout,
+    ShortRead,
+    BadResponse,
+    Other,
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub pid: u32,
+    pub version: String,
+    pub close: bool,
+}
+
+fn classify(e: &std::io::Error) -> FailKind {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionRefused => FailKind::Refused,
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe => FailKind::Reset,
+        K::WouldBlock | K::TimedOut => FailKind::Timeout,
+        K::UnexpectedEof => FailKind::ShortRead,
+        _ => FailKind::Other,
+    }
+}
+
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn connect(addr: SocketAddr) -> Result<TcpStream, (FailKind, String)> {
+    let s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT).map_err(|e| (classify(&e), e.to_string()))?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// One GET on an open connection. Reads exactly one response.
+pub fn request(s: &mut TcpStream, path: &str, keep_alive: bool) -> Result<Response, (FailKind, String)> {
+    let conn = if keep_alive { "keep-alive" } else { "close" };
+    let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: {conn}\r\n\r\n");
+    s.write_all(req.as_bytes()).map_err(|e| (classify(&e), format!("write: {e}")))?;
+    read_response(s).map(|(r, _)| r)
+}
+
+pub fn read_response(s: &mut TcpStream) -> Result<(Response, String), (FailKind, String)> {
+    let mut buf = Vec::with_capacity(256);
+    let mut byte = [0u8; 1024];
+    let head_end;
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            head_end = i + 4;
+            break;
+        }
+        match s.read(&mut byte) {
+            Ok(0) => {
+                let kind = if buf.is_empty() { FailKind::ShortRead } else { FailKind::BadResponse };
+                return Err((kind, format!("eof after {} bytes", buf.len())));
+            }
+            Ok(n) => buf.extend_from_slice(&byte[..n]),
+            Err(e) => return Err((classify(&e), format!("read: {e}"))),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err((FailKind::BadResponse, head.lines().next().unwrap_or("").to_string()));
+    }
+    let mut len = 0usize;
+    let mut pid = 0u32;
+    let mut close = false;
+    for l in head.lines().skip(1) {
+        if let Some((k, v)) = l.split_once(':') {
+            match k.trim().to_ascii_lowercase().as_str() {
+                "content-length" => len = v.trim().parse().unwrap_or(0),
+                "x-pid" => pid = v.trim().parse().unwrap_or(0),
+                "connection" => close = v.trim().eq_ignore_ascii_case("close"),
+                _ => {}
+            }
+        }
+    }
+    while buf.len() < head_end + len {
+        match s.read(&mut byte) {
+            Ok(0) => return Err((FailKind::ShortRead, "eof in body".into())),
+            Ok(n) => buf.extend_from_slice(&byte[..n]),
+            Err(e) => return Err((classify(&e), format!("read body: {e}"))),
+        }
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string();
+    let version = field(&body, "version").unwrap_or_default();
+    if field(&body, "pid").and_then(|p| p.parse::<u32>().ok()) != Some(pid) && !body.is_empty() && pid != 0 {
+        // /env and other paths have no pid in the body; only / must agree with X-Pid.
+        if body.starts_with("pid=") {
+            return Err((FailKind::BadResponse, format!("x-pid {pid} disagrees with body {body:?}")));
+        }
+    }
+    Ok((Response { pid, version, close }, body))
+}
+
+/// A GET on a new connection, then waits until the server has closed it (so that the server holds no
+/// descriptor for it any more when this returns).
+pub fn get_and_wait_close(addr: SocketAddr, path: &str) -> Result<(Response, String), (FailKind, String)> {
+    let mut s = connect(addr)?;
+    let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).map_err(|e| (classify(&e), format!("write: {e}")))?;
+    let r = read_response(&mut s)?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).map_err(|e| (classify(&e), format!("waiting for close: {e}")))?;
+    Ok(r)
+}
+
+/// A GET on a new connection.
+pub fn get(addr: SocketAddr, path: &str) -> Result<(Response, String), (FailKind, String)> {
+    let mut s = connect(addr)?;
+    let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).map_err(|e| (classify(&e), format!("write: {e}")))?;
+    read_response(&mut s)
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub ok: u64,
+    pub failures: Vec<(FailKind, String)>,
+    pub pids: BTreeSet<u32>,
+    pub versions: BTreeSet<String>,
+}
+
+impl Stats {
+    fn record(&mut self, r: Result<Response, (FailKind, String)>) -> bool {
+        match r {
+            Ok(resp) => {
+                self.ok += 1;
+                self.pids.insert(resp.pid);
+                self.versions.insert(resp.version);
+                true
+            }
+            Err(f) => {
+                self.failures.push(f);
+                false
+            }
+        }
+    }
+
+    pub fn merge(&mut self, o: Stats) {
+        self.ok += o.ok;
+        self.failures.extend(o.failures);
+        self.pids.extend(o.pids);
+        self.versions.extend(o.versions);
+    }
+
+    pub fn summary(&self) -> String {
+        let mut by: std::collections::BTreeMap<FailKind, usize> = Default::default();
+        for (k, _) in &self.failures {
+            *by.entry(*k).or_default() += 1;
+        }
+        format!(
+            "ok={} failed={} {:?} pids={} first failures: {:?}",
+            self.ok,
+            self.failures.len(),
+            by,
+            self.pids.len(),
+            self.failures.iter().take(5).collect::<Vec<_>>()
+        )
+    }
+}
+
+/// Continuous load: `fresh` clients opening a new connection per request, `keepalive` clients reusing one
+/// connection (reconnecting only when the server says `connection: close`). Paced, bounded by `stop()`.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<Stats>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, fresh: usize, keepalive: usize, pace: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for _ in 0..fresh {
+            let stop = stop.clone();
+            let done = done.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut st = Stats::default();
+                while !stop.load(Ordering::Relaxed) {
+                    st.record(get(addr, "/").map(|(r, _)| r));
+                    done.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(pace);
+                }
+                st
+            }));
+        }
+        for _ in 0..keepalive {
+            let stop = stop.clone();
+            let done = done.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut st = Stats::default();
+                let mut conn: Option<TcpStream> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    if conn.is_none() {
+                        match connect(addr) {
+                            Ok(c) => conn = Some(c),
+                            Err(f) => {
+                                st.failures.push(f);
+                                std::thread::sleep(pace);
+                                continue;
+                            }
+                        }
+                    }
+                    let r = request(conn.as_mut().unwrap(), "/", true);
+                    let close = matches!(&r, Ok(resp) if resp.close) || r.is_err();
+                    st.record(r);
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if close {
+                        conn = None;
+                    }
+                    std::thread::sleep(pace);
+                }
+                st
+            }));
+        }
+        Load { stop, done, threads }
+    }
+
+    /// Requests completed so far (served or failed).
+    pub fn completed(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Blocks until `n` more requests have completed (the load has made progress), or panics after 60 s.
+    pub fn wait_progress(&self, n: u64) {
+        let target = self.completed() + n;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.completed() < target {
+            assert!(Instant::now() < deadline, "load made no progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn stop(self) -> Stats {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Stats::default();
+        for t in self.threads {
+            all.merge(t.join().unwrap());
+        }
+        all
+    }
+}
+
+/// Connections opened now (accepted or still queued) that send their request only when `finish` is called:
+/// they catch a drain that cuts idle clients, or a queue lost in a handover.
+pub struct Idle {
+    conns: Vec<Result<TcpStream, (FailKind, String)>>,
+}
+
+impl Idle {
+    pub fn open(addr: SocketAddr, n: usize) -> Idle {
+        Idle {
+            conns: (0..n).map(|_| connect(addr)).collect(),
+        }
+    }
+
+    pub fn finish(self) -> Stats {
+        let mut st = Stats::default();
+        for c in self.conns {
+            match c {
+                Ok(mut s) => {
+                    st.record(request(&mut s, "/", false));
+                }
+                Err(f) => st.failures.push(f),
+            }
+        }
+        st
+    }
+}
+
+/// Whether CI demands that every test really runs.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
