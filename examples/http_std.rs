@@ -98,7 +98,13 @@ impl tracing_subscriber::fmt::time::FormatTime for PidTime {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        write!(w, "{}.{:03} pid={}", t.as_secs(), t.subsec_millis(), std::process::id())
+        write!(
+            w,
+            "{}.{:03} pid={}",
+            t.as_secs(),
+            t.subsec_millis(),
+            std::process::id()
+        )
     }
 }
 
@@ -152,7 +158,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(file) = &args.init_fault {
         let fault = std::fs::read_to_string(file).unwrap_or_default();
         if fault.contains("fail") {
-            tracing::error!(file, "init fault injected: exiting with status 3 before ready");
+            tracing::error!(
+                file,
+                "init fault injected: exiting with status 3 before ready"
+            );
             std::process::exit(3);
         }
         if fault.contains("hang") {
@@ -239,7 +248,9 @@ fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str) -> io::Result<()
         let mut close = proto != "HTTP/1.1";
         let mut body_len = 0usize;
         for h in lines {
-            let Some((k, v)) = h.split_once(':') else { continue };
+            let Some((k, v)) = h.split_once(':') else {
+                continue;
+            };
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
             match k.as_str() {
                 "connection" if v == "close" => close = true,
@@ -295,6 +306,10 @@ fn hold_open(path: &str) -> io::Result<std::fs::File> {
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    tracing::info!(path, fd = f.as_raw_fd(), "holding a file open without close-on-exec");
+    tracing::info!(
+        path,
+        fd = f.as_raw_fd(),
+        "holding a file open without close-on-exec"
+    );
     Ok(f)
 }

@@ -134,7 +134,12 @@ mod tests {
     use super::*;
 
     fn p(pid: Option<&str>, fds: Option<&str>, names: Option<&str>) -> Result<Option<Vec<String>>> {
-        parse(pid.map(OsStr::new), fds.map(OsStr::new), names.map(OsStr::new), 100)
+        parse(
+            pid.map(OsStr::new),
+            fds.map(OsStr::new),
+            names.map(OsStr::new),
+            100,
+        )
     }
 
     #[test]
@@ -146,11 +151,28 @@ mod tests {
 
     #[test]
     fn names_come_in_order_and_default_to_unknown() {
-        assert_eq!(p(Some("100"), Some("2"), Some("http:admin")).unwrap().unwrap(), ["http", "admin"]);
-        assert_eq!(p(Some("100"), Some("2"), None).unwrap().unwrap(), ["unknown", "unknown"]);
-        assert_eq!(p(Some("100"), Some("2"), Some(":b")).unwrap().unwrap(), ["unknown", "b"]);
-        assert_eq!(p(Some("100"), Some("0"), Some("")).unwrap().unwrap(), Vec::<String>::new());
-        assert_eq!(p(Some(" 100 "), Some(" 1 "), Some("x")).unwrap().unwrap(), ["x"]);
+        assert_eq!(
+            p(Some("100"), Some("2"), Some("http:admin"))
+                .unwrap()
+                .unwrap(),
+            ["http", "admin"]
+        );
+        assert_eq!(
+            p(Some("100"), Some("2"), None).unwrap().unwrap(),
+            ["unknown", "unknown"]
+        );
+        assert_eq!(
+            p(Some("100"), Some("2"), Some(":b")).unwrap().unwrap(),
+            ["unknown", "b"]
+        );
+        assert_eq!(
+            p(Some("100"), Some("0"), Some("")).unwrap().unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            p(Some(" 100 "), Some(" 1 "), Some("x")).unwrap().unwrap(),
+            ["x"]
+        );
     }
 
     #[test]

@@ -27,7 +27,11 @@ pub struct ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        let mut open = self.inner.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut open = self
+            .inner
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         *open -= 1;
         if *open == 0 {
             self.inner.changed.notify_all();
@@ -51,21 +55,33 @@ pub struct DrainReport {
 
 impl Tracker {
     pub(crate) fn guard(&self) -> ConnectionGuard {
-        *self.inner.open.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        *self
+            .inner
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) += 1;
         ConnectionGuard {
             inner: self.inner.clone(),
         }
     }
 
     pub(crate) fn open(&self) -> usize {
-        *self.inner.open.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .inner
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits until no guard is left or `timeout` passes.
     pub(crate) fn drain(&self, timeout: Duration) -> DrainReport {
         let start = Instant::now();
         let deadline = start + timeout;
-        let mut open = self.inner.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut open = self
+            .inner
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let at_start = *open;
         let mut closed_during = 0usize;
         let mut last = *open;

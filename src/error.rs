@@ -154,9 +154,8 @@ impl From<Error> for io::Error {
             ErrorKind::WrongSocketKind | ErrorKind::Environment | ErrorKind::Protocol => {
                 io::ErrorKind::InvalidData
             }
-            ErrorKind::AlreadyTaken | ErrorKind::UpgradeInProgress | ErrorKind::Finishing => {
-                io::ErrorKind::ResourceBusy
-            }
+            ErrorKind::AlreadyTaken => io::ErrorKind::AlreadyExists,
+            ErrorKind::UpgradeInProgress | ErrorKind::Finishing => io::ErrorKind::WouldBlock,
             ErrorKind::ReadyTimeout => io::ErrorKind::TimedOut,
             ErrorKind::Channel => io::ErrorKind::BrokenPipe,
             _ => match &e.source {
@@ -219,7 +218,10 @@ mod tests {
     #[test]
     fn messages_read_as_the_operator_needs() {
         let e = Error::child_exited(ExitStatus::from_raw(3 << 8));
-        assert_eq!(e.to_string(), "child exited with status 3 during initialisation");
+        assert_eq!(
+            e.to_string(),
+            "child exited with status 3 during initialisation"
+        );
         assert_eq!(e.kind(), ErrorKind::ChildExited);
         let e = Error::child_exited(ExitStatus::from_raw(libc::SIGKILL));
         assert_eq!(
@@ -227,7 +229,9 @@ mod tests {
             "child was killed by signal 9 (SIGKILL) during initialisation"
         );
         let e = Error::ready_timeout(Duration::from_secs(30));
-        assert!(e.to_string().starts_with("child not ready after 30 s; killed"));
+        assert!(e
+            .to_string()
+            .starts_with("child not ready after 30 s; killed"));
         let e = Error::exec(
             std::path::Path::new("/usr/bin/app"),
             io::Error::from_raw_os_error(libc::ENOENT),

@@ -34,7 +34,9 @@ impl SocketKind {
             SocketKind::Udp => inet && info.ty == libc::SOCK_DGRAM,
             SocketKind::UnixListener => unix && info.ty == libc::SOCK_STREAM && info.listening,
             SocketKind::UnixDatagram => unix && info.ty == libc::SOCK_DGRAM,
-            SocketKind::UnixSeqpacketListener => unix && info.ty == libc::SOCK_SEQPACKET && info.listening,
+            SocketKind::UnixSeqpacketListener => {
+                unix && info.ty == libc::SOCK_SEQPACKET && info.listening
+            }
         }
     }
 }
@@ -136,14 +138,21 @@ impl BindOptions {
 
     /// A hook run on the new socket after the options above and before `bind`, to set anything else
     /// (`SO_RCVBUF`, `IPV6_V6ONLY`, `TCP_FASTOPEN`, ...). An error from it fails the bind.
-    pub fn configure(mut self, f: impl Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync + 'static) -> BindOptions {
+    pub fn configure(
+        mut self,
+        f: impl Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync + 'static,
+    ) -> BindOptions {
         self.configure = Some(Arc::new(f));
         self
     }
 }
 
 fn inet_socket(addr: &SocketAddr, ty: libc::c_int, opts: &BindOptions) -> io::Result<OwnedFd> {
-    let domain = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     let fd = sys::new_socket(domain, ty)?;
     if opts.reuse_address {
         sys::set_int_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
@@ -167,13 +176,21 @@ pub(crate) fn bind_udp(addr: &SocketAddr, opts: &BindOptions) -> io::Result<Owne
 
 /// Binds a Unix socket at `path`. A socket file left by a dead process is replaced; a live one (something
 /// answers on it) or a non-socket file is an error, never silently removed.
-pub(crate) fn bind_unix(path: &Path, ty: libc::c_int, listen: bool, opts: &BindOptions) -> io::Result<OwnedFd> {
+pub(crate) fn bind_unix(
+    path: &Path,
+    ty: libc::c_int,
+    listen: bool,
+    opts: &BindOptions,
+) -> io::Result<OwnedFd> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; remove it or choose another path", path.display()),
+                format!(
+                    "{} exists and is not a socket; remove it or choose another path",
+                    path.display()
+                ),
             ));
         }
         let probe = sys::new_socket(libc::AF_UNIX, ty)?;
@@ -223,9 +240,9 @@ mod tests {
 
     #[test]
     fn options_reach_the_socket_before_bind() {
-        let opts = BindOptions::new().backlog(7).configure(|fd| {
-            sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 65536)
-        });
+        let opts = BindOptions::new()
+            .backlog(7)
+            .configure(|fd| sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 65536));
         let fd = bind_tcp(&"127.0.0.1:0".parse().unwrap(), &opts).unwrap();
         let l = std::net::TcpListener::from(fd);
         assert!(l.local_addr().unwrap().port() != 0);

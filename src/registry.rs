@@ -37,7 +37,11 @@ impl Registry {
     }
 
     fn index_of(&self, name: &str) -> Result<Option<usize>> {
-        let mut found = self.entries.iter().enumerate().filter(|(_, e)| e.name == name);
+        let mut found = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.name == name);
         let first = found.next().map(|(i, _)| i);
         let more = found.count();
         if more > 0 {
@@ -88,10 +92,12 @@ impl Registry {
                 ),
             ));
         }
-        let copy = e
-            .fd
-            .try_clone()
-            .map_err(|err| Error::io(format!("cannot duplicate inherited socket {:?}", e.name), err))?;
+        let copy = e.fd.try_clone().map_err(|err| {
+            Error::io(
+                format!("cannot duplicate inherited socket {:?}", e.name),
+                err,
+            )
+        })?;
         e.claimed = true;
         tracing::debug!(name = %e.name, "took inherited socket");
         Ok(Some(copy))
@@ -108,12 +114,19 @@ impl Registry {
 
     /// Every socket to pass on, claimed or not, in order.
     pub(crate) fn handover_set(&self) -> Vec<(&str, BorrowedFd<'_>)> {
-        self.entries.iter().map(|e| (e.name.as_str(), e.fd.as_fd())).collect()
+        self.entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.fd.as_fd()))
+            .collect()
     }
 
     /// Names of inherited sockets nobody took (they are passed on all the same).
     pub(crate) fn unclaimed(&self) -> Vec<&str> {
-        self.entries.iter().filter(|e| !e.claimed).map(|e| e.name.as_str()).collect()
+        self.entries
+            .iter()
+            .filter(|e| !e.claimed)
+            .map(|e| e.name.as_str())
+            .collect()
     }
 
     /// Closes this process's copies after a handover.
@@ -141,7 +154,10 @@ mod tests {
         let mut r = Registry::with_inherited(vec![("http".into(), tcp()), ("dns".into(), udp())]);
         let e = r.take("dns", SocketKind::TcpListener).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::WrongSocketKind);
-        assert!(e.to_string().contains("UDP") || e.to_string().contains("datagram"), "{e}");
+        assert!(
+            e.to_string().contains("UDP") || e.to_string().contains("datagram"),
+            "{e}"
+        );
         // Still there, and takeable as the right kind.
         assert!(r.take("dns", SocketKind::Udp).unwrap().is_some());
         let first = r.take("http", SocketKind::TcpListener).unwrap().unwrap();
@@ -156,7 +172,8 @@ mod tests {
 
     #[test]
     fn duplicate_names_must_be_taken_by_index() {
-        let mut r = Registry::with_inherited(vec![("unknown".into(), tcp()), ("unknown".into(), tcp())]);
+        let mut r =
+            Registry::with_inherited(vec![("unknown".into(), tcp()), ("unknown".into(), tcp())]);
         let e = r.take("unknown", SocketKind::TcpListener).unwrap_err();
         assert!(e.to_string().contains("2 inherited sockets"), "{e}");
         assert!(r.take_index(1, SocketKind::TcpListener).unwrap().is_some());

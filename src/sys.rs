@@ -94,7 +94,11 @@ pub(crate) struct SocketInfo {
     pub(crate) listening: bool,
 }
 
-fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+fn getsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: value and len point to live locals of the sizes the kernel is told.
@@ -223,7 +227,13 @@ fn sockaddr_un(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> 
 pub(crate) fn bind_unix(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let (sun, len) = sockaddr_un(path)?;
     // SAFETY: sun is a valid sockaddr_un of `len` bytes.
-    cvt(unsafe { libc::bind(fd.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) })?;
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&sun as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
     Ok(())
 }
 
@@ -231,7 +241,13 @@ pub(crate) fn bind_unix(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 pub(crate) fn connect_unix(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let (sun, len) = sockaddr_un(path)?;
     // SAFETY: sun is a valid sockaddr_un of `len` bytes.
-    cvt_eintr(|| unsafe { libc::connect(fd.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) })?;
+    cvt_eintr(|| unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&sun as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    })?;
     Ok(())
 }
 
@@ -318,7 +334,13 @@ impl<'a> PollSet<'a> {
                 p.revents = 0;
             }
             // SAFETY: fds is a live array of pollfd of the length passed; every fd is borrowed for 'a.
-            let n = unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, timeout_ms) };
+            let n = unsafe {
+                libc::poll(
+                    self.fds.as_mut_ptr(),
+                    self.fds.len() as libc::nfds_t,
+                    timeout_ms,
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -405,7 +427,12 @@ const PID_SLOT: usize = 12;
 
 impl SpawnPlan {
     pub(crate) fn new(path: &Path, argv: &[OsString]) -> io::Result<SpawnPlan> {
-        let nul = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{what} contains a NUL byte"));
+        let nul = |what: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{what} contains a NUL byte"),
+            )
+        };
         let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| nul("program path"))?;
         let argv = argv
             .iter()
@@ -448,7 +475,6 @@ impl SpawnPlan {
         self.pid_slots.push(self.env.len());
         self.env.push(e);
     }
-
 }
 
 /// Forks and executes `plan` with `fds[i]` at descriptor `3 + i` (close-on-exec cleared), every other
@@ -470,7 +496,10 @@ pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<
             unsafe { env_bases[i].add(eq + 1) }
         })
         .collect();
-    let mut envp: Vec<*const libc::c_char> = env_bases.iter_mut().map(|p| *p as *const libc::c_char).collect();
+    let mut envp: Vec<*const libc::c_char> = env_bases
+        .iter_mut()
+        .map(|p| *p as *const libc::c_char)
+        .collect();
     envp.push(std::ptr::null());
     let mut argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
@@ -516,7 +545,9 @@ pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<
     if got == 4 {
         Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)))
     } else {
-        Err(io::Error::other("the new process failed before exec and reported a truncated error"))
+        Err(io::Error::other(
+            "the new process failed before exec and reported a truncated error",
+        ))
     }
 }
 
@@ -713,7 +744,10 @@ mod tests {
         assert_eq!(socket_info(std::os::fd::AsFd::as_fd(&r)).unwrap(), None);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let info = socket_info(std::os::fd::AsFd::as_fd(&l)).unwrap().unwrap();
-        assert_eq!((info.domain, info.ty, info.listening), (libc::AF_INET, libc::SOCK_STREAM, true));
+        assert_eq!(
+            (info.domain, info.ty, info.listening),
+            (libc::AF_INET, libc::SOCK_STREAM, true)
+        );
         let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let info = socket_info(std::os::fd::AsFd::as_fd(&u)).unwrap().unwrap();
         assert_eq!((info.ty, info.listening), (libc::SOCK_DGRAM, false));
@@ -721,7 +755,8 @@ mod tests {
 
     #[test]
     fn spawn_reports_exec_errors_and_reaps() {
-        let mut plan = SpawnPlan::new(Path::new("/nonexistent/exuvia-test"), &["x".into()]).unwrap();
+        let mut plan =
+            SpawnPlan::new(Path::new("/nonexistent/exuvia-test"), &["x".into()]).unwrap();
         let e = spawn(&mut plan, &[]).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
     }

@@ -173,7 +173,10 @@ impl Builder {
             }
             None => {
                 if !inherited.is_empty() {
-                    tracing::info!(sockets = inherited.len(), "adopted sockets passed by the service manager");
+                    tracing::info!(
+                        sockets = inherited.len(),
+                        "adopted sockets passed by the service manager"
+                    );
                 }
                 (None, None, 0)
             }
@@ -211,8 +214,12 @@ fn startup_program() -> Result<PathBuf> {
         if p.is_absolute() {
             return Ok(p);
         }
-        let cwd = std::env::current_dir()
-            .map_err(|e| Error::io("cannot read the working directory to resolve this program's path", e))?;
+        let cwd = std::env::current_dir().map_err(|e| {
+            Error::io(
+                "cannot read the working directory to resolve this program's path",
+                e,
+            )
+        })?;
         return Ok(cwd.join(p));
     }
     std::env::current_exe().map_err(|e| {
@@ -373,7 +380,11 @@ impl Upgrader {
             ));
         }
         let fd = bind().map_err(|e| {
-            Error::with_io(ErrorKind::Bind, format!("cannot bind {name:?} on {what}: {e}"), e)
+            Error::with_io(
+                ErrorKind::Bind,
+                format!("cannot bind {name:?} on {what}: {e}"),
+                e,
+            )
         })?;
         let keep = fd
             .try_clone()
@@ -397,10 +408,20 @@ impl Upgrader {
     }
 
     /// [`listen_tcp`](Self::listen_tcp) with options (backlog, `SO_REUSEADDR`, a hook) for a fresh bind.
-    pub fn listen_tcp_with(&self, name: &str, addr: impl ToSocketAddrs, opts: &BindOptions) -> Result<TcpListener> {
+    pub fn listen_tcp_with(
+        &self,
+        name: &str,
+        addr: impl ToSocketAddrs,
+        opts: &BindOptions,
+    ) -> Result<TcpListener> {
         let addr = resolve(name, addr)?;
-        self.take_or_bind(name, SocketKind::TcpListener, || listen::bind_tcp(&addr, opts), addr)
-            .map(TcpListener::from)
+        self.take_or_bind(
+            name,
+            SocketKind::TcpListener,
+            || listen::bind_tcp(&addr, opts),
+            addr,
+        )
+        .map(TcpListener::from)
     }
 
     /// A UDP socket named `name`, inherited or freshly bound on `addr`.
@@ -409,10 +430,20 @@ impl Upgrader {
     }
 
     /// [`bind_udp`](Self::bind_udp) with options for a fresh bind.
-    pub fn bind_udp_with(&self, name: &str, addr: impl ToSocketAddrs, opts: &BindOptions) -> Result<UdpSocket> {
+    pub fn bind_udp_with(
+        &self,
+        name: &str,
+        addr: impl ToSocketAddrs,
+        opts: &BindOptions,
+    ) -> Result<UdpSocket> {
         let addr = resolve(name, addr)?;
-        self.take_or_bind(name, SocketKind::Udp, || listen::bind_udp(&addr, opts), addr)
-            .map(UdpSocket::from)
+        self.take_or_bind(
+            name,
+            SocketKind::Udp,
+            || listen::bind_udp(&addr, opts),
+            addr,
+        )
+        .map(UdpSocket::from)
     }
 
     /// A Unix stream listener named `name`, inherited or freshly bound at `path`. A fresh bind replaces a
@@ -422,7 +453,12 @@ impl Upgrader {
     }
 
     /// [`listen_unix`](Self::listen_unix) with options for a fresh bind.
-    pub fn listen_unix_with(&self, name: &str, path: impl AsRef<Path>, opts: &BindOptions) -> Result<UnixListener> {
+    pub fn listen_unix_with(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+        opts: &BindOptions,
+    ) -> Result<UnixListener> {
         let path = path.as_ref();
         self.take_or_bind(
             name,
@@ -495,9 +531,15 @@ impl Upgrader {
     pub fn ready(&self) -> Result<()> {
         let link = lock(&self.inner.parent).take();
         if let Some(link) = link {
-            tracing::info!(parent_pid = link.parent_pid, "reporting ready to the old process");
+            tracing::info!(
+                parent_pid = link.parent_pid,
+                "reporting ready to the old process"
+            );
             link.ready(COMMIT_TIMEOUT)?;
-            tracing::info!(generation = self.inner.generation, "handover confirmed; this process is now the main one");
+            tracing::info!(
+                generation = self.inner.generation,
+                "handover confirmed; this process is now the main one"
+            );
         }
         self.inner.ready.store(true, Ordering::SeqCst);
         Ok(())
@@ -540,7 +582,7 @@ impl Upgrader {
                 "an upgrade is already in progress; wait for its verdict",
             ));
         }
-        let _in_flight = InFlight(&inner.upgrading);
+        let in_flight = InFlight(&inner.upgrading);
         if !inner.ready.load(Ordering::SeqCst) {
             return Err(Error::new(
                 ErrorKind::Finishing,
@@ -562,7 +604,10 @@ impl Upgrader {
                 let set = reg.handover_set();
                 let unclaimed = reg.unclaimed();
                 if !unclaimed.is_empty() {
-                    tracing::debug!(?unclaimed, "passing on inherited sockets this version did not take");
+                    tracing::debug!(
+                        ?unclaimed,
+                        "passing on inherited sockets this version did not take"
+                    );
                 }
                 let child = parent::start(&launch, &set, state, started + inner.ready_timeout)?;
                 (child, set.len())
@@ -583,12 +628,18 @@ impl Upgrader {
             }
             Ok((pid, sockets))
         })();
+        // The next upgrade may be requested as soon as the verdict is out: clear the flag before announcing it.
+        drop(in_flight);
         match result {
             Ok((child_pid, sockets)) => {
                 // Everything this thread has to do happens before the wake-up: once woken, the application
                 // drains and may exit at any moment.
                 let closed = lock(&inner.registry).close_all();
-                tracing::info!(child_pid, closed, "upgrade: handed over; stopped accepting, draining");
+                tracing::info!(
+                    child_pid,
+                    closed,
+                    "upgrade: handed over; stopped accepting, draining"
+                );
                 self.after_finish();
                 Ok(UpgradeReport {
                     child_pid,
@@ -770,9 +821,20 @@ fn check_name(name: &str) -> Result<()> {
 
 fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
     addr.to_socket_addrs()
-        .map_err(|e| Error::with_io(ErrorKind::Bind, format!("cannot resolve the address for {name:?}: {e}"), e))?
+        .map_err(|e| {
+            Error::with_io(
+                ErrorKind::Bind,
+                format!("cannot resolve the address for {name:?}: {e}"),
+                e,
+            )
+        })?
         .next()
-        .ok_or_else(|| Error::new(ErrorKind::Bind, format!("the address for {name:?} resolves to nothing")))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Bind,
+                format!("the address for {name:?} resolves to nothing"),
+            )
+        })
 }
 
 /// Accepts one connection on a seqpacket listener (from [`Upgrader::listen_unix_seqpacket`]).

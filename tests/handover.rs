@@ -29,7 +29,10 @@ fn ten_upgrades_under_load_lose_nothing() {
             .unwrap_or_else(|e| panic!("upgrade {i} failed: {e}"));
         // The old process is draining now; the idle clients wake up and must be served (by it).
         idle_stats.merge(idle.finish());
-        assert!(wait_gone(old, Duration::from_secs(30)), "old process {old} did not finish its drain");
+        assert!(
+            wait_gone(old, Duration::from_secs(30)),
+            "old process {old} did not finish its drain"
+        );
         eprintln!("upgrade {i}: now pid {new}");
     }
     load.wait_progress(1000);
@@ -39,7 +42,11 @@ fn ten_upgrades_under_load_lose_nothing() {
     assert_clean(&stats, "continuous load");
     assert_clean(&idle_stats, "idle-before-upgrade connections");
     assert_eq!(idle_stats.ok, 80);
-    assert!(stats.ok >= 11_000, "too little load to prove anything: {}", stats.summary());
+    assert!(
+        stats.ok >= 11_000,
+        "too little load to prove anything: {}",
+        stats.summary()
+    );
     assert!(stats.pids.len() >= 2, "served by {:?}", stats.pids);
     // Every old generation is gone; only the last one runs.
     let gens = server.generations.clone();
@@ -57,26 +64,54 @@ fn a_child_that_crashes_or_hangs_is_killed_and_the_parent_serves_on() {
     let fault_s = fault.to_str().unwrap();
     let mut server = Server::start(
         &http_std(),
-        &["--init-fault", fault_s, "--ready-timeout", "1.5", "--drain-timeout", "10"],
+        &[
+            "--init-fault",
+            fault_s,
+            "--ready-timeout",
+            "1.5",
+            "--drain-timeout",
+            "10",
+        ],
     );
     let load = Load::start(server.addr, 2, 2, Duration::from_millis(3));
     let parent = server.current();
 
     std::fs::write(&fault, "fail").unwrap();
     let mark = server.log.len();
-    let err = server.upgrade().expect_err("a failing child must not take over");
-    assert!(err.contains("child exited with status 3 during initialisation"), "{err}");
-    let (_, spawned) = server.log.wait_for(mark, Duration::ZERO, |l| l.contains("child spawned")).unwrap();
+    let err = server
+        .upgrade()
+        .expect_err("a failing child must not take over");
+    assert!(
+        err.contains("child exited with status 3 during initialisation"),
+        "{err}"
+    );
+    let (_, spawned) = server
+        .log
+        .wait_for(mark, Duration::ZERO, |l| l.contains("child spawned"))
+        .unwrap();
     let crashed: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
-    assert_eq!(zombie_state(crashed), None, "crashed child {crashed} left a zombie or still runs");
+    assert_eq!(
+        zombie_state(crashed),
+        None,
+        "crashed child {crashed} left a zombie or still runs"
+    );
 
     std::fs::write(&fault, "hang").unwrap();
     let mark = server.log.len();
-    let err = server.upgrade().expect_err("a hanging child must not take over");
+    let err = server
+        .upgrade()
+        .expect_err("a hanging child must not take over");
     assert!(err.contains("child not ready after 1.5 s; killed"), "{err}");
-    let (_, spawned) = server.log.wait_for(mark, Duration::ZERO, |l| l.contains("child spawned")).unwrap();
+    let (_, spawned) = server
+        .log
+        .wait_for(mark, Duration::ZERO, |l| l.contains("child spawned"))
+        .unwrap();
     let hung: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
-    assert_eq!(zombie_state(hung), None, "hung child {hung} left a zombie or still runs");
+    assert_eq!(
+        zombie_state(hung),
+        None,
+        "hung child {hung} left a zombie or still runs"
+    );
 
     // The parent never stopped serving, and the next upgrade works.
     let (resp, _) = get(server.addr, "/").unwrap();
@@ -95,14 +130,21 @@ fn a_child_that_crashes_or_hangs_is_killed_and_the_parent_serves_on() {
 #[test]
 fn a_storm_of_sighups_never_runs_two_upgrades_at_once() {
     // Each child takes 300 ms to initialise, so the storm lands on upgrades in flight.
-    let mut server = Server::start(&http_std(), &["--init-delay-ms", "300", "--drain-timeout", "10"]);
+    let mut server = Server::start(
+        &http_std(),
+        &["--init-delay-ms", "300", "--drain-timeout", "10"],
+    );
     let load = Load::start(server.addr, 2, 2, Duration::from_millis(3));
     let mark = server.log.len();
     let start = std::time::Instant::now();
     for _ in 0..20 {
         // Aim at the newest process that reported serving.
         let lines = server.log.lines();
-        let line = lines.iter().rev().find(|l| l.contains(" serving ")).unwrap();
+        let line = lines
+            .iter()
+            .rev()
+            .find(|l| l.contains(" serving "))
+            .unwrap();
         signal(pid_of(line), libc::SIGHUP);
         std::thread::sleep(Duration::from_millis(45)); // pacing of the storm itself, not a readiness wait
     }
@@ -119,14 +161,25 @@ fn a_storm_of_sighups_never_runs_two_upgrades_at_once() {
     let mut open = false;
     for l in lines {
         if l.contains("upgrade requested") && !l.contains("refused") {
-            assert!(!open, "two upgrades in flight at once:\n{}", lines.join("\n"));
+            assert!(
+                !open,
+                "two upgrades in flight at once:\n{}",
+                lines.join("\n")
+            );
             open = true;
         } else if l.contains("child ready; handing over") || l.contains("upgrade failed") {
-            assert!(open, "an upgrade ended that never started:\n{}", lines.join("\n"));
+            assert!(
+                open,
+                "an upgrade ended that never started:\n{}",
+                lines.join("\n")
+            );
             open = false;
         }
     }
-    let refused = lines.iter().filter(|l| l.contains("refused") || l.contains("already handed over")).count();
+    let refused = lines
+        .iter()
+        .filter(|l| l.contains("refused") || l.contains("already handed over"))
+        .count();
     let (started, _) = count_upgrades(lines);
     eprintln!("storm: 20 SIGHUPs -> {started} upgrades, {refused} refused");
     assert!(refused >= 1, "the storm never hit an upgrade in flight");
@@ -134,13 +187,34 @@ fn a_storm_of_sighups_never_runs_two_upgrades_at_once() {
     let stats = load.stop();
     eprintln!("load: {}", stats.summary());
     assert_clean(&stats, "load through the storm");
-    // Exactly one generation is left serving; all others have exited.
-    let serving: Vec<u32> = lines.iter().filter(|l| l.contains(" serving ")).map(|l| pid_of(l)).collect();
-    let last = *serving.last().unwrap_or(&server.current());
+    // Exactly one generation is left serving: the child of the last successful handover. All others exit.
+    let last: u32 = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("child ready; handing over"))
+        .and_then(|l| field(l, "child_pid"))
+        .map(|p| p.parse().unwrap())
+        .unwrap_or(server.current());
+    assert!(
+        server.log.wait_until(Duration::from_secs(30), |ls| ls
+            .iter()
+            .any(|l| l.contains(" serving ") && pid_of(l) == last)),
+        "last generation {last} never served"
+    );
+    let serving: Vec<u32> = server
+        .log
+        .lines()
+        .iter()
+        .filter(|l| l.contains(" serving "))
+        .map(|l| pid_of(l))
+        .collect();
     server.generations.extend(serving.iter().copied());
     for &p in &server.generations {
         if p != last {
-            assert!(wait_gone(p, Duration::from_secs(20)), "old pid {p} still running");
+            assert!(
+                wait_gone(p, Duration::from_secs(20)),
+                "old pid {p} still running"
+            );
         }
     }
     let (resp, _) = get(server.addr, "/").unwrap();
@@ -164,7 +238,14 @@ fn count_upgrades(lines: &[String]) -> (usize, usize) {
 fn the_binary_on_disk_is_what_runs_after_it_is_replaced() {
     // Build a second version of the example, as a package upgrade would install it.
     let v1 = http_std();
-    let target = v1.parent().unwrap().parent().unwrap().parent().unwrap().join("exuvia-next-version");
+    let target = v1
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("exuvia-next-version");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = std::process::Command::new(cargo)
         .args(["build", "--example", "http_std", "--target-dir"])
@@ -189,7 +270,11 @@ fn the_binary_on_disk_is_what_runs_after_it_is_replaced() {
     std::fs::rename(&staged, &app).unwrap();
     let old = server.current();
     let exe = std::fs::read_link(format!("/proc/{old}/exe")).unwrap();
-    assert!(exe.to_string_lossy().ends_with("(deleted)"), "{}", exe.display());
+    assert!(
+        exe.to_string_lossy().ends_with("(deleted)"),
+        "{}",
+        exe.display()
+    );
 
     let new = server.upgrade().expect("upgrade to the replaced binary");
     let (r, _) = get(server.addr, "/").unwrap();
@@ -210,7 +295,9 @@ fn nothing_but_the_sockets_and_the_channel_reaches_the_child() {
     let parent = server.current();
     let parent_fds = open_fds(parent);
     assert!(
-        parent_fds.iter().any(|(_, t)| t.contains("parent-only.txt")),
+        parent_fds
+            .iter()
+            .any(|(_, t)| t.contains("parent-only.txt")),
         "the parent should hold the file: {parent_fds:?}"
     );
     // The new process runs with the same arguments, so it opens the file once itself; the parent's copy,
@@ -218,7 +305,10 @@ fn nothing_but_the_sockets_and_the_channel_reaches_the_child() {
     let new = server.upgrade().unwrap();
     let child_fds = open_fds(new);
     let (_, env) = get(server.addr, "/env").unwrap();
-    assert_eq!(env, "", "the child still sees fd-passing variables: {env:?}");
+    assert_eq!(
+        env, "",
+        "the child still sees fd-passing variables: {env:?}"
+    );
     // The environment the child was executed with: LISTEN_PID is its own pid.
     let environ = std::fs::read(format!("/proc/{new}/environ")).unwrap();
     let vars: Vec<String> = environ
@@ -234,19 +324,34 @@ fn nothing_but_the_sockets_and_the_channel_reaches_the_child() {
     // (its own: the parent's, opened without close-on-exec, must not come along), and descriptors of its own
     // that the parent does not share. The parent here also inherited strays from the test harness (cargo's
     // jobserver pipe, say): those must not reach the child either.
-    let parent_targets: Vec<&str> = parent_fds.iter().filter(|(n, _)| *n > 2).map(|(_, t)| t.as_str()).collect();
+    let parent_targets: Vec<&str> = parent_fds
+        .iter()
+        .filter(|(n, _)| *n > 2)
+        .map(|(_, t)| t.as_str())
+        .collect();
     let mut held = 0;
     for (n, t) in child_fds.iter().filter(|(n, _)| *n > 2) {
         if t.starts_with("socket:") {
-            assert!(parent_targets.contains(&t.as_str()), "child fd {n} ({t}) is not a parent socket");
+            assert!(
+                parent_targets.contains(&t.as_str()),
+                "child fd {n} ({t}) is not a parent socket"
+            );
         } else if t.contains("parent-only.txt") {
             held += 1;
         } else {
-            assert!(!parent_targets.contains(&t.as_str()), "child fd {n} ({t}) leaked from the parent");
+            assert!(
+                !parent_targets.contains(&t.as_str()),
+                "child fd {n} ({t}) leaked from the parent"
+            );
         }
     }
     assert_eq!(held, 1, "parent {parent_fds:?}\nchild {child_fds:?}");
-    assert!(child_fds.iter().any(|(n, t)| *n == 3 && t.starts_with("socket:")), "{child_fds:?}");
+    assert!(
+        child_fds
+            .iter()
+            .any(|(n, t)| *n == 3 && t.starts_with("socket:")),
+        "{child_fds:?}"
+    );
     server.stop();
 }
 
@@ -255,12 +360,21 @@ fn a_hundred_upgrades_do_not_grow_the_fd_count() {
     let mut server = Server::start(&http_std(), &["--drain-timeout", "5"]);
     let mut counts = Vec::new();
     for i in 0..100 {
-        let new = server.upgrade().unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
+        let new = server
+            .upgrade()
+            .unwrap_or_else(|e| panic!("upgrade {i}: {e}"));
         let (r, _) = get_and_wait_close(server.addr, "/").unwrap();
         assert_eq!(r.pid, new);
         counts.push(open_fds(new).len());
     }
-    eprintln!("fd counts: first {:?} last {:?}", &counts[..3], &counts[97..]);
-    assert!(counts.iter().all(|&c| c == counts[0]), "fd count changed: {counts:?}");
+    eprintln!(
+        "fd counts: first {:?} last {:?}",
+        &counts[..3],
+        &counts[97..]
+    );
+    assert!(
+        counts.iter().all(|&c| c == counts[0]),
+        "fd count changed: {counts:?}"
+    );
     server.stop();
 }

@@ -77,7 +77,11 @@ impl Channel {
     }
 
     /// Waits for the next message until `deadline`, or until `extra` (if given) becomes readable.
-    pub(crate) fn recv(&mut self, deadline: Option<Instant>, extra: Option<BorrowedFd<'_>>) -> Result<Event> {
+    pub(crate) fn recv(
+        &mut self,
+        deadline: Option<Instant>,
+        extra: Option<BorrowedFd<'_>>,
+    ) -> Result<Event> {
         loop {
             if let Some((msg, used)) = protocol::decode(&self.buf)? {
                 self.buf.drain(..used);
@@ -150,8 +154,13 @@ mod tests {
         let mut b = Channel::new(b).unwrap();
         a.send(&Message::Ready, soon()).unwrap();
         a.send(&Message::Failed("why".into()), soon()).unwrap();
-        assert!(matches!(b.recv(Some(soon()), None).unwrap(), Event::Message(Message::Ready)));
-        assert!(matches!(b.recv(Some(soon()), None).unwrap(), Event::Message(Message::Failed(r)) if r == "why"));
+        assert!(matches!(
+            b.recv(Some(soon()), None).unwrap(),
+            Event::Message(Message::Ready)
+        ));
+        assert!(
+            matches!(b.recv(Some(soon()), None).unwrap(), Event::Message(Message::Failed(r)) if r == "why")
+        );
         drop(a);
         assert!(matches!(b.recv(Some(soon()), None).unwrap(), Event::Closed));
     }
@@ -184,7 +193,8 @@ mod tests {
         let (mut a, mut b) = pair();
         let t0 = Instant::now();
         assert!(matches!(
-            a.recv(Some(Instant::now() + Duration::from_millis(50)), None).unwrap(),
+            a.recv(Some(Instant::now() + Duration::from_millis(50)), None)
+                .unwrap(),
             Event::Timeout
         ));
         assert!(t0.elapsed() >= Duration::from_millis(50));
@@ -201,7 +211,10 @@ mod tests {
     fn garbage_from_the_peer_is_a_protocol_error() {
         let (mut a, mut b) = pair();
         b.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
-        assert_eq!(a.recv(Some(soon()), None).unwrap_err().kind(), ErrorKind::Protocol);
+        assert_eq!(
+            a.recv(Some(soon()), None).unwrap_err().kind(),
+            ErrorKind::Protocol
+        );
     }
 
     #[test]

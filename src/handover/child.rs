@@ -25,7 +25,11 @@ pub(crate) struct ParentLink {
 
 /// Reads the two handover variables. `Ok(None)`: this process was not started by an exuvia upgrade (or the
 /// variables were meant for another pid).
-pub(crate) fn parse_vars(fd: Option<&OsStr>, pid: Option<&OsStr>, my_pid: u32) -> Result<Option<RawFd>> {
+pub(crate) fn parse_vars(
+    fd: Option<&OsStr>,
+    pid: Option<&OsStr>,
+    my_pid: u32,
+) -> Result<Option<RawFd>> {
     let Some(fd) = fd else { return Ok(None) };
     let Some(pid) = pid else {
         return Err(Error::env(format!(
@@ -44,7 +48,10 @@ pub(crate) fn parse_vars(fd: Option<&OsStr>, pid: Option<&OsStr>, my_pid: u32) -
     }
     let fd = num(super::VAR_FD, fd)?;
     if !(3..=i32::MAX as u32).contains(&fd) {
-        return Err(Error::env(format!("{}={fd} is not a valid descriptor", super::VAR_FD)));
+        return Err(Error::env(format!(
+            "{}={fd} is not a valid descriptor",
+            super::VAR_FD
+        )));
     }
     Ok(Some(fd as RawFd))
 }
@@ -54,7 +61,10 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
     let fd: OwnedFd = sys::adopt_inherited_fd(raw).map_err(|e| {
         Error::with_io(
             ErrorKind::Environment,
-            format!("{}={raw} names a descriptor that is not open", super::VAR_FD),
+            format!(
+                "{}={raw} names a descriptor that is not open",
+                super::VAR_FD
+            ),
             e,
         )
     })?;
@@ -68,7 +78,8 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
             )))
         }
     }
-    sys::set_cloexec(fd.as_fd(), true).map_err(|e| Error::io("cannot set close-on-exec on the channel", e))?;
+    sys::set_cloexec(fd.as_fd(), true)
+        .map_err(|e| Error::io("cannot set close-on-exec on the channel", e))?;
     let mut channel = Channel::new(UnixStream::from(fd))?;
     let deadline = Instant::now() + HELLO_TIMEOUT;
     let hello = match channel.recv(Some(deadline), None) {
@@ -76,7 +87,10 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
         Err(e) => {
             // Tell the parent why, if it can still hear: a version mismatch then reads as such in its logs
             // instead of as a timeout.
-            let _ = channel.send(&Message::Failed(e.to_string()), Instant::now() + Duration::from_secs(1));
+            let _ = channel.send(
+                &Message::Failed(e.to_string()),
+                Instant::now() + Duration::from_secs(1),
+            );
             return Err(e);
         }
     };
@@ -145,8 +159,10 @@ impl ParentLink {
 
     /// Reports that initialisation failed.
     pub(crate) fn fail(mut self, reason: &str) -> Result<()> {
-        self.channel
-            .send(&Message::Failed(reason.to_string()), Instant::now() + Duration::from_secs(5))
+        self.channel.send(
+            &Message::Failed(reason.to_string()),
+            Instant::now() + Duration::from_secs(5),
+        )
     }
 }
 
@@ -171,7 +187,11 @@ mod tests {
             (Some("-4"), Some("50")),
             (Some("99999999999"), Some("50")),
         ] {
-            assert_eq!(p(fd, pid).unwrap_err().kind(), ErrorKind::Environment, "{fd:?} {pid:?}");
+            assert_eq!(
+                p(fd, pid).unwrap_err().kind(),
+                ErrorKind::Environment,
+                "{fd:?} {pid:?}"
+            );
         }
     }
 

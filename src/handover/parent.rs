@@ -97,7 +97,9 @@ pub(crate) fn start(
     fds.push(theirs.as_fd());
     let pid = match sys::spawn(&mut plan, &fds) {
         Ok(pid) => pid,
-        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::ENOMEM) => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::ENOMEM) =>
+        {
             return Err(Error::with_io(
                 ErrorKind::Spawn,
                 "cannot fork the new process (out of memory or process limit)",
@@ -169,11 +171,8 @@ impl PendingChild {
     fn kill_and_reap(&mut self) -> Option<std::process::ExitStatus> {
         self.done = true;
         let _ = sys::kill(self.pid, libc::SIGKILL);
-        match sys::waitpid(self.pid, false) {
-            Ok(status) => status,
-            // ECHILD: the application set SIGCHLD to SIG_IGN and the kernel reaped it already.
-            Err(_) => None,
-        }
+        // An error is ECHILD: the application set SIGCHLD to SIG_IGN and the kernel reaped it already.
+        sys::waitpid(self.pid, false).unwrap_or_default()
     }
 
     /// Turns a failure into the most telling error: if the child has exited, its exit status; otherwise `e`,
@@ -223,7 +222,9 @@ impl PendingChild {
                     let status = self.kill_and_reap();
                     return Err(match status {
                         Some(s) => Error::child_exited(s),
-                        None => Error::new(ErrorKind::ChildExited, "child exited during initialisation"),
+                        None => {
+                            Error::new(ErrorKind::ChildExited, "child exited during initialisation")
+                        }
                     });
                 }
                 Event::Closed => {
@@ -266,9 +267,14 @@ impl PendingChild {
             return Err(match status {
                 Some(s) => Error::new(
                     ErrorKind::ChildExited,
-                    format!("child ended right after reporting ready ({s}); keeping the old process"),
+                    format!(
+                        "child ended right after reporting ready ({s}); keeping the old process"
+                    ),
                 ),
-                None => Error::new(ErrorKind::ChildExited, "child ended right after reporting ready"),
+                None => Error::new(
+                    ErrorKind::ChildExited,
+                    "child ended right after reporting ready",
+                ),
             });
         }
         self.done = true;
@@ -295,7 +301,14 @@ mod tests {
 
     #[test]
     fn library_variables_are_never_copied() {
-        for v in ["LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", "LISTEN_PIDFDID", "EXUVIA_HANDOVER_FD", "EXUVIA_X"] {
+        for v in [
+            "LISTEN_FDS",
+            "LISTEN_FDNAMES",
+            "LISTEN_PID",
+            "LISTEN_PIDFDID",
+            "EXUVIA_HANDOVER_FD",
+            "EXUVIA_X",
+        ] {
             assert!(is_ours(std::ffi::OsStr::new(v)), "{v}");
         }
         for v in ["PATH", "LISTEN", "NOTIFY_SOCKET", "LISTEN_FDS_X"] {
@@ -311,9 +324,18 @@ mod tests {
             extra_env: &[],
             generation: 1,
         };
-        let e = start(&launch, &[], Vec::new(), Instant::now() + Duration::from_secs(5)).unwrap_err();
+        let e = start(
+            &launch,
+            &[],
+            Vec::new(),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Spawn);
-        assert_eq!(e.to_string(), "cannot execute /nonexistent/bin/app: No such file or directory");
+        assert_eq!(
+            e.to_string(),
+            "cannot execute /nonexistent/bin/app: No such file or directory"
+        );
     }
 
     #[test]
@@ -324,7 +346,13 @@ mod tests {
             extra_env: &[("LISTEN_FDS".into(), "9".into())],
             generation: 1,
         };
-        let e = start(&launch, &[], Vec::new(), Instant::now() + Duration::from_secs(5)).unwrap_err();
+        let e = start(
+            &launch,
+            &[],
+            Vec::new(),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("managed by exuvia"), "{e}");
     }
 
@@ -337,13 +365,25 @@ mod tests {
             extra_env: &[],
             generation: 1,
         };
-        let mut child = start(&launch, &[], Vec::new(), Instant::now() + Duration::from_secs(5)).unwrap();
+        let mut child = start(
+            &launch,
+            &[],
+            Vec::new(),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
         let pid = child.pid();
         let e = child
             .await_ready(Duration::from_secs(10), Duration::from_secs(1), &mut || {})
             .unwrap_err();
-        assert_eq!(e.to_string(), "child exited with status 3 during initialisation");
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "zombie left behind");
+        assert_eq!(
+            e.to_string(),
+            "child exited with status 3 during initialisation"
+        );
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "zombie left behind"
+        );
     }
 
     #[test]
@@ -354,16 +394,29 @@ mod tests {
             extra_env: &[],
             generation: 1,
         };
-        let mut child = start(&launch, &[], Vec::new(), Instant::now() + Duration::from_secs(5)).unwrap();
+        let mut child = start(
+            &launch,
+            &[],
+            Vec::new(),
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
         let pid = child.pid();
         let mut ticks = 0;
         let t0 = Instant::now();
         let e = child
-            .await_ready(Duration::from_millis(300), Duration::from_millis(50), &mut || ticks += 1)
+            .await_ready(
+                Duration::from_millis(300),
+                Duration::from_millis(50),
+                &mut || ticks += 1,
+            )
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ReadyTimeout);
         assert!(t0.elapsed() >= Duration::from_millis(300));
         assert!(ticks >= 3, "watchdog tick ran {ticks} times");
-        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "zombie left behind");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "zombie left behind"
+        );
     }
 }

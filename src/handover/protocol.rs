@@ -182,9 +182,11 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>> {
         }
         KIND_READY => Message::Ready,
         KIND_COMMIT => Message::Commit,
-        KIND_FAILED => Message::Failed(String::from_utf8(payload.to_vec()).map_err(|_| {
-            Error::protocol("handover channel: failure reason is not valid UTF-8")
-        })?),
+        KIND_FAILED => {
+            Message::Failed(String::from_utf8(payload.to_vec()).map_err(|_| {
+                Error::protocol("handover channel: failure reason is not valid UTF-8")
+            })?)
+        }
         _ => unreachable!("kinds are checked by max_payload"),
     };
     Ok(Some((msg, HEADER_LEN + len)))

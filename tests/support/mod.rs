@@ -79,7 +79,12 @@ impl Log {
     }
 
     /// Waits for a line at index >= `from` that satisfies `pred`; returns its index and text.
-    pub fn wait_for(&self, from: usize, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<(usize, String)> {
+    pub fn wait_for(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<(usize, String)> {
         let deadline = Instant::now() + timeout;
         let (m, cv) = &*self.inner;
         let mut lines = m.lock().unwrap();
@@ -124,7 +129,8 @@ pub fn field(line: &str, key: &str) -> Option<String> {
     while let Some(i) = line[search..].find(&pat) {
         let at = search + i;
         // Must be a whole key, not the tail of another one (child_pid vs pid).
-        let whole = at == 0 || !line.as_bytes()[at - 1].is_ascii_alphanumeric() && line.as_bytes()[at - 1] != b'_';
+        let whole = at == 0
+            || !line.as_bytes()[at - 1].is_ascii_alphanumeric() && line.as_bytes()[at - 1] != b'_';
         if whole {
             let rest = &line[at + pat.len()..];
             let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
@@ -136,7 +142,9 @@ pub fn field(line: &str, key: &str) -> Option<String> {
 }
 
 pub fn pid_of(line: &str) -> u32 {
-    field(line, "pid").and_then(|p| p.parse().ok()).expect("line without pid=")
+    field(line, "pid")
+        .and_then(|p| p.parse().ok())
+        .expect("line without pid=")
 }
 
 /// Waits until `pid` has exited and reaps it if it is ours (we are the subreaper). True if it is gone.
@@ -184,7 +192,9 @@ pub fn open_fds(pid: u32) -> Vec<(i32, String)> {
     };
     for e in dir.flatten() {
         let n: i32 = e.file_name().to_string_lossy().parse().unwrap_or(-1);
-        let target = std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default();
+        let target = std::fs::read_link(e.path())
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
         out.push((n, target));
     }
     out.sort();
@@ -234,7 +244,10 @@ impl Server {
     pub fn upgrade(&mut self) -> Result<u32, String> {
         let old = self.current();
         let new = self.upgrade_started()?;
-        assert!(wait_gone(old, Duration::from_secs(30)), "old process {old} did not exit");
+        assert!(
+            wait_gone(old, Duration::from_secs(30)),
+            "old process {old} did not exit"
+        );
         Ok(new)
     }
 
@@ -252,16 +265,19 @@ impl Server {
             .log
             .wait_for(mark, Duration::from_secs(60), |l| {
                 field(l, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(old)
-                    && (l.contains("upgrade: handed over") || l.contains("upgrade failed"))
+                    && (l.contains("upgrade: handed over")
+                        || l.contains("upgrade failed")
+                        || l.contains("refused"))
             })
             .unwrap_or_else(|| panic!("no upgrade verdict from {old}:\n{}", self.log.dump()));
-        if line.contains("upgrade failed") {
+        if line.contains("upgrade failed") || line.contains("refused") {
             return Err(line);
         }
         let new: u32 = field(&line, "child_pid").unwrap().parse().unwrap();
         self.log
             .wait_for(mark, Duration::from_secs(30), |l| {
-                l.contains(" serving ") && field(l, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(new)
+                l.contains(" serving ")
+                    && field(l, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(new)
             })
             .unwrap_or_else(|| panic!("{new} never served:\n{}", self.log.dump()));
         self.generations.push(new);
@@ -272,7 +288,10 @@ impl Server {
     pub fn stop(&self) {
         let pid = self.current();
         signal(pid, libc::SIGTERM);
-        assert!(wait_gone(pid, Duration::from_secs(30)), "server {pid} did not stop");
+        assert!(
+            wait_gone(pid, Duration::from_secs(30)),
+            "server {pid} did not stop"
+        );
     }
 }
 
@@ -333,7 +352,8 @@ fn classify(e: &std::io::Error) -> FailKind {
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn connect(addr: SocketAddr) -> Result<TcpStream, (FailKind, String)> {
-    let s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT).map_err(|e| (classify(&e), e.to_string()))?;
+    let s = TcpStream::connect_timeout(&addr, REQUEST_TIMEOUT)
+        .map_err(|e| (classify(&e), e.to_string()))?;
     s.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
     s.set_write_timeout(Some(REQUEST_TIMEOUT)).unwrap();
     let _ = s.set_nodelay(true);
@@ -341,10 +361,15 @@ pub fn connect(addr: SocketAddr) -> Result<TcpStream, (FailKind, String)> {
 }
 
 /// One GET on an open connection. Reads exactly one response.
-pub fn request(s: &mut TcpStream, path: &str, keep_alive: bool) -> Result<Response, (FailKind, String)> {
+pub fn request(
+    s: &mut TcpStream,
+    path: &str,
+    keep_alive: bool,
+) -> Result<Response, (FailKind, String)> {
     let conn = if keep_alive { "keep-alive" } else { "close" };
     let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: {conn}\r\n\r\n");
-    s.write_all(req.as_bytes()).map_err(|e| (classify(&e), format!("write: {e}")))?;
+    s.write_all(req.as_bytes())
+        .map_err(|e| (classify(&e), format!("write: {e}")))?;
     read_response(s).map(|(r, _)| r)
 }
 
@@ -359,7 +384,11 @@ pub fn read_response(s: &mut TcpStream) -> Result<(Response, String), (FailKind,
         }
         match s.read(&mut byte) {
             Ok(0) => {
-                let kind = if buf.is_empty() { FailKind::ShortRead } else { FailKind::BadResponse };
+                let kind = if buf.is_empty() {
+                    FailKind::ShortRead
+                } else {
+                    FailKind::BadResponse
+                };
                 return Err((kind, format!("eof after {} bytes", buf.len())));
             }
             Ok(n) => buf.extend_from_slice(&byte[..n]),
@@ -368,7 +397,10 @@ pub fn read_response(s: &mut TcpStream) -> Result<(Response, String), (FailKind,
     }
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     if !head.starts_with("HTTP/1.1 200") {
-        return Err((FailKind::BadResponse, head.lines().next().unwrap_or("").to_string()));
+        return Err((
+            FailKind::BadResponse,
+            head.lines().next().unwrap_or("").to_string(),
+        ));
     }
     let mut len = 0usize;
     let mut pid = 0u32;
@@ -392,24 +424,42 @@ pub fn read_response(s: &mut TcpStream) -> Result<(Response, String), (FailKind,
     }
     let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string();
     let version = field(&body, "version").unwrap_or_default();
-    if field(&body, "pid").and_then(|p| p.parse::<u32>().ok()) != Some(pid) && !body.is_empty() && pid != 0 {
+    if field(&body, "pid").and_then(|p| p.parse::<u32>().ok()) != Some(pid)
+        && !body.is_empty()
+        && pid != 0
+    {
         // /env and other paths have no pid in the body; only / must agree with X-Pid.
         if body.starts_with("pid=") {
-            return Err((FailKind::BadResponse, format!("x-pid {pid} disagrees with body {body:?}")));
+            return Err((
+                FailKind::BadResponse,
+                format!("x-pid {pid} disagrees with body {body:?}"),
+            ));
         }
     }
-    Ok((Response { pid, version, close }, body))
+    Ok((
+        Response {
+            pid,
+            version,
+            close,
+        },
+        body,
+    ))
 }
 
 /// A GET on a new connection, then waits until the server has closed it (so that the server holds no
 /// descriptor for it any more when this returns).
-pub fn get_and_wait_close(addr: SocketAddr, path: &str) -> Result<(Response, String), (FailKind, String)> {
+pub fn get_and_wait_close(
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(Response, String), (FailKind, String)> {
     let mut s = connect(addr)?;
     let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).map_err(|e| (classify(&e), format!("write: {e}")))?;
+    s.write_all(req.as_bytes())
+        .map_err(|e| (classify(&e), format!("write: {e}")))?;
     let r = read_response(&mut s)?;
     let mut rest = Vec::new();
-    s.read_to_end(&mut rest).map_err(|e| (classify(&e), format!("waiting for close: {e}")))?;
+    s.read_to_end(&mut rest)
+        .map_err(|e| (classify(&e), format!("waiting for close: {e}")))?;
     Ok(r)
 }
 
@@ -417,7 +467,8 @@ pub fn get_and_wait_close(addr: SocketAddr, path: &str) -> Result<(Response, Str
 pub fn get(addr: SocketAddr, path: &str) -> Result<(Response, String), (FailKind, String)> {
     let mut s = connect(addr)?;
     let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).map_err(|e| (classify(&e), format!("write: {e}")))?;
+    s.write_all(req.as_bytes())
+        .map_err(|e| (classify(&e), format!("write: {e}")))?;
     read_response(&mut s)
 }
 
@@ -523,7 +574,11 @@ impl Load {
                 st
             }));
         }
-        Load { stop, done, threads }
+        Load {
+            stop,
+            done,
+            threads,
+        }
     }
 
     /// Requests completed so far (served or failed).
