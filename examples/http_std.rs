@@ -16,7 +16,8 @@
 //! - `--version-tag V`: reported in each response (default: the crate version, or `EXUVIA_EXAMPLE_VERSION`
 //!   at build time);
 //! - `--init-fault FILE`: read at start-up by every generation; `fail` in it makes the process exit with
-//!   status 3 before reporting ready, `hang` makes it never report ready;
+//!   status 3 before reporting ready, `hang` makes it never report ready, `refuse` makes it report a failure
+//!   to the old process (and exit 1);
 //! - `--init-delay-ms N`: simulated initialisation work before reporting ready;
 //! - `--ready-timeout SECS`, `--drain-timeout SECS`: the upgrade and drain deadlines (default 30 each);
 //! - `--hold-open FILE`: opens FILE *without* close-on-exec and keeps it, so that a test can check that such a
@@ -163,6 +164,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "init fault injected: exiting with status 3 before ready"
             );
             std::process::exit(3);
+        }
+        if fault.contains("refuse") {
+            tracing::error!(
+                file,
+                "init fault injected: reporting failure to the old process"
+            );
+            upgrader.fail("injected fault: configuration refused")?;
+            std::process::exit(1);
         }
         if fault.contains("hang") {
             tracing::warn!(file, "init fault injected: never reporting ready");

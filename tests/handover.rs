@@ -113,6 +113,17 @@ fn a_child_that_crashes_or_hangs_is_killed_and_the_parent_serves_on() {
         "hung child {hung} left a zombie or still runs"
     );
 
+    std::fs::write(&fault, "refuse").unwrap();
+    let err = server
+        .upgrade()
+        .expect_err("a child that reports failure must not take over");
+    assert!(
+        err.contains(
+            "child reported failure during initialisation: injected fault: configuration refused"
+        ),
+        "{err}"
+    );
+
     // The parent never stopped serving, and the next upgrade works.
     let (resp, _) = get(server.addr, "/").unwrap();
     assert_eq!(resp.pid, parent);
@@ -376,5 +387,35 @@ fn a_hundred_upgrades_do_not_grow_the_fd_count() {
         counts.iter().all(|&c| c == counts[0]),
         "fd count changed: {counts:?}"
     );
+    server.stop();
+}
+
+#[test]
+fn the_drain_deadline_bounds_a_connection_that_never_finishes() {
+    let mut server = Server::start(&http_std(), &["--drain-timeout", "1"]);
+    // A keep-alive connection the parent has accepted and served once, then left idle for ever.
+    let mut idle = connect(server.addr).unwrap();
+    let r = request(&mut idle, "/", true).unwrap();
+    let old = r.pid;
+    assert_eq!(old, server.current());
+    let mark = server.log.len();
+    let t0 = std::time::Instant::now();
+    server.upgrade_started().unwrap();
+    let (_, drained) = server
+        .log
+        .wait_for(mark, Duration::from_secs(10), |l| {
+            l.contains("drain finished") && pid_of(l) == old
+        })
+        .expect("the old process never finished its drain");
+    assert_eq!(field(&drained, "left").as_deref(), Some("1"), "{drained}");
+    assert!(wait_gone(old, Duration::from_secs(10)));
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(1),
+        "drain ended before its deadline: {took:?}"
+    );
+    // The idle connection died with the old process; new ones are served by the new one.
+    let (r, _) = get(server.addr, "/").unwrap();
+    assert_ne!(r.pid, old);
     server.stop();
 }

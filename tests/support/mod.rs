@@ -23,24 +23,26 @@ pub fn become_subreaper() {
     });
 }
 
-/// The path of a built example. `cargo test` builds examples before running tests; when a single test target is
-/// run (`cargo test --test handover`), build it here.
+/// The path of a built example, rebuilt once per test process if its sources changed (`cargo test --test X`
+/// does not rebuild examples, and a stale server binary would test old code).
 pub fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/<test>-<hash>
     let profile_dir = exe.parent().unwrap().parent().unwrap();
     let path = profile_dir.join("examples").join(name);
-    static BUILD: Mutex<()> = Mutex::new(());
-    let _g = BUILD.lock().unwrap();
-    if !path.exists() {
+    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut built = BUILT.lock().unwrap();
+    if !built.contains(name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--example", name]);
+        // The same features as scripts/test builds with, so that this never flips the binary's feature set.
+        cmd.args(["build", "--quiet", "--all-features", "--example", name]);
         if profile_dir.file_name().unwrap() == "release" {
             cmd.arg("--release");
         }
         let st = cmd.status().expect("cannot run cargo");
         assert!(st.success(), "building example {name} failed");
+        built.insert(name.to_string());
     }
     assert!(path.exists(), "{} missing", path.display());
     path
