@@ -76,53 +76,31 @@ fn a_child_that_crashes_or_hangs_is_killed_and_the_parent_serves_on() {
     let load = Load::start(server.addr, 2, 2, Duration::from_millis(3));
     let parent = server.current();
 
-    std::fs::write(&fault, "fail").unwrap();
-    let mark = server.log.len();
-    let err = server
-        .upgrade()
-        .expect_err("a failing child must not take over");
-    assert!(
-        err.contains("child exited with status 3 during initialisation"),
-        "{err}"
-    );
-    let (_, spawned) = server
-        .log
-        .wait_for(mark, Duration::ZERO, |l| l.contains("child spawned"))
-        .unwrap();
-    let crashed: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
-    assert_eq!(
-        zombie_state(crashed),
-        None,
-        "crashed child {crashed} left a zombie or still runs"
-    );
-
-    std::fs::write(&fault, "hang").unwrap();
-    let mark = server.log.len();
-    let err = server
-        .upgrade()
-        .expect_err("a hanging child must not take over");
-    assert!(err.contains("child not ready after 1.5 s; killed"), "{err}");
-    let (_, spawned) = server
-        .log
-        .wait_for(mark, Duration::ZERO, |l| l.contains("child spawned"))
-        .unwrap();
-    let hung: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
-    assert_eq!(
-        zombie_state(hung),
-        None,
-        "hung child {hung} left a zombie or still runs"
-    );
-
-    std::fs::write(&fault, "refuse").unwrap();
-    let err = server
-        .upgrade()
-        .expect_err("a child that reports failure must not take over");
-    assert!(
-        err.contains(
-            "child reported failure during initialisation: injected fault: configuration refused"
+    for (fault_text, expected) in [
+        ("fail", "child exited with status 3 during initialisation"),
+        ("hang", "child not ready after 1.5 s; killed"),
+        (
+            "refuse",
+            "child reported failure during initialisation: injected fault: configuration refused",
         ),
-        "{err}"
-    );
+    ] {
+        std::fs::write(&fault, fault_text).unwrap();
+        let mark = server.log.len();
+        let err = server
+            .upgrade()
+            .expect_err("a failing child must not take over");
+        assert!(err.contains(expected), "{fault_text}: {err}");
+        let (_, spawned) = server
+            .log
+            .wait_for(mark, Duration::ZERO, |l| l.contains("child spawned"))
+            .unwrap();
+        let child: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
+        assert_eq!(
+            zombie_state(child),
+            None,
+            "{fault_text}: child {child} left a zombie or still runs"
+        );
+    }
 
     // The parent never stopped serving, and the next upgrade works.
     let (resp, _) = get(server.addr, "/").unwrap();

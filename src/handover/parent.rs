@@ -316,21 +316,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_missing_program_is_a_spawn_error_with_the_path() {
+    fn start_program(
+        program: &str,
+        argv: &[&str],
+        extra_env: &[(OsString, OsString)],
+    ) -> Result<PendingChild> {
+        let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
         let launch = Launch {
-            program: Path::new("/nonexistent/bin/app"),
-            argv: &["app".into()],
-            extra_env: &[],
+            program: Path::new(program),
+            argv: &argv,
+            extra_env,
             generation: 1,
         };
-        let e = start(
+        start(
             &launch,
             &[],
             Vec::new(),
             Instant::now() + Duration::from_secs(5),
         )
-        .unwrap_err();
+    }
+
+    #[test]
+    fn a_missing_program_is_a_spawn_error_with_the_path() {
+        let e = start_program("/nonexistent/bin/app", &["app"], &[]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Spawn);
         assert_eq!(
             e.to_string(),
@@ -340,38 +348,17 @@ mod tests {
 
     #[test]
     fn extra_env_cannot_override_managed_variables() {
-        let launch = Launch {
-            program: Path::new("/bin/true"),
-            argv: &["true".into()],
-            extra_env: &[("LISTEN_FDS".into(), "9".into())],
-            generation: 1,
-        };
-        let e = start(
-            &launch,
-            &[],
-            Vec::new(),
-            Instant::now() + Duration::from_secs(5),
-        )
-        .unwrap_err();
+        let e = start_program("/bin/true", &["true"], &[("LISTEN_FDS".into(), "9".into())])
+            .unwrap_err();
         assert!(e.to_string().contains("managed by exuvia"), "{e}");
     }
 
     #[test]
     fn a_child_that_exits_is_reported_with_its_status() {
-        // /bin/sh ignores the channel and exits 3: the parent must say so and leave no zombie.
-        let launch = Launch {
-            program: Path::new("/bin/sh"),
-            argv: &["sh".into(), "-c".into(), "exit 3".into()],
-            extra_env: &[],
-            generation: 1,
-        };
-        let mut child = start(
-            &launch,
-            &[],
-            Vec::new(),
-            Instant::now() + Duration::from_secs(5),
-        )
-        .unwrap();
+        // A child that reads the start of the greeting from the channel (fd 3) and exits 3: the parent must say
+        // so and leave no zombie. (Reading first makes sure the greeting was sent before the exit.)
+        let script = "head -c 1 <&3 >/dev/null; exit 3";
+        let mut child = start_program("/bin/sh", &["sh", "-c", script], &[]).unwrap();
         let pid = child.pid();
         let e = child
             .await_ready(Duration::from_secs(10), Duration::from_secs(1), &mut || {})
@@ -388,19 +375,7 @@ mod tests {
 
     #[test]
     fn a_child_that_hangs_is_killed_at_the_deadline() {
-        let launch = Launch {
-            program: Path::new("/bin/sleep"),
-            argv: &["sleep".into(), "30".into()],
-            extra_env: &[],
-            generation: 1,
-        };
-        let mut child = start(
-            &launch,
-            &[],
-            Vec::new(),
-            Instant::now() + Duration::from_secs(5),
-        )
-        .unwrap();
+        let mut child = start_program("/bin/sleep", &["sleep", "30"], &[]).unwrap();
         let pid = child.pid();
         let mut ticks = 0;
         let t0 = Instant::now();
