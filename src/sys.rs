@@ -251,6 +251,106 @@ pub(crate) fn connect_unix(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Where a Unix datagram goes: a filesystem path, or a name in the abstract namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum UnixTarget {
+    Path(PathBuf),
+    Abstract(Vec<u8>),
+}
+
+fn target_sockaddr(target: &UnixTarget) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    match target {
+        UnixTarget::Path(p) => sockaddr_un(p),
+        UnixTarget::Abstract(name) => {
+            // SAFETY: sockaddr_un is plain data; zero is a valid initial value.
+            let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+            sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            if name.is_empty() || name.len() + 1 > sun.sun_path.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "abstract socket name must be 1 to {} bytes",
+                        sun.sun_path.len() - 1
+                    ),
+                ));
+            }
+            // sun_path[0] stays 0: that is what makes the name abstract.
+            for (dst, src) in sun.sun_path[1..].iter_mut().zip(name) {
+                *dst = *src as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len();
+            Ok((sun, len as libc::socklen_t))
+        }
+    }
+}
+
+/// Sends one datagram to `target`, with `fds` attached as SCM_RIGHTS when there are any.
+pub(crate) fn send_unix_datagram(
+    fd: BorrowedFd<'_>,
+    target: &UnixTarget,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    let (mut sun, sun_len) = target_sockaddr(target)?;
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let payload = std::mem::size_of_val(raw.as_slice()) as u32;
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = if raw.is_empty() {
+        0
+    } else {
+        (unsafe { libc::CMSG_SPACE(payload) }) as usize
+    };
+    // u64 elements keep the control buffer aligned for cmsghdr.
+    let mut control = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msghdr is plain data; zero is a valid initial value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&mut sun as *mut libc::sockaddr_un).cast();
+    msg.msg_namelen = sun_len;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: the control buffer is `space` bytes, enough for one header carrying `payload` bytes; the
+        // pointers come from the CMSG_* macros over that buffer.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr(),
+                libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+                raw.len(),
+            );
+        }
+    }
+    // SAFETY: msg points at live locals (address, iovec, control buffer) for the duration of the call.
+    let n = cvt_eintr(|| unsafe {
+        libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) as libc::c_int
+    })?;
+    if n as usize != data.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "datagram was truncated",
+        ));
+    }
+    Ok(())
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, the clock systemd's `MONOTONIC_USEC=` is compared against.
+pub(crate) fn monotonic_usec() -> u64 {
+    // SAFETY: timespec is plain data; clock_gettime writes into it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: ts is a live, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1_000
+}
+
 /// `listen(2)`.
 pub(crate) fn listen(fd: BorrowedFd<'_>, backlog: libc::c_int) -> io::Result<()> {
     // SAFETY: no pointers.
@@ -714,6 +814,15 @@ pub(crate) fn thread_count() -> Option<usize> {
         .lines()
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    pub(crate) fn sockaddr(t: &UnixTarget) -> (libc::sockaddr_un, libc::socklen_t) {
+        target_sockaddr(t).unwrap()
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,413 @@
+//! An sd_notify client: states as typed data whose `Display` is the wire format, one datagram per message,
+//! file descriptors attached as SCM_RIGHTS, and the barrier. See sd_notify(3).
+//!
+//! `NOTIFY_SOCKET` is read, never removed: a process started by an upgrade needs it too, and removing it would
+//! mutate the environment of a process that may have threads. Nothing here blocks except the barrier, which is
+//! bounded by its timeout.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::sys::{self, PollSet, UnixTarget};
+
+/// The environment variable systemd sets for services that may notify.
+pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+/// systemd reads at most this many bytes of one datagram; larger ones are dropped whole.
+pub const MAX_MESSAGE_LEN: usize = 4096;
+
+/// One assignment in a notification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum State<'a> {
+    /// `READY=1`: start-up (or a reload) is complete.
+    Ready,
+    /// `RELOADING=1`: a reload started; with `Type=notify-reload` it must come with [`State::MonotonicUsec`].
+    Reloading,
+    /// `STOPPING=1`: the service is shutting down.
+    Stopping,
+    /// `STATUS=`: one line for `systemctl status`.
+    Status(&'a str),
+    /// `MAINPID=`: the main process is now this pid.
+    MainPid(u32),
+    /// `MONOTONIC_USEC=`: `CLOCK_MONOTONIC` in µs, read after the reload signal arrived (systemd 253+).
+    MonotonicUsec(u64),
+    /// `EXTEND_TIMEOUT_USEC=`: give the current start, reload or stop this much more time (systemd 236+).
+    ExtendTimeoutUsec(u64),
+    /// `WATCHDOG=1`: keep-alive ping.
+    Watchdog,
+    /// `WATCHDOG=trigger`: ask systemd to act as if the watchdog expired.
+    WatchdogTrigger,
+    /// `WATCHDOG_USEC=`: change the watchdog interval.
+    WatchdogUsec(u64),
+    /// `ERRNO=`: the errno-style reason of a failure.
+    Errno(i32),
+    /// `FDSTORE=1`: store the attached descriptors (needs `FileDescriptorStoreMax=`).
+    FdStore,
+    /// `FDSTOREREMOVE=1`: remove stored descriptors named by [`State::FdName`].
+    FdStoreRemove,
+    /// `FDNAME=`: the name of the attached or removed descriptors.
+    FdName(&'a str),
+    /// `FDPOLL=0`: do not watch the stored descriptors for errors.
+    FdPollDisabled,
+}
+
+impl fmt::Display for State<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            State::Ready => f.write_str("READY=1"),
+            State::Reloading => f.write_str("RELOADING=1"),
+            State::Stopping => f.write_str("STOPPING=1"),
+            State::Status(s) => write!(f, "STATUS={s}"),
+            State::MainPid(p) => write!(f, "MAINPID={p}"),
+            State::MonotonicUsec(u) => write!(f, "MONOTONIC_USEC={u}"),
+            State::ExtendTimeoutUsec(u) => write!(f, "EXTEND_TIMEOUT_USEC={u}"),
+            State::Watchdog => f.write_str("WATCHDOG=1"),
+            State::WatchdogTrigger => f.write_str("WATCHDOG=trigger"),
+            State::WatchdogUsec(u) => write!(f, "WATCHDOG_USEC={u}"),
+            State::Errno(e) => write!(f, "ERRNO={e}"),
+            State::FdStore => f.write_str("FDSTORE=1"),
+            State::FdStoreRemove => f.write_str("FDSTOREREMOVE=1"),
+            State::FdName(n) => write!(f, "FDNAME={n}"),
+            State::FdPollDisabled => f.write_str("FDPOLL=0"),
+        }
+    }
+}
+
+impl State<'_> {
+    fn validate(&self) -> Result<()> {
+        match self {
+            State::Status(s) if s.contains('\n') => Err(Error::new(
+                ErrorKind::InvalidName,
+                "sd_notify STATUS= must be a single line",
+            )),
+            State::FdName(n) if !crate::activation::name_is_valid(n) => Err(Error::new(
+                ErrorKind::InvalidName,
+                format!("sd_notify FDNAME={n:?} is invalid: 1 to 255 printable ASCII characters without ':'"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The wire form of `states`: one `KEY=VALUE` per line, checked against systemd's datagram limit.
+pub(crate) fn encode(states: &[State<'_>]) -> Result<String> {
+    let mut out = String::new();
+    for s in states {
+        s.validate()?;
+        out.push_str(&s.to_string());
+        out.push('\n');
+    }
+    if out.len() > MAX_MESSAGE_LEN {
+        return Err(Error::new(
+            ErrorKind::InvalidName,
+            format!(
+                "sd_notify message of {} bytes exceeds systemd's {MAX_MESSAGE_LEN}-byte limit (it would be dropped); \
+                 shorten STATUS=",
+                out.len()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// A connection to the service manager's notification socket.
+#[derive(Debug)]
+pub struct Notifier {
+    socket: OwnedFd,
+    target: UnixTarget,
+}
+
+impl Notifier {
+    /// The notifier `NOTIFY_SOCKET` names, or `None` when it is unset (not running under systemd, or in a unit
+    /// type that does not notify).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Environment`] when the variable is set but unusable.
+    pub fn from_env() -> Result<Option<Notifier>> {
+        match std::env::var_os(NOTIFY_SOCKET) {
+            None => Ok(None),
+            Some(v) if v.is_empty() => Ok(None),
+            Some(v) => Notifier::new(&v).map(Some),
+        }
+    }
+
+    /// A notifier for an address in `NOTIFY_SOCKET` syntax: `/path` or `@abstract-name`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Environment`] for other forms (`vsock:` is not supported) or if no socket can be made.
+    pub fn new(addr: &OsStr) -> Result<Notifier> {
+        let bytes = addr.as_bytes();
+        let target = match bytes.first() {
+            Some(b'/') => UnixTarget::Path(PathBuf::from(addr)),
+            Some(b'@') if bytes.len() > 1 => UnixTarget::Abstract(bytes[1..].to_vec()),
+            _ if bytes.starts_with(b"vsock:") => {
+                return Err(Error::env(format!(
+                    "{NOTIFY_SOCKET}={addr:?}: vsock notification sockets are not supported"
+                )))
+            }
+            _ => {
+                return Err(Error::env(format!(
+                    "{NOTIFY_SOCKET}={addr:?} is neither an absolute path nor an @abstract name"
+                )))
+            }
+        };
+        let socket = sys::new_socket(libc::AF_UNIX, libc::SOCK_DGRAM)
+            .map_err(|e| Error::io("cannot create the notification socket", e))?;
+        Ok(Notifier { socket, target })
+    }
+
+    /// Sends `states` as one datagram.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidName`] for a multi-line STATUS, a bad FDNAME or a message over 4096 bytes;
+    /// [`ErrorKind::Io`] if the service manager's socket cannot be reached.
+    pub fn notify(&self, states: &[State<'_>]) -> Result<()> {
+        self.notify_with_fds(states, &[])
+    }
+
+    /// Sends `states` as one datagram with `fds` attached (for `FDSTORE=1`).
+    pub fn notify_with_fds(&self, states: &[State<'_>], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        let msg = encode(states)?;
+        sys::send_unix_datagram(self.socket.as_fd(), &self.target, msg.as_bytes(), fds).map_err(
+            |e| {
+                Error::io(
+                    format!(
+                        "cannot notify the service manager ({}): {e}",
+                        msg.trim_end().replace('\n', " ")
+                    ),
+                    e,
+                )
+            },
+        )?;
+        tracing::debug!(message = %msg.trim_end().replace('\n', " "), "sd_notify");
+        Ok(())
+    }
+
+    /// Waits until the service manager has processed every notification sent before this call: sends
+    /// `BARRIER=1` with the write end of a fresh pipe, closes our copy, and waits for the manager to close its
+    /// copy (POLLHUP on the read end).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Channel`] if the manager has not answered within `timeout`.
+    pub fn barrier(&self, timeout: Duration) -> Result<()> {
+        let (read_end, write_end) =
+            sys::pipe().map_err(|e| Error::io("cannot create the barrier pipe", e))?;
+        let msg = b"BARRIER=1\n";
+        sys::send_unix_datagram(self.socket.as_fd(), &self.target, msg, &[write_end.as_fd()])
+            .map_err(|e| Error::io("cannot send BARRIER=1 to the service manager", e))?;
+        drop(write_end);
+        let deadline = Instant::now() + timeout;
+        let mut set = PollSet::new();
+        set.add(read_end.as_fd(), 0); // POLLHUP is always reported
+        let done = set
+            .wait(Some(deadline))
+            .map_err(|e| Error::io("barrier poll failed", e))?;
+        if !done {
+            return Err(Error::new(
+                ErrorKind::Channel,
+                format!(
+                    "the service manager did not acknowledge BARRIER=1 within {}",
+                    crate::error::human_duration(timeout)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `CLOCK_MONOTONIC` now, in µs: the value for [`State::MonotonicUsec`].
+pub fn monotonic_usec() -> u64 {
+    sys::monotonic_usec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::net::UnixDatagram;
+
+    #[test]
+    fn states_print_as_the_wire_format() {
+        let all = [
+            State::Ready,
+            State::Reloading,
+            State::Stopping,
+            State::Status("upgrading: child 42 starting"),
+            State::MainPid(42),
+            State::MonotonicUsec(123),
+            State::ExtendTimeoutUsec(5_000_000),
+            State::Watchdog,
+            State::WatchdogTrigger,
+            State::WatchdogUsec(2_000_000),
+            State::Errno(5),
+            State::FdStore,
+            State::FdStoreRemove,
+            State::FdName("http"),
+            State::FdPollDisabled,
+        ];
+        assert_eq!(
+            encode(&all).unwrap(),
+            "READY=1\nRELOADING=1\nSTOPPING=1\nSTATUS=upgrading: child 42 starting\nMAINPID=42\n\
+             MONOTONIC_USEC=123\nEXTEND_TIMEOUT_USEC=5000000\nWATCHDOG=1\nWATCHDOG=trigger\n\
+             WATCHDOG_USEC=2000000\nERRNO=5\nFDSTORE=1\nFDSTOREREMOVE=1\nFDNAME=http\nFDPOLL=0\n"
+        );
+    }
+
+    #[test]
+    fn bad_states_are_refused_before_sending() {
+        assert!(encode(&[State::Status("two\nlines")]).is_err());
+        assert!(encode(&[State::FdName("a:b")]).is_err());
+        let long = "x".repeat(MAX_MESSAGE_LEN);
+        let e = encode(&[State::Status(&long)]).unwrap_err();
+        assert!(e.to_string().contains("4096-byte limit"), "{e}");
+    }
+
+    #[test]
+    fn addresses_are_parsed_like_systemd() {
+        assert!(Notifier::new(OsStr::new("/run/systemd/notify")).is_ok());
+        assert!(Notifier::new(OsStr::new("@abstract")).is_ok());
+        for bad in ["", "@", "relative/path", "vsock:2:1234"] {
+            let e = Notifier::new(OsStr::new(bad)).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Environment, "{bad}");
+        }
+    }
+
+    fn recv(sock: &UnixDatagram) -> String {
+        let mut buf = [0u8; 8192];
+        let n = sock.recv(&mut buf).unwrap();
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn one_datagram_reaches_a_path_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier::new(path.as_os_str()).unwrap();
+        n.notify(&[State::MainPid(7), State::Ready, State::Status("serving")])
+            .unwrap();
+        assert_eq!(recv(&sock), "MAINPID=7\nREADY=1\nSTATUS=serving\n");
+    }
+
+    #[test]
+    fn abstract_names_work() {
+        let name = format!(
+            "exuvia-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        );
+        let fd = sys::new_socket(libc::AF_UNIX, libc::SOCK_DGRAM).unwrap();
+        // Bind the receiver through the same address code the sender uses.
+        let target = UnixTarget::Abstract(name.as_bytes().to_vec());
+        let (sun, len) = target_for_test(&target);
+        // SAFETY: sun is a valid sockaddr_un of len bytes.
+        assert_eq!(
+            unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sun as *const libc::sockaddr_un).cast(),
+                    len,
+                )
+            },
+            0
+        );
+        let sock = UnixDatagram::from(fd);
+        let n = Notifier::new(OsStr::new(&format!("@{name}"))).unwrap();
+        n.notify(&[State::Watchdog]).unwrap();
+        assert_eq!(recv(&sock), "WATCHDOG=1\n");
+    }
+
+    fn target_for_test(t: &UnixTarget) -> (libc::sockaddr_un, libc::socklen_t) {
+        super::sys::tests_support::sockaddr(t)
+    }
+
+    /// Receives one datagram and the fds attached to it.
+    fn recv_with_fds(sock: &UnixDatagram) -> (String, Vec<OwnedFd>) {
+        let mut buf = [0u8; 4096];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut control = [0u64; 64];
+        // SAFETY: msghdr is plain data; the pointers below refer to live locals.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        // SAFETY: recvmsg into the buffers above.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        assert!(n >= 0);
+        let mut fds = Vec::new();
+        // SAFETY: walking the control buffer the kernel filled, with the CMSG_* macros.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                    let data = libc::CMSG_DATA(c).cast::<i32>();
+                    for i in 0..count {
+                        fds.push(OwnedFd::from_raw_fd(*data.add(i)));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        (String::from_utf8_lossy(&buf[..n as usize]).to_string(), fds)
+    }
+
+    #[test]
+    fn fds_travel_with_the_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier::new(path.as_os_str()).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        n.notify_with_fds(&[State::FdStore, State::FdName("http")], &[l.as_fd()])
+            .unwrap();
+        let (msg, fds) = recv_with_fds(&sock);
+        assert_eq!(msg, "FDSTORE=1\nFDNAME=http\n");
+        assert_eq!(fds.len(), 1);
+        let got = std::net::TcpListener::from(fds.into_iter().next().unwrap());
+        assert_eq!(got.local_addr().unwrap(), l.local_addr().unwrap());
+    }
+
+    #[test]
+    fn barrier_waits_for_the_manager_to_close_its_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier::new(path.as_os_str()).unwrap();
+        // A manager that processes the message and closes the fd: the barrier returns.
+        let manager = std::thread::spawn(move || {
+            let (msg, fds) = recv_with_fds(&sock);
+            drop(fds);
+            (msg, sock)
+        });
+        n.barrier(Duration::from_secs(5)).unwrap();
+        let (msg, sock) = manager.join().unwrap();
+        assert_eq!(msg, "BARRIER=1\n");
+        // A manager that keeps the fd: the barrier times out with a clear error.
+        let t0 = Instant::now();
+        let keeper = std::thread::spawn(move || recv_with_fds(&sock));
+        let e = n.barrier(Duration::from_millis(200)).unwrap_err();
+        assert!(t0.elapsed() >= Duration::from_millis(200));
+        assert!(
+            e.to_string().contains("did not acknowledge BARRIER=1"),
+            "{e}"
+        );
+        drop(keeper.join().unwrap());
+    }
+
+    #[test]
+    fn monotonic_clock_moves_forward() {
+        let a = monotonic_usec();
+        let b = monotonic_usec();
+        assert!(a > 0 && b >= a);
+    }
+}
