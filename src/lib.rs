@@ -82,6 +82,7 @@ mod listen;
 pub mod notify;
 mod registry;
 mod sys;
+mod systemd;
 mod upgrade;
 
 pub use accept::{Accept, Incoming};

@@ -20,6 +20,7 @@ use crate::handover::{self, child::ParentLink, parent};
 use crate::listen::{self, BindOptions, SocketKind};
 use crate::registry::Registry;
 use crate::sys;
+use crate::systemd::Manager;
 
 /// How long a new process waits for the old one to confirm the handover after reporting ready.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,6 +62,7 @@ pub struct Builder {
     args: Option<Vec<OsString>>,
     envs: Vec<(OsString, OsString)>,
     state: Option<StateFn>,
+    notify: bool,
 }
 
 impl fmt::Debug for Builder {
@@ -72,11 +74,19 @@ impl fmt::Debug for Builder {
             .field("args", &self.args)
             .field("envs", &self.envs)
             .field("state", &self.state.as_ref().map(|_| ".."))
+            .field("notify", &self.notify)
             .finish()
     }
 }
 
 impl Builder {
+    /// Whether to speak sd_notify when `NOTIFY_SOCKET` is set (default true). Turn it off only if the
+    /// application notifies systemd itself and knows the handover sequence.
+    pub fn notify(mut self, on: bool) -> Builder {
+        self.notify = on;
+        self
+    }
+
     /// How long a new process has to report ready before it is killed (default 30 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Builder {
         self.ready_timeout = timeout;
@@ -181,6 +191,7 @@ impl Builder {
                 (None, None, 0)
             }
         };
+        let manager = Manager::from_env(self.notify);
         let (stop_read, stop_write) =
             sys::pipe().map_err(|e| Error::io("cannot create the finishing signal (pipe)", e))?;
         Ok(Upgrader {
@@ -203,6 +214,7 @@ impl Builder {
                 stop_write: Mutex::new(Some(stop_write)),
                 tracker: Tracker::default(),
                 signals: AtomicBool::new(false),
+                manager,
             }),
         })
     }
@@ -295,6 +307,7 @@ struct Inner {
     stop_write: Mutex<Option<OwnedFd>>,
     tracker: Tracker,
     signals: AtomicBool,
+    manager: Manager,
 }
 
 /// The process's handle on its sockets and upgrades. Cheap to clone; every clone is the same upgrader.
@@ -337,6 +350,7 @@ impl Upgrader {
             args: None,
             envs: Vec::new(),
             state: None,
+            notify: true,
         }
     }
 
@@ -529,20 +543,61 @@ impl Upgrader {
     /// [`ErrorKind::Channel`] when the old process cannot be reached or does not confirm in time: it has given
     /// up on this upgrade (and will kill this process); exit.
     pub fn ready(&self) -> Result<()> {
+        if self.inner.ready.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         let link = lock(&self.inner.parent).take();
         if let Some(link) = link {
             tracing::info!(
                 parent_pid = link.parent_pid,
                 "reporting ready to the old process"
             );
+            // The old process tells systemd (MAINPID, READY) before it confirms: nothing to send here.
             link.ready(COMMIT_TIMEOUT)?;
             tracing::info!(
                 generation = self.inner.generation,
                 "handover confirmed; this process is now the main one"
             );
+        } else {
+            self.inner.manager.ready(&format!(
+                "serving (pid {}, generation {})",
+                std::process::id(),
+                self.inner.generation
+            ));
         }
         self.inner.ready.store(true, Ordering::SeqCst);
+        self.start_watchdog();
         Ok(())
+    }
+
+    /// Feeds the systemd watchdog every half interval while this process is the main one.
+    fn start_watchdog(&self) {
+        let Some(interval) = self.inner.manager.watchdog() else {
+            return;
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("exuvia-watchdog".into())
+            .spawn(move || {
+                me.inner.manager.ping();
+                loop {
+                    let finish = lock(&me.inner.finish);
+                    let (finish, _) = me
+                        .inner
+                        .finished
+                        .wait_timeout(finish, interval / 2)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    // After a handover the new process feeds it; a stopping process feeds it until it exits.
+                    if matches!(finish.claimed, Some(Finish::Upgraded { .. })) {
+                        return;
+                    }
+                    drop(finish);
+                    me.inner.manager.ping();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the watchdog thread; systemd may kill this service");
+        }
     }
 
     /// Reports that initialisation failed, with a reason the old process logs and returns from its
@@ -591,12 +646,23 @@ impl Upgrader {
         }
         let started = Instant::now();
         tracing::info!(program = %inner.program.display(), generation = inner.generation, "upgrade requested");
+        // Room for the new process's initialisation, the handover and the barrier.
+        let extend = inner.ready_timeout + Duration::from_secs(15);
+        inner.manager.reloading(
+            &format!(
+                "upgrading: starting {} (generation {})",
+                inner.program.display(),
+                inner.generation + 1
+            ),
+            extend,
+        );
         let state = inner.state.as_ref().map(|f| f()).unwrap_or_default();
         let launch = parent::Launch {
             program: &inner.program,
             argv: &inner.argv,
             extra_env: &inner.envs,
             generation: inner.generation + 1,
+            watchdog: inner.manager.watchdog().is_some(),
         };
         let result = (|| {
             let (child, sockets) = {
@@ -614,7 +680,9 @@ impl Upgrader {
             };
             let mut child = child;
             let pid = child.pid();
-            child.await_ready(inner.ready_timeout, Duration::from_secs(1), &mut || {})?;
+            child.await_ready(inner.ready_timeout, Duration::from_secs(1), &mut || {
+                inner.manager.extend(extend)
+            })?;
             tracing::info!(child_pid = pid, "upgrade: child ready; handing over");
             // Nobody may finish this process between the child's ready and the commit: claim the finish first.
             {
@@ -623,6 +691,22 @@ impl Upgrader {
                     child.abort();
                     return Err(finishing_error(f));
                 }
+                // systemd first (the main pid moves while this process still accepts), then the child.
+                if child.has_exited() {
+                    drop(child);
+                    return Err(Error::new(
+                        ErrorKind::ChildExited,
+                        "child exited right after reporting ready",
+                    ));
+                }
+                inner.manager.hand_over(
+                    pid,
+                    &format!(
+                        "serving (pid {pid}, generation {}); pid {} draining",
+                        inner.generation + 1,
+                        std::process::id()
+                    ),
+                );
                 let child_pid = child.commit()?;
                 finish.claimed = Some(Finish::Upgraded { child_pid });
             }
@@ -649,6 +733,11 @@ impl Upgrader {
             }
             Err(e) => {
                 tracing::info!(error = %e, "upgrade failed; this process keeps serving");
+                inner.manager.failed(&format!(
+                    "upgrade failed: {e}; still serving (pid {}, generation {})",
+                    std::process::id(),
+                    inner.generation
+                ));
                 Err(e)
             }
         }
@@ -668,6 +757,9 @@ impl Upgrader {
         };
         if first {
             tracing::info!("stop requested; no longer accepting");
+            self.inner
+                .manager
+                .stopping("stopping: no longer accepting, draining");
             self.after_finish();
         }
     }
@@ -721,6 +813,13 @@ impl Upgrader {
     pub fn drain(&self) -> DrainReport {
         let open = self.inner.tracker.open();
         tracing::info!(connections = open, timeout = ?self.inner.drain_timeout, "draining");
+        // Once handed over, this process is no longer the main one and its status would be dropped (or, with
+        // NotifyAccess=all, overwrite the new process's): report only when stopping.
+        if self.finishing() == Some(Finish::Stopped) {
+            self.inner
+                .manager
+                .status(&format!("stopping: draining {open} connections"));
+        }
         let report = self.inner.tracker.drain(self.inner.drain_timeout);
         tracing::info!(
             drained = report.drained,

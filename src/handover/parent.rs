@@ -21,6 +21,9 @@ pub(crate) struct Launch<'a> {
     pub(crate) argv: &'a [OsString],
     pub(crate) extra_env: &'a [(OsString, OsString)],
     pub(crate) generation: u32,
+    /// Whether this process feeds a systemd watchdog: then the child gets `WATCHDOG_PID=<its own pid>`;
+    /// otherwise no watchdog variable reaches it.
+    pub(crate) watchdog: bool,
 }
 
 /// A started child that has not yet been committed. Dropping it kills and reaps the child, so no error path
@@ -55,6 +58,12 @@ fn plan(launch: &Launch<'_>, names: &[&str]) -> Result<SpawnPlan> {
         if is_ours(&k) || launch.extra_env.iter().any(|(ek, _)| *ek == k) {
             continue;
         }
+        // A watchdog variable names one process; it is set anew below for the child, or not at all.
+        if k == crate::systemd::VAR_WATCHDOG_PID
+            || (k == crate::systemd::VAR_WATCHDOG_USEC && !launch.watchdog)
+        {
+            continue;
+        }
         plan.env(k.as_bytes(), v.as_bytes()).map_err(bad)?;
     }
     for (k, v) in launch.extra_env {
@@ -78,6 +87,9 @@ fn plan(launch: &Launch<'_>, names: &[&str]) -> Result<SpawnPlan> {
     plan.env(super::VAR_FD.as_bytes(), channel_fd.to_string().as_bytes())
         .map_err(bad)?;
     plan.env_child_pid(super::VAR_PID.as_bytes());
+    if launch.watchdog {
+        plan.env_child_pid(crate::systemd::VAR_WATCHDOG_PID.as_bytes());
+    }
     Ok(plan)
 }
 
@@ -161,7 +173,7 @@ impl PendingChild {
         self.pid as u32
     }
 
-    fn has_exited(&self) -> bool {
+    pub(crate) fn has_exited(&self) -> bool {
         let mut set = PollSet::new();
         set.add(self.pidfd.as_fd(), libc::POLLIN);
         set.wait(Some(Instant::now())).unwrap_or(false)
@@ -327,6 +339,7 @@ mod tests {
             argv: &argv,
             extra_env,
             generation: 1,
+            watchdog: false,
         };
         start(
             &launch,
