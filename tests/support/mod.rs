@@ -3,6 +3,8 @@
 // Each test file uses a different subset, and `pub` here is for the test files, not a crate API.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod systemd;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,0 +1,261 @@
+//! A real systemd (253+) booted as PID 1 of a private PID + mount namespace, driven with `systemctl`.
+//!
+//! What keeps the machine safe (see the project's systemd notes): the unit path holds ONLY the test's unit
+//! directory; every unit gets `DefaultDependencies=no` (otherwise systemd pulls in sysinit.target and
+//! systemd-tmpfiles would clean the machine's /tmp); /run and /tmp are fresh tmpfs inside the namespace; and
+//! all test files live under `target/`, never in /tmp.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::in_ci;
+
+pub struct Systemd {
+    /// systemd's pid as seen from the host.
+    pub pid: u32,
+    pub dir: PathBuf,
+    unshare_pid: u32,
+}
+
+/// Why the real-systemd tests cannot run here, if they cannot.
+fn unavailable() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root (booting systemd in a namespace needs root)".into());
+    }
+    for tool in [
+        "unshare",
+        "nsenter",
+        "/usr/lib/systemd/systemd",
+        "systemctl",
+    ] {
+        let found = if tool.starts_with('/') {
+            Path::new(tool).exists()
+        } else {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !found {
+            return Some(format!("{tool} not found"));
+        }
+    }
+    let v = Command::new("systemctl").arg("--version").output().ok()?;
+    let version: u32 = String::from_utf8_lossy(&v.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if version < 253 {
+        return Some(format!(
+            "systemd {version} is older than 253 (run scripts/install-systemd)"
+        ));
+    }
+    None
+}
+
+/// Boots a private systemd for `test`, or returns `None` after saying loudly why it cannot (a failure under CI).
+pub fn boot(test: &str) -> Option<Systemd> {
+    if let Some(why) = unavailable() {
+        assert!(!in_ci(), "real-systemd test {test} cannot run in CI: {why}");
+        eprintln!("SKIPPED {test}: {why}. These tests run in CI; install systemd 253+ and run as root to run them here.");
+        return None;
+    }
+    super::become_subreaper();
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).unwrap().to_path_buf(); // target/<profile>/deps/x -> target
+    let dir = target
+        .join("systemd-tests")
+        .join(format!("{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("units")).unwrap();
+    std::fs::write(
+        dir.join("units/test.target"),
+        "[Unit]\nDescription=exuvia test target\nDefaultDependencies=no\n",
+    )
+    .unwrap();
+    let console = dir.join("console.log");
+    std::fs::write(&console, "").unwrap();
+    let script = format!(
+        "set -e\n\
+         mount --make-rprivate /\n\
+         mount -t tmpfs tmpfs /run\n\
+         mount -t tmpfs tmpfs /tmp\n\
+         mkdir -p /run/systemd/system\n\
+         mount --bind '{console}' /dev/console\n\
+         SYSTEMD_UNIT_PATH='{units}' exec /usr/lib/systemd/systemd --system --log-target=${{EXUVIA_SYSTEMD_LOG_TARGET:-console}} \
+         --log-level=${{EXUVIA_SYSTEMD_LOG_LEVEL:-info}} --unit=test.target >>'{console}' 2>&1\n",
+        console = console.display(),
+        units = dir.join("units").display(),
+    );
+    let child = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount",
+            "--mount-proc",
+            "--kill-child",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("unshare");
+    let unshare_pid = child.id();
+    std::mem::forget(child); // reaped by pid in Drop
+                             // systemd is unshare's only child.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid = loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{unshare_pid}/task/{unshare_pid}/children"))
+                .unwrap_or_default();
+        if let Some(p) = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            if comm.trim() == "systemd" {
+                break p;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "systemd did not start; console:\n{}",
+            std::fs::read_to_string(&console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let sd = Systemd {
+        pid,
+        dir,
+        unshare_pid,
+    };
+    // Ready when the manager answers and has finished booting into test.target.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = sd.systemctl(&["is-system-running"]);
+        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if state == "running" || state == "degraded" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "systemd never reached running (last: {state:?}); console:\n{}",
+            sd.console()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(sd)
+}
+
+impl Systemd {
+    /// Runs a command inside the namespace.
+    pub fn run(&self, argv: &[&str]) -> Output {
+        Command::new("nsenter")
+            .args(["-t", &self.pid.to_string(), "-m", "-p"])
+            .args(argv)
+            .stdin(Stdio::null())
+            .output()
+            .expect("nsenter")
+    }
+
+    pub fn systemctl(&self, args: &[&str]) -> Output {
+        let mut argv = vec!["systemctl", "--no-pager"];
+        argv.extend_from_slice(args);
+        self.run(&argv)
+    }
+
+    /// `systemctl show -p PROP --value UNIT`.
+    pub fn show(&self, unit: &str, prop: &str) -> String {
+        let out = self.systemctl(&["show", "-p", prop, "--value", unit]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn main_pid(&self, unit: &str) -> u32 {
+        self.show(unit, "MainPID").parse().unwrap_or(0)
+    }
+
+    /// Installs a shipped template from `units/` under `name`, adapted for the test the way a user adapts it:
+    /// `replace` swaps whole lines by key (`ExecStart=`, `ListenStream=`, ...), and every unit gets
+    /// `DefaultDependencies=no` (see the module docs for why).
+    pub fn install(
+        &self,
+        template: &str,
+        name: &str,
+        replace: &[(&str, &str)],
+        extra_service: &[&str],
+    ) {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("units")
+            .join(template);
+        let text =
+            std::fs::read_to_string(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+        let mut out = String::new();
+        for line in text.lines() {
+            let key = line.split_once('=').map(|(k, _)| k);
+            match replace.iter().find(|(k, _)| Some(*k) == key) {
+                Some((k, v)) => out.push_str(&format!("{k}={v}\n")),
+                None => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            if line.trim() == "[Unit]" {
+                out.push_str("DefaultDependencies=no\n");
+            }
+            if line.trim() == "[Service]" {
+                for l in extra_service {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        std::fs::write(self.dir.join("units").join(name), out).unwrap();
+        let r = self.systemctl(&["daemon-reload"]);
+        assert!(
+            r.status.success(),
+            "daemon-reload: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+    }
+
+    /// Processes in the namespace whose command is `comm`, by namespace pid.
+    pub fn pids_of(&self, comm: &str) -> Vec<u32> {
+        let out = self.run(&["ps", "-eo", "pid=,comm="]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                let pid = it.next()?.parse().ok()?;
+                (it.next()? == comm).then_some(pid)
+            })
+            .collect()
+    }
+
+    /// The journal of a unit as systemd logged it to the console (`STATUS=` changes, job results).
+    pub fn status_text(&self, unit: &str) -> String {
+        let out = self.systemctl(&["status", unit]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+}
+
+impl Drop for Systemd {
+    fn drop(&mut self) {
+        // PID 1 of the namespace: killing it kills everything in the namespace.
+        super::signal(self.pid, libc::SIGKILL);
+        super::wait_gone(self.pid, Duration::from_secs(10));
+        super::wait_gone(self.unshare_pid, Duration::from_secs(10));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,155 @@
+//! The handover under a REAL systemd (253+), booted as PID 1 of a private namespace, with the shipped unit
+//! templates from `units/`. These tests skip loudly where the machine cannot boot systemd, and fail in CI.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::systemd::{boot, Systemd};
+use support::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Installs the notify-reload templates as app.socket + app.service running http_std with `args`.
+fn install_app(sd: &Systemd, port: u16, args: &str, extra: &[&str]) -> std::net::SocketAddr {
+    let bin = example("http_std");
+    let log = sd.dir.join("service.log");
+    let stderr = format!("StandardError=append:{}", log.display());
+    let mut extra_service = vec![stderr.as_str()];
+    extra_service.extend_from_slice(extra);
+    sd.install(
+        "exuvia-app.socket",
+        "app.socket",
+        &[("ListenStream", &format!("127.0.0.1:{port}"))],
+        &[],
+    );
+    sd.install(
+        "exuvia-app.service",
+        "app.service",
+        &[
+            ("ExecStart", &format!("{} {args}", bin.display())),
+            ("Requires", "app.socket"),
+            ("After", "app.socket"),
+        ],
+        &extra_service,
+    );
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+fn ok(out: std::process::Output, what: &str, sd: &Systemd) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}\n--- status ---\n{}\n--- service log ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        sd.status_text("app.service"),
+        std::fs::read_to_string(sd.dir.join("service.log")).unwrap_or_default()
+    );
+}
+
+/// Waits until a new connection is answered by `pid`.
+fn served_by(addr: std::net::SocketAddr, pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if matches!(get(addr, "/"), Ok((r, _)) if r.pid == pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn socket_activation_then_ten_reloads_under_load_then_stop() {
+    let Some(sd) = boot("reloads") else { return };
+    let addr = install_app(&sd, free_port(), "--drain-timeout 10", &[]);
+    ok(
+        sd.systemctl(&["start", "app.socket"]),
+        "start app.socket",
+        &sd,
+    );
+    assert_eq!(
+        sd.show("app.service", "ActiveState"),
+        "inactive",
+        "the service must wait for a connection"
+    );
+
+    // Socket activation: the first connection starts the service, which serves on the adopted socket.
+    let (first, _) = get(addr, "/").expect("first request through the activated socket");
+    let main = sd.main_pid("app.service");
+    assert_eq!(first.pid, main, "served by the main process");
+    assert_eq!(sd.show("app.service", "SubState"), "running");
+
+    let load = Load::start(addr, 3, 3, Duration::from_millis(2));
+    let mut pids = vec![main];
+    let mut took = Vec::new();
+    for i in 0..10 {
+        load.wait_progress(300);
+        let old = *pids.last().unwrap();
+        let t0 = Instant::now();
+        ok(
+            sd.systemctl(&["reload", "app.service"]),
+            &format!("reload {i}"),
+            &sd,
+        );
+        took.push(t0.elapsed());
+        let new = sd.main_pid("app.service");
+        assert_ne!(new, old, "reload {i}: MainPID did not move");
+        assert_eq!(
+            sd.show("app.service", "ActiveState"),
+            "active",
+            "reload {i}"
+        );
+        assert_eq!(sd.show("app.service", "SubState"), "running", "reload {i}");
+        assert!(
+            served_by(addr, new, Duration::from_secs(5)),
+            "reload {i}: new main pid {new} never served"
+        );
+        pids.push(new);
+    }
+    load.wait_progress(300);
+    let stats = load.stop();
+    eprintln!("10 reloads: {} (reload took {:?})", stats.summary(), took);
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    assert!(stats.pids.len() >= 2);
+
+    // The old generations drain and exit; only the last one is left.
+    let last = *pids.last().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sd.pids_of("http_std") != vec![last] {
+        assert!(
+            Instant::now() < deadline,
+            "old generations still running: {:?}",
+            sd.pids_of("http_std")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Stop: drain and end inactive, not failed.
+    ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+    let state = (
+        sd.show("app.service", "ActiveState"),
+        sd.show("app.service", "Result"),
+    );
+    assert_eq!(
+        (state.0.as_str(), state.1.as_str()),
+        ("inactive", "success"),
+        "after stop:\n{}\n--- service log ---\n{}",
+        sd.status_text("app.service"),
+        std::fs::read_to_string(sd.dir.join("service.log"))
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(sd.pids_of("http_std").is_empty());
+}
