@@ -20,6 +20,8 @@
 //!   to the old process (and exit 1);
 //! - `--init-delay-ms N`: simulated initialisation work before reporting ready;
 //! - `--ready-timeout SECS`, `--drain-timeout SECS`: the upgrade and drain deadlines (default 30 each);
+//! - `--control-socket PATH`: serve the control socket there (under systemd with `RuntimeDirectory=` it is
+//!   `$RUNTIME_DIRECTORY/exuvia-control.sock` without this option); drive it with `exuvia-ctl`;
 //! - `--hold-open FILE`: opens FILE *without* close-on-exec and keeps it, so that a test can check that such a
 //!   descriptor still does not reach the next generation.
 
@@ -48,6 +50,7 @@ struct Args {
     ready_timeout: Duration,
     drain_timeout: Duration,
     hold_open: Option<String>,
+    control_socket: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -59,6 +62,7 @@ fn parse_args() -> Result<Args, String> {
         ready_timeout: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(30),
         hold_open: None,
+        control_socket: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,9 +85,11 @@ fn parse_args() -> Result<Args, String> {
             "--ready-timeout" => a.ready_timeout = secs(value()?)?,
             "--drain-timeout" => a.drain_timeout = secs(value()?)?,
             "--hold-open" => a.hold_open = Some(value()?),
+            "--control-socket" => a.control_socket = Some(value()?),
             "-h" | "--help" => {
                 return Err("usage: http_std [--listen ADDR] [--version-tag V] [--init-fault FILE] \
-                            [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE]"
+                            [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
+                            [--control-socket PATH]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -142,10 +148,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let upgrader = Upgrader::builder()
+    let mut builder = Upgrader::builder()
         .ready_timeout(args.ready_timeout)
-        .drain_timeout(args.drain_timeout)
-        .build()?;
+        .drain_timeout(args.drain_timeout);
+    if let Some(path) = &args.control_socket {
+        builder = builder.control_socket(path);
+    }
+    let upgrader = builder.build()?;
     let listener = upgrader.listen_tcp("http", args.listen.as_str())?;
     let addr = listener.local_addr()?;
     let _held = args.hold_open.as_deref().map(hold_open).transpose()?;

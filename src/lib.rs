@@ -75,6 +75,7 @@
 
 mod accept;
 mod activation;
+pub mod control;
 mod drain;
 mod error;
 mod handover;

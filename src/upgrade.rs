@@ -63,6 +63,7 @@ pub struct Builder {
     envs: Vec<(OsString, OsString)>,
     state: Option<StateFn>,
     notify: bool,
+    control_socket: Option<PathBuf>,
 }
 
 impl fmt::Debug for Builder {
@@ -75,6 +76,7 @@ impl fmt::Debug for Builder {
             .field("envs", &self.envs)
             .field("state", &self.state.as_ref().map(|_| ".."))
             .field("notify", &self.notify)
+            .field("control_socket", &self.control_socket)
             .finish()
     }
 }
@@ -84,6 +86,13 @@ impl Builder {
     /// application notifies systemd itself and knows the handover sequence.
     pub fn notify(mut self, on: bool) -> Builder {
         self.notify = on;
+        self
+    }
+
+    /// Where to serve the control socket (see [`control`](crate::control)). Default:
+    /// `$RUNTIME_DIRECTORY/exuvia-control.sock` when systemd set `RUNTIME_DIRECTORY`, otherwise none.
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.control_socket = Some(path.into());
         self
     }
 
@@ -168,10 +177,11 @@ impl Builder {
             Some(names) => activation::adopt(names)?,
             None => Vec::new(),
         };
-        let (parent, state, generation) = match channel_fd {
+        let (parent, state, generation, born_of) = match channel_fd {
             Some(fd) => {
                 let (link, state) = handover::child::connect(fd)?;
                 let generation = link.generation;
+                let born_of = Some(link.started_usec);
                 tracing::info!(
                     parent_pid = link.parent_pid,
                     generation,
@@ -179,7 +189,7 @@ impl Builder {
                     state_bytes = state.len(),
                     "started by an upgrade; inherited sockets"
                 );
-                (Some(link), Some(state), generation)
+                (Some(link), Some(state), generation, born_of)
             }
             None => {
                 if !inherited.is_empty() {
@@ -188,13 +198,16 @@ impl Builder {
                         "adopted sockets passed by the service manager"
                     );
                 }
-                (None, None, 0)
+                (None, None, 0, None)
             }
         };
         let manager = Manager::from_env(self.notify);
+        let control_path = self
+            .control_socket
+            .or_else(crate::control::default_socket_path);
         let (stop_read, stop_write) =
             sys::pipe().map_err(|e| Error::io("cannot create the finishing signal (pipe)", e))?;
-        Ok(Upgrader {
+        let upgrader = Upgrader {
             inner: Arc::new(Inner {
                 program,
                 argv,
@@ -215,8 +228,19 @@ impl Builder {
                 tracker: Tracker::default(),
                 signals: AtomicBool::new(false),
                 manager,
+                attempts: Mutex::new(Attempts {
+                    born_of,
+                    ..Attempts::default()
+                }),
+                attempts_changed: Condvar::new(),
+                control: Mutex::new(None),
             }),
-        })
+        };
+        if let Some(path) = control_path {
+            let l = crate::control::listener(&upgrader, &path)?;
+            *lock(&upgrader.inner.control) = Some(l);
+        }
+        Ok(upgrader)
     }
 }
 
@@ -308,6 +332,25 @@ struct Inner {
     tracker: Tracker,
     signals: AtomicBool,
     manager: Manager,
+    attempts: Mutex<Attempts>,
+    attempts_changed: Condvar,
+    /// The control socket, served from [`Upgrader::ready`] on.
+    control: Mutex<Option<UnixListener>>,
+}
+
+/// What the reload helper asks about: the upgrade in flight, the last one and its verdict, and the upgrade
+/// that created this process.
+#[derive(Debug, Default)]
+pub(crate) struct Attempts {
+    /// Start (`CLOCK_MONOTONIC` µs) of the upgrade in flight.
+    pub(crate) current: Option<u64>,
+    /// Start and verdict of the last finished upgrade: the new pid, or why it failed.
+    pub(crate) last: Option<(u64, std::result::Result<u32, String>)>,
+    /// Start of the upgrade that created this process (from the old process's `Hello`).
+    pub(crate) born_of: Option<u64>,
+    /// SIGHUPs received and SIGHUPs acted upon (an upgrade started or refused).
+    pub(crate) sighup_received: u64,
+    pub(crate) sighup_handled: u64,
 }
 
 /// The process's handle on its sockets and upgrades. Cheap to clone; every clone is the same upgrader.
@@ -351,6 +394,7 @@ impl Upgrader {
             envs: Vec::new(),
             state: None,
             notify: true,
+            control_socket: None,
         }
     }
 
@@ -567,6 +611,9 @@ impl Upgrader {
         }
         self.inner.ready.store(true, Ordering::SeqCst);
         self.start_watchdog();
+        if let Some(l) = lock(&self.inner.control).take() {
+            crate::control::serve(self.clone(), l);
+        }
         Ok(())
     }
 
@@ -622,6 +669,23 @@ impl Upgrader {
     /// [`ErrorKind::ChildExited`], [`ErrorKind::ChildFailed`], [`ErrorKind::ReadyTimeout`],
     /// [`ErrorKind::Protocol`], [`ErrorKind::Channel`] when the new process does not come up.
     pub fn upgrade(&self) -> Result<UpgradeReport> {
+        self.upgrade_then(|| {})
+    }
+
+    /// [`upgrade`](Self::upgrade), calling `started` once the attempt has begun or been refused.
+    fn upgrade_then(&self, started: impl FnOnce()) -> Result<UpgradeReport> {
+        let mut started = Some(started);
+        let mut mark = || {
+            if let Some(f) = started.take() {
+                f()
+            }
+        };
+        let result = self.upgrade_inner(&mut mark);
+        mark();
+        result
+    }
+
+    fn upgrade_inner(&self, mark_started: &mut dyn FnMut()) -> Result<UpgradeReport> {
         let inner = &self.inner;
         if let Some(f) = lock(&inner.finish).claimed {
             return Err(finishing_error(f));
@@ -645,6 +709,9 @@ impl Upgrader {
             ));
         }
         let started = Instant::now();
+        let started_usec = sys::monotonic_usec();
+        self.record_attempt_start(started_usec);
+        mark_started();
         tracing::info!(program = %inner.program.display(), generation = inner.generation, "upgrade requested");
         // Room for the new process's initialisation, the handover and the barrier.
         let extend = inner.ready_timeout + Duration::from_secs(15);
@@ -663,6 +730,7 @@ impl Upgrader {
             extra_env: &inner.envs,
             generation: inner.generation + 1,
             watchdog: inner.manager.watchdog().is_some(),
+            started_usec,
         };
         let result = (|| {
             let (child, sockets) = {
@@ -713,6 +781,13 @@ impl Upgrader {
             Ok((pid, sockets))
         })();
         // The next upgrade may be requested as soon as the verdict is out: clear the flag before announcing it.
+        self.record_attempt_end(
+            started_usec,
+            result
+                .as_ref()
+                .map(|(pid, _)| *pid)
+                .map_err(|e| e.to_string()),
+        );
         drop(in_flight);
         match result {
             Ok((child_pid, sockets)) => {
@@ -867,13 +942,18 @@ impl Upgrader {
                 match sig as libc::c_int {
                     libc::SIGHUP => {
                         tracing::info!("SIGHUP received");
+                        self.record_sighup(false);
                         let me = self.clone();
                         // The upgrade runs on its own thread so that signals arriving meanwhile are seen (and
                         // refused) at once rather than queued behind it.
                         let spawned = std::thread::Builder::new()
                             .name("exuvia-upgrade".into())
                             .spawn(move || {
-                                if let Err(e) = me.upgrade() {
+                                // Counted as handled once the upgrade started (or was refused): the reload
+                                // helper waits for that before it asks for a verdict.
+                                let me2 = me.clone();
+                                let result = me.upgrade_then(move || me2.record_sighup(true));
+                                if let Err(e) = result {
                                     tracing::warn!(error = %e, "upgrade on SIGHUP did not happen");
                                 }
                             });
@@ -889,6 +969,61 @@ impl Upgrader {
                 }
             }
         }
+    }
+}
+
+impl Upgrader {
+    fn record_attempt_start(&self, started_usec: u64) {
+        lock(&self.inner.attempts).current = Some(started_usec);
+        self.inner.attempts_changed.notify_all();
+    }
+
+    fn record_attempt_end(&self, started_usec: u64, verdict: std::result::Result<u32, String>) {
+        let mut a = lock(&self.inner.attempts);
+        a.current = None;
+        a.last = Some((started_usec, verdict));
+        drop(a);
+        self.inner.attempts_changed.notify_all();
+    }
+
+    fn record_sighup(&self, handled: bool) {
+        let mut a = lock(&self.inner.attempts);
+        if handled {
+            a.sighup_handled += 1;
+        } else {
+            a.sighup_received += 1;
+        }
+        drop(a);
+        self.inner.attempts_changed.notify_all();
+    }
+
+    /// Waits until `f` says it is done with the attempt history, up to `timeout`; the result of the last call.
+    pub(crate) fn with_attempts<T>(
+        &self,
+        timeout: Duration,
+        mut f: impl FnMut(&Attempts) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        let mut a = lock(&self.inner.attempts);
+        loop {
+            if let Some(t) = f(&a) {
+                return Some(t);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            a = self
+                .inner
+                .attempts_changed
+                .wait_timeout(a, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    pub(crate) fn ready_timeout(&self) -> Duration {
+        self.inner.ready_timeout
     }
 }
 

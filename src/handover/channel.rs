@@ -180,6 +180,7 @@ mod tests {
             &Message::Hello {
                 parent_pid: 1,
                 generation: 2,
+                started_usec: 0,
                 state,
             },
             soon(),
@@ -223,6 +224,7 @@ mod tests {
         let big = Message::Hello {
             parent_pid: 1,
             generation: 1,
+            started_usec: 0,
             state: vec![0; protocol::MAX_STATE_LEN],
         };
         let e = a

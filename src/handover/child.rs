@@ -21,6 +21,7 @@ pub(crate) struct ParentLink {
     channel: Channel,
     pub(crate) parent_pid: u32,
     pub(crate) generation: u32,
+    pub(crate) started_usec: u64,
 }
 
 /// Reads the two handover variables. `Ok(None)`: this process was not started by an exuvia upgrade (or the
@@ -98,12 +99,14 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
         Event::Message(Message::Hello {
             parent_pid,
             generation,
+            started_usec,
             state,
         }) => Ok((
             ParentLink {
                 channel,
                 parent_pid,
                 generation,
+                started_usec,
             },
             state,
         )),

@@ -24,6 +24,8 @@ pub(crate) struct Launch<'a> {
     /// Whether this process feeds a systemd watchdog: then the child gets `WATCHDOG_PID=<its own pid>`;
     /// otherwise no watchdog variable reaches it.
     pub(crate) watchdog: bool,
+    /// When the upgrade started (`CLOCK_MONOTONIC`, µs), passed on in `Hello`.
+    pub(crate) started_usec: u64,
 }
 
 /// A started child that has not yet been committed. Dropping it kills and reaps the child, so no error path
@@ -159,6 +161,7 @@ pub(crate) fn start(
     let hello = Message::Hello {
         parent_pid: std::process::id(),
         generation: launch.generation,
+        started_usec: launch.started_usec,
         state,
     };
     if let Err(e) = child.channel.send(&hello, deadline) {
@@ -340,6 +343,7 @@ mod tests {
             extra_env,
             generation: 1,
             watchdog: false,
+            started_usec: 0,
         };
         start(
             &launch,

@@ -7,12 +7,12 @@
 //! offset 4   1 byte   protocol version (1)
 //! offset 5   1 byte   message kind
 //! offset 6   2 bytes  reserved, zero
-//! offset 8   4 bytes  payload length, little endian, bounded by the kind (at most 1 MiB + 8)
+//! offset 8   4 bytes  payload length, little endian, bounded by the kind (at most 1 MiB + 16)
 //! ```
 //!
 //! | kind | direction | payload |
 //! |------|-----------|---------|
-//! | 1 `Hello` | parent → child | parent pid (u32 LE), generation (u32 LE), application state (rest, ≤ 1 MiB) |
+//! | 1 `Hello` | parent → child | parent pid (u32 LE), generation (u32 LE), upgrade start (u64 LE, `CLOCK_MONOTONIC` µs), application state (rest, ≤ 1 MiB) |
 //! | 2 `Ready` | child → parent | empty |
 //! | 3 `Failed` | child → parent | reason, UTF-8, ≤ 4 KiB |
 //! | 4 `Commit` | parent → child | empty: the child is now the main process |
@@ -35,6 +35,8 @@ pub const MAX_STATE_LEN: usize = 1 << 20;
 pub(crate) const MAX_REASON_LEN: usize = 4096;
 
 const KIND_HELLO: u8 = 1;
+/// Bytes of `Hello` before the application state.
+const HELLO_FIXED: usize = 16;
 const KIND_READY: u8 = 2;
 const KIND_FAILED: u8 = 3;
 const KIND_COMMIT: u8 = 4;
@@ -45,6 +47,9 @@ pub(crate) enum Message {
     Hello {
         parent_pid: u32,
         generation: u32,
+        /// When the old process started this upgrade (`CLOCK_MONOTONIC`, µs): lets the new one answer
+        /// "which upgrade made me" to the reload helper.
+        started_usec: u64,
         state: Vec<u8>,
     },
     Ready,
@@ -78,6 +83,7 @@ impl Message {
             Message::Hello {
                 parent_pid,
                 generation,
+                started_usec,
                 state,
             } => {
                 if state.len() > MAX_STATE_LEN {
@@ -90,9 +96,10 @@ impl Message {
                         ),
                     ));
                 }
-                payload.reserve(8 + state.len());
+                payload.reserve(HELLO_FIXED + state.len());
                 payload.extend_from_slice(&parent_pid.to_le_bytes());
                 payload.extend_from_slice(&generation.to_le_bytes());
+                payload.extend_from_slice(&started_usec.to_le_bytes());
                 payload.extend_from_slice(state);
             }
             Message::Failed(reason) => {
@@ -118,7 +125,7 @@ impl Message {
 
 fn max_payload(kind: u8) -> Option<usize> {
     match kind {
-        KIND_HELLO => Some(8 + MAX_STATE_LEN),
+        KIND_HELLO => Some(HELLO_FIXED + MAX_STATE_LEN),
         KIND_READY | KIND_COMMIT => Some(0),
         KIND_FAILED => Some(MAX_REASON_LEN),
         _ => None,
@@ -169,15 +176,18 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>> {
     let payload = &buf[HEADER_LEN..HEADER_LEN + len];
     let msg = match kind {
         KIND_HELLO => {
-            if payload.len() < 8 {
+            if payload.len() < HELLO_FIXED {
                 return Err(Error::protocol(
                     "handover channel: hello message shorter than its fixed fields",
                 ));
             }
+            let mut usec = [0u8; 8];
+            usec.copy_from_slice(&payload[8..16]);
             Message::Hello {
                 parent_pid: u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]),
                 generation: u32::from_le_bytes([payload[4], payload[5], payload[6], payload[7]]),
-                state: payload[8..].to_vec(),
+                started_usec: u64::from_le_bytes(usec),
+                state: payload[HELLO_FIXED..].to_vec(),
             }
         }
         KIND_READY => Message::Ready,
@@ -216,11 +226,13 @@ mod tests {
         roundtrip(Message::Hello {
             parent_pid: 42,
             generation: 7,
+            started_usec: 123_456_789,
             state: vec![],
         });
         roundtrip(Message::Hello {
             parent_pid: u32::MAX,
             generation: 0,
+            started_usec: u64::MAX,
             state: vec![0xab; MAX_STATE_LEN],
         });
     }
@@ -240,6 +252,7 @@ mod tests {
         let e = Message::Hello {
             parent_pid: 1,
             generation: 1,
+            started_usec: 0,
             state: vec![0; MAX_STATE_LEN + 1],
         }
         .encode()
@@ -286,11 +299,12 @@ mod tests {
         let mut hello = Message::Hello {
             parent_pid: 1,
             generation: 1,
+            started_usec: 0,
             state: vec![],
         }
         .encode()
         .unwrap();
-        hello[8..12].copy_from_slice(&((8 + MAX_STATE_LEN + 1) as u32).to_le_bytes());
+        hello[8..12].copy_from_slice(&((HELLO_FIXED + MAX_STATE_LEN + 1) as u32).to_le_bytes());
         assert!(err_of(&hello).to_string().contains("more than its limit"));
     }
 

@@ -1,0 +1,84 @@
+//! `exuvia-ctl`: talks to an exuvia service's control socket. Meant for systemd's `ExecReload=` and
+//! `ExecStop=` (see `units/`), and for operators.
+//!
+//! ```text
+//! exuvia-ctl [--socket PATH] [--timeout SECS] status|upgrade|reload-verdict|stop
+//! ```
+//!
+//! - `upgrade`: start an upgrade now and exit with its verdict (0: the new process serves; 1: it failed and the
+//!   old one serves on). For `Type=notify` units: `ExecReload=/usr/bin/exuvia-ctl upgrade`.
+//! - `reload-verdict`: report on the upgrade the reload signal just started, without starting one. For
+//!   `Type=notify-reload` units, where systemd sends the signal and also runs `ExecReload=`.
+//! - `stop`: stop gracefully (no longer accept, drain) and wait until the service has exited. For
+//!   `ExecStop=`.
+//! - `status`: pid, generation and connections in flight.
+//!
+//! The socket defaults to `$RUNTIME_DIRECTORY/exuvia-control.sock`, which systemd sets for the service and its
+//! helpers alike when the unit has `RuntimeDirectory=`. Exit status: 0 ok, 1 the service said no, 2 usage or
+//! connection problems.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: exuvia-ctl [--socket PATH] [--timeout SECS] status|upgrade|reload-verdict|stop"
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    // Taken first: the reload signal was sent before this helper started.
+    let started = exuvia::notify::monotonic_usec();
+    let mut socket: Option<PathBuf> = None;
+    let mut timeout = Duration::from_secs(120);
+    let mut command: Option<String> = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--socket" => match args.next() {
+                Some(p) => socket = Some(p.into()),
+                None => return usage(),
+            },
+            "--timeout" => match args
+                .next()
+                .and_then(|s| s.parse::<f64>().ok())
+                .filter(|s| *s > 0.0)
+            {
+                Some(s) => timeout = Duration::from_secs_f64(s),
+                None => return usage(),
+            },
+            "-h" | "--help" => return usage(),
+            c if command.is_none() => command = Some(c.to_string()),
+            _ => return usage(),
+        }
+    }
+    let request = match command.as_deref() {
+        Some("status") => "status".to_string(),
+        Some("upgrade") => "upgrade".to_string(),
+        Some("reload-verdict") => format!("verdict {started}"),
+        Some("stop") => "stop".to_string(),
+        _ => return usage(),
+    };
+    let Some(path) = socket.or_else(exuvia::control::default_socket_path) else {
+        eprintln!(
+            "exuvia-ctl: no control socket: pass --socket PATH, or run under systemd with RuntimeDirectory= set"
+        );
+        return ExitCode::from(2);
+    };
+    match exuvia::control::request(&path, &request, timeout) {
+        Ok(r) if r.ok => {
+            println!("{}", r.text);
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("exuvia-ctl: {}", r.text);
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("exuvia-ctl: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The control socket: lets an operator, or systemd's `ExecReload=`/`ExecStop=` through the `exuvia-ctl`
+//! helper, trigger an upgrade or a stop and get the verdict.
+//!
+//! One request per connection, one line each way:
+//!
+//! ```text
+//! -> exuvia-ctl/1 status            <- ok pid=1234 generation=3 in_flight=12
+//! -> exuvia-ctl/1 upgrade           <- ok upgraded to pid 1240 in 104 ms  |  error child exited with status 3 ...
+//! -> exuvia-ctl/1 verdict <usec>    <- the verdict of the upgrade the reload signal started (see below)
+//! -> exuvia-ctl/1 stop              <- ok stopping pid 1240; the connection then stays open until it exits
+//! ```
+//!
+//! `verdict` serves `Type=notify-reload` units, where systemd both sends the reload signal and runs
+//! `ExecReload=`: the helper must report on the upgrade that signal started, not start another one. `<usec>` is
+//! the helper's own `CLOCK_MONOTONIC` start time; the signal was sent before the helper started.
+//!
+//! The socket file is mode 0600 and the server checks the peer's uid (`SO_PEERCRED`): only the service's own
+//! user (or root) may use it. The listening socket is handed over on upgrade like any other, so its path never
+//! changes hands.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::sys;
+use crate::Upgrader;
+
+/// The first word of every request: the protocol and its version.
+pub const PROTOCOL: &str = "exuvia-ctl/1";
+/// The socket's file name in `$RUNTIME_DIRECTORY`.
+pub const SOCKET_NAME: &str = "exuvia-control.sock";
+/// The name the control socket is handed over under.
+pub(crate) const REGISTRY_NAME: &str = "exuvia-control";
+/// How far back an upgrade may have started and still answer a `verdict` request.
+const VERDICT_WINDOW_USEC: u64 = 30_000_000;
+const MAX_REQUEST: u64 = 256;
+
+/// `$RUNTIME_DIRECTORY/exuvia-control.sock`, when systemd set `RUNTIME_DIRECTORY` (`RuntimeDirectory=` in the
+/// unit); both the service and its `ExecReload=`/`ExecStop=` helpers see the same value.
+pub fn default_socket_path() -> Option<PathBuf> {
+    let dirs = std::env::var_os("RUNTIME_DIRECTORY")?;
+    let first = std::env::split_paths(&dirs).next()?;
+    if first.as_os_str().is_empty() {
+        return None;
+    }
+    Some(first.join(SOCKET_NAME))
+}
+
+/// Serves the control socket on a thread of its own until this process is finishing.
+pub(crate) fn serve(upgrader: Upgrader, listener: UnixListener) {
+    let spawned = std::thread::Builder::new()
+        .name("exuvia-control".into())
+        .spawn(move || {
+            for conn in upgrader.incoming(listener) {
+                let Ok(conn) = conn else { continue };
+                let u = upgrader.clone();
+                let _ = std::thread::Builder::new()
+                    .name("exuvia-control-conn".into())
+                    .spawn(move || handle(&u, conn));
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the control socket thread");
+    }
+}
+
+fn handle(upgrader: &Upgrader, mut conn: UnixStream) {
+    match sys::peer_uid(conn.as_fd()) {
+        Ok(uid) if uid == 0 || uid == sys::euid() => {}
+        Ok(uid) => {
+            tracing::warn!(uid, "control socket: refused a request from another user");
+            let _ = conn
+                .write_all(b"error permission denied: only the service's user may control it\n");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "control socket: cannot read the peer's credentials");
+            return;
+        }
+    }
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let read = BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line);
+    if read.is_err() || !line.ends_with('\n') {
+        let _ =
+            conn.write_all(b"error malformed request: send one line, 'exuvia-ctl/1 <command>'\n");
+        return;
+    }
+    let mut words = line.split_whitespace();
+    if words.next() != Some(PROTOCOL) {
+        let _ = conn.write_all(
+            format!("error unsupported protocol: this service speaks {PROTOCOL}\n").as_bytes(),
+        );
+        return;
+    }
+    let command = words.next().unwrap_or("");
+    tracing::info!(command, "control socket request");
+    let reply = match command {
+        "status" => Ok(format!(
+            "pid={} generation={} in_flight={}",
+            std::process::id(),
+            upgrader.generation(),
+            upgrader.in_flight()
+        )),
+        "upgrade" => upgrader
+            .upgrade()
+            .map(|r| {
+                format!(
+                    "upgraded to pid {} in {} ms",
+                    r.child_pid,
+                    r.took.as_millis()
+                )
+            })
+            .map_err(|e| e.to_string()),
+        "verdict" => match words.next().and_then(|t| t.parse::<u64>().ok()) {
+            Some(t) => verdict(upgrader, t),
+            None => Err("verdict needs the helper's start time".to_string()),
+        },
+        "stop" => {
+            upgrader.shutdown();
+            let _ = conn.write_all(format!("ok stopping pid {}\n", std::process::id()).as_bytes());
+            // Hold the connection: it closes when this process exits, which is what the helper waits for.
+            let _ = conn.set_read_timeout(None);
+            let _ = conn.read(&mut [0u8; 1]);
+            return;
+        }
+        other => Err(format!(
+            "unknown command {other:?}: use status, upgrade, verdict or stop"
+        )),
+    };
+    let text = match reply {
+        Ok(t) => format!("ok {t}\n"),
+        Err(t) => format!("error {}\n", t.replace('\n', " ")),
+    };
+    let _ = conn.write_all(text.as_bytes());
+}
+
+/// The verdict of the upgrade that the reload signal (sent before `since_usec`) started.
+fn verdict(upgrader: &Upgrader, since_usec: u64) -> std::result::Result<String, String> {
+    // Every SIGHUP received must have been acted on (upgrade started or refused) before we look.
+    upgrader.with_attempts(Duration::from_secs(5), |a| {
+        (a.sighup_handled >= a.sighup_received).then_some(())
+    });
+    let wait = upgrader.ready_timeout() + Duration::from_secs(30);
+    let me = std::process::id();
+    let found = upgrader.with_attempts(wait, |a| {
+        if a.current.is_some() {
+            return None; // in flight: wait for it
+        }
+        if let Some((started, v)) = &a.last {
+            if started + VERDICT_WINDOW_USEC >= since_usec {
+                return Some(match v {
+                    Ok(pid) => Ok(format!("upgraded to pid {pid}")),
+                    Err(e) => Err(e.clone()),
+                });
+            }
+        }
+        if let Some(born) = a.born_of {
+            if born + VERDICT_WINDOW_USEC >= since_usec {
+                return Some(Ok(format!("upgraded to pid {me}")));
+            }
+        }
+        Some(Err(
+            "no upgrade was started by the reload signal (is ReloadSignal= the signal the service upgrades on?)"
+                .to_string(),
+        ))
+    });
+    found.unwrap_or_else(|| Err("the upgrade did not finish in time".to_string()))
+}
+
+/// Binds (or adopts) the control socket for `upgrader` at `path`, mode 0600.
+pub(crate) fn listener(upgrader: &Upgrader, path: &Path) -> Result<UnixListener> {
+    let l = upgrader.listen_unix(REGISTRY_NAME, path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        Error::io(
+            format!("cannot restrict {} to mode 0600", path.display()),
+            e,
+        )
+    })?;
+    Ok(l)
+}
+
+/// A reply from the control socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Whether the service said `ok`.
+    pub ok: bool,
+    /// The rest of the line.
+    pub text: String,
+}
+
+/// Sends one request to the control socket at `path` and reads the reply. For `stop`, also waits (up to
+/// `timeout`) until the service has exited.
+///
+/// # Errors
+/// [`ErrorKind::Channel`] when the socket cannot be reached, or the service does not answer within `timeout`.
+pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply> {
+    let unreachable = |e: io::Error| {
+        Error::with_io(
+            ErrorKind::Channel,
+            format!(
+                "cannot reach the control socket {}: {e} (is the service running?)",
+                path.display()
+            ),
+            e,
+        )
+    };
+    let mut conn = UnixStream::connect(path).map_err(unreachable)?;
+    conn.set_read_timeout(Some(timeout)).map_err(unreachable)?;
+    conn.write_all(format!("{PROTOCOL} {command}\n").as_bytes())
+        .map_err(unreachable)?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    reader.read_line(&mut line).map_err(|e| {
+        Error::with_io(
+            ErrorKind::Channel,
+            format!("no answer from the service within {timeout:?}: {e}"),
+            e,
+        )
+    })?;
+    let line = line.trim_end();
+    let (ok, text) = match line.split_once(' ') {
+        Some(("ok", t)) => (true, t.to_string()),
+        Some(("error", t)) => (false, t.to_string()),
+        _ if line == "ok" => (true, String::new()),
+        _ => {
+            return Err(Error::protocol(format!(
+                "the control socket answered {line:?}, not 'ok ...' or 'error ...'"
+            )))
+        }
+    };
+    if ok && command.split_whitespace().next() == Some("stop") {
+        // The service holds the connection until it exits.
+        let mut rest = Vec::new();
+        reader.read_to_end(&mut rest).map_err(|e| {
+            Error::with_io(
+                ErrorKind::Channel,
+                format!("the service did not exit within {timeout:?}: {e}"),
+                e,
+            )
+        })?;
+    }
+    Ok(Reply { ok, text })
+}

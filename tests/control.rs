@@ -1,0 +1,144 @@
+//! The control socket and the `exuvia-ctl` helper, driven for real (no systemd needed).
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::*;
+
+fn ctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run exuvia-ctl")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn upgrade_verdicts_status_and_stop_through_the_helper() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let fault = dir.path().join("fault");
+    let mut server = Server::start(
+        &example("http_std"),
+        &[
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--init-fault",
+            fault.to_str().unwrap(),
+        ],
+    );
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket must be private");
+
+    let o = ctl(&sock, &["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("pid={} generation=0", server.current())),
+        "{}",
+        text(&o)
+    );
+
+    // A successful upgrade: exit 0 and the new pid, which then serves.
+    let o = ctl(&sock, &["upgrade"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    let new: u32 = out
+        .split_whitespace()
+        .nth(3)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    let (r, _) = get(server.addr, "/").unwrap();
+    assert_eq!(r.pid, new);
+    server.generations.push(new);
+    // The control socket moved with the other sockets: the new process answers on the same path.
+    let o = ctl(&sock, &["status"]);
+    assert!(
+        text(&o).contains(&format!("pid={new} generation=1")),
+        "{}",
+        text(&o)
+    );
+
+    // A failed upgrade: exit 1 with the reason, and the process serves on.
+    std::fs::write(&fault, "fail").unwrap();
+    let o = ctl(&sock, &["upgrade"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("child exited with status 3 during initialisation"),
+        "{}",
+        text(&o)
+    );
+    let (r, _) = get(server.addr, "/").unwrap();
+    assert_eq!(r.pid, new);
+    std::fs::remove_file(&fault).unwrap();
+
+    // Stop: returns once the service has drained and exited.
+    let o = ctl(&sock, &["stop"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        wait_gone(new, Duration::from_secs(1)),
+        "stop returned before the service exited"
+    );
+}
+
+#[test]
+fn another_user_is_refused_and_bad_requests_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let server = Server::start(
+        &example("http_std"),
+        &["--control-socket", sock.to_str().unwrap()],
+    );
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Open the file to everyone so that only the uid check stands in the way.
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
+            .arg("--socket")
+            .arg(&sock)
+            .arg("status")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("permission denied"), "{}", text(&o));
+    } else {
+        assert!(!in_ci(), "CI runs as root and must check the uid refusal");
+        eprintln!("SKIPPED the other-user part: needs root to run a client as another uid");
+    }
+    // Garbage and unknown commands get an error line, never a hang or a crash.
+    use std::io::{Read, Write};
+    let mut c = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    c.write_all(b"GET / HTTP/1.1\n").unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("error unsupported protocol"), "{reply}");
+    let o = ctl(&sock, &["status"]);
+    assert!(o.status.success());
+    let r = exuvia::control::request(&sock, "frobnicate", Duration::from_secs(5)).unwrap();
+    assert!(!r.ok && r.text.contains("unknown command"), "{r:?}");
+    // No socket: a clear error, exit 2.
+    let o = ctl(&dir.path().join("absent.sock"), &["status"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("cannot reach the control socket"),
+        "{}",
+        text(&o)
+    );
+    server.stop();
+}
