@@ -19,6 +19,7 @@ fn free_port() -> u16 {
 /// Installs the notify-reload templates as app.socket + app.service running http_std with `args`.
 fn install_app(sd: &Systemd, port: u16, args: &str, extra: &[&str]) -> std::net::SocketAddr {
     let bin = example("http_std");
+    let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
     let log = sd.dir.join("service.log");
     let stderr = format!("StandardError=append:{}", log.display());
     let mut extra_service = vec![stderr.as_str()];
@@ -36,6 +37,8 @@ fn install_app(sd: &Systemd, port: u16, args: &str, extra: &[&str]) -> std::net:
             ("ExecStart", &format!("{} {args}", bin.display())),
             ("Requires", "app.socket"),
             ("After", "app.socket"),
+            ("ExecReload", &format!("{ctl} reload-verdict")),
+            ("ExecStop", &format!("{ctl} stop")),
         ],
         &extra_service,
     );
