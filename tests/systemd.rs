@@ -18,6 +18,26 @@ fn free_port() -> u16 {
 
 /// Installs the notify-reload templates as app.socket + app.service running http_std with `args`.
 fn install_app(sd: &Systemd, port: u16, args: &str, extra: &[&str]) -> std::net::SocketAddr {
+    install(sd, port, args, extra, &[])
+}
+
+/// [`install_app`] with more template lines replaced.
+fn install_app_with(
+    sd: &Systemd,
+    port: u16,
+    args: &str,
+    replace: &[(&str, &str)],
+) -> std::net::SocketAddr {
+    install(sd, port, args, &[], replace)
+}
+
+fn install(
+    sd: &Systemd,
+    port: u16,
+    args: &str,
+    extra: &[&str],
+    more: &[(&str, &str)],
+) -> std::net::SocketAddr {
     let bin = example("http_std");
     let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
     let log = sd.dir.join("service.log");
@@ -30,16 +50,21 @@ fn install_app(sd: &Systemd, port: u16, args: &str, extra: &[&str]) -> std::net:
         &[("ListenStream", &format!("127.0.0.1:{port}"))],
         &[],
     );
+    let exec_start = format!("{} {args}", bin.display());
+    let exec_reload = format!("{ctl} reload-verdict");
+    let exec_stop = format!("{ctl} stop");
+    let mut replace = vec![
+        ("ExecStart", exec_start.as_str()),
+        ("Requires", "app.socket"),
+        ("After", "app.socket"),
+        ("ExecReload", exec_reload.as_str()),
+        ("ExecStop", exec_stop.as_str()),
+    ];
+    replace.extend_from_slice(more);
     sd.install(
         "exuvia-app.service",
         "app.service",
-        &[
-            ("ExecStart", &format!("{} {args}", bin.display())),
-            ("Requires", "app.socket"),
-            ("After", "app.socket"),
-            ("ExecReload", &format!("{ctl} reload-verdict")),
-            ("ExecStop", &format!("{ctl} stop")),
-        ],
+        &replace,
         &extra_service,
     );
     format!("127.0.0.1:{port}").parse().unwrap()
@@ -155,4 +180,107 @@ fn socket_activation_then_ten_reloads_under_load_then_stop() {
             .join("\n")
     );
     assert!(sd.pids_of("http_std").is_empty());
+}
+
+#[test]
+fn a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on() {
+    let Some(sd) = boot("faults") else { return };
+    let fault = sd.dir.join("fault");
+    let args = format!(
+        "--init-fault {} --ready-timeout 2 --drain-timeout 10",
+        fault.display()
+    );
+    let addr = install_app(&sd, free_port(), &args, &[]);
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    let main = sd.main_pid("app.service");
+    let load = Load::start(addr, 2, 2, Duration::from_millis(3));
+    for (what, expected, bound) in [
+        (
+            "fail",
+            "child exited with status 3 during initialisation",
+            Duration::from_secs(10),
+        ),
+        (
+            "hang",
+            "child not ready after 2 s; killed",
+            Duration::from_secs(12),
+        ),
+    ] {
+        std::fs::write(&fault, what).unwrap();
+        load.wait_progress(200);
+        let t0 = Instant::now();
+        let out = sd.systemctl(&["reload", "app.service"]);
+        let took = t0.elapsed();
+        eprintln!(
+            "{what}: systemctl reload exited {:?} after {took:?}",
+            out.status.code()
+        );
+        assert!(!out.status.success(), "{what}: reload must fail");
+        assert!(took < bound, "{what}: reload took {took:?}, not prompt");
+        assert_eq!(
+            sd.main_pid("app.service"),
+            main,
+            "{what}: the old process must stay the main one"
+        );
+        assert_eq!(sd.show("app.service", "ActiveState"), "active", "{what}");
+        assert_eq!(sd.show("app.service", "SubState"), "running", "{what}");
+        let status = sd.show("app.service", "StatusText");
+        assert!(status.contains(expected), "{what}: StatusText = {status:?}");
+        assert!(sd.status_text("app.service").contains(expected));
+        let (r, _) = get(addr, "/").unwrap();
+        assert_eq!(r.pid, main, "{what}");
+    }
+    // And the next reload, with the fault gone, succeeds.
+    std::fs::remove_file(&fault).unwrap();
+    ok(
+        sd.systemctl(&["reload", "app.service"]),
+        "reload after the faults",
+        &sd,
+    );
+    let new = sd.main_pid("app.service");
+    assert_ne!(new, main);
+    assert!(served_by(addr, new, Duration::from_secs(5)));
+    load.wait_progress(200);
+    let stats = load.stop();
+    eprintln!("faults: {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+}
+
+#[test]
+fn watchdog_of_two_seconds_survives_ten_reloads() {
+    let Some(sd) = boot("watchdog") else { return };
+    let addr = install_app_with(
+        &sd,
+        free_port(),
+        "--drain-timeout 10",
+        &[("WatchdogSec", "2")],
+    );
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    assert_eq!(sd.show("app.service", "WatchdogUSec"), "2s");
+    let load = Load::start(addr, 2, 2, Duration::from_millis(3));
+    for i in 0..10 {
+        load.wait_progress(100);
+        ok(
+            sd.systemctl(&["reload", "app.service"]),
+            &format!("reload {i}"),
+            &sd,
+        );
+    }
+    // Several watchdog intervals pass with the last generation in charge: it must be feeding the watchdog.
+    // (This waits for time to pass on purpose: the property is that nothing happens during it.)
+    std::thread::sleep(Duration::from_secs(5));
+    let stats = load.stop();
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    assert_eq!(sd.show("app.service", "ActiveState"), "active");
+    assert_eq!(sd.show("app.service", "NRestarts"), "0");
+    assert_eq!(
+        sd.show("app.service", "Result"),
+        "success",
+        "{}",
+        sd.status_text("app.service")
+    );
+    let main = sd.main_pid("app.service");
+    assert!(served_by(addr, main, Duration::from_secs(5)));
+    ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+    assert_eq!(sd.show("app.service", "Result"), "success");
 }
