@@ -284,3 +284,169 @@ fn watchdog_of_two_seconds_survives_ten_reloads() {
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
     assert_eq!(sd.show("app.service", "Result"), "success");
 }
+
+/// The portable shape (Type=notify + ExecReload helper), with the hardening drop-in: reloads under load, a
+/// failing generation, stop.
+#[test]
+fn portable_template_with_hardening_reloads_fails_and_stops() {
+    let Some(sd) = boot("portable") else { return };
+    let port = free_port();
+    let fault = sd.dir.join("fault");
+    let addr = install_portable(
+        &sd,
+        port,
+        &format!("--init-fault {} --drain-timeout 10", fault.display()),
+    );
+    ok(sd.systemctl(&["start", "app.socket"]), "start socket", &sd);
+    let (first, _) = get(addr, "/").expect("socket activation");
+    assert_eq!(first.pid, sd.main_pid("app.service"));
+    assert_eq!(
+        sd.show("app.service", "ProtectSystem"),
+        "strict",
+        "the hardening drop-in must apply"
+    );
+    let load = Load::start(addr, 2, 2, Duration::from_millis(3));
+    let mut main = first.pid;
+    for i in 0..5 {
+        load.wait_progress(200);
+        ok(
+            sd.systemctl(&["reload", "app.service"]),
+            &format!("reload {i}"),
+            &sd,
+        );
+        let new = sd.main_pid("app.service");
+        assert_ne!(new, main, "reload {i}");
+        assert_eq!(sd.show("app.service", "SubState"), "running");
+        assert!(served_by(addr, new, Duration::from_secs(5)));
+        main = new;
+    }
+    std::fs::write(&fault, "fail").unwrap();
+    let t0 = Instant::now();
+    let out = sd.systemctl(&["reload", "app.service"]);
+    assert!(
+        !out.status.success(),
+        "a failing generation must fail the reload"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert_eq!(sd.main_pid("app.service"), main);
+    assert!(sd
+        .show("app.service", "StatusText")
+        .contains("child exited with status 3"));
+    std::fs::remove_file(&fault).unwrap();
+    load.wait_progress(200);
+    let stats = load.stop();
+    eprintln!("portable: {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+    assert_eq!(sd.show("app.service", "ActiveState"), "inactive");
+    assert_eq!(sd.show("app.service", "Result"), "success");
+}
+
+fn install_portable(sd: &Systemd, port: u16, args: &str) -> std::net::SocketAddr {
+    let bin = example("http_std");
+    let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
+    let log = sd.dir.join("service.log");
+    let stderr = format!("StandardError=append:{}", log.display());
+    sd.install(
+        "exuvia-app.socket",
+        "app.socket",
+        &[("ListenStream", &format!("127.0.0.1:{port}"))],
+        &[],
+    );
+    let exec_start = format!("{} {args}", bin.display());
+    let exec_reload = format!("{ctl} upgrade");
+    let exec_stop = format!("{ctl} stop");
+    sd.install(
+        "exuvia-app-portable.service",
+        "app.service",
+        &[
+            ("ExecStart", exec_start.as_str()),
+            ("Requires", "app.socket"),
+            ("After", "app.socket"),
+            ("ExecReload", exec_reload.as_str()),
+            ("ExecStop", exec_stop.as_str()),
+        ],
+        &[stderr.as_str()],
+    );
+    sd.install_dropin("hardening.conf", "app.service");
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+/// `systemd-analyze verify` accepts every shipped template (with the binaries it names present).
+#[test]
+fn systemd_analyze_verifies_the_templates() {
+    let Some(sd) = boot("verify") else { return };
+    let bin = example("http_std");
+    let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
+    let exec_start = bin.display().to_string();
+    let exec_reload = format!("{ctl} reload-verdict");
+    let exec_stop = format!("{ctl} stop");
+    for (template, name) in [
+        ("exuvia-app.socket", "exuvia-app.socket"),
+        ("exuvia-app.service", "exuvia-app.service"),
+        ("exuvia-app-portable.service", "exuvia-app-portable.service"),
+    ] {
+        sd.install(
+            template,
+            name,
+            &[
+                ("ExecStart", exec_start.as_str()),
+                ("ExecReload", exec_reload.as_str()),
+                ("ExecStop", exec_stop.as_str()),
+            ],
+            &[],
+        );
+    }
+    sd.install_dropin("hardening.conf", "exuvia-app.service");
+    // The instrument can see a problem: a unit with an invalid setting is reported.
+    let broken = sd.dir.join("units").join("broken.service");
+    std::fs::write(
+        &broken,
+        format!("[Unit]\nDefaultDependencies=no\n[Service]\nType=bogus\nExecStart={exec_start}\n"),
+    )
+    .unwrap();
+    let out = sd.run(&[
+        "systemd-analyze",
+        "verify",
+        "--man=no",
+        broken.to_str().unwrap(),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.lines().any(|l| l.contains("broken.service")),
+        "verify did not flag a broken unit:\n{text}"
+    );
+    for unit in [
+        "exuvia-app.socket",
+        "exuvia-app.service",
+        "exuvia-app-portable.service",
+    ] {
+        let path = sd.dir.join("units").join(unit);
+        let out = sd.run(&[
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            path.to_str().unwrap(),
+        ]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "systemd-analyze verify {unit}:\n{text}"
+        );
+        // Our own units must produce no warning at all (lines about other units are not ours to fix).
+        let ours: Vec<&str> = text.lines().filter(|l| l.contains(unit)).collect();
+        assert!(
+            ours.is_empty(),
+            "systemd-analyze warns about {unit}:\n{}",
+            ours.join("\n")
+        );
+    }
+}

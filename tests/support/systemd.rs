@@ -16,7 +16,13 @@ pub struct Systemd {
     pub pid: u32,
     pub dir: PathBuf,
     unshare_pid: u32,
+    // Dropped last: the next test may boot only once this one's systemd is gone.
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Test systemds share the host's cgroup tree, where every test's `system.slice/app.service` is the same
+/// directory: two at once could kill each other's processes. One runs at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Why the real-systemd tests cannot run here, if they cannot.
 fn unavailable() -> Option<String> {
@@ -64,6 +70,9 @@ pub fn boot(test: &str) -> Option<Systemd> {
         eprintln!("SKIPPED {test}: {why}. These tests run in CI; install systemd 253+ and run as root to run them here.");
         return None;
     }
+    let guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     super::become_subreaper();
     let exe = std::env::current_exe().unwrap();
     let target = exe.ancestors().nth(3).unwrap().to_path_buf(); // target/<profile>/deps/x -> target
@@ -136,6 +145,7 @@ pub fn boot(test: &str) -> Option<Systemd> {
         pid,
         dir,
         unshare_pid,
+        _one_at_a_time: guard,
     };
     // Ready when the manager answers and has finished booting into test.target.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -218,6 +228,22 @@ impl Systemd {
             }
         }
         std::fs::write(self.dir.join("units").join(name), out).unwrap();
+        let r = self.systemctl(&["daemon-reload"]);
+        assert!(
+            r.status.success(),
+            "daemon-reload: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+
+    /// Installs a shipped drop-in from `units/` for `unit` (as `UNIT.d/NAME`).
+    pub fn install_dropin(&self, template: &str, unit: &str) {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("units")
+            .join(template);
+        let dir = self.dir.join("units").join(format!("{unit}.d"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&src, dir.join(template)).unwrap();
         let r = self.systemctl(&["daemon-reload"]);
         assert!(
             r.status.success(),
