@@ -450,3 +450,79 @@ fn systemd_analyze_verifies_the_templates() {
         );
     }
 }
+
+/// NotifyAccess=all works too; an activated socket the program never takes is still passed to every new
+/// generation (so a later version can take it); each generation gets WATCHDOG_PID = its own pid.
+#[test]
+fn notify_access_all_unclaimed_sockets_and_watchdog_pid() {
+    let Some(sd) = boot("notifyall") else { return };
+    let extra_port = free_port();
+    sd.install(
+        "exuvia-app.socket",
+        "extra.socket",
+        &[
+            ("ListenStream", &format!("127.0.0.1:{extra_port}")),
+            ("FileDescriptorName", "extra"),
+        ],
+        &[],
+    );
+    let addr = install_app_with(
+        &sd,
+        free_port(),
+        "--drain-timeout 10",
+        &[("NotifyAccess", "all"), ("WatchdogSec", "5")],
+    );
+    // Both sockets go to the service (and the extra socket names it as its service).
+    let extra = sd.dir.join("units/extra.socket");
+    let unit = std::fs::read_to_string(&extra)
+        .unwrap()
+        .replace("[Socket]\n", "[Socket]\nService=app.service\n");
+    std::fs::write(&extra, unit).unwrap();
+    let sockets = sd.dir.join("units/app.service");
+    let unit = std::fs::read_to_string(&sockets).unwrap().replace(
+        "[Service]\n",
+        "[Service]\nSockets=app.socket extra.socket\n",
+    );
+    std::fs::write(&sockets, unit).unwrap();
+    ok(sd.systemctl(&["daemon-reload"]), "daemon-reload", &sd);
+    ok(
+        sd.systemctl(&["start", "extra.socket", "app.socket"]),
+        "start sockets",
+        &sd,
+    );
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    assert_eq!(sd.show("app.service", "NotifyAccess"), "all");
+    let mut main = sd.main_pid("app.service");
+    for i in 0..3 {
+        ok(
+            sd.systemctl(&["reload", "app.service"]),
+            &format!("reload {i}"),
+            &sd,
+        );
+        let new = sd.main_pid("app.service");
+        assert_ne!(new, main);
+        assert!(served_by(addr, new, Duration::from_secs(5)));
+        main = new;
+    }
+    let env = sd.run(&["cat", &format!("/proc/{main}/environ")]);
+    let vars: Vec<String> = env
+        .stdout
+        .split(|&b| b == 0)
+        .map(|v| String::from_utf8_lossy(v).to_string())
+        .collect();
+    let names = vars
+        .iter()
+        .find_map(|v| v.strip_prefix("LISTEN_FDNAMES="))
+        .unwrap_or_default();
+    assert!(
+        names.split(':').any(|n| n == "extra"),
+        "the unclaimed socket was not passed on: {names:?}"
+    );
+    assert!(vars.contains(&format!("WATCHDOG_PID={main}")), "{vars:?}");
+    assert!(vars.contains(&format!("LISTEN_PID={main}")), "{vars:?}");
+    // The unclaimed socket is still listening: the kernel completes the handshake and queues the connection.
+    std::net::TcpStream::connect(("127.0.0.1", extra_port))
+        .expect("the unclaimed socket is still open");
+    ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+    assert_eq!(sd.show("app.service", "Result"), "success");
+}
