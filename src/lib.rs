@@ -50,6 +50,15 @@
 //! }
 //! ```
 //!
+//! # Under systemd
+//!
+//! With `NOTIFY_SOCKET` set, the [`Upgrader`] speaks sd_notify through the handover (`RELOADING=1` with
+//! `MONOTONIC_USEC`, `EXTEND_TIMEOUT_USEC`, one datagram `MAINPID=<new>` + `READY=1`, the barrier, `STOPPING=1`),
+//! feeds the watchdog from whichever process is main, and adopts sockets passed by name (`FileDescriptorName=`).
+//! The unit templates in the repository's `units/` directory, the [`control`] socket and the `exuvia-ctl`
+//! helper make `systemctl reload` return the upgrade's verdict and `systemctl stop` drain. [`notify`] is the
+//! sd_notify client on its own.
+//!
 //! # What the new process receives
 //!
 //! The sockets sit at fds 3, 4, ... with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` set to the new
