@@ -68,6 +68,14 @@ pub(crate) fn serve(upgrader: Upgrader, listener: UnixListener) {
 }
 
 fn handle(upgrader: &Upgrader, mut conn: UnixStream) {
+    // Counted like a client connection, so that this process does not exit (after an upgrade it just ran, say)
+    // before the reply is written.
+    let guard = upgrader.track();
+    // Read the request before anything else, refusals included: closing on a client that is still writing
+    // would turn the answer into a broken pipe on its side.
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let read = BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line);
     match sys::peer_uid(conn.as_fd()) {
         Ok(uid) if uid == 0 || uid == sys::euid() => {}
         Ok(uid) => {
@@ -81,9 +89,6 @@ fn handle(upgrader: &Upgrader, mut conn: UnixStream) {
             return;
         }
     }
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut line = String::new();
-    let read = BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line);
     if read.is_err() || !line.ends_with('\n') {
         let _ =
             conn.write_all(b"error malformed request: send one line, 'exuvia-ctl/1 <command>'\n");
@@ -120,8 +125,10 @@ fn handle(upgrader: &Upgrader, mut conn: UnixStream) {
             None => Err("verdict needs the helper's start time".to_string()),
         },
         "stop" => {
-            upgrader.shutdown();
             let _ = conn.write_all(format!("ok stopping pid {}\n", std::process::id()).as_bytes());
+            // From here the connection must not hold up the drain: it waits for this process to exit.
+            drop(guard);
+            upgrader.shutdown();
             // Hold the connection: it closes when this process exits, which is what the helper waits for.
             let _ = conn.set_read_timeout(None);
             let _ = conn.read(&mut [0u8; 1]);
@@ -136,6 +143,7 @@ fn handle(upgrader: &Upgrader, mut conn: UnixStream) {
         Err(t) => format!("error {}\n", t.replace('\n', " ")),
     };
     let _ = conn.write_all(text.as_bytes());
+    drop(guard);
 }
 
 /// The verdict of the upgrade that the reload signal (sent before `since_usec`) started.
@@ -211,17 +219,23 @@ pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply> {
     };
     let mut conn = UnixStream::connect(path).map_err(unreachable)?;
     conn.set_read_timeout(Some(timeout)).map_err(unreachable)?;
-    conn.write_all(format!("{PROTOCOL} {command}\n").as_bytes())
-        .map_err(unreachable)?;
+    // A service that refuses us may answer and close before our request is through: read what it said
+    // before reporting the write error.
+    let sent = conn.write_all(format!("{PROTOCOL} {command}\n").as_bytes());
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
-    reader.read_line(&mut line).map_err(|e| {
-        Error::with_io(
-            ErrorKind::Channel,
-            format!("no answer from the service within {timeout:?}: {e}"),
-            e,
-        )
-    })?;
+    match (sent, reader.read_line(&mut line)) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) => return Err(unreachable(e)),
+        (Ok(()), Err(e)) => {
+            return Err(Error::with_io(
+                ErrorKind::Channel,
+                format!("no answer from the service within {timeout:?}: {e}"),
+                e,
+            ))
+        }
+        (Ok(()), Ok(_)) => {}
+    }
     let line = line.trim_end();
     let (ok, text) = match line.split_once(' ') {
         Some(("ok", t)) => (true, t.to_string()),

@@ -107,14 +107,34 @@ fn another_user_is_refused_and_bad_requests_are_answered() {
         // Open the file to everyone so that only the uid check stands in the way.
         std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let o = Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
-            .arg("--socket")
-            .arg(&sock)
-            .arg("status")
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .unwrap();
+        // The other user must be able to run the helper: the checkout may sit in a private home directory.
+        // A hard link, not a copy: a copy is open for writing for a moment, and a process forked meanwhile by
+        // another test would make exec fail with "text file busy".
+        let ctl_copy = dir.path().join("exuvia-ctl");
+        if std::fs::hard_link(env!("CARGO_BIN_EXE_exuvia-ctl"), &ctl_copy).is_err() {
+            std::fs::copy(env!("CARGO_BIN_EXE_exuvia-ctl"), &ctl_copy).unwrap();
+            std::fs::set_permissions(&ctl_copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let run = || {
+            Command::new(&ctl_copy)
+                .arg("--socket")
+                .arg(&sock)
+                .arg("status")
+                .uid(65534)
+                .gid(65534)
+                .output()
+        };
+        // A copy may still be "busy" while a process forked by another test holds its write fd until exec.
+        let mut tries = 0;
+        let o = loop {
+            match run() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.unwrap(),
+            }
+        };
         assert_eq!(o.status.code(), Some(1), "{}", text(&o));
         assert!(text(&o).contains("permission denied"), "{}", text(&o));
     } else {
