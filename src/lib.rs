@@ -81,6 +81,7 @@
 //! See `docs/DESIGN.md` in the repository for the architecture and the handover sequence.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod accept;
 mod activation;
@@ -93,6 +94,9 @@ pub mod notify;
 mod registry;
 mod sys;
 mod systemd;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub mod tokio;
 mod upgrade;
 
 pub use accept::{Accept, Incoming};

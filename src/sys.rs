@@ -831,6 +831,15 @@ pub(crate) fn signal_pipe(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
     Ok(read_end)
 }
 
+/// Registers `fd` with the current Tokio reactor for readability.
+#[cfg(feature = "tokio")]
+pub(crate) fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is a valid, open descriptor that stays open, and always reports the same number,
+    // for as long as the AsyncFd owns it, which is the whole contract of register_with_interest.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
 /// The number of threads in this process, from `/proc/self/status` (`None` if it cannot be read).
 pub(crate) fn thread_count() -> Option<usize> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

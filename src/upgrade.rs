@@ -941,30 +941,17 @@ impl Upgrader {
             for &sig in &buf[..n] {
                 match sig as libc::c_int {
                     libc::SIGHUP => {
-                        tracing::info!("SIGHUP received");
-                        self.record_sighup(false);
-                        let me = self.clone();
                         // The upgrade runs on its own thread so that signals arriving meanwhile are seen (and
                         // refused) at once rather than queued behind it.
-                        let spawned = std::thread::Builder::new()
+                        let run = self.sighup_received();
+                        if let Err(e) = std::thread::Builder::new()
                             .name("exuvia-upgrade".into())
-                            .spawn(move || {
-                                // Counted as handled once the upgrade started (or was refused): the reload
-                                // helper waits for that before it asks for a verdict.
-                                let me2 = me.clone();
-                                let result = me.upgrade_then(move || me2.record_sighup(true));
-                                if let Err(e) = result {
-                                    tracing::warn!(error = %e, "upgrade on SIGHUP did not happen");
-                                }
-                            });
-                        if let Err(e) = spawned {
+                            .spawn(run)
+                        {
                             tracing::warn!(error = %e, "cannot start an upgrade thread");
                         }
                     }
-                    libc::SIGTERM | libc::SIGINT => {
-                        tracing::info!(signal = %crate::error::signal_name(sig as i32), "stop signal received");
-                        self.shutdown();
-                    }
+                    libc::SIGTERM | libc::SIGINT => self.stop_signal_received(sig as i32),
                     _ => {}
                 }
             }
@@ -984,6 +971,25 @@ impl Upgrader {
         a.last = Some((started_usec, verdict));
         drop(a);
         self.inner.attempts_changed.notify_all();
+    }
+
+    /// Records a SIGHUP and returns the blocking work it calls for: an upgrade, counted as handled once it has
+    /// started or been refused (the reload helper waits for that before it asks for a verdict).
+    pub(crate) fn sighup_received(&self) -> impl FnOnce() + Send + 'static {
+        tracing::info!("SIGHUP received");
+        self.record_sighup(false);
+        let me = self.clone();
+        move || {
+            let me2 = me.clone();
+            if let Err(e) = me.upgrade_then(move || me2.record_sighup(true)) {
+                tracing::warn!(error = %e, "upgrade on SIGHUP did not happen");
+            }
+        }
+    }
+
+    pub(crate) fn stop_signal_received(&self, sig: i32) {
+        tracing::info!(signal = %crate::error::signal_name(sig), "stop signal received");
+        self.shutdown();
     }
 
     fn record_sighup(&self, handled: bool) {

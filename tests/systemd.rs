@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::systemd::{boot, Systemd};
@@ -369,6 +370,18 @@ fn install_portable(sd: &Systemd, port: u16, args: &str) -> std::net::SocketAddr
         &[stderr.as_str()],
     );
     sd.install_dropin("hardening.conf", "app.service");
+    // Deployed binaries live under /usr; a test's live in the checkout, which may sit in a home directory that
+    // ProtectHome=yes hides. Relax only that, and only as far as needed: read-only.
+    if ["/root", "/home", "/run/user"]
+        .iter()
+        .any(|h| bin.starts_with(h) || Path::new(ctl).starts_with(h))
+    {
+        sd.install_dropin_text(
+            "app.service",
+            "zz-test-checkout-in-home.conf",
+            "[Service]\nProtectHome=read-only\n",
+        );
+    }
     format!("127.0.0.1:{port}").parse().unwrap()
 }
 

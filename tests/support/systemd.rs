@@ -252,6 +252,19 @@ impl Systemd {
         );
     }
 
+    /// Installs a drop-in written by the test (not a shipped one) for `unit`.
+    pub fn install_dropin_text(&self, unit: &str, name: &str, text: &str) {
+        let dir = self.dir.join("units").join(format!("{unit}.d"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(name), text).unwrap();
+        let r = self.systemctl(&["daemon-reload"]);
+        assert!(
+            r.status.success(),
+            "daemon-reload: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+
     pub fn console(&self) -> String {
         std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
     }

@@ -1,0 +1,201 @@
+//! The Tokio layer (feature `tokio`, on by default): the same [`Upgrader`] and handover, seen from async code.
+//!
+//! - [`TcpIncoming`]: an accept loop over a Tokio listener that ends (`None`) once this process has handed
+//!   over or is stopping; dropping it closes this process's copy of the socket, the new process keeps its own.
+//! - [`Upgrader::finished`]: a future that resolves with why this process is finishing.
+//! - [`Upgrader::upgrade_async`], [`Upgrader::drain_async`]: the blocking steps on Tokio's blocking pool
+//!   (deliberately: they wait on a child process and on a condition variable).
+//! - [`Upgrader::handle_signals_tokio`]: SIGHUP upgrades, SIGTERM and SIGINT stop, through `tokio::signal`.
+//!
+//! Build the [`Upgrader`] before the runtime starts (it reads and removes environment variables, which is only
+//! sound while the process has one thread), then start the runtime:
+//!
+//! ```no_run
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let upgrader = exuvia::Upgrader::builder().build()?;
+//!     let listener = upgrader.listen_tcp("http", "127.0.0.1:8080")?;
+//!     tokio::runtime::Runtime::new()?.block_on(async move {
+//!         upgrader.handle_signals_tokio()?;
+//!         upgrader.ready()?;
+//!         let mut incoming = exuvia::tokio::TcpIncoming::new(&upgrader, listener)?;
+//!         while let Some(conn) = incoming.accept().await {
+//!             let Ok((stream, _peer)) = conn else { continue };
+//!             let guard = upgrader.track();
+//!             tokio::spawn(async move {
+//!                 // ... serve `stream` ...
+//!                 drop((stream, guard));
+//!             });
+//!         }
+//!         let why = upgrader.finished().await;
+//!         let report = upgrader.drain_async().await;
+//!         eprintln!("{why:?}: drained {}, left {}", report.drained, report.left);
+//!         Ok(())
+//!     })
+//! }
+//! ```
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+
+use ::tokio::io::unix::AsyncFd;
+use ::tokio::net::{TcpListener, TcpStream};
+use ::tokio::signal::unix::{signal, SignalKind};
+
+use crate::error::{Error, Result};
+use crate::{DrainReport, Finish, UpgradeReport, Upgrader};
+
+/// Makes a std listener (from [`Upgrader::listen_tcp`]) a Tokio one: non-blocking first, as Tokio requires.
+///
+/// `O_NONBLOCK` belongs to the kernel socket, shared with the old or new process; exuvia's std accept loop
+/// copes with either mode, so this does not disturb an old process that still accepts.
+pub fn listener(std: std::net::TcpListener) -> io::Result<TcpListener> {
+    std.set_nonblocking(true)?;
+    TcpListener::from_std(std)
+}
+
+/// Accepted connections until this process is finishing. See the [module docs](self).
+#[derive(Debug)]
+pub struct TcpIncoming {
+    listener: TcpListener,
+    finishing: Finishing,
+}
+
+impl TcpIncoming {
+    /// Wraps a listener from [`Upgrader::listen_tcp`]. Needs a Tokio runtime with IO enabled.
+    pub fn new(upgrader: &Upgrader, std: std::net::TcpListener) -> io::Result<TcpIncoming> {
+        Ok(TcpIncoming {
+            listener: listener(std)?,
+            finishing: Finishing::new(upgrader)?,
+        })
+    }
+
+    /// The next connection, or `None` once this process hands over or stops (then drop this value).
+    /// Connections still queued then are left to the process that carries on.
+    pub async fn accept(&mut self) -> Option<io::Result<(TcpStream, SocketAddr)>> {
+        ::tokio::select! {
+            biased;
+            _ = self.finishing.wait() => None,
+            r = self.listener.accept() => Some(r),
+        }
+    }
+
+    /// The local address of the listener.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// The upgrader's finishing signal as an async readiness source.
+#[derive(Debug)]
+struct Finishing {
+    fd: AsyncFd<OwnedFd>,
+    upgrader: Upgrader,
+}
+
+impl Finishing {
+    fn new(upgrader: &Upgrader) -> io::Result<Finishing> {
+        let fd = upgrader.finishing_fd().try_clone_to_owned()?;
+        // The pipe is only ever polled, never read, so making it non-blocking changes nothing for the std
+        // accept loops that poll the same pipe.
+        crate::sys::set_nonblocking(std::os::fd::AsFd::as_fd(&fd), true)?;
+        Ok(Finishing {
+            fd: crate::sys::async_readable(fd)?,
+            upgrader: upgrader.clone(),
+        })
+    }
+
+    async fn wait(&self) -> Finish {
+        loop {
+            if let Some(f) = self.upgrader.finishing() {
+                return f;
+            }
+            match self.fd.readable().await {
+                // The pipe stays readable (end of file) for good once the process is finishing; it is never
+                // read, so the readiness is not cleared: the next check above returns.
+                Ok(_guard) => {
+                    if let Some(f) = self.upgrader.finishing() {
+                        return f;
+                    }
+                    // Published a moment after the pipe closed? Yield and look again.
+                    ::tokio::task::yield_now().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the finishing signal; falling back to a blocking wait");
+                    let u = self.upgrader.clone();
+                    return ::tokio::task::spawn_blocking(move || u.wait())
+                        .await
+                        .unwrap_or(Finish::Stopped);
+                }
+            }
+        }
+    }
+}
+
+impl Upgrader {
+    /// Resolves once this process is finishing, with why: handed over to a new process, or stopping.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime with IO enabled.
+    pub async fn finished(&self) -> Finish {
+        match Finishing::new(self) {
+            Ok(f) => f.wait().await,
+            Err(_) => {
+                let u = self.clone();
+                ::tokio::task::spawn_blocking(move || u.wait())
+                    .await
+                    .unwrap_or(Finish::Stopped)
+            }
+        }
+    }
+
+    /// [`upgrade`](Upgrader::upgrade) on Tokio's blocking pool.
+    pub async fn upgrade_async(&self) -> Result<UpgradeReport> {
+        let u = self.clone();
+        ::tokio::task::spawn_blocking(move || u.upgrade())
+            .await
+            .map_err(|e| Error::io("the upgrade task failed", io::Error::other(e.to_string())))?
+    }
+
+    /// [`drain`](Upgrader::drain) on Tokio's blocking pool.
+    pub async fn drain_async(&self) -> DrainReport {
+        let u = self.clone();
+        match ::tokio::task::spawn_blocking(move || u.drain()).await {
+            Ok(r) => r,
+            // The blocking pool is shutting down: drain on this thread rather than not at all.
+            Err(_) => self.drain(),
+        }
+    }
+
+    /// Handles SIGHUP (upgrade; one at a time, a SIGHUP during an upgrade is refused and logged), SIGTERM
+    /// and SIGINT ([`shutdown`](Upgrader::shutdown)) on a task of the current runtime. Call it before
+    /// [`ready`](Upgrader::ready), so that a SIGHUP never finds the process without its handler.
+    ///
+    /// # Errors
+    /// If the signal handlers cannot be registered, or this is called outside a Tokio runtime.
+    pub fn handle_signals_tokio(&self) -> Result<::tokio::task::JoinHandle<()>> {
+        let reg = |k: SignalKind, name: &str| {
+            signal(k).map_err(|e| {
+                Error::io(format!("cannot handle {name} (inside a Tokio runtime?)"), e)
+            })
+        };
+        let mut hup = reg(SignalKind::hangup(), "SIGHUP")?;
+        let mut term = reg(SignalKind::terminate(), "SIGTERM")?;
+        let mut int = reg(SignalKind::interrupt(), "SIGINT")?;
+        let me = self.clone();
+        Ok(::tokio::spawn(async move {
+            loop {
+                ::tokio::select! {
+                    Some(()) = hup.recv() => {
+                        let run = me.sighup_received();
+                        // Deliberately on the blocking pool: the upgrade waits on a child process.
+                        ::tokio::task::spawn_blocking(run);
+                    }
+                    Some(()) = term.recv() => me.stop_signal_received(libc::SIGTERM),
+                    Some(()) = int.recv() => me.stop_signal_received(libc::SIGINT),
+                    else => return,
+                }
+            }
+        }))
+    }
+}
