@@ -25,119 +25,31 @@
 //! - `--hold-open FILE`: opens FILE *without* close-on-exec and keeps it, so that a test can check that such a
 //!   descriptor still does not reach the next generation.
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use common::Args;
 use exuvia::Upgrader;
-
-const DEFAULT_VERSION: &str = match option_env!("EXUVIA_EXAMPLE_VERSION") {
-    Some(v) => v,
-    None => env!("CARGO_PKG_VERSION"),
-};
 
 /// How long a keep-alive connection may sit idle between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
 
-struct Args {
-    listen: String,
-    version: String,
-    init_fault: Option<String>,
-    init_delay: Duration,
-    ready_timeout: Duration,
-    drain_timeout: Duration,
-    hold_open: Option<String>,
-    control_socket: Option<String>,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut a = Args {
-        listen: "127.0.0.1:8080".into(),
-        version: DEFAULT_VERSION.into(),
-        init_fault: None,
-        init_delay: Duration::ZERO,
-        ready_timeout: Duration::from_secs(30),
-        drain_timeout: Duration::from_secs(30),
-        hold_open: None,
-        control_socket: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        let secs = |v: String| -> Result<Duration, String> {
-            v.parse::<f64>()
-                .ok()
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(Duration::from_secs_f64)
-                .ok_or_else(|| format!("{flag}: {v:?} is not a number of seconds"))
-        };
-        match flag.as_str() {
-            "--listen" => a.listen = value()?,
-            "--version-tag" => a.version = value()?,
-            "--init-fault" => a.init_fault = Some(value()?),
-            "--init-delay-ms" => {
-                let v = value()?;
-                a.init_delay = Duration::from_millis(v.parse().map_err(|_| format!("--init-delay-ms: {v:?} is not a number"))?)
-            }
-            "--ready-timeout" => a.ready_timeout = secs(value()?)?,
-            "--drain-timeout" => a.drain_timeout = secs(value()?)?,
-            "--hold-open" => a.hold_open = Some(value()?),
-            "--control-socket" => a.control_socket = Some(value()?),
-            "-h" | "--help" => {
-                return Err("usage: http_std [--listen ADDR] [--version-tag V] [--init-fault FILE] \
-                            [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
-                            [--control-socket PATH]"
-                    .into())
-            }
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
-        }
-    }
-    Ok(a)
-}
-
-/// Logs carry the pid: old and new processes share one stderr.
-struct PidTime;
-impl tracing_subscriber::fmt::time::FormatTime for PidTime {
-    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        write!(
-            w,
-            "{}.{:03} pid={}",
-            t.as_secs(),
-            t.subsec_millis(),
-            std::process::id()
-        )
-    }
-}
-
-/// `RUST_LOG=debug` (or trace, warn, error) for more or less detail; info by default.
-fn log_level() -> tracing::Level {
-    std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(tracing::Level::INFO)
-}
-
 fn main() -> ExitCode {
-    let args = match parse_args() {
+    let args = match common::parse_args() {
         Ok(a) => a,
         Err(msg) => {
             eprintln!("http_std: {msg}");
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_max_level(log_level())
-        .with_timer(PidTime)
-        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
-        .with_target(false)
-        .with_writer(io::stderr)
-        .init();
+    common::init_logging();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -148,47 +60,17 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut builder = Upgrader::builder()
-        .ready_timeout(args.ready_timeout)
-        .drain_timeout(args.drain_timeout);
-    if let Some(path) = &args.control_socket {
-        builder = builder.control_socket(path);
-    }
-    let upgrader = builder.build()?;
+    let upgrader = common::builder(&args).build()?;
     let listener = upgrader.listen_tcp("http", args.listen.as_str())?;
     let addr = listener.local_addr()?;
-    let _held = args.hold_open.as_deref().map(hold_open).transpose()?;
+    let _held = args
+        .hold_open
+        .as_deref()
+        .map(common::hold_open)
+        .transpose()?;
     // Before reporting ready: a SIGHUP must never find this process without its handler.
     upgrader.handle_signals()?;
-
-    // Initialisation. The old process (if any) serves meanwhile.
-    if !args.init_delay.is_zero() {
-        std::thread::sleep(args.init_delay);
-    }
-    if let Some(file) = &args.init_fault {
-        let fault = std::fs::read_to_string(file).unwrap_or_default();
-        if fault.contains("fail") {
-            tracing::error!(
-                file,
-                "init fault injected: exiting with status 3 before ready"
-            );
-            std::process::exit(3);
-        }
-        if fault.contains("refuse") {
-            tracing::error!(
-                file,
-                "init fault injected: reporting failure to the old process"
-            );
-            upgrader.fail("injected fault: configuration refused")?;
-            std::process::exit(1);
-        }
-        if fault.contains("hang") {
-            tracing::warn!(file, "init fault injected: never reporting ready");
-            loop {
-                std::thread::park();
-            }
-        }
-    }
+    common::initialise(&upgrader, &args)?;
     upgrader.ready()?;
     tracing::info!(%addr, version = %args.version, generation = upgrader.generation(), "serving");
 
@@ -283,7 +165,7 @@ fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str) -> io::Result<()
         close |= upgrader.finishing().is_some();
         let (status, body) = match (method, path) {
             ("GET", "/") | ("HEAD", "/") => ("200 OK", format!("pid={pid} version={version}\n")),
-            ("GET", "/env") => ("200 OK", fd_passing_env()),
+            ("GET", "/env") => ("200 OK", common::fd_passing_env()),
             ("GET", _) | ("HEAD", _) => ("404 Not Found", "not found\n".to_string()),
             _ => ("405 Method Not Allowed", "method not allowed\n".to_string()),
         };
@@ -300,34 +182,4 @@ fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str) -> io::Result<()
             return Ok(());
         }
     }
-}
-
-/// The fd-passing variables this process can still see (names only): none once exuvia has read them.
-fn fd_passing_env() -> String {
-    let mut out = String::new();
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if k.starts_with("LISTEN_") || k.starts_with("EXUVIA_") {
-            out.push_str(&k);
-            out.push('\n');
-        }
-    }
-    out
-}
-
-/// Opens `path` and clears close-on-exec on it, as careless C libraries do.
-fn hold_open(path: &str) -> io::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path)?;
-    // SAFETY: fcntl on an fd owned by `f`, which outlives the call.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    tracing::info!(
-        path,
-        fd = f.as_raw_fd(),
-        "holding a file open without close-on-exec"
-    );
-    Ok(f)
 }

@@ -69,6 +69,12 @@ async fn accept_loop_ends_when_finishing_and_the_drain_waits() {
         let u = upgrader.clone();
         async move { u.drain_async().await }
     });
+    // While c2 is open the drain keeps waiting (a negative observation: nothing may happen meanwhile).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !drain.is_finished(),
+        "the drain returned while a connection was in flight"
+    );
     c2.write_all(b"z").await.unwrap();
     c2.read_exact(&mut b).await.unwrap();
     assert_eq!(&b, b"z");

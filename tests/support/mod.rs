@@ -205,6 +205,25 @@ pub fn open_fds(pid: u32) -> Vec<(i32, String)> {
     out
 }
 
+/// Socket inodes (`socket:[N]`) of TCP connections (any state but LISTEN) in `pid`'s network namespace: they
+/// come and go with clients, so fd counts and comparisons leave them out.
+pub fn tcp_connection_sockets(pid: u32) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+            if cols.len() > 9 && cols[3] != "0A" {
+                out.insert(format!("socket:[{}]", cols[9]));
+            }
+        }
+    }
+    out
+}
+
 /// A running http_std process tree (the first generation and its successors).
 pub struct Server {
     pub addr: SocketAddr,

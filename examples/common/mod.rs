@@ -1,0 +1,185 @@
+//! What the HTTP examples share: their command line (the interface tests and the demo drive), logging with
+//! pids, and the start-up fault injection. The exuvia-specific parts stay in each example.
+// Each example uses a subset; `pub` is for the examples, not an API.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io;
+use std::time::Duration;
+
+use exuvia::Upgrader;
+
+const DEFAULT_VERSION: &str = match option_env!("EXUVIA_EXAMPLE_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+
+/// How long a keep-alive connection may sit idle between requests.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The largest request head accepted.
+const MAX_HEAD: usize = 16 * 1024;
+
+pub struct Args {
+    pub listen: String,
+    pub version: String,
+    pub init_fault: Option<String>,
+    pub init_delay: Duration,
+    pub ready_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub hold_open: Option<String>,
+    pub control_socket: Option<String>,
+}
+
+pub fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        listen: "127.0.0.1:8080".into(),
+        version: DEFAULT_VERSION.into(),
+        init_fault: None,
+        init_delay: Duration::ZERO,
+        ready_timeout: Duration::from_secs(30),
+        drain_timeout: Duration::from_secs(30),
+        hold_open: None,
+        control_socket: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let secs = |v: String| -> Result<Duration, String> {
+            v.parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| format!("{flag}: {v:?} is not a number of seconds"))
+        };
+        match flag.as_str() {
+            "--listen" => a.listen = value()?,
+            "--version-tag" => a.version = value()?,
+            "--init-fault" => a.init_fault = Some(value()?),
+            "--init-delay-ms" => {
+                let v = value()?;
+                a.init_delay = Duration::from_millis(v.parse().map_err(|_| format!("--init-delay-ms: {v:?} is not a number"))?)
+            }
+            "--ready-timeout" => a.ready_timeout = secs(value()?)?,
+            "--drain-timeout" => a.drain_timeout = secs(value()?)?,
+            "--hold-open" => a.hold_open = Some(value()?),
+            "--control-socket" => a.control_socket = Some(value()?),
+            "-h" | "--help" => {
+                return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
+                            [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
+                            [--control-socket PATH]"
+                    .into())
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(a)
+}
+
+/// Logs carry the pid: old and new processes share one stderr.
+struct PidTime;
+impl tracing_subscriber::fmt::time::FormatTime for PidTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        write!(
+            w,
+            "{}.{:03} pid={}",
+            t.as_secs(),
+            t.subsec_millis(),
+            std::process::id()
+        )
+    }
+}
+
+/// `RUST_LOG=debug` (or trace, warn, error) for more or less detail; info by default.
+fn log_level() -> tracing::Level {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(tracing::Level::INFO)
+}
+
+/// Logging to stderr with the pid in each line.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_max_level(log_level())
+        .with_timer(PidTime)
+        .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
+        .with_target(false)
+        .with_writer(io::stderr)
+        .init();
+}
+
+/// The upgrader as the command line configures it.
+pub fn builder(args: &Args) -> exuvia::Builder {
+    let mut builder = Upgrader::builder()
+        .ready_timeout(args.ready_timeout)
+        .drain_timeout(args.drain_timeout);
+    if let Some(path) = &args.control_socket {
+        builder = builder.control_socket(path);
+    }
+    builder
+}
+
+/// The application's "initialisation": the simulated delay and the injected faults (`--init-fault`).
+/// Runs before ready; the old process, if any, serves meanwhile.
+pub fn initialise(upgrader: &Upgrader, args: &Args) -> Result<(), exuvia::Error> {
+    if !args.init_delay.is_zero() {
+        std::thread::sleep(args.init_delay);
+    }
+    if let Some(file) = &args.init_fault {
+        let fault = std::fs::read_to_string(file).unwrap_or_default();
+        if fault.contains("fail") {
+            tracing::error!(
+                file,
+                "init fault injected: exiting with status 3 before ready"
+            );
+            std::process::exit(3);
+        }
+        if fault.contains("refuse") {
+            tracing::error!(
+                file,
+                "init fault injected: reporting failure to the old process"
+            );
+            upgrader.fail("injected fault: configuration refused")?;
+            std::process::exit(1);
+        }
+        if fault.contains("hang") {
+            tracing::warn!(file, "init fault injected: never reporting ready");
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The fd-passing variables this process can still see (names only): none once exuvia has read them.
+pub fn fd_passing_env() -> String {
+    let mut out = String::new();
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("LISTEN_") || k.starts_with("EXUVIA_") {
+            out.push_str(&k);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Opens `path` and clears close-on-exec on it, as careless C libraries do.
+pub fn hold_open(path: &str) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: fcntl on an fd owned by `f`, which outlives the call.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    tracing::info!(
+        path,
+        fd = f.as_raw_fd(),
+        "holding a file open without close-on-exec"
+    );
+    Ok(f)
+}
