@@ -128,7 +128,7 @@ fn handle(upgrader: &Upgrader, mut conn: UnixStream) {
             let _ = conn.write_all(format!("ok stopping pid {}\n", std::process::id()).as_bytes());
             // From here the connection must not hold up the drain: it waits for this process to exit.
             drop(guard);
-            upgrader.shutdown();
+            upgrader.shutdown_by(crate::StopCause::ControlSocket);
             // Hold the connection: it closes when this process exits, which is what the helper waits for.
             let _ = conn.set_read_timeout(None);
             let _ = conn.read(&mut [0u8; 1]);

@@ -105,4 +105,4 @@ pub use error::{Error, ErrorKind, Result};
 pub use handover::protocol::MAX_STATE_LEN;
 pub use listen::{BindOptions, SocketKind};
 pub use notify::{Notifier, State};
-pub use upgrade::{accept_seqpacket, Builder, Finish, UpgradeReport, Upgrader};
+pub use upgrade::{accept_seqpacket, Builder, Event, Finish, StopCause, UpgradeReport, Upgrader};

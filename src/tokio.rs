@@ -43,7 +43,7 @@ use ::tokio::net::{TcpListener, TcpStream};
 use ::tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::{Error, Result};
-use crate::{DrainReport, Finish, UpgradeReport, Upgrader};
+use crate::{DrainReport, Event, Finish, StopCause, UpgradeReport, Upgrader};
 
 /// Makes a std listener (from [`Upgrader::listen_tcp`]) a Tokio one: non-blocking first, as Tokio requires.
 ///
@@ -125,7 +125,7 @@ impl Finishing {
                     let u = self.upgrader.clone();
                     return ::tokio::task::spawn_blocking(move || u.wait())
                         .await
-                        .unwrap_or(Finish::Stopped);
+                        .unwrap_or(Finish::Stopped { by: StopCause::Api });
                 }
             }
         }
@@ -144,8 +144,18 @@ impl Upgrader {
                 let u = self.clone();
                 ::tokio::task::spawn_blocking(move || u.wait())
                     .await
-                    .unwrap_or(Finish::Stopped)
+                    .unwrap_or(Finish::Stopped { by: StopCause::Api })
             }
+        }
+    }
+
+    /// [`wait_event`](Upgrader::wait_event) on Tokio's blocking pool: the next failed upgrade, or why this
+    /// process is finishing.
+    pub async fn next_event(&self) -> Event {
+        let u = self.clone();
+        match ::tokio::task::spawn_blocking(move || u.wait_event()).await {
+            Ok(e) => e,
+            Err(_) => Event::Finishing(self.finished().await),
         }
     }
 

@@ -36,8 +36,23 @@ pub enum Finish {
         /// The new process.
         child_pid: u32,
     },
-    /// A stop was requested ([`Upgrader::shutdown`], or SIGTERM/SIGINT with [`Upgrader::handle_signals`]).
-    Stopped,
+    /// A stop was requested.
+    Stopped {
+        /// Who asked.
+        by: StopCause,
+    },
+}
+
+/// Who asked this process to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StopCause {
+    /// A signal (SIGTERM or SIGINT) through [`Upgrader::handle_signals`] or `handle_signals_tokio`.
+    Signal(i32),
+    /// `stop` on the control socket (`exuvia-ctl stop`, systemd's `ExecStop=`).
+    ControlSocket,
+    /// The application called [`Upgrader::shutdown`].
+    Api,
 }
 
 /// What a successful upgrade did.
@@ -351,6 +366,18 @@ pub(crate) struct Attempts {
     /// SIGHUPs received and SIGHUPs acted upon (an upgrade started or refused).
     pub(crate) sighup_received: u64,
     pub(crate) sighup_handled: u64,
+    /// Failed upgrades so far, for [`Upgrader::wait_event`].
+    pub(crate) failures: u64,
+}
+
+/// Something the application may want to act on, from [`Upgrader::wait_event`] (or `next_event` with Tokio).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// This process is finishing: drain and exit.
+    Finishing(Finish),
+    /// An upgrade failed; this process keeps serving. The text says why (as the error did).
+    UpgradeFailed(String),
 }
 
 /// The process's handle on its sockets and upgrades. Cheap to clone; every clone is the same upgrader.
@@ -821,10 +848,14 @@ impl Upgrader {
     /// Marks this process as stopping ([`Finish::Stopped`]): accept loops end; then [`drain`](Self::drain)
     /// and exit. Does nothing if it is already finishing.
     pub fn shutdown(&self) {
+        self.shutdown_by(StopCause::Api)
+    }
+
+    pub(crate) fn shutdown_by(&self, by: StopCause) {
         let first = {
             let mut finish = lock(&self.inner.finish);
             if finish.claimed.is_none() {
-                finish.claimed = Some(Finish::Stopped);
+                finish.claimed = Some(Finish::Stopped { by });
                 true
             } else {
                 false
@@ -845,6 +876,32 @@ impl Upgrader {
         // Closing the write end makes the read end readable forever: every accept loop wakes and ends.
         lock(&self.inner.stop_write).take();
         self.inner.finished.notify_all();
+        self.inner.attempts_changed.notify_all();
+    }
+
+    /// Blocks until the next event: an upgrade that fails after this call (this process serves on), or this
+    /// process finishing. Lets a service log or alert on failed upgrades, and learn why it is finishing, in one
+    /// loop.
+    pub fn wait_event(&self) -> Event {
+        let seen = lock(&self.inner.attempts).failures;
+        let mut a = lock(&self.inner.attempts);
+        loop {
+            if let Some(f) = self.finishing() {
+                return Event::Finishing(f);
+            }
+            if a.failures > seen {
+                let reason = match &a.last {
+                    Some((_, Err(e))) => e.clone(),
+                    _ => "upgrade failed".to_string(),
+                };
+                return Event::UpgradeFailed(reason);
+            }
+            a = self
+                .inner
+                .attempts_changed
+                .wait(a)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     /// Whether this process is finishing, and why.
@@ -890,7 +947,7 @@ impl Upgrader {
         tracing::info!(connections = open, timeout = ?self.inner.drain_timeout, "draining");
         // Once handed over, this process is no longer the main one and its status would be dropped (or, with
         // NotifyAccess=all, overwrite the new process's): report only when stopping.
-        if self.finishing() == Some(Finish::Stopped) {
+        if matches!(self.finishing(), Some(Finish::Stopped { .. })) {
             self.inner
                 .manager
                 .status(&format!("stopping: draining {open} connections"));
@@ -968,6 +1025,9 @@ impl Upgrader {
     fn record_attempt_end(&self, started_usec: u64, verdict: std::result::Result<u32, String>) {
         let mut a = lock(&self.inner.attempts);
         a.current = None;
+        if verdict.is_err() {
+            a.failures += 1;
+        }
         a.last = Some((started_usec, verdict));
         drop(a);
         self.inner.attempts_changed.notify_all();
@@ -989,7 +1049,7 @@ impl Upgrader {
 
     pub(crate) fn stop_signal_received(&self, sig: i32) {
         tracing::info!(signal = %crate::error::signal_name(sig), "stop signal received");
-        self.shutdown();
+        self.shutdown_by(StopCause::Signal(sig));
     }
 
     fn record_sighup(&self, handled: bool) {
@@ -1040,7 +1100,7 @@ fn finishing_error(f: Finish) -> Error {
             Finish::Upgraded { child_pid } => {
                 format!("this process already handed over to pid {child_pid}; signal that process instead")
             }
-            Finish::Stopped => "this process is stopping; it will not upgrade".to_string(),
+            Finish::Stopped { .. } => "this process is stopping; it will not upgrade".to_string(),
         },
     )
 }

@@ -54,7 +54,9 @@ async fn accept_loop_ends_when_finishing_and_the_drain_waits() {
             .await
             .unwrap()
             .unwrap(),
-        Finish::Stopped
+        Finish::Stopped {
+            by: exuvia::StopCause::Api
+        }
     );
     let served = tokio::time::timeout(Duration::from_secs(5), server)
         .await
@@ -91,4 +93,46 @@ async fn upgrade_async_refuses_before_ready_without_blocking_the_runtime() {
     let upgrader = Upgrader::builder().build().unwrap();
     let e = upgrader.upgrade_async().await.unwrap_err();
     assert_eq!(e.kind(), exuvia::ErrorKind::Finishing, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_report_a_failed_upgrade_then_why_the_process_finishes() {
+    let upgrader = Upgrader::builder()
+        .program("/nonexistent/exuvia-next")
+        .build()
+        .unwrap();
+    upgrader.ready().unwrap();
+    let events = tokio::spawn({
+        let u = upgrader.clone();
+        async move { u.next_event().await }
+    });
+    let e = upgrader.upgrade_async().await.unwrap_err();
+    assert_eq!(e.kind(), exuvia::ErrorKind::Spawn);
+    let event = tokio::time::timeout(Duration::from_secs(5), events)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        event,
+        exuvia::Event::UpgradeFailed(
+            "cannot execute /nonexistent/exuvia-next: No such file or directory".into()
+        )
+    );
+    // The process serves on; then it is stopped, and the next event says so.
+    assert!(upgrader.finishing().is_none());
+    let next = tokio::spawn({
+        let u = upgrader.clone();
+        async move { u.next_event().await }
+    });
+    upgrader.shutdown();
+    let event = tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        event,
+        exuvia::Event::Finishing(Finish::Stopped {
+            by: exuvia::StopCause::Api
+        })
+    );
 }
