@@ -1,5 +1,6 @@
 //! The handover under a REAL systemd (253+), booted as PID 1 of a private namespace, with the shipped unit
 //! templates from `units/`. These tests skip loudly where the machine cannot boot systemd, and fail in CI.
+//! The main scenarios run against both HTTP examples (std threads, and axum on Tokio).
 
 mod support;
 
@@ -9,6 +10,30 @@ use std::time::{Duration, Instant};
 use support::systemd::{boot, Systemd};
 use support::*;
 
+/// Runs each named scenario once per example server.
+macro_rules! for_each_example {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[test]
+                fn http_std() {
+                    super::$scenario("http_std")
+                }
+                #[test]
+                fn http_axum() {
+                    super::$scenario("http_axum")
+                }
+            }
+        )*
+    };
+}
+
+for_each_example!(
+    socket_activation_then_ten_reloads_under_load_then_stop,
+    a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on,
+    portable_template_with_hardening_reloads_fails_and_stops,
+);
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -17,29 +42,26 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Installs the notify-reload templates as app.socket + app.service running http_std with `args`.
-fn install_app(sd: &Systemd, port: u16, args: &str, extra: &[&str]) -> std::net::SocketAddr {
-    install(sd, port, args, extra, &[])
-}
-
-/// [`install_app`] with more template lines replaced.
+/// Installs the notify-reload templates as app.socket + app.service running http_std with `args`, with more
+/// template lines replaced.
 fn install_app_with(
     sd: &Systemd,
     port: u16,
     args: &str,
     replace: &[(&str, &str)],
 ) -> std::net::SocketAddr {
-    install(sd, port, args, &[], replace)
+    install(sd, "http_std", port, args, &[], replace)
 }
 
 fn install(
     sd: &Systemd,
+    server: &str,
     port: u16,
     args: &str,
     extra: &[&str],
     more: &[(&str, &str)],
 ) -> std::net::SocketAddr {
-    let bin = example("http_std");
+    let bin = example(server);
     let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
     let log = sd.dir.join("service.log");
     let stderr = format!("StandardError=append:{}", log.display());
@@ -95,10 +117,9 @@ fn served_by(addr: std::net::SocketAddr, pid: u32, timeout: Duration) -> bool {
     false
 }
 
-#[test]
-fn socket_activation_then_ten_reloads_under_load_then_stop() {
+fn socket_activation_then_ten_reloads_under_load_then_stop(server: &str) {
     let Some(sd) = boot("reloads") else { return };
-    let addr = install_app(&sd, free_port(), "--drain-timeout 10", &[]);
+    let addr = install(&sd, server, free_port(), "--drain-timeout 10", &[], &[]);
     ok(
         sd.systemctl(&["start", "app.socket"]),
         "start app.socket",
@@ -152,11 +173,11 @@ fn socket_activation_then_ten_reloads_under_load_then_stop() {
     // The old generations drain and exit; only the last one is left.
     let last = *pids.last().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while sd.pids_of("http_std") != vec![last] {
+    while sd.pids_of(server) != vec![last] {
         assert!(
             Instant::now() < deadline,
             "old generations still running: {:?}",
-            sd.pids_of("http_std")
+            sd.pids_of(server)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -180,18 +201,19 @@ fn socket_activation_then_ten_reloads_under_load_then_stop() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    assert!(sd.pids_of("http_std").is_empty());
+    assert!(sd.pids_of(server).is_empty());
 }
 
-#[test]
-fn a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on() {
+fn a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on(
+    server: &str,
+) {
     let Some(sd) = boot("faults") else { return };
     let fault = sd.dir.join("fault");
     let args = format!(
         "--init-fault {} --ready-timeout 2 --drain-timeout 10",
         fault.display()
     );
-    let addr = install_app(&sd, free_port(), &args, &[]);
+    let addr = install(&sd, server, free_port(), &args, &[], &[]);
     ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
     let main = sd.main_pid("app.service");
     let load = Load::start(addr, 2, 2, Duration::from_millis(3));
@@ -288,13 +310,13 @@ fn watchdog_of_two_seconds_survives_ten_reloads() {
 
 /// The portable shape (Type=notify + ExecReload helper), with the hardening drop-in: reloads under load, a
 /// failing generation, stop.
-#[test]
-fn portable_template_with_hardening_reloads_fails_and_stops() {
+fn portable_template_with_hardening_reloads_fails_and_stops(server: &str) {
     let Some(sd) = boot("portable") else { return };
     let port = free_port();
     let fault = sd.dir.join("fault");
     let addr = install_portable(
         &sd,
+        server,
         port,
         &format!("--init-fault {} --drain-timeout 10", fault.display()),
     );
@@ -343,8 +365,8 @@ fn portable_template_with_hardening_reloads_fails_and_stops() {
     assert_eq!(sd.show("app.service", "Result"), "success");
 }
 
-fn install_portable(sd: &Systemd, port: u16, args: &str) -> std::net::SocketAddr {
-    let bin = example("http_std");
+fn install_portable(sd: &Systemd, server: &str, port: u16, args: &str) -> std::net::SocketAddr {
+    let bin = example(server);
     let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
     let log = sd.dir.join("service.log");
     let stderr = format!("StandardError=append:{}", log.display());
