@@ -204,6 +204,13 @@ pub struct Reply {
 /// Sends one request to the control socket at `path` and reads the reply. For `stop`, also waits (up to
 /// `timeout`) until the service has exited.
 ///
+/// ```no_run
+/// let path = exuvia::control::default_socket_path().expect("run under systemd with RuntimeDirectory=");
+/// let reply = exuvia::control::request(&path, "upgrade", std::time::Duration::from_secs(60))?;
+/// if reply.ok { println!("{}", reply.text) } else { eprintln!("upgrade failed: {}", reply.text) }
+/// # Ok::<(), exuvia::Error>(())
+/// ```
+///
 /// # Errors
 /// [`ErrorKind::Channel`] when the socket cannot be reached, or the service does not answer within `timeout`.
 pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply> {

@@ -116,6 +116,15 @@ pub(crate) fn encode(states: &[State<'_>]) -> Result<String> {
 }
 
 /// A connection to the service manager's notification socket.
+///
+/// ```no_run
+/// use exuvia::notify::{Notifier, State};
+/// if let Some(n) = Notifier::from_env()? {
+///     n.notify(&[State::Ready, State::Status("serving")])?;
+///     n.barrier(std::time::Duration::from_secs(5))?; // systemd has processed READY=1
+/// }
+/// # Ok::<(), exuvia::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Notifier {
     socket: OwnedFd,

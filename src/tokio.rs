@@ -135,6 +135,13 @@ impl Finishing {
 impl Upgrader {
     /// Resolves once this process is finishing, with why: handed over to a new process, or stopping.
     ///
+    /// ```no_run
+    /// # async fn f(upgrader: exuvia::Upgrader) {
+    /// // With axum's serve, for instance: stop accepting once handed over.
+    /// let why = upgrader.finished().await;
+    /// # }
+    /// ```
+    ///
     /// # Panics
     /// Outside a Tokio runtime with IO enabled.
     pub async fn finished(&self) -> Finish {
@@ -151,6 +158,18 @@ impl Upgrader {
 
     /// [`wait_event`](Upgrader::wait_event) on Tokio's blocking pool: the next failed upgrade, or why this
     /// process is finishing.
+    ///
+    /// ```no_run
+    /// # async fn f(upgrader: exuvia::Upgrader) {
+    /// loop {
+    ///     match upgrader.next_event().await {
+    ///         exuvia::Event::UpgradeFailed(why) => tracing::warn!(%why, "upgrade failed; still serving"),
+    ///         exuvia::Event::Finishing(f) => break tracing::info!(?f, "finishing"),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub async fn next_event(&self) -> Event {
         let u = self.clone();
         match ::tokio::task::spawn_blocking(move || u.wait_event()).await {
@@ -160,6 +179,15 @@ impl Upgrader {
     }
 
     /// [`upgrade`](Upgrader::upgrade) on Tokio's blocking pool.
+    ///
+    /// ```no_run
+    /// # async fn f(upgrader: exuvia::Upgrader) {
+    /// if let Err(e) = upgrader.upgrade_async().await {
+    ///     tracing::warn!(error = %e, "upgrade failed; still serving");
+    /// }
+    /// let report = upgrader.drain_async().await; // once finishing
+    /// # }
+    /// ```
     pub async fn upgrade_async(&self) -> Result<UpgradeReport> {
         let u = self.clone();
         ::tokio::task::spawn_blocking(move || u.upgrade())

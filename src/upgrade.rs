@@ -156,6 +156,16 @@ impl Builder {
 
     /// Reads the inherited sockets and, in a process started by an upgrade, greets the old process.
     ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// let upgrader = exuvia::Upgrader::builder()
+    ///     .ready_timeout(Duration::from_secs(60))
+    ///     .drain_timeout(Duration::from_secs(20))
+    ///     .state(|| b"session-ticket-keys".to_vec())
+    ///     .build()?;
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
+    ///
     /// # Errors
     /// [`ErrorKind::Environment`] when `LISTEN_*` or the handover variables are malformed or name fds that are
     /// not open; [`ErrorKind::Protocol`]/[`ErrorKind::Channel`] when the old process cannot be understood.
@@ -485,6 +495,17 @@ impl Upgrader {
     /// An inherited socket is used as it is, whatever `addr` says (its address is the one the old process or
     /// systemd bound: with port 0, or a socket unit, it differs from `addr`).
     ///
+    /// ```no_run
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// let http = upgrader.listen_tcp("http", "0.0.0.0:8080")?;
+    /// let admin = upgrader.listen_tcp_with(
+    ///     "admin",
+    ///     "127.0.0.1:9090",
+    ///     &exuvia::BindOptions::new().backlog(128),
+    /// )?;
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
+    ///
     /// # Errors
     /// [`ErrorKind::WrongSocketKind`] if the inherited socket of that name is not a TCP listener,
     /// [`ErrorKind::AlreadyTaken`] on a second call with the same name, [`ErrorKind::Bind`] if the bind fails.
@@ -509,6 +530,13 @@ impl Upgrader {
         .map(TcpListener::from)
     }
 
+    /// ```no_run
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// let dns = upgrader.bind_udp("dns", "127.0.0.1:5353")?;
+    /// let control = upgrader.listen_unix("api", "/run/app/api.sock")?;
+    /// let logs = upgrader.bind_unix_datagram("logs", "/run/app/log.sock")?;
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
     /// A UDP socket named `name`, inherited or freshly bound on `addr`.
     pub fn bind_udp(&self, name: &str, addr: impl ToSocketAddrs) -> Result<UdpSocket> {
         self.bind_udp_with(name, addr, &BindOptions::new())
@@ -578,6 +606,17 @@ impl Upgrader {
         )
     }
 
+    /// ```no_run
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// // Socket-activated only: no fallback bind.
+    /// match upgrader.take_tcp("http")? {
+    ///     Some(l) => println!("serving on {:?}", l.local_addr()),
+    ///     None => eprintln!("no socket named http was passed; check FileDescriptorName="),
+    /// }
+    /// // Sockets passed without distinct names, by position.
+    /// let second = upgrader.take_index(1, exuvia::SocketKind::TcpListener)?;
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
     /// Takes the inherited TCP listener named `name`, if any: no bind. `Ok(None)` when there is none or it
     /// was already taken.
     pub fn take_tcp(&self, name: &str) -> Result<Option<TcpListener>> {
@@ -596,6 +635,17 @@ impl Upgrader {
         lock(&self.inner.registry).take_index(index, kind)
     }
 
+    /// ```no_run
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// # let listener = upgrader.listen_tcp("http", "127.0.0.1:8080")?;
+    /// for conn in upgrader.incoming(listener) {
+    ///     let Ok(stream) = conn else { continue };
+    ///     let guard = upgrader.track();
+    ///     std::thread::spawn(move || { /* serve stream */ drop((stream, guard)); });
+    /// }
+    /// // Here this process has handed over (or is stopping) and no longer accepts.
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
     /// Accepted connections from `listener` until this process finishes; then the iterator ends and closes
     /// the listener. See [`Incoming`].
     pub fn incoming<L: Accept>(&self, listener: L) -> Incoming<L> {
@@ -674,6 +724,15 @@ impl Upgrader {
         }
     }
 
+    /// ```no_run
+    /// # fn load_config() -> Result<(), String> { Ok(()) }
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// if let Err(reason) = load_config() {
+    ///     upgrader.fail(&format!("bad configuration: {reason}"))?;
+    ///     std::process::exit(1);
+    /// }
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
     /// Reports that initialisation failed, with a reason the old process logs and returns from its
     /// [`upgrade`](Self::upgrade). The old process keeps serving; this one should exit.
     pub fn fail(&self, reason: &str) -> Result<()> {
@@ -686,6 +745,16 @@ impl Upgrader {
     /// Replaces this process: starts the program on disk with every socket, waits for it to report ready, then
     /// marks this process as finishing ([`Finish::Upgraded`]): accept loops end, and the application should
     /// [`drain`](Self::drain) and exit.
+    ///
+    /// ```no_run
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// match upgrader.upgrade() {
+    ///     Ok(report) => eprintln!("pid {} serves now ({:?})", report.child_pid, report.took),
+    ///     Err(e) if e.kind() == exuvia::ErrorKind::UpgradeInProgress => eprintln!("one at a time"),
+    ///     Err(e) => eprintln!("upgrade failed, still serving: {e}"),
+    /// }
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
     ///
     /// Blocks until the new process is ready or has failed. On failure the new process is killed and reaped,
     /// and this process keeps serving as if nothing happened.
@@ -879,6 +948,17 @@ impl Upgrader {
         self.inner.attempts_changed.notify_all();
     }
 
+    /// ```no_run
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// loop {
+    ///     match upgrader.wait_event() {
+    ///         exuvia::Event::UpgradeFailed(why) => eprintln!("alert: upgrade failed: {why}"),
+    ///         exuvia::Event::Finishing(f) => break eprintln!("finishing: {f:?}"),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
     /// Blocks until the next event: an upgrade that fails after this call (this process serves on), or this
     /// process finishing. Lets a service log or alert on failed upgrades, and learn why it is finishing, in one
     /// loop.
@@ -909,6 +989,16 @@ impl Upgrader {
         lock(&self.inner.finish).visible()
     }
 
+    /// ```no_run
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// match upgrader.wait() {
+    ///     exuvia::Finish::Upgraded { child_pid } => eprintln!("handed over to {child_pid}"),
+    ///     other => eprintln!("{other:?}"),
+    /// }
+    /// let report = upgrader.drain();
+    /// eprintln!("drained {}, left {}", report.drained, report.left);
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
     /// Blocks until this process is finishing, and says why.
     pub fn wait(&self) -> Finish {
         let mut finish = lock(&self.inner.finish);
@@ -924,6 +1014,18 @@ impl Upgrader {
         }
     }
 
+    /// ```no_run
+    /// use std::os::fd::AsRawFd;
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// # let udp = upgrader.bind_udp("dns", "127.0.0.1:5353")?;
+    /// let mut fds = [
+    ///     libc::pollfd { fd: udp.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ///     libc::pollfd { fd: upgrader.finishing_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    /// ];
+    /// // poll(2) both; stop receiving once fds[1] is readable.
+    /// # let _ = &mut fds;
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
     /// A descriptor that turns readable (end of file) once this process is finishing, for custom loops that
     /// `poll` (a UDP receive loop, say) and should end like [`Incoming`] does.
     pub fn finishing_fd(&self) -> BorrowedFd<'_> {
@@ -962,6 +1064,12 @@ impl Upgrader {
         report
     }
 
+    /// ```no_run
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// upgrader.handle_signals()?; // before ready(): a SIGHUP must never find the process without it
+    /// upgrader.ready()?;
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
     /// Handles the conventional signals on a thread of its own: SIGHUP upgrades (a SIGHUP during an upgrade is
     /// refused and logged, never queued), SIGTERM and SIGINT [`shutdown`](Self::shutdown). Works whenever it is
     /// called, whatever threads exist.
