@@ -128,8 +128,14 @@ mod tests {
         });
         let r = t.drain(Duration::from_millis(300));
         h.join().unwrap();
-        assert_eq!((r.at_start, r.drained, r.left), (3, 2, 1));
-        assert!(r.took >= Duration::from_millis(300));
+        // The thread may drop its two guards before or during the drain: the counts hold either way.
+        assert_eq!(r.left, 1, "{r:?}");
+        assert_eq!(r.at_start - r.drained, r.left, "{r:?}");
+        assert!((1..=3).contains(&r.at_start), "{r:?}");
+        assert!(
+            r.took >= Duration::from_millis(300),
+            "the guard still open must hold the drain to its deadline"
+        );
     }
 
     #[test]
