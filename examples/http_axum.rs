@@ -41,21 +41,7 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 
 fn main() -> ExitCode {
-    let args = match common::parse_args() {
-        Ok(a) => a,
-        Err(msg) => {
-            eprintln!("http_axum: {msg}");
-            return ExitCode::from(2);
-        }
-    };
-    common::init_logging();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::main("http_axum", run)
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {

@@ -42,21 +42,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_HEAD: usize = 16 * 1024;
 
 fn main() -> ExitCode {
-    let args = match common::parse_args() {
-        Ok(a) => a,
-        Err(msg) => {
-            eprintln!("http_std: {msg}");
-            return ExitCode::from(2);
-        }
-    };
-    common::init_logging();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    common::main("http_std", run)
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {

@@ -51,26 +51,31 @@ pub fn default_socket_path() -> Option<PathBuf> {
 
 /// Serves the control socket on a thread of its own until this process is finishing.
 pub(crate) fn serve(upgrader: Upgrader, listener: UnixListener) {
+    // The loop itself counts as in flight until it has ended: a request accepted in the instant before this
+    // process started finishing must get its guard before the drain can find nothing to wait for (the drain
+    // is not sequenced after this loop, as an application's is after its own).
+    let loop_guard = upgrader.track();
     let spawned = std::thread::Builder::new()
         .name("exuvia-control".into())
         .spawn(move || {
             for conn in upgrader.incoming(listener) {
                 let Ok(conn) = conn else { continue };
+                // Counted like a client connection, so that this process does not exit (after an upgrade it
+                // just ran, say) before the reply is written.
+                let guard = upgrader.track();
                 let u = upgrader.clone();
                 let _ = std::thread::Builder::new()
                     .name("exuvia-control-conn".into())
-                    .spawn(move || handle(&u, conn));
+                    .spawn(move || handle(&u, conn, guard));
             }
+            drop(loop_guard);
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the control socket thread");
     }
 }
 
-fn handle(upgrader: &Upgrader, mut conn: UnixStream) {
-    // Counted like a client connection, so that this process does not exit (after an upgrade it just ran, say)
-    // before the reply is written.
-    let guard = upgrader.track();
+fn handle(upgrader: &Upgrader, mut conn: UnixStream, guard: crate::ConnectionGuard) {
     // Read the request before anything else, refusals included: closing on a client that is still writing
     // would turn the answer into a broken pipe on its side.
     let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));

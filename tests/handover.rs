@@ -2,29 +2,12 @@
 //! (`examples/http_std.rs`, threads, no runtime) and the Tokio one (`examples/http_axum.rs`, through
 //! `exuvia::tokio`). Every scenario runs against each.
 
+#[macro_use]
 mod support;
 
 use std::time::Duration;
 
 use support::*;
-
-/// Runs each named scenario once per example server.
-macro_rules! for_each_example {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                #[test]
-                fn http_std() {
-                    super::$scenario("http_std")
-                }
-                #[test]
-                fn http_axum() {
-                    super::$scenario("http_axum")
-                }
-            }
-        )*
-    };
-}
 
 for_each_example!(
     ten_upgrades_under_load_lose_nothing,

@@ -2,6 +2,7 @@
 //! templates from `units/`. These tests skip loudly where the machine cannot boot systemd, and fail in CI.
 //! The main scenarios run against both HTTP examples (std threads, and axum on Tokio).
 
+#[macro_use]
 mod support;
 
 use std::path::Path;
@@ -9,24 +10,6 @@ use std::time::{Duration, Instant};
 
 use support::systemd::{boot, Systemd};
 use support::*;
-
-/// Runs each named scenario once per example server.
-macro_rules! for_each_example {
-    ($($scenario:ident),* $(,)?) => {
-        $(
-            mod $scenario {
-                #[test]
-                fn http_std() {
-                    super::$scenario("http_std")
-                }
-                #[test]
-                fn http_axum() {
-                    super::$scenario("http_axum")
-                }
-            }
-        )*
-    };
-}
 
 for_each_example!(
     socket_activation_then_ten_reloads_under_load_then_stop,
@@ -61,6 +44,31 @@ fn install(
     extra: &[&str],
     more: &[(&str, &str)],
 ) -> std::net::SocketAddr {
+    install_shape(sd, Shape::NotifyReload, server, port, args, extra, more)
+}
+
+/// Which service template, and the `exuvia-ctl` command its `ExecReload=` runs.
+#[derive(Clone, Copy)]
+enum Shape {
+    NotifyReload,
+    Portable,
+}
+
+/// Installs app.socket and app.service from the shipped templates, running `server` with `args`: only the
+/// marked lines (`ExecStart=`, the helper paths, the socket address) are substituted, plus `more`.
+fn install_shape(
+    sd: &Systemd,
+    shape: Shape,
+    server: &str,
+    port: u16,
+    args: &str,
+    extra: &[&str],
+    more: &[(&str, &str)],
+) -> std::net::SocketAddr {
+    let (template, reload) = match shape {
+        Shape::NotifyReload => ("exuvia-app.service", "reload-verdict"),
+        Shape::Portable => ("exuvia-app-portable.service", "upgrade"),
+    };
     let bin = example(server);
     let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
     let log = sd.dir.join("service.log");
@@ -74,7 +82,7 @@ fn install(
         &[],
     );
     let exec_start = format!("{} {args}", bin.display());
-    let exec_reload = format!("{ctl} reload-verdict");
+    let exec_reload = format!("{ctl} {reload}");
     let exec_stop = format!("{ctl} stop");
     let mut replace = vec![
         ("ExecStart", exec_start.as_str()),
@@ -84,12 +92,7 @@ fn install(
         ("ExecStop", exec_stop.as_str()),
     ];
     replace.extend_from_slice(more);
-    sd.install(
-        "exuvia-app.service",
-        "app.service",
-        &replace,
-        &extra_service,
-    );
+    sd.install(template, "app.service", &replace, &extra_service);
     format!("127.0.0.1:{port}").parse().unwrap()
 }
 
@@ -366,31 +369,8 @@ fn portable_template_with_hardening_reloads_fails_and_stops(server: &str) {
 }
 
 fn install_portable(sd: &Systemd, server: &str, port: u16, args: &str) -> std::net::SocketAddr {
-    let bin = example(server);
-    let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
-    let log = sd.dir.join("service.log");
-    let stderr = format!("StandardError=append:{}", log.display());
-    sd.install(
-        "exuvia-app.socket",
-        "app.socket",
-        &[("ListenStream", &format!("127.0.0.1:{port}"))],
-        &[],
-    );
-    let exec_start = format!("{} {args}", bin.display());
-    let exec_reload = format!("{ctl} upgrade");
-    let exec_stop = format!("{ctl} stop");
-    sd.install(
-        "exuvia-app-portable.service",
-        "app.service",
-        &[
-            ("ExecStart", exec_start.as_str()),
-            ("Requires", "app.socket"),
-            ("After", "app.socket"),
-            ("ExecReload", exec_reload.as_str()),
-            ("ExecStop", exec_stop.as_str()),
-        ],
-        &[stderr.as_str()],
-    );
+    let addr = install_shape(sd, Shape::Portable, server, port, args, &[], &[]);
+    let (bin, ctl) = (example(server), env!("CARGO_BIN_EXE_exuvia-ctl"));
     sd.install_dropin("hardening.conf", "app.service");
     // Deployed binaries live under /usr; a test's live in the checkout, which may sit in a home directory that
     // ProtectHome=yes hides. Relax only that, and only as far as needed: read-only.
@@ -404,7 +384,7 @@ fn install_portable(sd: &Systemd, server: &str, port: u16, args: &str) -> std::n
             "[Service]\nProtectHome=read-only\n",
         );
     }
-    format!("127.0.0.1:{port}").parse().unwrap()
+    addr
 }
 
 /// `systemd-analyze verify` accepts every shipped template (with the binaries it names present).
@@ -440,17 +420,7 @@ fn systemd_analyze_verifies_the_templates() {
         format!("[Unit]\nDefaultDependencies=no\n[Service]\nType=bogus\nExecStart={exec_start}\n"),
     )
     .unwrap();
-    let out = sd.run(&[
-        "systemd-analyze",
-        "verify",
-        "--man=no",
-        broken.to_str().unwrap(),
-    ]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_, text) = verify(&sd, &broken);
     assert!(
         text.lines().any(|l| l.contains("broken.service")),
         "verify did not flag a broken unit:\n{text}"
@@ -460,22 +430,8 @@ fn systemd_analyze_verifies_the_templates() {
         "exuvia-app.service",
         "exuvia-app-portable.service",
     ] {
-        let path = sd.dir.join("units").join(unit);
-        let out = sd.run(&[
-            "systemd-analyze",
-            "verify",
-            "--man=no",
-            path.to_str().unwrap(),
-        ]);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.status.success(),
-            "systemd-analyze verify {unit}:\n{text}"
-        );
+        let (ok, text) = verify(&sd, &sd.dir.join("units").join(unit));
+        assert!(ok, "systemd-analyze verify {unit}:\n{text}");
         // Our own units must produce no warning at all (lines about other units are not ours to fix).
         let ours: Vec<&str> = text.lines().filter(|l| l.contains(unit)).collect();
         assert!(
@@ -560,4 +516,20 @@ fn notify_access_all_unclaimed_sockets_and_watchdog_pid() {
         .expect("the unclaimed socket is still open");
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
     assert_eq!(sd.show("app.service", "Result"), "success");
+}
+
+/// `systemd-analyze verify FILE` inside the namespace: whether it passed, and everything it said.
+fn verify(sd: &Systemd, unit: &Path) -> (bool, String) {
+    let out = sd.run(&[
+        "systemd-analyze",
+        "verify",
+        "--man=no",
+        unit.to_str().unwrap(),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }

@@ -99,6 +99,29 @@ fn log_level() -> tracing::Level {
         .unwrap_or(tracing::Level::INFO)
 }
 
+/// The examples' `main`: parse the command line (exit 2 with a message on a bad one), set up logging, run,
+/// and exit 1 with the error logged if `run` fails.
+pub fn main(
+    name: &str,
+    run: impl FnOnce(Args) -> Result<(), Box<dyn std::error::Error>>,
+) -> std::process::ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(msg) => {
+            eprintln!("{name}: {msg}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging();
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Logging to stderr with the pid in each line.
 pub fn init_logging() {
     tracing_subscriber::fmt()

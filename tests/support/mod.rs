@@ -3,6 +3,26 @@
 // Each test file uses a different subset, and `pub` here is for the test files, not a crate API.
 #![allow(dead_code, unreachable_pub)]
 
+/// Runs each named scenario (a function taking the example server's name) once per HTTP example: the std one
+/// and the axum one.
+#[allow(unused_macros)] // not every test file runs per-example scenarios
+macro_rules! for_each_example {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[test]
+                fn http_std() {
+                    super::$scenario("http_std")
+                }
+                #[test]
+                fn http_axum() {
+                    super::$scenario("http_axum")
+                }
+            }
+        )*
+    };
+}
+
 pub mod systemd;
 
 use std::collections::BTreeSet;
