@@ -27,6 +27,7 @@ pub struct Args {
     pub drain_timeout: Duration,
     pub hold_open: Option<String>,
     pub control_socket: Option<String>,
+    pub reuseport: bool,
 }
 
 pub fn parse_args() -> Result<Args, String> {
@@ -39,6 +40,7 @@ pub fn parse_args() -> Result<Args, String> {
         drain_timeout: Duration::from_secs(30),
         hold_open: None,
         control_socket: None,
+        reuseport: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -62,6 +64,7 @@ pub fn parse_args() -> Result<Args, String> {
             "--drain-timeout" => a.drain_timeout = secs(value()?)?,
             "--hold-open" => a.hold_open = Some(value()?),
             "--control-socket" => a.control_socket = Some(value()?),
+            "--reuseport" => a.reuseport = true,
             "-h" | "--help" => {
                 return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
                             [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
@@ -131,6 +134,34 @@ pub fn init_logging() {
         .with_target(false)
         .with_writer(io::stderr)
         .init();
+}
+
+/// Bind options as the command line asks: `--reuseport` sets `SO_REUSEPORT`, for the benchmark's
+/// overlap baseline only (exuvia itself never needs it: it hands the one socket over).
+pub fn bind_options(args: &Args) -> exuvia::BindOptions {
+    let reuseport = args.reuseport;
+    exuvia::BindOptions::new().configure(move |fd| {
+        if !reuseport {
+            return Ok(());
+        }
+        use std::os::fd::AsRawFd;
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a borrowed, open socket with a pointer to a live c_int of the size passed.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_REUSEPORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    })
 }
 
 /// The upgrader as the command line configures it.

@@ -254,9 +254,14 @@ pub struct Server {
 
 impl Server {
     pub fn start(program: &Path, args: &[&str]) -> Server {
+        Server::start_on(program, "127.0.0.1:0", args)
+    }
+
+    /// Like [`start`](Self::start) on a given address.
+    pub fn start_on(program: &Path, listen: &str, args: &[&str]) -> Server {
         become_subreaper();
         let mut cmd = Command::new(program);
-        cmd.args(["--listen", "127.0.0.1:0"])
+        cmd.args(["--listen", listen])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -521,9 +526,21 @@ pub struct Stats {
     pub failures: Vec<(FailKind, String)>,
     pub pids: BTreeSet<u32>,
     pub versions: BTreeSet<String>,
+    /// (when the request started, how long it took) for every successful request.
+    pub latencies: Vec<(Instant, Duration)>,
+    /// When each failure happened.
+    pub failed_at: Vec<Instant>,
 }
 
 impl Stats {
+    fn record_timed(&mut self, started: Instant, r: Result<Response, (FailKind, String)>) -> bool {
+        match &r {
+            Ok(_) => self.latencies.push((started, started.elapsed())),
+            Err(_) => self.failed_at.push(started),
+        }
+        self.record(r)
+    }
+
     fn record(&mut self, r: Result<Response, (FailKind, String)>) -> bool {
         match r {
             Ok(resp) => {
@@ -544,6 +561,8 @@ impl Stats {
         self.failures.extend(o.failures);
         self.pids.extend(o.pids);
         self.versions.extend(o.versions);
+        self.latencies.extend(o.latencies);
+        self.failed_at.extend(o.failed_at);
     }
 
     pub fn summary(&self) -> String {
@@ -581,7 +600,8 @@ impl Load {
             threads.push(std::thread::spawn(move || {
                 let mut st = Stats::default();
                 while !stop.load(Ordering::Relaxed) {
-                    st.record(get(addr, "/").map(|(r, _)| r));
+                    let t = Instant::now();
+                    st.record_timed(t, get(addr, "/").map(|(r, _)| r));
                     done.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(pace);
                 }
@@ -605,9 +625,10 @@ impl Load {
                             }
                         }
                     }
+                    let t = Instant::now();
                     let r = request(conn.as_mut().unwrap(), "/", true);
                     let close = matches!(&r, Ok(resp) if resp.close) || r.is_err();
-                    st.record(r);
+                    st.record_timed(t, r);
                     done.fetch_add(1, Ordering::Relaxed);
                     if close {
                         conn = None;
