@@ -21,9 +21,12 @@ fn start(name: &'static str, args: &[&str], ready: &str) -> (u32, SocketAddr, Lo
         .spawn()
         .unwrap();
     let log = Log::collect(child.stderr.take().unwrap(), name);
-    let (_, line) = log
-        .wait_for(0, Duration::from_secs(30), |l| l.contains(ready))
-        .unwrap_or_else(|| panic!("{name} did not start:\n{}", log.dump()));
+    let Some((_, line)) = log.wait_for(0, Duration::from_secs(30), |l| l.contains(ready)) else {
+        // Leave nothing behind on the way out.
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{name} did not start:\n{}", log.dump());
+    };
     let addr = field(&line, "addr").unwrap().parse().unwrap();
     let pid = child.id();
     std::mem::forget(child);

@@ -268,9 +268,13 @@ impl Server {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start server");
         let log = Log::collect(child.stderr.take().unwrap(), "server");
-        let (_, line) = log
-            .wait_for(0, Duration::from_secs(30), |l| l.contains(" serving "))
-            .unwrap_or_else(|| panic!("server did not start:\n{}", log.dump()));
+        let Some((_, line)) = log.wait_for(0, Duration::from_secs(30), |l| l.contains(" serving "))
+        else {
+            // Leave nothing behind on the way out.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("server did not start:\n{}", log.dump());
+        };
         let addr: SocketAddr = field(&line, "addr").unwrap().parse().unwrap();
         let pid = pid_of(&line);
         assert_eq!(pid, child.id());
