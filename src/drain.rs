@@ -45,7 +45,7 @@ impl Drop for ConnectionGuard {
 pub struct DrainReport {
     /// Connections in flight when the drain began.
     pub at_start: usize,
-    /// Of those (and any accepted later), how many finished before the deadline.
+    /// How many fewer connections were open at the end than at the start (`at_start - left`).
     pub drained: usize,
     /// Connections still open at the deadline; they end with the process.
     pub left: usize,
@@ -83,28 +83,22 @@ impl Tracker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let at_start = *open;
-        let mut closed_during = 0usize;
-        let mut last = *open;
         while *open > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            let (g, _) = self
+            open = self
                 .inner
                 .changed
                 .wait_timeout(open, left)
-                .unwrap_or_else(PoisonError::into_inner);
-            open = g;
-            if *open < last {
-                closed_during += last - *open;
-            }
-            last = *open;
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
         let left = *open;
         DrainReport {
             at_start,
-            drained: closed_during.max(at_start.saturating_sub(left)),
+            drained: at_start.saturating_sub(left),
             left,
             took: start.elapsed(),
         }

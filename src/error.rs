@@ -45,6 +45,8 @@ pub enum ErrorKind {
     ReadyTimeout,
     /// The application state to hand over is larger than the protocol allows.
     StateTooLarge,
+    /// An sd_notify message systemd would reject or drop: a multi-line `STATUS=`, more than 4096 bytes.
+    InvalidNotification,
     /// Any other operating-system error.
     Io,
 }
@@ -150,7 +152,9 @@ impl std::error::Error for Error {
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match e.kind {
-            ErrorKind::InvalidName | ErrorKind::StateTooLarge => io::ErrorKind::InvalidInput,
+            ErrorKind::InvalidName | ErrorKind::StateTooLarge | ErrorKind::InvalidNotification => {
+                io::ErrorKind::InvalidInput
+            }
             ErrorKind::WrongSocketKind | ErrorKind::Environment | ErrorKind::Protocol => {
                 io::ErrorKind::InvalidData
             }

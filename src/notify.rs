@@ -82,7 +82,7 @@ impl State<'_> {
     fn validate(&self) -> Result<()> {
         match self {
             State::Status(s) if s.contains('\n') => Err(Error::new(
-                ErrorKind::InvalidName,
+                ErrorKind::InvalidNotification,
                 "sd_notify STATUS= must be a single line",
             )),
             State::FdName(n) if !crate::activation::name_is_valid(n) => Err(Error::new(
@@ -104,7 +104,7 @@ pub(crate) fn encode(states: &[State<'_>]) -> Result<String> {
     }
     if out.len() > MAX_MESSAGE_LEN {
         return Err(Error::new(
-            ErrorKind::InvalidName,
+            ErrorKind::InvalidNotification,
             format!(
                 "sd_notify message of {} bytes exceeds systemd's {MAX_MESSAGE_LEN}-byte limit (it would be dropped); \
                  shorten STATUS=",
@@ -173,7 +173,8 @@ impl Notifier {
     /// Sends `states` as one datagram.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidName`] for a multi-line STATUS, a bad FDNAME or a message over 4096 bytes;
+    /// [`ErrorKind::InvalidNotification`] for a multi-line STATUS or a message over 4096 bytes,
+    /// [`ErrorKind::InvalidName`] for a bad FDNAME;
     /// [`ErrorKind::Io`] if the service manager's socket cannot be reached.
     pub fn notify(&self, states: &[State<'_>]) -> Result<()> {
         self.notify_with_fds(states, &[])
@@ -269,11 +270,18 @@ mod tests {
 
     #[test]
     fn bad_states_are_refused_before_sending() {
-        assert!(encode(&[State::Status("two\nlines")]).is_err());
-        assert!(encode(&[State::FdName("a:b")]).is_err());
+        assert_eq!(
+            encode(&[State::Status("two\nlines")]).unwrap_err().kind(),
+            ErrorKind::InvalidNotification
+        );
+        assert_eq!(
+            encode(&[State::FdName("a:b")]).unwrap_err().kind(),
+            ErrorKind::InvalidName
+        );
         let long = "x".repeat(MAX_MESSAGE_LEN);
         let e = encode(&[State::Status(&long)]).unwrap_err();
         assert!(e.to_string().contains("4096-byte limit"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::InvalidNotification);
     }
 
     #[test]

@@ -106,27 +106,18 @@ impl Finishing {
     }
 
     async fn wait(&self) -> Finish {
+        // The finish is published before the pipe's write end is closed (Upgrader::after_finish), so once the
+        // pipe reads as readable (end of file, for good: it is never read) the reason is there to see.
         loop {
             if let Some(f) = self.upgrader.finishing() {
                 return f;
             }
-            match self.fd.readable().await {
-                // The pipe stays readable (end of file) for good once the process is finishing; it is never
-                // read, so the readiness is not cleared: the next check above returns.
-                Ok(_guard) => {
-                    if let Some(f) = self.upgrader.finishing() {
-                        return f;
-                    }
-                    // Published a moment after the pipe closed? Yield and look again.
-                    ::tokio::task::yield_now().await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch the finishing signal; falling back to a blocking wait");
-                    let u = self.upgrader.clone();
-                    return ::tokio::task::spawn_blocking(move || u.wait())
-                        .await
-                        .unwrap_or(Finish::Stopped { by: StopCause::Api });
-                }
+            if let Err(e) = self.fd.readable().await {
+                tracing::warn!(error = %e, "cannot watch the finishing signal; falling back to a blocking wait");
+                let u = self.upgrader.clone();
+                return ::tokio::task::spawn_blocking(move || u.wait())
+                    .await
+                    .unwrap_or(Finish::Stopped { by: StopCause::Api });
             }
         }
     }

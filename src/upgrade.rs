@@ -963,8 +963,8 @@ impl Upgrader {
     /// process finishing. Lets a service log or alert on failed upgrades, and learn why it is finishing, in one
     /// loop.
     pub fn wait_event(&self) -> Event {
-        let seen = lock(&self.inner.attempts).failures;
         let mut a = lock(&self.inner.attempts);
+        let seen = a.failures;
         loop {
             if let Some(f) = self.finishing() {
                 return Event::Finishing(f);

@@ -25,26 +25,16 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Installs the notify-reload templates as app.socket + app.service running http_std with `args`, with more
-/// template lines replaced.
-fn install_app_with(
-    sd: &Systemd,
-    port: u16,
-    args: &str,
-    replace: &[(&str, &str)],
-) -> std::net::SocketAddr {
-    install(sd, "http_std", port, args, &[], replace)
-}
-
+/// Installs the notify-reload templates as app.socket + app.service running `server` with `args`, with
+/// `more` template lines replaced.
 fn install(
     sd: &Systemd,
     server: &str,
     port: u16,
     args: &str,
-    extra: &[&str],
     more: &[(&str, &str)],
 ) -> std::net::SocketAddr {
-    install_shape(sd, Shape::NotifyReload, server, port, args, extra, more)
+    install_shape(sd, Shape::NotifyReload, server, port, args, more)
 }
 
 /// Which service template, and the `exuvia-ctl` command its `ExecReload=` runs.
@@ -62,7 +52,6 @@ fn install_shape(
     server: &str,
     port: u16,
     args: &str,
-    extra: &[&str],
     more: &[(&str, &str)],
 ) -> std::net::SocketAddr {
     let (template, reload) = match shape {
@@ -73,8 +62,6 @@ fn install_shape(
     let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
     let log = sd.dir.join("service.log");
     let stderr = format!("StandardError=append:{}", log.display());
-    let mut extra_service = vec![stderr.as_str()];
-    extra_service.extend_from_slice(extra);
     sd.install(
         "exuvia-app.socket",
         "app.socket",
@@ -92,7 +79,7 @@ fn install_shape(
         ("ExecStop", exec_stop.as_str()),
     ];
     replace.extend_from_slice(more);
-    sd.install(template, "app.service", &replace, &extra_service);
+    sd.install(template, "app.service", &replace, &[stderr.as_str()]);
     format!("127.0.0.1:{port}").parse().unwrap()
 }
 
@@ -122,7 +109,7 @@ fn served_by(addr: std::net::SocketAddr, pid: u32, timeout: Duration) -> bool {
 
 fn socket_activation_then_ten_reloads_under_load_then_stop(server: &str) {
     let Some(sd) = boot("reloads") else { return };
-    let addr = install(&sd, server, free_port(), "--drain-timeout 10", &[], &[]);
+    let addr = install(&sd, server, free_port(), "--drain-timeout 10", &[]);
     ok(
         sd.systemctl(&["start", "app.socket"]),
         "start app.socket",
@@ -216,7 +203,7 @@ fn a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_ser
         "--init-fault {} --ready-timeout 2 --drain-timeout 10",
         fault.display()
     );
-    let addr = install(&sd, server, free_port(), &args, &[], &[]);
+    let addr = install(&sd, server, free_port(), &args, &[]);
     ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
     let main = sd.main_pid("app.service");
     let load = Load::start(addr, 2, 2, Duration::from_millis(3));
@@ -275,8 +262,9 @@ fn a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_ser
 #[test]
 fn watchdog_of_two_seconds_survives_ten_reloads() {
     let Some(sd) = boot("watchdog") else { return };
-    let addr = install_app_with(
+    let addr = install(
         &sd,
+        "http_std",
         free_port(),
         "--drain-timeout 10",
         &[("WatchdogSec", "2")],
@@ -369,7 +357,7 @@ fn portable_template_with_hardening_reloads_fails_and_stops(server: &str) {
 }
 
 fn install_portable(sd: &Systemd, server: &str, port: u16, args: &str) -> std::net::SocketAddr {
-    let addr = install_shape(sd, Shape::Portable, server, port, args, &[], &[]);
+    let addr = install_shape(sd, Shape::Portable, server, port, args, &[]);
     let (bin, ctl) = (example(server), env!("CARGO_BIN_EXE_exuvia-ctl"));
     sd.install_dropin("hardening.conf", "app.service");
     // Deployed binaries live under /usr; a test's live in the checkout, which may sit in a home directory that
@@ -457,8 +445,9 @@ fn notify_access_all_unclaimed_sockets_and_watchdog_pid() {
         ],
         &[],
     );
-    let addr = install_app_with(
+    let addr = install(
         &sd,
+        "http_std",
         free_port(),
         "--drain-timeout 10",
         &[("NotifyAccess", "all"), ("WatchdogSec", "5")],
