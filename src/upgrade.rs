@@ -63,8 +63,22 @@ pub struct UpgradeReport {
     pub child_pid: u32,
     /// From the upgrade request to the commit.
     pub took: Duration,
+    /// From the upgrade request to the new process's ready report.
+    pub ready_after: Duration,
+    /// The new process's own initialisation, as it reported it: from reading the old process's greeting
+    /// (inside its [`Builder::build`]) to its [`Upgrader::ready`] call.
+    pub child_init: Duration,
     /// Sockets passed on.
     pub sockets: usize,
+}
+
+impl UpgradeReport {
+    /// What the handover itself cost: [`ready_after`](Self::ready_after) minus the new process's own
+    /// [`child_init`](Self::child_init). It covers fork and exec, the new program's start-up until its
+    /// `build()`, and the messages both ways; the benchmark reports it per upgrade.
+    pub fn overhead(&self) -> Duration {
+        self.ready_after.saturating_sub(self.child_init)
+    }
 }
 
 /// Configures and creates the process's [`Upgrader`]. Call [`build`](Builder::build) first thing in `main`,
@@ -844,10 +858,18 @@ impl Upgrader {
             };
             let mut child = child;
             let pid = child.pid();
-            child.await_ready(inner.ready_timeout, Duration::from_secs(1), &mut || {
-                inner.manager.extend(extend)
-            })?;
-            tracing::info!(child_pid = pid, "upgrade: child ready; handing over");
+            let child_init =
+                child.await_ready(inner.ready_timeout, Duration::from_secs(1), &mut || {
+                    inner.manager.extend(extend)
+                })?;
+            let ready_after = started.elapsed();
+            tracing::info!(
+                child_pid = pid,
+                ready_after_us = micros(ready_after),
+                child_init_us = micros(child_init),
+                overhead_us = micros(ready_after.saturating_sub(child_init)),
+                "upgrade: child ready; handing over"
+            );
             // Nobody may finish this process between the child's ready and the commit: claim the finish first.
             {
                 let mut finish = lock(&inner.finish);
@@ -874,31 +896,34 @@ impl Upgrader {
                 let child_pid = child.commit()?;
                 finish.claimed = Some(Finish::Upgraded { child_pid });
             }
-            Ok((pid, sockets))
+            Ok((pid, sockets, ready_after, child_init))
         })();
         // The next upgrade may be requested as soon as the verdict is out: clear the flag before announcing it.
         self.record_attempt_end(
             started_usec,
             result
                 .as_ref()
-                .map(|(pid, _)| *pid)
+                .map(|(pid, ..)| *pid)
                 .map_err(|e| e.to_string()),
         );
         drop(in_flight);
         match result {
-            Ok((child_pid, sockets)) => {
+            Ok((child_pid, sockets, ready_after, child_init)) => {
                 // Everything this thread has to do happens before the wake-up: once woken, the application
                 // drains and may exit at any moment.
                 let closed = lock(&inner.registry).close_all();
                 tracing::info!(
                     child_pid,
                     closed,
+                    took_us = micros(started.elapsed()),
                     "upgrade: handed over; stopped accepting, draining"
                 );
                 self.after_finish();
                 Ok(UpgradeReport {
                     child_pid,
                     took: started.elapsed(),
+                    ready_after,
+                    child_init,
                     sockets,
                 })
             }
@@ -1248,4 +1273,9 @@ fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
 /// Accepts one connection on a seqpacket listener (from [`Upgrader::listen_unix_seqpacket`]).
 pub fn accept_seqpacket(listener: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     sys::accept(listener)
+}
+
+/// A duration in whole microseconds, for log fields.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

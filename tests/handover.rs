@@ -179,6 +179,20 @@ fn a_storm_of_sighups_never_runs_two_upgrades_at_once(server: &str) {
     eprintln!("storm: 20 SIGHUPs -> {started} upgrades, {refused} refused");
     assert!(refused >= 1, "the storm never hit an upgrade in flight");
     assert!(started >= 1);
+    // Each child reported its own 300 ms initialisation, which the parent tells apart from its overhead.
+    for l in lines
+        .iter()
+        .filter(|l| l.contains("child ready; handing over"))
+    {
+        let us = |k: &str| -> u64 { field(l, k).and_then(|v| v.parse().ok()).unwrap() };
+        let (after, init, overhead) =
+            (us("ready_after_us"), us("child_init_us"), us("overhead_us"));
+        assert!(
+            init >= 300_000,
+            "child init {init} us < the 300 ms it slept: {l}"
+        );
+        assert_eq!(overhead, after - init, "{l}");
+    }
     let stats = load.stop();
     eprintln!("load: {}", stats.summary());
     assert_clean(&stats, "load through the storm");

@@ -152,11 +152,11 @@ mod tests {
     fn messages_cross_in_order() {
         let (mut a, b) = pair();
         let mut b = Channel::new(b).unwrap();
-        a.send(&Message::Ready, soon()).unwrap();
+        a.send(&Message::Ready { init_usec: 7 }, soon()).unwrap();
         a.send(&Message::Failed("why".into()), soon()).unwrap();
         assert!(matches!(
             b.recv(Some(soon()), None).unwrap(),
-            Event::Message(Message::Ready)
+            Event::Message(Message::Ready { init_usec: 7 })
         ));
         assert!(
             matches!(b.recv(Some(soon()), None).unwrap(), Event::Message(Message::Failed(r)) if r == "why")

@@ -22,6 +22,8 @@ pub(crate) struct ParentLink {
     pub(crate) parent_pid: u32,
     pub(crate) generation: u32,
     pub(crate) started_usec: u64,
+    /// When `Hello` arrived: the start of this process's own initialisation, as the parent accounts it.
+    greeted: Instant,
 }
 
 /// Reads the two handover variables. `Ok(None)`: this process was not started by an exuvia upgrade (or the
@@ -107,6 +109,7 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
                 parent_pid,
                 generation,
                 started_usec,
+                greeted: Instant::now(),
             },
             state,
         )),
@@ -129,8 +132,9 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
 impl ParentLink {
     /// Reports ready and waits for the parent to commit (or to vanish, which leaves this process in charge).
     pub(crate) fn ready(mut self, commit_timeout: Duration) -> Result<()> {
+        let init_usec = u64::try_from(self.greeted.elapsed().as_micros()).unwrap_or(u64::MAX);
         let deadline = Instant::now() + commit_timeout;
-        self.channel.send(&Message::Ready, deadline).map_err(|e| {
+        self.channel.send(&Message::Ready { init_usec }, deadline).map_err(|e| {
             Error::new(
                 ErrorKind::Channel,
                 format!("cannot report ready to the old process (it may have given up on this upgrade): {e}"),

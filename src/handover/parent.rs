@@ -202,14 +202,15 @@ impl PendingChild {
         e
     }
 
-    /// Waits for `Ready`. Any other outcome kills and reaps the child and is returned as an error. `tick` runs
-    /// at least every `tick_every` while waiting (to feed a watchdog).
+    /// Waits for `Ready` and returns the child's own initialisation time as it reported it. Any other outcome
+    /// kills and reaps the child and is returned as an error. `tick` runs at least every `tick_every` while
+    /// waiting (to feed a watchdog).
     pub(crate) fn await_ready(
         &mut self,
         timeout: Duration,
         tick_every: Duration,
         tick: &mut dyn FnMut(),
-    ) -> Result<()> {
+    ) -> Result<Duration> {
         let deadline = Instant::now() + timeout;
         loop {
             let next_tick = (Instant::now() + tick_every).min(deadline);
@@ -218,7 +219,9 @@ impl PendingChild {
                 Err(e) => return Err(self.fail_with(e)),
             };
             match event {
-                Event::Message(Message::Ready) => return Ok(()),
+                Event::Message(Message::Ready { init_usec }) => {
+                    return Ok(Duration::from_micros(init_usec))
+                }
                 Event::Message(Message::Failed(reason)) => {
                     self.kill_and_reap();
                     return Err(Error::new(

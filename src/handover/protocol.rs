@@ -13,7 +13,7 @@
 //! | kind | direction | payload |
 //! |------|-----------|---------|
 //! | 1 `Hello` | parent → child | parent pid (u32 LE), generation (u32 LE), upgrade start (u64 LE, `CLOCK_MONOTONIC` µs), application state (rest, ≤ 1 MiB) |
-//! | 2 `Ready` | child → parent | empty |
+//! | 2 `Ready` | child → parent | the child's own initialisation time (u64 LE, µs: from reading `Hello` to reporting ready) |
 //! | 3 `Failed` | child → parent | reason, UTF-8, ≤ 4 KiB |
 //! | 4 `Commit` | parent → child | empty: the child is now the main process |
 //!
@@ -38,6 +38,8 @@ const KIND_HELLO: u8 = 1;
 /// Bytes of `Hello` before the application state.
 const HELLO_FIXED: usize = 16;
 const KIND_READY: u8 = 2;
+/// Bytes of `Ready`'s payload.
+const READY_LEN: usize = 8;
 const KIND_FAILED: u8 = 3;
 const KIND_COMMIT: u8 = 4;
 
@@ -52,7 +54,11 @@ pub(crate) enum Message {
         started_usec: u64,
         state: Vec<u8>,
     },
-    Ready,
+    Ready {
+        /// How long the child's own initialisation took: from reading `Hello` to reporting ready (µs). Lets
+        /// the parent tell its handover overhead apart from the application's start-up.
+        init_usec: u64,
+    },
     Failed(String),
     Commit,
 }
@@ -61,7 +67,7 @@ impl Message {
     fn kind(&self) -> u8 {
         match self {
             Message::Hello { .. } => KIND_HELLO,
-            Message::Ready => KIND_READY,
+            Message::Ready { .. } => KIND_READY,
             Message::Failed(_) => KIND_FAILED,
             Message::Commit => KIND_COMMIT,
         }
@@ -70,7 +76,7 @@ impl Message {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Message::Hello { .. } => "hello",
-            Message::Ready => "ready",
+            Message::Ready { .. } => "ready",
             Message::Failed(_) => "failed",
             Message::Commit => "commit",
         }
@@ -110,7 +116,8 @@ impl Message {
                 }
                 payload.extend_from_slice(&reason.as_bytes()[..end]);
             }
-            Message::Ready | Message::Commit => {}
+            Message::Ready { init_usec } => payload.extend_from_slice(&init_usec.to_le_bytes()),
+            Message::Commit => {}
         }
         let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
         frame.extend_from_slice(&MAGIC);
@@ -126,7 +133,8 @@ impl Message {
 fn max_payload(kind: u8) -> Option<usize> {
     match kind {
         KIND_HELLO => Some(HELLO_FIXED + MAX_STATE_LEN),
-        KIND_READY | KIND_COMMIT => Some(0),
+        KIND_READY => Some(READY_LEN),
+        KIND_COMMIT => Some(0),
         KIND_FAILED => Some(MAX_REASON_LEN),
         _ => None,
     }
@@ -190,7 +198,17 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>> {
                 state: payload[HELLO_FIXED..].to_vec(),
             }
         }
-        KIND_READY => Message::Ready,
+        KIND_READY => {
+            let bytes: [u8; READY_LEN] = payload.try_into().map_err(|_| {
+                Error::protocol(format!(
+                    "handover channel: ready message of {} bytes, expected {READY_LEN}",
+                    payload.len()
+                ))
+            })?;
+            Message::Ready {
+                init_usec: u64::from_le_bytes(bytes),
+            }
+        }
         KIND_COMMIT => Message::Commit,
         KIND_FAILED => {
             Message::Failed(String::from_utf8(payload.to_vec()).map_err(|_| {
@@ -207,6 +225,8 @@ mod tests {
     use super::*;
     use crate::ErrorKind;
 
+    const READY: Message = Message::Ready { init_usec: 1234 };
+
     fn roundtrip(m: Message) {
         let bytes = m.encode().unwrap();
         let (back, used) = decode(&bytes).unwrap().unwrap();
@@ -220,7 +240,10 @@ mod tests {
 
     #[test]
     fn all_messages_roundtrip() {
-        roundtrip(Message::Ready);
+        roundtrip(READY);
+        roundtrip(Message::Ready {
+            init_usec: u64::MAX,
+        });
         roundtrip(Message::Commit);
         roundtrip(Message::Failed("config: no such file".into()));
         roundtrip(Message::Hello {
@@ -239,10 +262,10 @@ mod tests {
 
     #[test]
     fn two_frames_back_to_back() {
-        let mut bytes = Message::Ready.encode().unwrap();
+        let mut bytes = READY.encode().unwrap();
         bytes.extend(Message::Failed("x".into()).encode().unwrap());
         let (m, used) = decode(&bytes).unwrap().unwrap();
-        assert_eq!(m, Message::Ready);
+        assert_eq!(m, READY);
         let (m2, _) = decode(&bytes[used..]).unwrap().unwrap();
         assert_eq!(m2, Message::Failed("x".into()));
     }
@@ -282,7 +305,7 @@ mod tests {
 
     #[test]
     fn wrong_version_is_a_typed_error() {
-        let mut bytes = Message::Ready.encode().unwrap();
+        let mut bytes = READY.encode().unwrap();
         bytes[4] = 2;
         let e = err_of(&bytes);
         assert_eq!(e.kind(), ErrorKind::Protocol);
@@ -293,7 +316,7 @@ mod tests {
 
     #[test]
     fn oversized_length_is_refused_without_allocating() {
-        let mut bytes = Message::Ready.encode().unwrap();
+        let mut bytes = READY.encode().unwrap();
         bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(err_of(&bytes).to_string().contains("more than its limit"));
         let mut hello = Message::Hello {
@@ -311,19 +334,31 @@ mod tests {
     #[test]
     fn malformed_payloads_are_refused() {
         // Unknown kind.
-        let mut b = Message::Ready.encode().unwrap();
+        let mut b = READY.encode().unwrap();
         b[5] = 99;
         assert!(err_of(&b).to_string().contains("unknown message kind 99"));
         // Reserved bytes set.
-        let mut b = Message::Ready.encode().unwrap();
+        let mut b = READY.encode().unwrap();
         b[6] = 1;
         assert!(err_of(&b).to_string().contains("reserved"));
         // Hello too short for its fixed fields.
-        let mut b = Message::Ready.encode().unwrap();
+        let mut b = READY.encode().unwrap();
         b[5] = KIND_HELLO;
         b[8..12].copy_from_slice(&3u32.to_le_bytes());
         b.extend_from_slice(&[1, 2, 3]);
         assert!(err_of(&b).to_string().contains("shorter"));
+        // Ready without its 8 bytes, or with more.
+        for len in [0u32, 7, 9] {
+            let mut b = READY.encode().unwrap();
+            b.truncate(HEADER_LEN);
+            b[8..12].copy_from_slice(&len.to_le_bytes());
+            b.extend(std::iter::repeat(0).take(len as usize));
+            let e = err_of(&b).to_string();
+            assert!(
+                e.contains("expected 8") || e.contains("more than its limit"),
+                "{len}: {e}"
+            );
+        }
         // Failure reason not UTF-8.
         let mut b = Message::Failed("ab".into()).encode().unwrap();
         b[12] = 0xff;
