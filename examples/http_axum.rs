@@ -50,6 +50,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener =
         upgrader.listen_tcp_with("http", args.listen.as_str(), &common::bind_options(&args))?;
     let addr = listener.local_addr()?;
+    let _extra = common::extra_listeners(&upgrader, args.extra_listeners)?;
     let _held = args
         .hold_open
         .as_deref()

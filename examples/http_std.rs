@@ -22,6 +22,9 @@
 //! - `--ready-timeout SECS`, `--drain-timeout SECS`: the upgrade and drain deadlines (default 30 each);
 //! - `--control-socket PATH`: serve the control socket there (under systemd with `RuntimeDirectory=` it is
 //!   `$RUNTIME_DIRECTORY/exuvia-control.sock` without this option); drive it with `exuvia-ctl`;
+//! - `--extra-listeners N`: N more listeners on 127.0.0.1, never accepted on (for the benchmark's scaling
+//!   figures: a handover of 1, 100 and 1,000 sockets);
+//! - `--reuseport`: set `SO_REUSEPORT` on a fresh bind (for the benchmark's overlap baseline only);
 //! - `--hold-open FILE`: opens FILE *without* close-on-exec and keeps it, so that a test can check that such a
 //!   descriptor still does not reach the next generation.
 
@@ -50,6 +53,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener =
         upgrader.listen_tcp_with("http", args.listen.as_str(), &common::bind_options(&args))?;
     let addr = listener.local_addr()?;
+    let _extra = common::extra_listeners(&upgrader, args.extra_listeners)?;
     let _held = args
         .hold_open
         .as_deref()

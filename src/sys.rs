@@ -1,9 +1,11 @@
 //! The only module with `unsafe`: thin, checked wrappers over the system calls exuvia needs.
 //!
 //! Everything returns owned or borrowed file descriptors, never bare integers, except where the kernel's own
-//! interface is an integer (a pid, a signal number). The fork/exec path ([`spawn`]) prepares every byte it
-//! needs before `fork` and runs only async-signal-safe calls in the child, so that it is sound in a process
-//! with threads.
+//! interface is an integer (a pid, a signal number). The spawn path ([`spawn`]) prepares every byte it needs
+//! beforehand and runs only async-signal-safe calls in the child, so that it is sound in a process with
+//! threads. It uses `clone(CLONE_VM | CLONE_VFORK)`, as `posix_spawn` does, not `fork`: a fork copies the
+//! page tables of the whole (possibly large) process while holding its memory-map lock, and leaves every page
+//! copy-on-write, so a serving process would stall on page faults right when it must keep serving.
 
 use std::ffi::{CStr, CString, OsString};
 use std::io;
@@ -534,9 +536,9 @@ pub(crate) fn exec_filename() -> Option<PathBuf> {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// fork + exec
+// spawn: clone(CLONE_VM | CLONE_VFORK) + exec
 
-/// Everything the child needs, prepared before `fork` so that the child allocates nothing.
+/// Everything the child needs, prepared before the child exists so that the child allocates nothing.
 #[derive(Debug)]
 pub(crate) struct SpawnPlan {
     path: CString,
@@ -590,7 +592,7 @@ impl SpawnPlan {
         Ok(())
     }
 
-    /// Adds `name=<the child's own pid>`, filled in after `fork`.
+    /// Adds `name=<the child's own pid>`, filled in by the child.
     pub(crate) fn env_child_pid(&mut self, name: &[u8]) {
         let mut e = Vec::with_capacity(name.len() + 1 + PID_SLOT);
         e.extend_from_slice(name);
@@ -601,8 +603,8 @@ impl SpawnPlan {
     }
 }
 
-/// Forks and executes `plan` with `fds[i]` at descriptor `3 + i` (close-on-exec cleared), every other
-/// descriptor above 2 closed on exec, an empty signal mask and SIGPIPE at its default. Returns the child's pid
+/// Starts `plan` as a new process with `fds[i]` at descriptor `3 + i` (close-on-exec cleared), every other
+/// descriptor above 2 closed on exec, an empty signal mask, handled signals and SIGPIPE at their default. Returns the child's pid
 /// once `execve` has succeeded; an exec failure comes back as the `execve` error, with the child reaped.
 pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<libc::pid_t> {
     // Everything below is prepared here, in the parent, because the child may only make async-signal-safe
@@ -630,27 +632,46 @@ pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<
     let path = plan.path.as_ptr();
     let (err_read, err_write) = pipe()?;
     let err_write_raw = err_write.as_raw_fd();
-
-    // SAFETY: fork has no preconditions; the child branch below is restricted to async-signal-safe calls
-    // on memory prepared above and ends in execve or _exit.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
+    let args = ChildArgs {
+        path,
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        slots: slots.as_ptr(),
+        nslots: slots.len(),
+        srcs: srcs.as_ptr(),
+        high: high.as_mut_ptr(),
+        nsrcs: srcs.len(),
+        n,
+        err_write: err_write_raw,
+    };
+    let stack = ChildStack::new()?;
+    // No signal handler may run in the child while it shares this address space: block every signal in this
+    // thread (the child inherits the mask), the child resets handlers to default before unblocking.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both sets are live; sigfillset and pthread_sigmask only write them.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
-    if pid == 0 {
-        // SAFETY: child after fork; see child_after_fork's contract.
-        unsafe {
-            child_after_fork(
-                path,
-                argv.as_ptr(),
-                envp.as_ptr(),
-                &slots,
-                &srcs,
-                &mut high,
-                n,
-                err_write_raw,
-            )
-        }
+    // SAFETY: CLONE_VM | CLONE_VFORK: the child runs `child_entry` on its own stack in this address space,
+    // and this thread is suspended until the child has called execve or exited, so nothing the child touches
+    // (`args`, `high`, the pid slots, all prepared above and owned by this frame) changes under it or is freed
+    // before it is done. The child makes only async-signal-safe calls.
+    let pid = unsafe {
+        libc::clone(
+            child_entry,
+            stack.top(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&args as *const ChildArgs).cast_mut().cast(),
+        )
+    };
+    let clone_err = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if pid < 0 {
+        return Err(clone_err);
     }
     drop(err_write);
     let mut buf = [0u8; 4];
@@ -675,24 +696,86 @@ pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<
     }
 }
 
-/// The child's half of [`spawn`].
-///
-/// # Safety
-/// Must be called only in the child right after `fork`, with pointers into memory prepared before the fork.
-/// Makes only async-signal-safe calls and never returns.
-#[allow(clippy::too_many_arguments)] // the prepared pieces are passed loose to avoid any allocation here
-unsafe fn child_after_fork(
+/// What the child needs, by pointer into memory the parent prepared and keeps alive until the child is done.
+struct ChildArgs {
     path: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
-    slots: &[*mut u8],
-    srcs: &[RawFd],
-    high: &mut [RawFd],
+    slots: *const *mut u8,
+    nslots: usize,
+    srcs: *const RawFd,
+    high: *mut RawFd,
+    nsrcs: usize,
     n: libc::c_int,
     err_write: RawFd,
-) -> ! {
+}
+
+/// The child's stack: its own mapping (the parent's stack is in use by the suspended parent thread), with a
+/// guard page at the bottom.
+struct ChildStack {
+    base: *mut libc::c_void,
+}
+
+/// Enough for the child's few calls (glibc's posix_spawn uses less); a guard page below it.
+const CHILD_STACK: usize = 256 * 1024;
+const GUARD: usize = 64 * 1024;
+
+impl ChildStack {
+    fn new() -> io::Result<ChildStack> {
+        // SAFETY: a fresh anonymous mapping; the pointer is checked before use.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHILD_STACK + GUARD,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = ChildStack { base };
+        // SAFETY: the lowest GUARD bytes of the mapping just made.
+        if unsafe { libc::mprotect(base, GUARD, libc::PROT_NONE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The initial stack pointer (stacks grow down on every Linux architecture Rust supports but hppa).
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping, 16-byte aligned (the mapping is page aligned).
+        unsafe { self.base.cast::<u8>().add(CHILD_STACK + GUARD).cast() }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; the child no longer runs on it (CLONE_VFORK returns only after its
+        // execve or exit).
+        unsafe { libc::munmap(self.base, CHILD_STACK + GUARD) };
+    }
+}
+
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's ChildArgs, alive until this child execs or exits (CLONE_VFORK).
+    unsafe {
+        let a = &*(arg as *const ChildArgs);
+        child_before_exec(a)
+    }
+}
+
+/// The child's half of [`spawn`].
+///
+/// # Safety
+/// Must be called only in the child made by `spawn`'s `clone(CLONE_VM | CLONE_VFORK)`, with pointers into memory
+/// the suspended parent prepared. Makes only async-signal-safe calls, writes only to `high` and the pid slots,
+/// and never returns.
+unsafe fn child_before_exec(a: &ChildArgs) -> ! {
     // SAFETY (whole body): every call is async-signal-safe per signal-safety(7) or a raw syscall; every
-    // pointer was prepared by the parent before fork and is valid in the child's copy of the address space.
+    // pointer was prepared by the parent, which is suspended until this child execs or exits.
     unsafe {
         let fail = |fd: RawFd| -> ! {
             let errno = *libc::__errno_location();
@@ -700,36 +783,47 @@ unsafe fn child_after_fork(
             libc::write(fd, bytes.as_ptr().cast(), bytes.len());
             libc::_exit(127)
         };
-        // The parent may have signals blocked (for example a thread waiting in sigwait); a new program
-        // must start with none blocked. Rust's runtime ignores SIGPIPE: restore the default as std does.
+        // Every signal is blocked (the parent blocked them before clone). The application's handlers must not
+        // run here, in its address space: back to the default for every handled signal, then unblock all (a
+        // new program starts with none blocked). Rust's runtime ignores SIGPIPE: default it too, as std does.
+        for sig in 1..=libc::SIGRTMAX() {
+            let mut current: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut current) == 0
+                && (current.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
+                && current.sa_sigaction != libc::SIG_DFL
+            {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
 
         // Move everything we still need above the target range 3..3+n first, so that placing fd i at 3+i
         // can never overwrite a source that is still to be placed.
-        let base = 3 + n;
-        let err_fd = libc::fcntl(err_write, libc::F_DUPFD_CLOEXEC, base);
+        let base = 3 + a.n;
+        let err_fd = libc::fcntl(a.err_write, libc::F_DUPFD_CLOEXEC, base);
         if err_fd < 0 {
-            fail(err_write);
+            fail(a.err_write);
         }
-        for i in 0..srcs.len() {
-            let h = libc::fcntl(*srcs.as_ptr().add(i), libc::F_DUPFD_CLOEXEC, base);
+        for i in 0..a.nsrcs {
+            let h = libc::fcntl(*a.srcs.add(i), libc::F_DUPFD_CLOEXEC, base);
             if h < 0 {
                 fail(err_fd);
             }
-            *high.as_mut_ptr().add(i) = h;
+            *a.high.add(i) = h;
         }
-        for i in 0..srcs.len() {
+        for i in 0..a.nsrcs {
             // dup2 onto a different number always clears close-on-exec on the new descriptor.
-            if libc::dup2(*high.as_ptr().add(i), 3 + i as libc::c_int) < 0 {
+            if libc::dup2(*a.high.add(i), 3 + i as libc::c_int) < 0 {
                 fail(err_fd);
             }
         }
         let pid = libc::getpid();
-        for k in 0..slots.len() {
-            write_decimal(*slots.as_ptr().add(k), pid as u32);
+        for k in 0..a.nslots {
+            write_decimal(*a.slots.add(k), pid as u32);
         }
         // Nothing else may leak into the new program, not even an fd some library opened without
         // O_CLOEXEC: mark everything from 3+n up close-on-exec.
@@ -753,7 +847,7 @@ unsafe fn child_after_fork(
                 fd += 1;
             }
         }
-        libc::execve(path, argv, envp);
+        libc::execve(a.path, a.argv, a.envp);
         fail(err_fd)
     }
 }

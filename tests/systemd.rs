@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::systemd::{boot, Systemd};
+use support::systemd::{boot, Shape, Systemd};
 use support::*;
 
 for_each_example!(
@@ -16,14 +16,6 @@ for_each_example!(
     a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on,
     portable_template_with_hardening_reloads_fails_and_stops,
 );
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Installs the notify-reload templates as app.socket + app.service running `server` with `args`, with
 /// `more` template lines replaced.
@@ -37,15 +29,6 @@ fn install(
     install_shape(sd, Shape::NotifyReload, server, port, args, more)
 }
 
-/// Which service template, and the `exuvia-ctl` command its `ExecReload=` runs.
-#[derive(Clone, Copy)]
-enum Shape {
-    NotifyReload,
-    Portable,
-}
-
-/// Installs app.socket and app.service from the shipped templates, running `server` with `args`: only the
-/// marked lines (`ExecStart=`, the helper paths, the socket address) are substituted, plus `more`.
 fn install_shape(
     sd: &Systemd,
     shape: Shape,
@@ -54,33 +37,8 @@ fn install_shape(
     args: &str,
     more: &[(&str, &str)],
 ) -> std::net::SocketAddr {
-    let (template, reload) = match shape {
-        Shape::NotifyReload => ("exuvia-app.service", "reload-verdict"),
-        Shape::Portable => ("exuvia-app-portable.service", "upgrade"),
-    };
-    let bin = example(server);
-    let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
-    let log = sd.dir.join("service.log");
-    let stderr = format!("StandardError=append:{}", log.display());
-    sd.install(
-        "exuvia-app.socket",
-        "app.socket",
-        &[("ListenStream", &format!("127.0.0.1:{port}"))],
-        &[],
-    );
-    let exec_start = format!("{} {args}", bin.display());
-    let exec_reload = format!("{ctl} {reload}");
-    let exec_stop = format!("{ctl} stop");
-    let mut replace = vec![
-        ("ExecStart", exec_start.as_str()),
-        ("Requires", "app.socket"),
-        ("After", "app.socket"),
-        ("ExecReload", exec_reload.as_str()),
-        ("ExecStop", exec_stop.as_str()),
-    ];
-    replace.extend_from_slice(more);
-    sd.install(template, "app.service", &replace, &[stderr.as_str()]);
-    format!("127.0.0.1:{port}").parse().unwrap()
+    let ctl = Path::new(env!("CARGO_BIN_EXE_exuvia-ctl"));
+    sd.install_app(shape, &example(server), ctl, port, args, more)
 }
 
 fn ok(out: std::process::Output, what: &str, sd: &Systemd) {
@@ -91,7 +49,7 @@ fn ok(out: std::process::Output, what: &str, sd: &Systemd) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         sd.status_text("app.service"),
-        std::fs::read_to_string(sd.dir.join("service.log")).unwrap_or_default()
+        std::fs::read_to_string(sd.service_log()).unwrap_or_default()
     );
 }
 
@@ -183,7 +141,7 @@ fn socket_activation_then_ten_reloads_under_load_then_stop(server: &str) {
         ("inactive", "success"),
         "after stop:\n{}\n--- service log ---\n{}",
         sd.status_text("app.service"),
-        std::fs::read_to_string(sd.dir.join("service.log"))
+        std::fs::read_to_string(sd.service_log())
             .unwrap_or_default()
             .lines()
             .rev()

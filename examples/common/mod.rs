@@ -28,6 +28,7 @@ pub struct Args {
     pub hold_open: Option<String>,
     pub control_socket: Option<String>,
     pub reuseport: bool,
+    pub extra_listeners: usize,
 }
 
 pub fn parse_args() -> Result<Args, String> {
@@ -41,6 +42,7 @@ pub fn parse_args() -> Result<Args, String> {
         hold_open: None,
         control_socket: None,
         reuseport: false,
+        extra_listeners: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,10 +67,16 @@ pub fn parse_args() -> Result<Args, String> {
             "--hold-open" => a.hold_open = Some(value()?),
             "--control-socket" => a.control_socket = Some(value()?),
             "--reuseport" => a.reuseport = true,
+            "--extra-listeners" => {
+                let v = value()?;
+                a.extra_listeners = v
+                    .parse()
+                    .map_err(|_| format!("--extra-listeners: {v:?} is not a number"))?
+            }
             "-h" | "--help" => {
                 return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
                             [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
-                            [--control-socket PATH]"
+                            [--control-socket PATH] [--reuseport] [--extra-listeners N]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -162,6 +170,36 @@ pub fn bind_options(args: &Args) -> exuvia::BindOptions {
             Err(io::Error::last_os_error())
         }
     })
+}
+
+/// `--extra-listeners N`: N more TCP listeners on 127.0.0.1 (ephemeral ports), held but never accepted on, so
+/// that the benchmark can time a handover of many sockets. Raises the soft descriptor limit to the hard one
+/// first when N needs it.
+pub fn extra_listeners(
+    upgrader: &Upgrader,
+    n: usize,
+) -> Result<Vec<std::net::TcpListener>, Box<dyn std::error::Error>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a pointer to a live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    (0..n)
+        .map(|i| {
+            upgrader
+                .listen_tcp(&format!("extra-{i}"), "127.0.0.1:0")
+                .map_err(|e| format!("extra listener {i} of {n}: {e}").into())
+        })
+        .collect()
 }
 
 /// The upgrader as the command line configures it.

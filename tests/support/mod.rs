@@ -70,6 +70,33 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
+/// The path of a built binary of this package (`exuvia-ctl`), built like [`example`] for the programs that
+/// have no `CARGO_BIN_EXE_*` (the benchmark).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--all-features", "--bin", name]);
+    if profile_dir.file_name().unwrap() == "release" {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().expect("cannot run cargo");
+    assert!(st.success(), "building {name} failed");
+    let path = profile_dir.join(name);
+    assert!(path.exists(), "{} missing", path.display());
+    path
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Lines a process tree wrote to stderr, shared with the test.
 #[derive(Clone, Default)]
 pub struct Log {
@@ -171,23 +198,35 @@ pub fn pid_of(line: &str) -> u32 {
         .expect("line without pid=")
 }
 
-/// Waits until `pid` has exited and reaps it if it is ours (we are the subreaper). True if it is gone.
-pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
+/// A pidfd for `pid`: it keeps naming that process even after its pid is reused. `None` if there is no such
+/// process.
+pub fn pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
     // SAFETY: raw syscall with integer arguments.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return true; // no such process
-    }
+    // SAFETY: a new descriptor that nothing else owns.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Waits until the process behind `fd` has exited. True if it did within `timeout`.
+pub fn wait_pidfd(fd: &std::os::fd::OwnedFd, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
     let mut p = libc::pollfd {
-        fd: fd as i32,
+        fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: one live pollfd.
-    let n = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
-    // SAFETY: fd is ours.
-    unsafe { libc::close(fd as i32) };
-    if n <= 0 {
+    unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) > 0 }
+}
+
+/// Waits until `pid` has exited and reaps it if it is ours (we are the subreaper). True if it is gone.
+/// Only for a pid that cannot have been reused yet: our child or descendant not yet reaped.
+pub fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let Some(fd) = pidfd(pid) else {
+        return true; // no such process
+    };
+    if !wait_pidfd(&fd, timeout) {
         return false;
     }
     let mut status = 0;
@@ -201,6 +240,33 @@ pub fn zombie_state(pid: u32) -> Option<bool> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     Some(after.trim_start().starts_with('Z'))
+}
+
+/// Whether `pid` is a process (not a thread) whose parent chain reaches this process: one we started, or one
+/// of their descendants (orphans come back to us, the subreaper). A pid that fails this may have been reused.
+pub fn descends_from_us(pid: u32) -> bool {
+    let me = std::process::id();
+    let mut p = pid;
+    for _ in 0..64 {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{p}/status")) else {
+            return false;
+        };
+        let get = |key: &str| -> Option<u32> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        if get("Tgid:") != Some(p) {
+            return false; // a thread id
+        }
+        match get("PPid:") {
+            Some(pp) if pp == me => return true,
+            Some(pp) if pp > 1 => p = pp,
+            _ => return false,
+        }
+    }
+    false
 }
 
 pub fn signal(pid: u32, sig: i32) -> bool {
@@ -359,12 +425,15 @@ impl Drop for Server {
                 pids.insert(p);
             }
         }
-        for &p in &pids {
+        // Pids are reused (fast, where pid_max is 32768 and servers start a thread per connection): only a
+        // process that still descends from this one is ours to kill or wait for.
+        let ours: Vec<u32> = pids.into_iter().filter(|&p| descends_from_us(p)).collect();
+        for &p in &ours {
             if zombie_state(p) == Some(false) {
                 signal(p, libc::SIGKILL);
             }
         }
-        for p in pids {
+        for p in ours {
             wait_gone(p, Duration::from_secs(5));
         }
     }
@@ -586,28 +655,49 @@ impl Stats {
 }
 
 /// Continuous load: `fresh` clients opening a new connection per request, `keepalive` clients reusing one
-/// connection (reconnecting only when the server says `connection: close`). Paced, bounded by `stop()`.
+/// connection (reconnecting only when the server says `connection: close`). Each client starts one request
+/// every `pace` on a fixed schedule (at once when it is late; a zero `pace` is as fast as the server answers).
+/// Bounded by `stop()`.
 pub struct Load {
     stop: Arc<AtomicBool>,
     done: Arc<std::sync::atomic::AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<Stats>>,
+    fresh: Vec<std::thread::JoinHandle<Stats>>,
+    keepalive: Vec<std::thread::JoinHandle<Stats>>,
+}
+
+/// Sleeps until the next slot of a fixed schedule. A client that fell behind (a slow response, a late
+/// wake-up) catches up by starting its next requests at once, but never by more than a few slots: after a
+/// long stall it starts again from now rather than bursting.
+fn pace_until(next: &mut Instant, pace: Duration) {
+    if pace.is_zero() {
+        return;
+    }
+    *next += pace;
+    let now = Instant::now();
+    if *next > now {
+        std::thread::sleep(*next - now);
+    } else if now - *next > pace * 20 {
+        *next = now;
+    }
 }
 
 impl Load {
     pub fn start(addr: SocketAddr, fresh: usize, keepalive: usize, pace: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut threads = Vec::new();
+        let mut fresh_threads = Vec::new();
+        let mut keepalive_threads = Vec::new();
         for _ in 0..fresh {
             let stop = stop.clone();
             let done = done.clone();
-            threads.push(std::thread::spawn(move || {
+            fresh_threads.push(std::thread::spawn(move || {
                 let mut st = Stats::default();
+                let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     st.record_timed(t, get(addr, "/").map(|(r, _)| r));
                     done.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(pace);
+                    pace_until(&mut next, pace);
                 }
                 st
             }));
@@ -615,16 +705,18 @@ impl Load {
         for _ in 0..keepalive {
             let stop = stop.clone();
             let done = done.clone();
-            threads.push(std::thread::spawn(move || {
+            keepalive_threads.push(std::thread::spawn(move || {
                 let mut st = Stats::default();
                 let mut conn: Option<TcpStream> = None;
+                let mut next = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     if conn.is_none() {
                         match connect(addr) {
                             Ok(c) => conn = Some(c),
                             Err(f) => {
+                                st.failed_at.push(Instant::now());
                                 st.failures.push(f);
-                                std::thread::sleep(pace);
+                                pace_until(&mut next, pace.max(Duration::from_millis(1)));
                                 continue;
                             }
                         }
@@ -637,7 +729,7 @@ impl Load {
                     if close {
                         conn = None;
                     }
-                    std::thread::sleep(pace);
+                    pace_until(&mut next, pace);
                 }
                 st
             }));
@@ -645,7 +737,8 @@ impl Load {
         Load {
             stop,
             done,
-            threads,
+            fresh: fresh_threads,
+            keepalive: keepalive_threads,
         }
     }
 
@@ -665,12 +758,22 @@ impl Load {
     }
 
     pub fn stop(self) -> Stats {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut all = Stats::default();
-        for t in self.threads {
-            all.merge(t.join().unwrap());
-        }
+        let (mut all, keepalive) = self.stop_by_mode();
+        all.merge(keepalive);
         all
+    }
+
+    /// Stops the load; returns the new-connection clients' figures and the keep-alive clients' apart.
+    pub fn stop_by_mode(self) -> (Stats, Stats) {
+        self.stop.store(true, Ordering::Relaxed);
+        let join = |threads: Vec<std::thread::JoinHandle<Stats>>| {
+            let mut all = Stats::default();
+            for t in threads {
+                all.merge(t.join().unwrap());
+            }
+            all
+        };
+        (join(self.fresh), join(self.keepalive))
     }
 }
 

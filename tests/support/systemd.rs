@@ -25,7 +25,7 @@ pub struct Systemd {
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Why the real-systemd tests cannot run here, if they cannot.
-fn unavailable() -> Option<String> {
+pub fn unavailable() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root (booting systemd in a namespace needs root)".into());
@@ -165,7 +165,85 @@ pub fn boot(test: &str) -> Option<Systemd> {
     Some(sd)
 }
 
+/// Which service template, and the `exuvia-ctl` command its `ExecReload=` runs.
+#[derive(Clone, Copy)]
+pub enum Shape {
+    NotifyReload,
+    Portable,
+}
+
 impl Systemd {
+    /// Installs app.socket and app.service from the shipped templates, running `server` with `args` and the
+    /// helper `ctl`: only the marked lines (`ExecStart=`, the helper paths, the socket address) are
+    /// substituted, plus `more`. The service's stderr goes to `service.log` in the test directory.
+    pub fn install_app(
+        &self,
+        shape: Shape,
+        server: &Path,
+        ctl: &Path,
+        port: u16,
+        args: &str,
+        more: &[(&str, &str)],
+    ) -> std::net::SocketAddr {
+        let (template, reload) = match shape {
+            Shape::NotifyReload => ("exuvia-app.service", "reload-verdict"),
+            Shape::Portable => ("exuvia-app-portable.service", "upgrade"),
+        };
+        let stderr = format!("StandardError=append:{}", self.service_log().display());
+        self.install(
+            "exuvia-app.socket",
+            "app.socket",
+            &[("ListenStream", &format!("127.0.0.1:{port}"))],
+            &[],
+        );
+        let exec_start = format!("{} {args}", server.display());
+        let exec_reload = format!("{} {reload}", ctl.display());
+        let exec_stop = format!("{} stop", ctl.display());
+        let mut replace = vec![
+            ("ExecStart", exec_start.as_str()),
+            ("Requires", "app.socket"),
+            ("After", "app.socket"),
+            ("ExecReload", exec_reload.as_str()),
+            ("ExecStop", exec_stop.as_str()),
+        ];
+        replace.extend_from_slice(more);
+        self.install(template, "app.service", &replace, &[stderr.as_str()]);
+        format!("127.0.0.1:{port}").parse().unwrap()
+    }
+
+    /// Where the app service's stderr goes (see [`install_app`](Self::install_app)).
+    pub fn service_log(&self) -> PathBuf {
+        self.dir.join("service.log")
+    }
+
+    /// The host's pid for `ns_pid`, a pid inside this systemd's namespace (to read its `/proc` entries from
+    /// outside), if that process exists.
+    pub fn host_pid(&self, ns_pid: u32) -> Option<u32> {
+        let ns = std::fs::read_link(format!("/proc/{}/ns/pid", self.pid)).ok()?;
+        for e in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+                .ok()
+                .as_ref()
+                != Some(&ns)
+            {
+                continue;
+            }
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let inner = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|v| v.split_whitespace().last())
+                .and_then(|v| v.parse::<u32>().ok());
+            if inner == Some(ns_pid) {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
     /// Runs a command inside the namespace.
     pub fn run(&self, argv: &[&str]) -> Output {
         Command::new("nsenter")

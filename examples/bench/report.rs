@@ -1,0 +1,645 @@
+//! The benchmark's report: tables for people, JSON for machines, the targets and the verdict.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::accept::{self, Figures};
+use super::measure::{median, ms, percentile};
+use super::scenarios::{Calibration, LoadShape, Outcome, Scenario, Soak};
+use super::support::{FailKind, Stats};
+use super::Options;
+
+pub struct Run<'a> {
+    pub options: &'a Options,
+    pub calibration: Calibration,
+    pub shape: LoadShape,
+    pub outcomes: Vec<(Scenario, Outcome)>,
+    pub scaling: Vec<(usize, Vec<(Duration, Duration)>)>,
+    pub accept: Option<Figures>,
+    pub soak: Option<Soak>,
+}
+
+/// Failures by kind: refused, reset, timeout, short read, other.
+fn kinds(s: &Stats) -> [usize; 5] {
+    let n = |k: &[FailKind]| s.failures.iter().filter(|(f, _)| k.contains(f)).count();
+    [
+        n(&[FailKind::Refused]),
+        n(&[FailKind::Reset]),
+        n(&[FailKind::Timeout]),
+        n(&[FailKind::ShortRead]),
+        n(&[FailKind::BadResponse, FailKind::Other]),
+    ]
+}
+
+fn triple(sorted: &[Duration]) -> String {
+    format!(
+        "{}/{}/{}",
+        ms(percentile(sorted, 0.5)),
+        ms(percentile(sorted, 0.99)),
+        ms(percentile(sorted, 0.999))
+    )
+}
+
+fn p99_ratio(o: &Outcome) -> Option<f64> {
+    let (steady, during) = o.latencies();
+    let (s, d) = (percentile(&steady, 0.99)?, percentile(&during, 0.99)?);
+    Some(d.as_secs_f64() / s.as_secs_f64())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// A JSON value, written by hand (the benchmark needs no serialisation crate for this).
+enum J {
+    Num(f64),
+    Str(String),
+    Bool(bool),
+    Arr(Vec<J>),
+    Obj(Vec<(&'static str, J)>),
+    Null,
+}
+
+impl std::fmt::Display for J {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            J::Num(x) if x.is_finite() => {
+                if x.fract() == 0.0 && x.abs() < 1e15 {
+                    write!(f, "{}", *x as i64)
+                } else {
+                    write!(f, "{:.4}", x)
+                }
+            }
+            J::Num(_) | J::Null => f.write_str("null"),
+            J::Bool(b) => write!(f, "{b}"),
+            J::Str(s) => {
+                f.write_char('"')?;
+                for c in s.chars() {
+                    match c {
+                        '"' => f.write_str("\\\"")?,
+                        '\\' => f.write_str("\\\\")?,
+                        c if (c as u32) < 0x20 => write!(f, "\\u{:04x}", c as u32)?,
+                        c => f.write_char(c)?,
+                    }
+                }
+                f.write_char('"')
+            }
+            J::Arr(items) => {
+                f.write_char('[')?;
+                for (i, v) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_char(',')?;
+                    }
+                    write!(f, "{v}")?;
+                }
+                f.write_char(']')
+            }
+            J::Obj(fields) => {
+                f.write_char('{')?;
+                for (i, (k, v)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        f.write_char(',')?;
+                    }
+                    write!(f, "\"{k}\":{v}")?;
+                }
+                f.write_char('}')
+            }
+        }
+    }
+}
+
+fn jms(d: Option<Duration>) -> J {
+    d.map_or(J::Null, |d| J::Num(d.as_secs_f64() * 1000.0))
+}
+
+fn jstats(s: &Stats) -> J {
+    let k = kinds(s);
+    J::Obj(vec![
+        ("ok", J::Num(s.ok as f64)),
+        ("failed", J::Num(s.failures.len() as f64)),
+        ("refused", J::Num(k[0] as f64)),
+        ("reset", J::Num(k[1] as f64)),
+        ("timeout", J::Num(k[2] as f64)),
+        ("short_read", J::Num(k[3] as f64)),
+        ("other", J::Num(k[4] as f64)),
+    ])
+}
+
+fn jlat(sorted: &[Duration]) -> J {
+    J::Obj(vec![
+        ("samples", J::Num(sorted.len() as f64)),
+        ("p50_ms", jms(percentile(sorted, 0.5))),
+        ("p99_ms", jms(percentile(sorted, 0.99))),
+        ("p999_ms", jms(percentile(sorted, 0.999))),
+    ])
+}
+
+/// One line of the targets table.
+struct Target {
+    what: &'static str,
+    measured: String,
+    met: bool,
+}
+
+impl Run<'_> {
+    fn exuvia(&self) -> impl Iterator<Item = &(Scenario, Outcome)> {
+        self.outcomes
+            .iter()
+            .filter(|(s, o)| s.is_exuvia() && o.skipped.is_none())
+    }
+
+    /// Whether the claim held: no exuvia request failed, and every exuvia scenario that had to run ran.
+    pub fn correct(&self) -> bool {
+        let clean = self.exuvia().all(|(_, o)| o.all().failures.is_empty())
+            && self
+                .soak
+                .as_ref()
+                .into_iter()
+                .all(|s| s.stats.failures.is_empty());
+        let skipped_in_ci =
+            super::support::in_ci() && self.outcomes.iter().any(|(_, o)| o.skipped.is_some());
+        clean && !skipped_in_ci
+    }
+
+    fn overhead_median(&self, listeners: usize) -> Option<Duration> {
+        let (_, v) = self.scaling.iter().find(|(n, _)| *n == listeners)?;
+        median(&v.iter().map(|(o, _)| *o).collect::<Vec<_>>())
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut t = Vec::new();
+        let ex: Vec<_> = self.exuvia().collect();
+        t.push(Target {
+            what: "0 failed requests in every exuvia scenario, >= 20 upgrades each",
+            measured: ex
+                .iter()
+                .map(|(s, o)| {
+                    format!(
+                        "{} {} failed / {} upgrades",
+                        s.name(),
+                        o.all().failures.len(),
+                        o.upgrades
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            met: !ex.is_empty()
+                && ex
+                    .iter()
+                    .all(|(_, o)| o.all().failures.is_empty() && o.upgrades >= 20),
+        });
+        t.push(Target {
+            what: "served throughput >= 70% of the steady maximum",
+            measured: ex
+                .iter()
+                .map(|(s, o)| {
+                    format!(
+                        "{} {:.0}%",
+                        s.name(),
+                        100.0 * o.throughput / self.calibration.sustained
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            met: !ex.is_empty()
+                && ex
+                    .iter()
+                    .all(|(_, o)| o.throughput >= 0.7 * self.calibration.sustained),
+        });
+        t.push(Target {
+            what: "p99 during upgrades <= 1.5 x steady p99",
+            measured: ex
+                .iter()
+                .map(|(s, o)| {
+                    format!(
+                        "{} {}",
+                        s.name(),
+                        p99_ratio(o).map_or("-".into(), |r| format!("{r:.2}x"))
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            met: !ex.is_empty()
+                && ex
+                    .iter()
+                    .all(|(_, o)| p99_ratio(o).is_some_and(|r| r <= 1.5)),
+        });
+        for (n, bound) in [(1, 5), (1000, 50)] {
+            let m = self.overhead_median(n);
+            t.push(Target {
+                what: if n == 1 {
+                    "handover overhead median <= 5 ms, 1 listener"
+                } else {
+                    "handover overhead median <= 50 ms, 1,000 listeners"
+                },
+                measured: m.map_or("not measured".into(), |d| format!("{} ms", ms(Some(d)))),
+                met: m.is_some_and(|d| d <= Duration::from_millis(bound)),
+            });
+        }
+        t.push(Target {
+            what: "Tokio-layer accept throughput >= 0.97 x plain Tokio",
+            measured: self
+                .accept
+                .as_ref()
+                .map_or("not measured".into(), |a| format!("{:.3}", a.ratio())),
+            met: self.accept.as_ref().is_some_and(|a| a.ratio() >= 0.97),
+        });
+        if let Some(s) = &self.soak {
+            let (flat_fds, rss_spread) = soak_flatness(s);
+            t.push(Target {
+                what: "soak: fd count and RSS flat, 0 failures",
+                measured: format!(
+                    "{} upgrades, fds without connections {}, RSS spread {:.1}%, {} failed",
+                    s.upgrades,
+                    if flat_fds { "constant" } else { "VARY" },
+                    rss_spread * 100.0,
+                    s.stats.failures.len()
+                ),
+                met: flat_fds && rss_spread <= 0.10 && s.stats.failures.is_empty(),
+            });
+        }
+        t
+    }
+
+    pub fn table(&self) -> String {
+        let mut w = String::new();
+        let o = self.options;
+        let _ = writeln!(
+            w,
+            "\nload: {} clients against http_std ({} opening a new connection per request, {} keep-alive), all on \
+             this machine ({} cores) with the server.\n\
+             calibration: {:.0} req/s unpaced; paced, every client at the same rate (offered -> served): {}.\n\
+             steady maximum (the highest rate served in full): {:.0} req/s. Every scenario offers {:.0}% of it: \
+             {:.0} req/s, one request every {} us per client, plus {} idle connections per replacement that send \
+             during it.",
+            o.clients,
+            self.shape.fresh,
+            self.shape.keepalive,
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            self.calibration.unpaced,
+            self.calibration
+                .steps
+                .iter()
+                .map(|(a, b)| format!("{a:.0} -> {b:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.calibration.sustained,
+            o.load * 100.0,
+            self.shape.offered(),
+            self.shape.pace.as_micros(),
+            self.shape.idle,
+        );
+        let _ = writeln!(
+            w,
+            "\n{:<18} {:>5} {:>7} {:>5} {:>8} {:>6} {:>7} {:>6} {:>7} {:>5} {:>5}",
+            "scenario",
+            "repl",
+            "req/s",
+            "%max",
+            "ok",
+            "failed",
+            "refused",
+            "reset",
+            "timeout",
+            "short",
+            "other"
+        );
+        for (s, out) in &self.outcomes {
+            if let Some(why) = &out.skipped {
+                let _ = writeln!(w, "{:<18} SKIPPED: {why}", s.name());
+                continue;
+            }
+            let all = out.all();
+            let k = kinds(&all);
+            let _ = writeln!(
+                w,
+                "{:<18} {:>5} {:>7.0} {:>4.0}% {:>8} {:>6} {:>7} {:>6} {:>7} {:>5} {:>5}",
+                s.name(),
+                out.upgrades,
+                out.throughput,
+                100.0 * out.throughput / self.calibration.sustained,
+                all.ok,
+                all.failures.len(),
+                k[0],
+                k[1],
+                k[2],
+                k[3],
+                k[4]
+            );
+        }
+        let _ = writeln!(
+            w,
+            "\nby load mode, ok / failed:\n{:<18} {:>18} {:>18} {:>18}",
+            "scenario", "new connection", "keep-alive", "idle (sent during)"
+        );
+        for (s, out) in self.outcomes.iter().filter(|(_, o)| o.skipped.is_none()) {
+            let c = |st: &Stats| format!("{} / {}", st.ok, st.failures.len());
+            let _ = writeln!(
+                w,
+                "{:<18} {:>18} {:>18} {:>18}",
+                s.name(),
+                c(&out.fresh),
+                c(&out.keepalive),
+                c(&out.idle)
+            );
+        }
+        let _ = writeln!(
+            w,
+            "\nlatency and timing, ms (during = from the trigger until the new process serves and the old one is gone):\n\
+             {:<18} {:>20} {:>20} {:>6} {:>7} {:>15} {:>7} {:>9}",
+            "scenario", "steady p50/p99/p999", "during p50/p99/p999", "p99 x", "to new", "overhead p50/max", "init", "peak MiB"
+        );
+        for (s, out) in self.outcomes.iter().filter(|(_, o)| o.skipped.is_none()) {
+            let (steady, during) = out.latencies();
+            let over: Vec<Duration> = out.overhead.iter().map(|(o, _)| *o).collect();
+            let init: Vec<Duration> = out.overhead.iter().map(|(_, i)| *i).collect();
+            let _ = writeln!(
+                w,
+                "{:<18} {:>20} {:>20} {:>6} {:>7} {:>15} {:>7} {:>9}",
+                s.name(),
+                triple(&steady),
+                triple(&during),
+                p99_ratio(out).map_or("-".into(), |r| format!("{r:.2}")),
+                ms(median(&out.to_first_response)),
+                if over.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{}/{}", ms(median(&over)), ms(over.iter().max().copied()))
+                },
+                ms(median(&init)),
+                out.peak_rss
+                    .iter()
+                    .max()
+                    .map_or("-".into(), |b| format!("{:.1}", mib(*b))),
+            );
+        }
+        if std::env::var_os("BENCH_DEBUG").is_some() {
+            for (s, out) in self.outcomes.iter().filter(|(_, o)| o.skipped.is_none()) {
+                for (mode, st) in [("new", &out.fresh), ("keep", &out.keepalive)] {
+                    let mut buckets = vec![Vec::new(); 12];
+                    for (t, d) in &st.latencies {
+                        if let Some((a, _)) = out.windows.iter().find(|(a, b)| t >= a && t <= b) {
+                            let off = (*t - *a).as_millis() as usize;
+                            buckets[off.min(11)].push(*d);
+                        }
+                    }
+                    let line: Vec<String> = buckets
+                        .iter_mut()
+                        .map(|b| {
+                            b.sort();
+                            format!("{}:{}", b.len(), ms(percentile(b, 0.9)))
+                        })
+                        .collect();
+                    let _ = writeln!(w, "{} {mode}: {}", s.name(), line.join(" "));
+                }
+                let lens: Vec<String> = out
+                    .windows
+                    .iter()
+                    .map(|(a, b)| format!("{:.1}", (*b - *a).as_secs_f64() * 1000.0))
+                    .collect();
+                let _ = writeln!(w, "{} windows ms: {}", s.name(), lens.join(" "));
+            }
+        }
+        if !self.scaling.is_empty() {
+            let _ = writeln!(
+                w,
+                "\nhandover with many sockets (http_std, no load; overhead = request to the new process's ready \
+                 report minus its own initialisation; upgrade = request to commit), ms:\n{:>9} {:>8} {:>24} {:>12}",
+                "listeners", "upgrades", "overhead p50/p90/max", "upgrade p50"
+            );
+            for (n, v) in &self.scaling {
+                let mut over: Vec<Duration> = v.iter().map(|(o, _)| *o).collect();
+                over.sort();
+                let took: Vec<Duration> = v.iter().map(|(_, t)| *t).collect();
+                let _ = writeln!(
+                    w,
+                    "{:>9} {:>8} {:>24} {:>12}",
+                    n,
+                    v.len(),
+                    format!(
+                        "{}/{}/{}",
+                        ms(percentile(&over, 0.5)),
+                        ms(percentile(&over, 0.9)),
+                        ms(over.last().copied())
+                    ),
+                    ms(median(&took))
+                );
+            }
+        }
+        if let Some(a) = &self.accept {
+            let rounds = |p| {
+                a.rounds
+                    .iter()
+                    .filter(|(q, _)| *q == p)
+                    .map(|(_, r)| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let _ = writeln!(
+                w,
+                "\naccept throughput, connections/s (accept and close at once; 4 connecting threads; rounds \
+                 interleaved):\n  plain tokio::net::TcpListener  median {:>8.0}   rounds {}\n  \
+                 exuvia::tokio::TcpIncoming     median {:>8.0}   rounds {}\n  ratio {:.3}",
+                a.median(accept::Path::Plain),
+                rounds(accept::Path::Plain),
+                a.median(accept::Path::Exuvia),
+                rounds(accept::Path::Exuvia),
+                a.ratio()
+            );
+        }
+        if let Some(s) = &self.soak {
+            let _ = writeln!(
+                w,
+                "\nsoak: {} consecutive upgrades under the same load in {:.1} s: {} ok, {} failed\n{:>8} {:>8} {:>5} {:>18} {:>9}",
+                s.upgrades,
+                s.took.as_secs_f64(),
+                s.stats.ok,
+                s.stats.failures.len(),
+                "upgrades",
+                "pid",
+                "fds",
+                "w/o connections",
+                "RSS KiB"
+            );
+            for x in &s.samples {
+                let _ = writeln!(
+                    w,
+                    "{:>8} {:>8} {:>5} {:>18} {:>9}",
+                    x.upgrade,
+                    x.pid,
+                    x.fds,
+                    x.fds_fixed,
+                    x.rss / 1024
+                );
+            }
+        }
+        let _ = writeln!(w, "\ntargets:");
+        for t in self.targets() {
+            let _ = writeln!(
+                w,
+                "  [{}] {:<52} {}",
+                if t.met { "met" } else { "MISSED" },
+                t.what,
+                t.measured
+            );
+        }
+        let _ = writeln!(
+            w,
+            "\n(the baselines must show failures: that is how we know the instrument sees them)"
+        );
+        w
+    }
+
+    pub fn json(&self) -> String {
+        let o = self.options;
+        let scenarios = self
+            .outcomes
+            .iter()
+            .map(|(s, out)| {
+                if let Some(why) = &out.skipped {
+                    return J::Obj(vec![
+                        ("name", J::Str(s.name().into())),
+                        ("skipped", J::Str(why.clone())),
+                    ]);
+                }
+                let (steady, during) = out.latencies();
+                let over: Vec<Duration> = out.overhead.iter().map(|(o, _)| *o).collect();
+                let init: Vec<Duration> = out.overhead.iter().map(|(_, i)| *i).collect();
+                J::Obj(vec![
+                    ("name", J::Str(s.name().into())),
+                    ("replacements", J::Num(out.upgrades as f64)),
+                    ("throughput_rps", J::Num(out.throughput)),
+                    ("all", jstats(&out.all())),
+                    ("new_connection", jstats(&out.fresh)),
+                    ("keep_alive", jstats(&out.keepalive)),
+                    ("idle", jstats(&out.idle)),
+                    ("latency_steady", jlat(&steady)),
+                    ("latency_during", jlat(&during)),
+                    ("p99_ratio", p99_ratio(out).map_or(J::Null, J::Num)),
+                    ("to_new_median_ms", jms(median(&out.to_first_response))),
+                    ("overhead_median_ms", jms(median(&over))),
+                    ("overhead_max_ms", jms(over.iter().max().copied())),
+                    ("child_init_median_ms", jms(median(&init))),
+                    (
+                        "peak_rss_old_plus_new_bytes",
+                        out.peak_rss
+                            .iter()
+                            .max()
+                            .map_or(J::Null, |b| J::Num(*b as f64)),
+                    ),
+                ])
+            })
+            .collect();
+        let scaling = self
+            .scaling
+            .iter()
+            .map(|(n, v)| {
+                let over: Vec<Duration> = v.iter().map(|(o, _)| *o).collect();
+                let took: Vec<Duration> = v.iter().map(|(_, t)| *t).collect();
+                J::Obj(vec![
+                    ("listeners", J::Num(*n as f64)),
+                    ("upgrades", J::Num(v.len() as f64)),
+                    ("overhead_median_ms", jms(median(&over))),
+                    ("overhead_max_ms", jms(over.iter().max().copied())),
+                    ("upgrade_median_ms", jms(median(&took))),
+                ])
+            })
+            .collect();
+        let accept = self.accept.as_ref().map_or(J::Null, |a| {
+            J::Obj(vec![
+                ("plain_median_cps", J::Num(a.median(accept::Path::Plain))),
+                ("exuvia_median_cps", J::Num(a.median(accept::Path::Exuvia))),
+                ("ratio", J::Num(a.ratio())),
+            ])
+        });
+        let soak = self.soak.as_ref().map_or(J::Null, |s| {
+            J::Obj(vec![
+                ("upgrades", J::Num(s.upgrades as f64)),
+                ("seconds", J::Num(s.took.as_secs_f64())),
+                ("load", jstats(&s.stats)),
+                (
+                    "samples",
+                    J::Arr(
+                        s.samples
+                            .iter()
+                            .map(|x| {
+                                J::Obj(vec![
+                                    ("after_upgrades", J::Num(x.upgrade as f64)),
+                                    ("pid", J::Num(x.pid as f64)),
+                                    ("fds", J::Num(x.fds as f64)),
+                                    ("fds_without_connections", J::Num(x.fds_fixed as f64)),
+                                    ("rss_bytes", J::Num(x.rss as f64)),
+                                ])
+                            })
+                            .collect(),
+                    ),
+                ),
+            ])
+        });
+        let targets = self
+            .targets()
+            .into_iter()
+            .map(|t| {
+                J::Obj(vec![
+                    ("target", J::Str(t.what.into())),
+                    ("measured", J::Str(t.measured)),
+                    ("met", J::Bool(t.met)),
+                ])
+            })
+            .collect();
+        J::Obj(vec![
+            (
+                "load",
+                J::Obj(vec![
+                    ("unpaced_rps", J::Num(self.calibration.unpaced)),
+                    (
+                        "calibration_steps",
+                        J::Arr(
+                            self.calibration
+                                .steps
+                                .iter()
+                                .map(|(a, b)| {
+                                    J::Obj(vec![
+                                        ("offered_rps", J::Num(*a)),
+                                        ("served_rps", J::Num(*b)),
+                                    ])
+                                })
+                                .collect(),
+                        ),
+                    ),
+                    ("steady_max_rps", J::Num(self.calibration.sustained)),
+                    ("fraction", J::Num(o.load)),
+                    ("offered_rps", J::Num(self.shape.offered())),
+                    ("new_connection_clients", J::Num(self.shape.fresh as f64)),
+                    ("keep_alive_clients", J::Num(self.shape.keepalive as f64)),
+                    ("pace_us", J::Num(self.shape.pace.as_micros() as f64)),
+                    ("idle_per_replacement", J::Num(self.shape.idle as f64)),
+                    (
+                        "cores",
+                        J::Num(std::thread::available_parallelism().map_or(0, |n| n.get()) as f64),
+                    ),
+                ]),
+            ),
+            ("scenarios", J::Arr(scenarios)),
+            ("scaling", J::Arr(scaling)),
+            ("accept", accept),
+            ("soak", soak),
+            ("targets", J::Arr(targets)),
+            ("correct", J::Bool(self.correct())),
+        ])
+        .to_string()
+    }
+}
+
+/// Whether the soak's descriptor count (without connections) never changed, and how far its RSS spread
+/// (max − min over min) across samples.
+fn soak_flatness(s: &Soak) -> (bool, f64) {
+    let fixed: Vec<usize> = s.samples.iter().map(|x| x.fds_fixed).collect();
+    let flat = fixed.windows(2).all(|w| w[0] == w[1]);
+    let rss: Vec<u64> = s.samples.iter().map(|x| x.rss).filter(|&r| r > 0).collect();
+    let spread = match (rss.iter().min(), rss.iter().max()) {
+        (Some(&lo), Some(&hi)) if lo > 0 => (hi - lo) as f64 / lo as f64,
+        _ => f64::INFINITY,
+    };
+    (flat, spread)
+}

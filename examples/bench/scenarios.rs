@@ -1,0 +1,454 @@
+//! The replacement scenarios under load, the calibration that sets the load, the scaling runs and the soak.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::measure::{self, RssSampler};
+use super::support::{self, systemd, Idle, Load, Server, Stats};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Scenario {
+    ExuviaSighup,
+    ExuviaSystemctl,
+    NaiveRestart,
+    ReuseportOverlap,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Scenario::ExuviaSighup,
+        Scenario::ExuviaSystemctl,
+        Scenario::NaiveRestart,
+        Scenario::ReuseportOverlap,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::ExuviaSighup => "exuvia-sighup",
+            Scenario::ExuviaSystemctl => "exuvia-systemctl",
+            Scenario::NaiveRestart => "naive-restart",
+            Scenario::ReuseportOverlap => "reuseport-overlap",
+        }
+    }
+
+    pub fn is_exuvia(self) -> bool {
+        matches!(self, Scenario::ExuviaSighup | Scenario::ExuviaSystemctl)
+    }
+}
+
+/// The load every scenario runs under.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadShape {
+    pub fresh: usize,
+    pub keepalive: usize,
+    /// Each client starts a request every `pace`.
+    pub pace: Duration,
+    /// Idle connections opened before each replacement, sending their request during it.
+    pub idle: usize,
+}
+
+impl LoadShape {
+    /// Requests per second offered.
+    pub fn offered(&self) -> f64 {
+        (self.fresh + self.keepalive) as f64 / self.pace.as_secs_f64()
+    }
+
+    fn start(&self, addr: SocketAddr) -> Load {
+        Load::start(addr, self.fresh, self.keepalive, self.pace)
+    }
+}
+
+/// What one scenario measured.
+#[derive(Default)]
+pub struct Outcome {
+    pub skipped: Option<String>,
+    pub upgrades: usize,
+    pub fresh: Stats,
+    pub keepalive: Stats,
+    pub idle: Stats,
+    /// Served requests per second over the whole scenario.
+    pub throughput: f64,
+    /// (trigger, replacement over) for each replacement.
+    pub windows: Vec<(Instant, Instant)>,
+    pub to_first_response: Vec<Duration>,
+    /// The library's own figures, from the old process's log: (overhead, child's own initialisation).
+    pub overhead: Vec<(Duration, Duration)>,
+    /// Peak summed resident memory of the old and the new process, per replacement.
+    pub peak_rss: Vec<u64>,
+}
+
+impl Outcome {
+    pub fn all(&self) -> Stats {
+        let mut s = self.fresh.clone();
+        s.merge(self.keepalive.clone());
+        s.merge(self.idle.clone());
+        s
+    }
+
+    /// Sorted latencies of the continuous load, (steady, during replacements).
+    pub fn latencies(&self) -> (Vec<Duration>, Vec<Duration>) {
+        let during = |t: Instant| self.windows.iter().any(|(a, b)| t >= *a && t <= *b);
+        let (mut steady, mut busy) = (Vec::new(), Vec::new());
+        for (t, d) in self.fresh.latencies.iter().chain(&self.keepalive.latencies) {
+            if during(*t) {
+                busy.push(*d)
+            } else {
+                steady.push(*d)
+            }
+        }
+        steady.sort();
+        busy.sort();
+        (steady, busy)
+    }
+}
+
+/// Waits (polling with new connections) until a process `pred` accepts answers; returns when it first did.
+fn first_response_from(addr: SocketAddr, pred: impl Fn(u32) -> bool) -> Option<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok((r, _)) = support::get(addr, "/") {
+            if pred(r.pid) {
+                return Some(Instant::now());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+/// `(overhead, child init)` from the old process's "child ready" log line.
+fn overhead_of(lines: &[String], old: u32) -> Option<(Duration, Duration)> {
+    let line = lines.iter().rev().find(|l| {
+        l.contains("child ready; handing over")
+            && support::field(l, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(old)
+    })?;
+    let us = |k: &str| -> Option<Duration> {
+        support::field(line, k)
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_micros)
+    };
+    Some((us("overhead_us")?, us("child_init_us")?))
+}
+
+/// What the machine sustains for http_std with this client mix.
+pub struct Calibration {
+    /// Requests per second with every client unpaced (keep-alive clients then get more than their share).
+    pub unpaced: f64,
+    /// (offered, served) requests per second for each paced step, every client at the same rate.
+    pub steps: Vec<(f64, f64)>,
+    /// The highest rate served in full (at least 97 % of what was offered), every client at the same rate:
+    /// the steady maximum the scenarios' load is a fraction of.
+    pub sustained: f64,
+}
+
+/// Measures the steady throughput this machine sustains: first unpaced, then paced steps from half of that
+/// upwards until the served rate falls behind the offered one. Each step is `secs` long after a warm-up.
+pub fn calibrate(bin: &Path, fresh: usize, keepalive: usize, secs: f64) -> Calibration {
+    let server = Server::start(bin, &[]);
+    let measure = |pace: Duration| -> f64 {
+        let load = Load::start(server.addr, fresh, keepalive, pace);
+        load.wait_progress(1000);
+        let (n0, t0) = (load.completed(), Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(secs)); // the measuring interval
+        let rate = (load.completed() - n0) as f64 / t0.elapsed().as_secs_f64();
+        let stats = load.stop();
+        assert!(
+            stats.failures.is_empty(),
+            "calibration saw failures: {}",
+            stats.summary()
+        );
+        rate
+    };
+    let clients = (fresh + keepalive) as f64;
+    let unpaced = measure(Duration::ZERO);
+    let mut steps = Vec::new();
+    let mut sustained = 0.0f64;
+    for tenth in 5..=12 {
+        let offered = unpaced * tenth as f64 / 10.0;
+        let served = measure(Duration::from_secs_f64(clients / offered));
+        steps.push((offered, served));
+        if served < 0.97 * offered {
+            break;
+        }
+        sustained = sustained.max(served);
+    }
+    server.stop();
+    if sustained == 0.0 {
+        // Even half the unpaced rate was not served in full: the best served rate is the maximum.
+        sustained = steps.iter().map(|(_, s)| *s).fold(0.0, f64::max);
+    }
+    Calibration {
+        unpaced,
+        steps,
+        sustained,
+    }
+}
+
+/// Where the replaced server runs: a process tree we started, or a unit under a real systemd.
+enum Target {
+    Direct {
+        servers: Vec<Server>,
+        listen: String,
+        args: Vec<String>,
+    },
+    Systemd {
+        sd: systemd::Systemd,
+    },
+}
+
+/// Runs one scenario: `upgrades` replacements under `shape`, each after a stretch of steady load.
+pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -> Outcome {
+    let port = support::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["--drain-timeout".to_string(), "10".to_string()];
+    if scenario == Scenario::ReuseportOverlap {
+        args.push("--reuseport".into());
+    }
+    let mut target = if scenario == Scenario::ExuviaSystemctl {
+        if let Some(why) = systemd::unavailable() {
+            return Outcome {
+                skipped: Some(why),
+                ..Outcome::default()
+            };
+        }
+        let sd = systemd::boot("bench").expect("checked above");
+        let ctl = support::binary("exuvia-ctl");
+        sd.install_app(
+            systemd::Shape::NotifyReload,
+            bin,
+            &ctl,
+            port,
+            &args.join(" "),
+            &[],
+        );
+        let out = sd.systemctl(&["start", "app.socket"]);
+        assert!(out.status.success(), "start app.socket: {out:?}");
+        Target::Systemd { sd }
+    } else {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        Target::Direct {
+            servers: vec![Server::start_on(bin, &listen, &argv)],
+            listen: listen.clone(),
+            args: args.clone(),
+        }
+    };
+    let addr: SocketAddr = listen.parse().unwrap();
+    // The first request (under systemd it activates the service) before the clock starts.
+    assert!(
+        first_response_from(addr, |_| true).is_some(),
+        "{} never answered",
+        scenario.name()
+    );
+    let load = shape.start(addr);
+    let started = Instant::now();
+    // Enough requests between replacements for a steady stretch of about 300 ms.
+    let between = ((shape.offered() * 0.3) as u64).max(200);
+    load.wait_progress(between);
+    let mut out = Outcome {
+        upgrades,
+        ..Outcome::default()
+    };
+    for _ in 0..upgrades {
+        load.wait_progress(between);
+        let idle = Idle::open(addr, shape.idle);
+        let t0 = Instant::now();
+        let (first, idle_done) = match &mut target {
+            Target::Direct {
+                servers,
+                listen,
+                args,
+            } => {
+                let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+                let old = servers.last().unwrap().current();
+                let sampler = RssSampler::start(&[old]);
+                let r = match scenario {
+                    Scenario::ExuviaSighup => {
+                        let s = servers.last_mut().unwrap();
+                        let new = s
+                            .upgrade_started()
+                            .unwrap_or_else(|e| panic!("upgrade failed: {e}"));
+                        let at = first_response_from(addr, |p| p == new);
+                        // Idle clients send while the old process drains.
+                        let idle_done = idle.finish();
+                        support::wait_gone(old, Duration::from_secs(30));
+                        if let Some(o) = overhead_of(&s.log.lines(), old) {
+                            out.overhead.push(o);
+                        }
+                        (at, idle_done)
+                    }
+                    Scenario::NaiveRestart => {
+                        support::signal(old, libc::SIGTERM);
+                        // Nothing new can serve before the old one exits: the idle clients send now.
+                        let idle_done = idle.finish();
+                        support::wait_gone(old, Duration::from_secs(30));
+                        let s = Server::start_on(bin, listen, &argv);
+                        let new = s.current();
+                        sampler.watch(new);
+                        servers.push(s);
+                        (first_response_from(addr, |p| p == new), idle_done)
+                    }
+                    Scenario::ReuseportOverlap => {
+                        let s = Server::start_on(bin, listen, &argv);
+                        let new = s.current();
+                        sampler.watch(new);
+                        servers.push(s);
+                        let at = first_response_from(addr, |p| p == new);
+                        support::signal(old, libc::SIGTERM);
+                        let idle_done = idle.finish();
+                        support::wait_gone(old, Duration::from_secs(30));
+                        (at, idle_done)
+                    }
+                    Scenario::ExuviaSystemctl => unreachable!(),
+                };
+                out.peak_rss.push(sampler.stop());
+                r
+            }
+            Target::Systemd { sd } => {
+                let old = sd.main_pid("app.service");
+                let old_host = sd.host_pid(old).expect("the main process is visible");
+                let old_fd = support::pidfd(old_host).expect("the main process is alive");
+                let sampler = RssSampler::start(&[old_host]);
+                let reload = sd.systemctl(&["reload", "app.service"]);
+                assert!(
+                    reload.status.success(),
+                    "systemctl reload failed: {}",
+                    String::from_utf8_lossy(&reload.stderr)
+                );
+                let new = sd.main_pid("app.service");
+                assert_ne!(new, old, "the reload did not move the main pid");
+                let at = first_response_from(addr, |p| p == new);
+                let idle_done = idle.finish();
+                support::wait_pidfd(&old_fd, Duration::from_secs(30));
+                out.peak_rss.push(sampler.stop());
+                let log = std::fs::read_to_string(sd.service_log()).unwrap_or_default();
+                let lines: Vec<String> = log.lines().map(str::to_string).collect();
+                if let Some(o) = overhead_of(&lines, old) {
+                    out.overhead.push(o);
+                }
+                (at, idle_done)
+            }
+        };
+        out.idle.merge(idle_done);
+        out.windows.push((t0, Instant::now()));
+        if let Some(at) = first {
+            out.to_first_response.push(at - t0);
+        }
+    }
+    load.wait_progress(between);
+    let elapsed = started.elapsed();
+    let (fresh, keepalive) = load.stop_by_mode();
+    out.throughput = (fresh.ok + keepalive.ok) as f64 / elapsed.as_secs_f64();
+    out.fresh = fresh;
+    out.keepalive = keepalive;
+    match target {
+        Target::Direct { servers, .. } => {
+            if let Some(s) = servers.last() {
+                s.stop();
+            }
+            drop(servers); // kills and reaps anything left
+        }
+        Target::Systemd { sd } => {
+            let out = sd.systemctl(&["stop", "app.service", "app.socket"]);
+            assert!(out.status.success(), "systemctl stop: {out:?}");
+            drop(sd); // kills the namespace
+        }
+    }
+    out
+}
+
+/// Handover times with `listeners` sockets: `upgrades` SIGHUPs without load, each waited for to the end.
+/// Returns (overhead, whole upgrade from request to commit) per upgrade, from the old process's log.
+pub fn scaling(bin: &Path, listeners: usize, upgrades: usize) -> Vec<(Duration, Duration)> {
+    let extra = (listeners.max(1) - 1).to_string();
+    let mut server = Server::start(bin, &["--extra-listeners", &extra]);
+    let mut out = Vec::new();
+    for _ in 0..upgrades {
+        let old = server.current();
+        server
+            .upgrade()
+            .unwrap_or_else(|e| panic!("upgrade with {listeners} listeners failed: {e}"));
+        let lines = server.log.lines();
+        let took = lines
+            .iter()
+            .rev()
+            .find(|l| {
+                l.contains("upgrade: handed over")
+                    && support::field(l, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(old)
+            })
+            .and_then(|l| support::field(l, "took_us"))
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_micros);
+        if let (Some((overhead, _)), Some(took)) = (overhead_of(&lines, old), took) {
+            out.push((overhead, took));
+        }
+    }
+    server.stop();
+    out
+}
+
+/// One soak sample: after `upgrade` upgrades, the serving process's descriptors and memory.
+pub struct SoakSample {
+    pub upgrade: usize,
+    pub pid: u32,
+    pub fds: usize,
+    pub fds_fixed: usize,
+    pub rss: u64,
+}
+
+pub struct Soak {
+    pub samples: Vec<SoakSample>,
+    pub stats: Stats,
+    pub upgrades: usize,
+    pub took: Duration,
+}
+
+/// `upgrades` consecutive upgrades under `shape`'s continuous load (no idle connections), sampling every
+/// `every`; prints each sample as it is taken.
+pub fn soak(bin: &Path, shape: &LoadShape, upgrades: usize, every: usize) -> Soak {
+    let mut server = Server::start(bin, &["--drain-timeout", "10"]);
+    let load = shape.start(server.addr);
+    load.wait_progress(500);
+    let t0 = Instant::now();
+    let mut samples = Vec::new();
+    let sample = |n: usize, pid: u32| {
+        let (fds, fds_fixed) = measure::fds(pid);
+        let s = SoakSample {
+            upgrade: n,
+            pid,
+            fds,
+            fds_fixed,
+            rss: measure::rss(pid).unwrap_or(0),
+        };
+        eprintln!(
+            "  soak: after {:>5} upgrades: pid {:>7}, {:>3} fds ({} without connections), RSS {} KiB",
+            s.upgrade,
+            s.pid,
+            s.fds,
+            s.fds_fixed,
+            s.rss / 1024
+        );
+        s
+    };
+    samples.push(sample(0, server.current()));
+    for n in 1..=upgrades {
+        server
+            .upgrade()
+            .unwrap_or_else(|e| panic!("soak upgrade {n} failed: {e}"));
+        // Every generation serves some of the load before the next upgrade.
+        load.wait_progress((shape.fresh + shape.keepalive) as u64 * 2);
+        if n % every == 0 || n == upgrades {
+            samples.push(sample(n, server.current()));
+        }
+    }
+    let took = t0.elapsed();
+    load.wait_progress(500);
+    let stats = load.stop();
+    server.stop();
+    Soak {
+        samples,
+        stats,
+        upgrades,
+        took,
+    }
+}
