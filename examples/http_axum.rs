@@ -51,6 +51,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         upgrader.listen_tcp_with("http", args.listen.as_str(), &common::bind_options(&args))?;
     let addr = listener.local_addr()?;
     let _extra = common::extra_listeners(&upgrader, args.extra_listeners)?;
+    let _ballast = common::ballast(args.ballast_mib);
     let _held = args
         .hold_open
         .as_deref()

@@ -24,6 +24,7 @@
 //!   `$RUNTIME_DIRECTORY/exuvia-control.sock` without this option); drive it with `exuvia-ctl`;
 //! - `--extra-listeners N`: N more listeners on 127.0.0.1, never accepted on (for the benchmark's scaling
 //!   figures: a handover of 1, 100 and 1,000 sockets);
+//! - `--ballast-mib N`: hold N MiB of resident memory (for the benchmark's figure of a big process's upgrade);
 //! - `--reuseport`: set `SO_REUSEPORT` on a fresh bind (for the benchmark's overlap baseline only);
 //! - `--hold-open FILE`: opens FILE *without* close-on-exec and keeps it, so that a test can check that such a
 //!   descriptor still does not reach the next generation.
@@ -54,6 +55,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         upgrader.listen_tcp_with("http", args.listen.as_str(), &common::bind_options(&args))?;
     let addr = listener.local_addr()?;
     let _extra = common::extra_listeners(&upgrader, args.extra_listeners)?;
+    let _ballast = common::ballast(args.ballast_mib);
     let _held = args
         .hold_open
         .as_deref()

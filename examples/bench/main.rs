@@ -30,9 +30,11 @@
 //! process's own initialisation, which it reports); the peak resident memory of old + new during the overlap.
 //!
 //! Options: `--upgrades N` (20 per scenario), `--clients N` (8), `--load F` (0.75), `--idle N` (8),
-//! `--scaling N` (upgrades per listener count, 20), `--listeners A,B,C` (1,100,1000), `--accept-rounds N`
-//! (5 per path), `--accept-secs S` (1), `--soak N` (1000), `--soak-every N` (100), `--scenarios A,B` (all;
-//! names as above), `--no-systemd`, `--json`. `--scaling 0`, `--accept-rounds 0` and `--soak 0` leave those
+//! `--scaling N` (upgrades per listener count, 20), `--listeners A,B,C` (1,100,1000), `--ballast-mib N` (1024:
+//! the handover of a process holding that much resident memory, 0 to leave out), `--accept-rounds N`
+//! (15 per path), `--accept-secs S` (0.5), `--soak N` (1000), `--soak-every N` (100), `--scenarios A,B` (all;
+//! names as above), `--no-systemd`, `--timeline` (latency by millisecond after each trigger), `--server
+//! http_std|http_axum` (http_std), `--json`. `--scaling 0`, `--accept-rounds 0` and `--soak 0` leave those
 //! parts out.
 //!
 //! Stops by itself, uses only 127.0.0.1, leaves no process behind. Exit status 1 if any exuvia request failed
@@ -69,6 +71,8 @@ struct Options {
     scenarios: Vec<Scenario>,
     json: bool,
     server: String,
+    ballast_mib: usize,
+    timeline: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -79,13 +83,15 @@ fn options() -> Result<Options, String> {
         idle: 8,
         scaling: 20,
         listeners: vec![1, 100, 1000],
-        accept_rounds: 5,
-        accept_secs: 1.0,
+        accept_rounds: 15,
+        accept_secs: 0.5,
         soak: 1000,
         soak_every: 100,
         scenarios: Scenario::ALL.to_vec(),
         json: false,
         server: "http_std".into(),
+        ballast_mib: 1024,
+        timeline: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -115,6 +121,7 @@ fn options() -> Result<Options, String> {
             }
             "--accept-rounds" => o.accept_rounds = num(value()?)? as usize,
             "--accept-secs" => o.accept_secs = num(value()?)?.max(0.1),
+            "--ballast-mib" => o.ballast_mib = num(value()?)? as usize,
             "--soak" => o.soak = num(value()?)? as usize,
             "--soak-every" => o.soak_every = (num(value()?)? as usize).max(1),
             "--no-systemd" => o.scenarios.retain(|s| *s != Scenario::ExuviaSystemctl),
@@ -130,6 +137,7 @@ fn options() -> Result<Options, String> {
                     .collect::<Result<_, _>>()?
             }
             "--json" => o.json = true,
+            "--timeline" => o.timeline = true,
             "--server" => {
                 o.server = value()?;
                 if !["http_std", "http_axum"].contains(&o.server.as_str()) {
@@ -184,7 +192,18 @@ fn main() -> std::process::ExitCode {
     let mut scaling = Vec::new();
     for &n in o.listeners.iter().filter(|_| o.scaling > 0) {
         eprintln!("handover with {n} listeners ({} upgrades) ...", o.scaling);
-        scaling.push((n, scenarios::scaling(&bin, n, o.scaling)));
+        scaling.push((n, 0, scenarios::scaling(&bin, n, 0, o.scaling)));
+    }
+    if o.scaling > 0 && o.ballast_mib > 0 {
+        eprintln!(
+            "handover of a process with {} MiB resident ({} upgrades) ...",
+            o.ballast_mib, o.scaling
+        );
+        scaling.push((
+            1,
+            o.ballast_mib,
+            scenarios::scaling(&bin, 1, o.ballast_mib, o.scaling),
+        ));
     }
 
     eprintln!(

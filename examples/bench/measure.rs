@@ -53,8 +53,12 @@ pub fn children(pid: u32) -> Vec<u32> {
 /// Open descriptors of `pid`: all of them, and those that are not client connections (connections come and
 /// go with the clients; the rest must stay flat across upgrades). A socket counts as a connection unless it
 /// is a TCP listener or a Unix socket: a TCP socket that has just closed is in no table at all.
-pub fn fds(pid: u32) -> (usize, usize) {
-    let all = super::support::open_fds(pid);
+pub fn fds(pid: u32) -> (usize, Vec<String>) {
+    // A descriptor closed while the directory was read has no target: it is gone.
+    let all: Vec<(i32, String)> = super::support::open_fds(pid)
+        .into_iter()
+        .filter(|(_, t)| !t.is_empty())
+        .collect();
     let mut kept = std::collections::BTreeSet::new();
     for (table, listening_only) in [
         ("tcp", true),
@@ -82,7 +86,8 @@ pub fn fds(pid: u32) -> (usize, usize) {
     let fixed = all
         .iter()
         .filter(|(_, t)| !t.starts_with("socket:") || kept.contains(t))
-        .count();
+        .map(|(fd, t)| format!("{fd} -> {t}"))
+        .collect();
     (all.len(), fixed)
 }
 

@@ -137,13 +137,14 @@ pub struct Calibration {
     pub unpaced: f64,
     /// (offered, served) requests per second for each paced step, every client at the same rate.
     pub steps: Vec<(f64, f64)>,
-    /// The highest rate served in full (at least 97 % of what was offered), every client at the same rate:
-    /// the steady maximum the scenarios' load is a fraction of.
+    /// The highest rate served in any paced step, every client at the same rate (the last step is past
+    /// saturation): the steady maximum the scenarios' load is a fraction of.
     pub sustained: f64,
 }
 
-/// Measures the steady throughput this machine sustains: first unpaced, then paced steps from half of that
-/// upwards until the served rate falls behind the offered one. Each step is `secs` long after a warm-up.
+/// Measures the steady throughput this machine sustains: first unpaced, then paced steps from a third of that
+/// upwards until the served rate falls behind the offered one (saturation). Each step is `secs` long after a
+/// warm-up.
 pub fn calibrate(bin: &Path, fresh: usize, keepalive: usize, secs: f64) -> Calibration {
     let server = Server::start(bin, &[]);
     let measure = |pace: Duration| -> f64 {
@@ -164,20 +165,16 @@ pub fn calibrate(bin: &Path, fresh: usize, keepalive: usize, secs: f64) -> Calib
     let unpaced = measure(Duration::ZERO);
     let mut steps = Vec::new();
     let mut sustained = 0.0f64;
-    for tenth in 5..=12 {
+    for tenth in 3..=12 {
         let offered = unpaced * tenth as f64 / 10.0;
         let served = measure(Duration::from_secs_f64(clients / offered));
         steps.push((offered, served));
+        sustained = sustained.max(served);
         if served < 0.97 * offered {
             break;
         }
-        sustained = sustained.max(served);
     }
     server.stop();
-    if sustained == 0.0 {
-        // Even half the unpaced rate was not served in full: the best served rate is the maximum.
-        sustained = steps.iter().map(|(_, s)| *s).fold(0.0, f64::max);
-    }
     Calibration {
         unpaced,
         steps,
@@ -357,11 +354,21 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
     out
 }
 
-/// Handover times with `listeners` sockets: `upgrades` SIGHUPs without load, each waited for to the end.
-/// Returns (overhead, whole upgrade from request to commit) per upgrade, from the old process's log.
-pub fn scaling(bin: &Path, listeners: usize, upgrades: usize) -> Vec<(Duration, Duration)> {
+/// Handover times with `listeners` sockets and `ballast_mib` MiB of resident memory: `upgrades` SIGHUPs
+/// without load, each waited for to the end. Returns (overhead, whole upgrade from request to commit) per
+/// upgrade, from the old process's log.
+pub fn scaling(
+    bin: &Path,
+    listeners: usize,
+    ballast_mib: usize,
+    upgrades: usize,
+) -> Vec<(Duration, Duration)> {
     let extra = (listeners.max(1) - 1).to_string();
-    let mut server = Server::start(bin, &["--extra-listeners", &extra]);
+    let ballast = ballast_mib.to_string();
+    let mut server = Server::start(
+        bin,
+        &["--extra-listeners", &extra, "--ballast-mib", &ballast],
+    );
     let mut out = Vec::new();
     for _ in 0..upgrades {
         let old = server.current();
@@ -393,6 +400,8 @@ pub struct SoakSample {
     pub pid: u32,
     pub fds: usize,
     pub fds_fixed: usize,
+    /// What the descriptors counted in `fds_fixed` are (`fd -> target`).
+    pub fixed: Vec<String>,
     pub rss: u64,
 }
 
@@ -412,12 +421,13 @@ pub fn soak(bin: &Path, shape: &LoadShape, upgrades: usize, every: usize) -> Soa
     let t0 = Instant::now();
     let mut samples = Vec::new();
     let sample = |n: usize, pid: u32| {
-        let (fds, fds_fixed) = measure::fds(pid);
+        let (fds, fixed) = measure::fds(pid);
         let s = SoakSample {
             upgrade: n,
             pid,
             fds,
-            fds_fixed,
+            fds_fixed: fixed.len(),
+            fixed,
             rss: measure::rss(pid).unwrap_or(0),
         };
         eprintln!(

@@ -29,6 +29,7 @@ pub struct Args {
     pub control_socket: Option<String>,
     pub reuseport: bool,
     pub extra_listeners: usize,
+    pub ballast_mib: usize,
 }
 
 pub fn parse_args() -> Result<Args, String> {
@@ -43,6 +44,7 @@ pub fn parse_args() -> Result<Args, String> {
         control_socket: None,
         reuseport: false,
         extra_listeners: 0,
+        ballast_mib: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -67,6 +69,12 @@ pub fn parse_args() -> Result<Args, String> {
             "--hold-open" => a.hold_open = Some(value()?),
             "--control-socket" => a.control_socket = Some(value()?),
             "--reuseport" => a.reuseport = true,
+            "--ballast-mib" => {
+                let v = value()?;
+                a.ballast_mib = v
+                    .parse()
+                    .map_err(|_| format!("--ballast-mib: {v:?} is not a number"))?
+            }
             "--extra-listeners" => {
                 let v = value()?;
                 a.extra_listeners = v
@@ -76,7 +84,7 @@ pub fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
                             [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
-                            [--control-socket PATH] [--reuseport] [--extra-listeners N]"
+                            [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -170,6 +178,12 @@ pub fn bind_options(args: &Args) -> exuvia::BindOptions {
             Err(io::Error::last_os_error())
         }
     })
+}
+
+/// `--ballast-mib N`: N MiB of memory, written once so that it is resident, and held: a stand-in for the
+/// caches of a big service, for the benchmark's figure of what spawning the new process costs a big old one.
+pub fn ballast(mib: usize) -> Vec<u8> {
+    vec![1u8; mib << 20]
 }
 
 /// `--extra-listeners N`: N more TCP listeners on 127.0.0.1 (ephemeral ports), held but never accepted on, so
