@@ -9,12 +9,15 @@ use super::scenarios::{Calibration, LoadShape, Outcome, Scenario, Soak};
 use super::support::{FailKind, Stats};
 use super::Options;
 
+/// One handover-time measurement: listeners, MiB of resident ballast, (overhead, upgrade) per upgrade.
+pub type Scaling = (usize, usize, Vec<(Duration, Duration)>);
+
 pub struct Run<'a> {
     pub options: &'a Options,
     pub calibration: Calibration,
     pub shape: LoadShape,
     pub outcomes: Vec<(Scenario, Outcome)>,
-    pub scaling: Vec<(usize, usize, Vec<(Duration, Duration)>)>,
+    pub scaling: Vec<Scaling>,
     pub accept: Option<Figures>,
     pub soak: Option<Soak>,
 }
