@@ -2,7 +2,7 @@
 //!
 //! # From the top
 //!
-//! On an upgrade signal the running process (the *exuvia*, the skin left behind) forks and executes the binary
+//! On an upgrade signal the running process (the *exuvia*, the skin left behind) forks (a vfork-style `clone`) and executes the binary
 //! on disk. The new process inherits the very same listening sockets, initialises while the old one keeps
 //! accepting, and reports ready; only then does the old process stop accepting, drain its open connections
 //! within a deadline, and exit. If the new process crashes, hangs or fails, the old one kills it and serves on.
