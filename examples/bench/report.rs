@@ -391,10 +391,10 @@ impl Run<'_> {
             for (s, out) in self.outcomes.iter().filter(|(_, o)| o.skipped.is_none()) {
                 for (mode, st) in [("new", &out.fresh), ("keep", &out.keepalive)] {
                     let mut buckets = vec![Vec::new(); 12];
-                    for (t, d) in &st.latencies {
-                        if let Some((a, _)) = out.windows.iter().find(|(a, b)| t >= a && t <= b) {
-                            let off = (*t - *a).as_millis() as usize;
-                            buckets[off.min(11)].push(*d);
+                    for r in &st.latencies {
+                        if let Some((a, _)) = out.windows.iter().find(|(a, b)| r.at >= *a && r.at <= *b) {
+                            let off = (r.at - *a).as_millis() as usize;
+                            buckets[off.min(11)].push(r.took);
                         }
                     }
                     let line: Vec<String> = buckets

@@ -71,6 +71,8 @@ pub struct Outcome {
     pub throughput: f64,
     /// (trigger, replacement over) for each replacement.
     pub windows: Vec<(Instant, Instant)>,
+    /// The new process of each replacement.
+    pub new_pids: Vec<u32>,
     pub to_first_response: Vec<Duration>,
     /// The library's own figures, from the old process's log: (overhead, child's own initialisation).
     pub overhead: Vec<(Duration, Duration)>,
@@ -90,11 +92,11 @@ impl Outcome {
     pub fn latencies(&self) -> (Vec<Duration>, Vec<Duration>) {
         let during = |t: Instant| self.windows.iter().any(|(a, b)| t >= *a && t <= *b);
         let (mut steady, mut busy) = (Vec::new(), Vec::new());
-        for (t, d) in self.fresh.latencies.iter().chain(&self.keepalive.latencies) {
-            if during(*t) {
-                busy.push(*d)
+        for r in self.fresh.latencies.iter().chain(&self.keepalive.latencies) {
+            if during(r.at) {
+                busy.push(r.took)
             } else {
-                steady.push(*d)
+                steady.push(r.took)
             }
         }
         steady.sort();
@@ -103,7 +105,7 @@ impl Outcome {
     }
 }
 
-/// Waits (polling with new connections) until a process `pred` accepts answers; returns when it first did.
+/// Waits (polling with new connections) until a process `pred` accepts answers; returns when it did.
 fn first_response_from(addr: SocketAddr, pred: impl Fn(u32) -> bool) -> Option<Instant> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
@@ -250,7 +252,7 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
         load.wait_progress(between);
         let idle = Idle::open(addr, shape.idle);
         let t0 = Instant::now();
-        let (first, idle_done) = match &mut target {
+        let (new, idle_done) = match &mut target {
             Target::Direct {
                 servers,
                 listen,
@@ -262,39 +264,40 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                 let r = match scenario {
                     Scenario::ExuviaSighup => {
                         let s = servers.last_mut().unwrap();
+                        // Returns once the new process has said it serves.
                         let new = s
                             .upgrade_started()
                             .unwrap_or_else(|e| panic!("upgrade failed: {e}"));
-                        let at = first_response_from(addr, |p| p == new);
                         // Idle clients send while the old process drains.
                         let idle_done = idle.finish();
                         support::wait_gone(old, Duration::from_secs(30));
                         if let Some(o) = overhead_of(&s.log.lines(), old) {
                             out.overhead.push(o);
                         }
-                        (at, idle_done)
+                        (new, idle_done)
                     }
                     Scenario::NaiveRestart => {
                         support::signal(old, libc::SIGTERM);
                         // Nothing new can serve before the old one exits: the idle clients send now.
                         let idle_done = idle.finish();
                         support::wait_gone(old, Duration::from_secs(30));
+                        // Returns once the new process has said it serves.
                         let s = Server::start_on(bin, listen, &argv);
                         let new = s.current();
                         sampler.watch(new);
                         servers.push(s);
-                        (first_response_from(addr, |p| p == new), idle_done)
+                        (new, idle_done)
                     }
                     Scenario::ReuseportOverlap => {
+                        // Returns once the new process has said it serves (it listens).
                         let s = Server::start_on(bin, listen, &argv);
                         let new = s.current();
                         sampler.watch(new);
                         servers.push(s);
-                        let at = first_response_from(addr, |p| p == new);
                         support::signal(old, libc::SIGTERM);
                         let idle_done = idle.finish();
                         support::wait_gone(old, Duration::from_secs(30));
-                        (at, idle_done)
+                        (new, idle_done)
                     }
                     Scenario::ExuviaSystemctl => unreachable!(),
                 };
@@ -314,7 +317,6 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                 );
                 let new = sd.main_pid("app.service");
                 assert_ne!(new, old, "the reload did not move the main pid");
-                let at = first_response_from(addr, |p| p == new);
                 let idle_done = idle.finish();
                 support::wait_pidfd(&old_fd, Duration::from_secs(30));
                 out.peak_rss.push(sampler.stop());
@@ -323,19 +325,31 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                 if let Some(o) = overhead_of(&lines, old) {
                     out.overhead.push(o);
                 }
-                (at, idle_done)
+                (new, idle_done)
             }
         };
         out.idle.merge(idle_done);
         out.windows.push((t0, Instant::now()));
-        if let Some(at) = first {
-            out.to_first_response.push(at - t0);
-        }
+        out.new_pids.push(new);
     }
     load.wait_progress(between);
     let elapsed = started.elapsed();
     let (fresh, keepalive) = load.stop_by_mode();
     out.throughput = (fresh.ok + keepalive.ok) as f64 / elapsed.as_secs_f64();
+    // Time to the first response from the new process, from the load's own requests (the benchmark sends
+    // nothing extra to find out).
+    for ((t0, _), &new) in out.windows.iter().zip(&out.new_pids) {
+        let first = fresh
+            .latencies
+            .iter()
+            .chain(&keepalive.latencies)
+            .filter(|r| r.pid == new && r.at + r.took >= *t0)
+            .map(|r| r.at + r.took)
+            .min();
+        if let Some(at) = first {
+            out.to_first_response.push(at - *t0);
+        }
+    }
     out.fresh = fresh;
     out.keepalive = keepalive;
     match target {

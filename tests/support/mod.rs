@@ -593,14 +593,22 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<(Response, String), (FailKind
     read_response(&mut s)
 }
 
+/// One served request.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at: Instant,
+    pub took: Duration,
+    pub pid: u32,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub ok: u64,
     pub failures: Vec<(FailKind, String)>,
     pub pids: BTreeSet<u32>,
     pub versions: BTreeSet<String>,
-    /// (when the request started, how long it took) for every successful request.
-    pub latencies: Vec<(Instant, Duration)>,
+    /// Every successful request: when it started, how long it took, which pid answered.
+    pub latencies: Vec<Sample>,
     /// When each failure happened.
     pub failed_at: Vec<Instant>,
 }
@@ -608,7 +616,11 @@ pub struct Stats {
 impl Stats {
     fn record_timed(&mut self, started: Instant, r: Result<Response, (FailKind, String)>) -> bool {
         match &r {
-            Ok(_) => self.latencies.push((started, started.elapsed())),
+            Ok(resp) => self.latencies.push(Sample {
+                at: started,
+                took: started.elapsed(),
+                pid: resp.pid,
+            }),
             Err(_) => self.failed_at.push(started),
         }
         self.record(r)
