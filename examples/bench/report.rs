@@ -392,7 +392,9 @@ impl Run<'_> {
                 for (mode, st) in [("new", &out.fresh), ("keep", &out.keepalive)] {
                     let mut buckets = vec![Vec::new(); 12];
                     for r in &st.latencies {
-                        if let Some((a, _)) = out.windows.iter().find(|(a, b)| r.at >= *a && r.at <= *b) {
+                        if let Some((a, _)) =
+                            out.windows.iter().find(|(a, b)| r.at >= *a && r.at <= *b)
+                        {
                             let off = (r.at - *a).as_millis() as usize;
                             buckets[off.min(11)].push(r.took);
                         }
