@@ -48,42 +48,39 @@ pub fn become_subreaper() {
 /// The path of a built example, rebuilt once per test process if its sources changed (`cargo test --test X`
 /// does not rebuild examples, and a stale server binary would test old code).
 pub fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/<test>-<hash>
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let path = profile_dir.join("examples").join(name);
-    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-    let mut built = BUILT.lock().unwrap();
-    if !built.contains(name) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        // The same features as scripts/test builds with, so that this never flips the binary's feature set.
-        cmd.args(["build", "--quiet", "--all-features", "--example", name]);
-        if profile_dir.file_name().unwrap() == "release" {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("cannot run cargo");
-        assert!(st.success(), "building example {name} failed");
-        built.insert(name.to_string());
-    }
-    assert!(path.exists(), "{} missing", path.display());
-    path
+    build("--example", name)
 }
 
 /// The path of a built binary of this package (`exuvia-ctl`), built like [`example`] for the programs that
 /// have no `CARGO_BIN_EXE_*` (the benchmark).
 pub fn binary(name: &str) -> PathBuf {
+    build("--bin", name)
+}
+
+/// Builds `name` (`kind` is `--example` or `--bin`) once per process in this program's profile.
+fn build(kind: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test>-<hash>, or target/<profile>/examples/<program>
     let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "--all-features", "--bin", name]);
-    if profile_dir.file_name().unwrap() == "release" {
-        cmd.arg("--release");
+    let path = match kind {
+        "--example" => profile_dir.join("examples").join(name),
+        _ => profile_dir.join(name),
+    };
+    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut built = BUILT.lock().unwrap();
+    let key = format!("{kind} {name}");
+    if !built.contains(&key) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        // The same features as scripts/test builds with, so that this never flips the binary's feature set.
+        cmd.args(["build", "--quiet", "--all-features", kind, name]);
+        if profile_dir.file_name().unwrap() == "release" {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("cannot run cargo");
+        assert!(st.success(), "building {name} failed");
+        built.insert(key);
     }
-    let st = cmd.status().expect("cannot run cargo");
-    assert!(st.success(), "building {name} failed");
-    let path = profile_dir.join(name);
     assert!(path.exists(), "{} missing", path.display());
     path
 }
