@@ -52,6 +52,7 @@ fn a_short_benchmark_run_completes_with_zero_exuvia_failures() {
         let failed: u64 = row.split_whitespace().nth(5).unwrap().parse().unwrap();
         assert_eq!(failed, 0, "{row}");
     }
+    assert!(table.contains("bench: no process left behind"), "{table}");
     for part in [
         "naive-restart",
         "reuseport-overlap",

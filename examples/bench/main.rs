@@ -243,7 +243,18 @@ fn main() -> std::process::ExitCode {
     } else {
         println!("{text}");
     }
-    if run.correct() {
+    // Everything this run started descends from it (it is the subreaper): nothing may be left.
+    let left = measure::children(std::process::id());
+    if !left.is_empty() {
+        eprintln!("bench: processes left behind: {left:?}; killing them");
+        for &p in &left {
+            support::signal(p, libc::SIGKILL);
+            support::wait_gone(p, Duration::from_secs(5));
+        }
+    } else {
+        eprintln!("bench: no process left behind");
+    }
+    if run.correct() && left.is_empty() {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE
