@@ -604,8 +604,9 @@ impl SpawnPlan {
 }
 
 /// Starts `plan` as a new process with `fds[i]` at descriptor `3 + i` (close-on-exec cleared), every other
-/// descriptor above 2 closed on exec, an empty signal mask, handled signals and SIGPIPE at their default. Returns the child's pid
-/// once `execve` has succeeded; an exec failure comes back as the `execve` error, with the child reaped.
+/// descriptor above 2 closed on exec, an empty signal mask, and handled signals and SIGPIPE at their default.
+/// Returns the child's pid once `execve` has succeeded; an exec failure comes back as the `execve` error, with
+/// the child reaped.
 pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<libc::pid_t> {
     // Everything below is prepared here, in the parent, because the child may only make async-signal-safe
     // calls: no allocation, no locks, no panics.
@@ -647,8 +648,9 @@ pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<
     let stack = ChildStack::new()?;
     // No signal handler may run in the child while it shares this address space: block every signal in this
     // thread (the child inherits the mask), the child resets handlers to default before unblocking.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigset_t is plain data for which all-zero bytes are a valid (empty) value.
+    let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
     // SAFETY: both sets are live; sigfillset and pthread_sigmask only write them.
     unsafe {
         libc::sigfillset(&mut all);
