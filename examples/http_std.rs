@@ -24,6 +24,8 @@
 //!   `$RUNTIME_DIRECTORY/exuvia-control.sock` without this option); drive it with `exuvia-ctl`;
 //! - `--extra-listeners N`: N more listeners on 127.0.0.1, never accepted on (for the benchmark's scaling
 //!   figures: a handover of 1, 100 and 1,000 sockets);
+//! - `--background-init`: start new processes at idle CPU priority until they report ready
+//!   (`Builder::background_initialisation`);
 //! - `--ballast-mib N`: hold N MiB of resident memory (for the benchmark's figure of a big process's upgrade);
 //! - `--reuseport`: set `SO_REUSEPORT` on a fresh bind (for the benchmark's overlap baseline only);
 //! - `--hold-open FILE`: opens FILE *without* close-on-exec and keeps it, so that a test can check that such a

@@ -546,6 +546,8 @@ pub(crate) struct SpawnPlan {
     /// Each entry `NAME=VALUE\0`; pid slots are `NAME=` followed by [`PID_SLOT`] NUL bytes.
     env: Vec<Vec<u8>>,
     pid_slots: Vec<usize>,
+    /// Start the program at `SCHED_IDLE` (background initialisation).
+    pub(crate) idle: bool,
 }
 
 /// Room for a decimal pid (pid_t is 32-bit: at most 10 digits) plus the terminating NUL.
@@ -569,6 +571,7 @@ impl SpawnPlan {
             argv,
             env: Vec::new(),
             pid_slots: Vec::new(),
+            idle: false,
         })
     }
 
@@ -644,6 +647,7 @@ pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<
         nsrcs: srcs.len(),
         n,
         err_write: err_write_raw,
+        idle: plan.idle,
     };
     let stack = ChildStack::new()?;
     // No signal handler may run in the child while it shares this address space: block every signal in this
@@ -710,6 +714,7 @@ struct ChildArgs {
     nsrcs: usize,
     n: libc::c_int,
     err_write: RawFd,
+    idle: bool,
 }
 
 /// The child's stack: its own mapping (the parent's stack is in use by the suspended parent thread), with a
@@ -849,6 +854,14 @@ unsafe fn child_before_exec(a: &ChildArgs) -> ! {
                 fd += 1;
             }
         }
+        if a.idle {
+            // Background initialisation: the new program starts at the lowest CPU priority and returns to
+            // normal before it reports ready. Lowering one's own priority needs no privilege.
+            let param = libc::sched_param { sched_priority: 0 };
+            if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+                fail(err_fd);
+            }
+        }
         libc::execve(a.path, a.argv, a.envp);
         fail(err_fd)
     }
@@ -934,6 +947,138 @@ pub(crate) fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd
     // for as long as the AsyncFd owns it, which is the whole contract of register_with_interest.
     unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// CPU scheduling (background initialisation)
+
+/// `CAP_SYS_NICE`, from linux/capability.h.
+const CAP_SYS_NICE: u32 = 23;
+
+/// The calling thread's scheduling policy and nice value.
+pub(crate) fn scheduling() -> io::Result<(i32, i32)> {
+    // SAFETY: no pointers.
+    let policy = cvt(unsafe { libc::sched_getscheduler(0) })? & !libc::SCHED_RESET_ON_FORK;
+    // getpriority may legitimately return -1: tell it from an error by errno.
+    // SAFETY: errno is this thread's; getpriority takes integers.
+    let nice = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, 0)
+    };
+    if nice == -1 && io::Error::last_os_error().raw_os_error() != Some(0) {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((policy, nice))
+}
+
+/// Whether this process holds `CAP_SYS_NICE` in its effective set.
+fn has_cap_sys_nice() -> bool {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget with a live version-3 header and room for the two data words version 3 uses.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    r == 0 && data[(CAP_SYS_NICE / 32) as usize].effective & (1 << (CAP_SYS_NICE % 32)) != 0
+}
+
+/// Whether a thread of this process at `SCHED_IDLE` may go back to `SCHED_OTHER` at `nice`: that needs
+/// `CAP_SYS_NICE` or an `RLIMIT_NICE` of at least `20 - nice` (systemd: `LimitNICE=`).
+pub(crate) fn may_return_to(nice: i32) -> bool {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit into a live struct.
+    let rlimit_ok = unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) } == 0
+        && lim.rlim_cur >= (20 - nice).max(0) as libc::rlim_t;
+    rlimit_ok || has_cap_sys_nice()
+}
+
+/// The thread ids of `pid` (`0`: this process) with their scheduling policy, from `/proc`.
+pub(crate) fn thread_policies(pid: u32) -> io::Result<Vec<(i32, i32)>> {
+    let dir = if pid == 0 {
+        PathBuf::from("/proc/self/task")
+    } else {
+        PathBuf::from(format!("/proc/{pid}/task"))
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // A thread that exits while we read is simply gone.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command's closing parenthesis start at field 3; the policy is field 41.
+        let policy = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(41 - 3))
+            .and_then(|p| p.parse::<i32>().ok())
+            .ok_or_else(|| io::Error::other(format!("unexpected format of {}", dir.display())))?;
+        out.push((tid, policy));
+    }
+    Ok(out)
+}
+
+/// Puts every thread of this process at `SCHED_OTHER` with `nice`, pass after pass until one finds every
+/// thread there (a thread created meanwhile by a thread still at `SCHED_IDLE` is caught by the next pass).
+pub(crate) fn return_to_normal_scheduling(nice: i32) -> io::Result<()> {
+    for _ in 0..100 {
+        let mut changed = false;
+        for (tid, policy) in thread_policies(0)? {
+            if policy == libc::SCHED_OTHER {
+                continue;
+            }
+            changed = true;
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: integers and a live sched_param.
+            let r = unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    return Err(e);
+                }
+                continue; // the thread exited
+            }
+            // SAFETY: integers only.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    return Err(e);
+                }
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+    }
+    Err(io::Error::other(
+        "threads kept appearing at idle priority over 100 passes",
+    ))
 }
 
 /// The number of threads in this process, from `/proc/self/status` (`None` if it cannot be read).
@@ -1067,5 +1212,20 @@ mod tests {
             libc::fstat(fd.as_raw_fd(), &mut st);
             st.st_ino
         }
+    }
+
+    #[test]
+    fn scheduling_of_this_process_is_readable() {
+        let (policy, nice) = scheduling().unwrap();
+        assert_eq!(policy, libc::SCHED_OTHER);
+        assert!((-20..=19).contains(&nice));
+        let threads = thread_policies(0).unwrap();
+        assert!(!threads.is_empty());
+        assert!(
+            threads.iter().all(|(_, p)| *p == libc::SCHED_OTHER),
+            "{threads:?}"
+        );
+        // Back to where it already is: nothing to change, no privilege needed.
+        return_to_normal_scheduling(nice).unwrap();
     }
 }

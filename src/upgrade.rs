@@ -93,6 +93,7 @@ pub struct Builder {
     state: Option<StateFn>,
     notify: bool,
     control_socket: Option<PathBuf>,
+    background_init: bool,
 }
 
 impl fmt::Debug for Builder {
@@ -106,6 +107,7 @@ impl fmt::Debug for Builder {
             .field("state", &self.state.as_ref().map(|_| ".."))
             .field("notify", &self.notify)
             .field("control_socket", &self.control_socket)
+            .field("background_init", &self.background_init)
             .finish()
     }
 }
@@ -122,6 +124,21 @@ impl Builder {
     /// `$RUNTIME_DIRECTORY/exuvia-control.sock` when systemd set `RUNTIME_DIRECTORY`, otherwise none.
     pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Builder {
         self.control_socket = Some(path.into());
+        self
+    }
+
+    /// Background initialisation (default off): the new process starts at `SCHED_IDLE`, so that its start-up
+    /// and initialisation use only CPU time the serving process leaves idle, and returns every one of its
+    /// threads to this process's policy and nice value just before it reports ready (the old process checks
+    /// that it did, and kills it otherwise). The new process must use exuvia with this feature.
+    ///
+    /// Returning from `SCHED_IDLE` needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows this process's nice
+    /// value (under systemd: `LimitNICE=` with that value). Without either, or when this process does not
+    /// run at `SCHED_OTHER`, an upgrade logs a warning and starts the new process at normal priority. A busy
+    /// machine gives an idle-priority process little CPU: allow for that in
+    /// [`ready_timeout`](Self::ready_timeout).
+    pub fn background_initialisation(mut self, on: bool) -> Builder {
+        self.background_init = on;
         self
     }
 
@@ -210,6 +227,12 @@ impl Builder {
             std::env::var_os(handover::VAR_PID).as_deref(),
             my_pid,
         )?;
+        let restore_nice = match channel_fd {
+            Some(_) => {
+                handover::child::parse_nice(std::env::var_os(handover::VAR_NICE).as_deref())?
+            }
+            None => None,
+        };
         scrub_environment();
 
         let inherited = match listen_names {
@@ -218,7 +241,8 @@ impl Builder {
         };
         let (parent, state, generation, born_of) = match channel_fd {
             Some(fd) => {
-                let (link, state) = handover::child::connect(fd)?;
+                let (mut link, state) = handover::child::connect(fd)?;
+                link.restore_nice = restore_nice;
                 let generation = link.generation;
                 let born_of = Some(link.started_usec);
                 tracing::info!(
@@ -253,6 +277,7 @@ impl Builder {
                 envs: self.envs,
                 ready_timeout: self.ready_timeout,
                 drain_timeout: self.drain_timeout,
+                background_init: self.background_init,
                 state: self.state,
                 registry: Mutex::new(Registry::with_inherited(inherited)),
                 parent: Mutex::new(parent),
@@ -316,6 +341,7 @@ fn scrub_environment() {
         activation::VAR_PIDFDID,
         handover::VAR_FD,
         handover::VAR_PID,
+        handover::VAR_NICE,
     ];
     if !vars.iter().any(|v| std::env::var_os(v).is_some()) {
         return;
@@ -355,6 +381,7 @@ struct Inner {
     envs: Vec<(OsString, OsString)>,
     ready_timeout: Duration,
     drain_timeout: Duration,
+    background_init: bool,
     state: Option<StateFn>,
     registry: Mutex<Registry>,
     /// The link to the old process, until this one has reported ready.
@@ -446,6 +473,7 @@ impl Upgrader {
             state: None,
             notify: true,
             control_socket: None,
+            background_init: false,
         }
     }
 
@@ -782,6 +810,28 @@ impl Upgrader {
         self.upgrade_then(|| {})
     }
 
+    /// The nice value a background-initialised child returns to, or `None` (with a warning) when this process
+    /// cannot offer it one.
+    fn background_nice(&self) -> Option<i32> {
+        if !self.inner.background_init {
+            return None;
+        }
+        let why = match sys::scheduling() {
+            Ok((libc::SCHED_OTHER, nice)) if sys::may_return_to(nice) => return Some(nice),
+            Ok((libc::SCHED_OTHER, nice)) => format!(
+                "the new process could not return from idle priority to nice {nice} (needs CAP_SYS_NICE, or \
+                 RLIMIT_NICE of at least {}: systemd's LimitNICE={nice})",
+                20 - nice
+            ),
+            Ok((policy, _)) => format!("this process runs at scheduling policy {policy}, not SCHED_OTHER"),
+            Err(e) => format!("cannot read this process's scheduling: {e}"),
+        };
+        tracing::warn!(
+            "background initialisation skipped: {why}; the new process starts at normal priority"
+        );
+        None
+    }
+
     /// [`upgrade`](Self::upgrade), calling `started` once the attempt has begun or been refused.
     fn upgrade_then(&self, started: impl FnOnce()) -> Result<UpgradeReport> {
         let mut started = Some(started);
@@ -841,6 +891,7 @@ impl Upgrader {
             generation: inner.generation + 1,
             watchdog: inner.manager.watchdog().is_some(),
             started_usec,
+            background: self.background_nice(),
         };
         let result = (|| {
             let (child, sockets) = {
@@ -862,6 +913,9 @@ impl Upgrader {
                 child.await_ready(inner.ready_timeout, Duration::from_secs(1), &mut || {
                     inner.manager.extend(extend)
                 })?;
+            if launch.background.is_some() {
+                child.check_normal_priority()?;
+            }
             let ready_after = started.elapsed();
             tracing::info!(
                 child_pid = pid,

@@ -17,6 +17,7 @@ for_each_example!(
     nothing_but_the_sockets_and_the_channel_reaches_the_child,
     a_hundred_upgrades_do_not_grow_the_fd_count,
     the_drain_deadline_bounds_a_connection_that_never_finishes,
+    background_initialisation_runs_the_new_process_at_idle_priority_until_ready,
 );
 
 fn assert_clean(stats: &Stats, what: &str) {
@@ -424,5 +425,100 @@ fn the_drain_deadline_bounds_a_connection_that_never_finishes(server: &str) {
     // The idle connection died with the old process; new ones are served by the new one.
     let (r, _) = get(server.addr, "/").unwrap();
     assert_ne!(r.pid, old);
+    server.stop();
+}
+
+/// Scheduling policy of every thread of `pid` (field 41 of `/proc/PID/task/TID/stat`).
+fn thread_policies(pid: u32) -> Vec<(u32, i32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let tid: u32 = e.file_name().to_str().unwrap().parse().unwrap();
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let policy = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(38)
+            .unwrap();
+        out.push((tid, policy.parse().unwrap()));
+    }
+    out
+}
+
+/// Whether this test process may return a thread from SCHED_IDLE to normal (root has CAP_SYS_NICE), which
+/// the server it starts inherits.
+fn may_leave_idle_priority() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit into a live struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut lim) };
+    eff & (1 << 23) != 0 || lim.rlim_cur >= 20
+}
+
+fn background_initialisation_runs_the_new_process_at_idle_priority_until_ready(server: &str) {
+    const SCHED_OTHER: i32 = 0;
+    const SCHED_IDLE: i32 = 5;
+    let mut server = Server::start(
+        &example(server),
+        &[
+            "--background-init",
+            "--init-delay-ms",
+            "500",
+            "--drain-timeout",
+            "10",
+        ],
+    );
+    let load = Load::start(server.addr, 2, 2, Duration::from_millis(3));
+    let old = server.current();
+    let mark = server.log.len();
+    assert!(signal(old, libc::SIGHUP));
+    let (_, spawned) = server
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            l.contains("child spawned")
+        })
+        .unwrap_or_else(|| panic!("no child spawned:\n{}", server.log.dump()));
+    let child: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
+    // The child is in its 500 ms initialisation now (spawn returns only after its exec).
+    let during = thread_policies(child);
+    let new = server
+        .await_verdict(old, mark)
+        .unwrap_or_else(|e| panic!("upgrade failed: {e}"));
+    assert_eq!(new, child);
+    let after = thread_policies(new);
+    eprintln!("policies during initialisation {during:?}, after ready {after:?}");
+    if may_leave_idle_priority() {
+        assert!(
+            during.iter().all(|(_, p)| *p == SCHED_IDLE),
+            "not at idle priority while initialising: {during:?}"
+        );
+    } else {
+        // Without the privilege to come back, the upgrade says so and does not demote.
+        assert!(server.log.lines()[mark..]
+            .iter()
+            .any(|l| l.contains("background initialisation skipped")));
+        assert!(during.iter().all(|(_, p)| *p == SCHED_OTHER), "{during:?}");
+    }
+    assert!(
+        after.iter().all(|(_, p)| *p == SCHED_OTHER),
+        "a thread stayed at idle priority after ready: {after:?}"
+    );
+    assert!(wait_gone(old, Duration::from_secs(30)));
+    let stats = load.stop();
+    assert_clean(&stats, "load through a background initialisation");
     server.stop();
 }

@@ -30,6 +30,7 @@ pub struct Args {
     pub reuseport: bool,
     pub extra_listeners: usize,
     pub ballast_mib: usize,
+    pub background_init: bool,
 }
 
 pub fn parse_args() -> Result<Args, String> {
@@ -45,6 +46,7 @@ pub fn parse_args() -> Result<Args, String> {
         reuseport: false,
         extra_listeners: 0,
         ballast_mib: 0,
+        background_init: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -69,6 +71,7 @@ pub fn parse_args() -> Result<Args, String> {
             "--hold-open" => a.hold_open = Some(value()?),
             "--control-socket" => a.control_socket = Some(value()?),
             "--reuseport" => a.reuseport = true,
+            "--background-init" => a.background_init = true,
             "--ballast-mib" => {
                 let v = value()?;
                 a.ballast_mib = v
@@ -84,7 +87,7 @@ pub fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
                             [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
-                            [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N]"
+                            [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N] [--background-init]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -220,7 +223,8 @@ pub fn extra_listeners(
 pub fn builder(args: &Args) -> exuvia::Builder {
     let mut builder = Upgrader::builder()
         .ready_timeout(args.ready_timeout)
-        .drain_timeout(args.drain_timeout);
+        .drain_timeout(args.drain_timeout)
+        .background_initialisation(args.background_init);
     if let Some(path) = &args.control_socket {
         builder = builder.control_socket(path);
     }

@@ -24,6 +24,8 @@ pub(crate) struct ParentLink {
     pub(crate) started_usec: u64,
     /// When `Hello` arrived: the start of this process's own initialisation, as the parent accounts it.
     greeted: Instant,
+    /// Background initialisation: the nice value to return to (at `SCHED_OTHER`) before reporting ready.
+    pub(crate) restore_nice: Option<i32>,
 }
 
 /// Reads the two handover variables. `Ok(None)`: this process was not started by an exuvia upgrade (or the
@@ -57,6 +59,21 @@ pub(crate) fn parse_vars(
         )));
     }
     Ok(Some(fd as RawFd))
+}
+
+/// Reads the background-initialisation variable: `Ok(None)` when it is absent.
+pub(crate) fn parse_nice(v: Option<&OsStr>) -> Result<Option<i32>> {
+    let Some(v) = v else { return Ok(None) };
+    v.to_str()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|n| (-20..=19).contains(n))
+        .map(Some)
+        .ok_or_else(|| {
+            Error::env(format!(
+                "{}={v:?} is not a nice value (-20 to 19)",
+                super::VAR_NICE
+            ))
+        })
 }
 
 /// Adopts the channel at `raw` and reads `Hello`. Returns the link and the application state.
@@ -110,6 +127,7 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
                 generation,
                 started_usec,
                 greeted: Instant::now(),
+                restore_nice: None,
             },
             state,
         )),
@@ -134,6 +152,19 @@ impl ParentLink {
     pub(crate) fn ready(mut self, commit_timeout: Duration) -> Result<()> {
         let init_usec = u64::try_from(self.greeted.elapsed().as_micros()).unwrap_or(u64::MAX);
         let deadline = Instant::now() + commit_timeout;
+        if let Some(nice) = self.restore_nice {
+            // Started at idle priority for a background initialisation: every thread back to normal first,
+            // or this process would serve at idle priority. If that fails, say so and do not take over.
+            if let Err(e) = sys::return_to_normal_scheduling(nice) {
+                let reason = format!(
+                    "cannot return to normal CPU priority after the background initialisation: {e}"
+                );
+                let _ = self
+                    .channel
+                    .send(&Message::Failed(reason.clone()), deadline);
+                return Err(Error::with_io(ErrorKind::Environment, reason, e));
+            }
+        }
         self.channel.send(&Message::Ready { init_usec }, deadline).map_err(|e| {
             Error::new(
                 ErrorKind::Channel,
@@ -210,5 +241,18 @@ mod tests {
         let raw = std::os::fd::IntoRawFd::into_raw_fd(r);
         let e = connect(raw).unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e}");
+    }
+
+    #[test]
+    fn the_nice_variable_is_checked() {
+        use std::ffi::OsStr;
+        assert_eq!(parse_nice(None).unwrap(), None);
+        assert_eq!(parse_nice(Some(OsStr::new("0"))).unwrap(), Some(0));
+        assert_eq!(parse_nice(Some(OsStr::new(" -5 "))).unwrap(), Some(-5));
+        for bad in ["", "x", "20", "-21", "1.5"] {
+            let e = parse_nice(Some(OsStr::new(bad))).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Environment, "{bad}");
+            assert!(e.to_string().contains("EXUVIA_HANDOVER_NICE"), "{e}");
+        }
     }
 }

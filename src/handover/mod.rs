@@ -22,5 +22,8 @@ pub(crate) const VAR_FD: &str = "EXUVIA_HANDOVER_FD";
 /// The pid the channel variable is meant for (like `LISTEN_PID`): a grandchild that inherits the environment
 /// by accident ignores it.
 pub(crate) const VAR_PID: &str = "EXUVIA_HANDOVER_PID";
+/// Set when the old process started this one at `SCHED_IDLE` (background initialisation): the nice value to
+/// return to, at `SCHED_OTHER`, before reporting ready.
+pub(crate) const VAR_NICE: &str = "EXUVIA_HANDOVER_NICE";
 /// Every variable of this library starts with this; none is passed on to a child except the ones set anew.
 pub(crate) const VAR_PREFIX: &str = "EXUVIA_";

@@ -26,6 +26,9 @@ pub(crate) struct Launch<'a> {
     pub(crate) watchdog: bool,
     /// When the upgrade started (`CLOCK_MONOTONIC`, µs), passed on in `Hello`.
     pub(crate) started_usec: u64,
+    /// Background initialisation: start the child at `SCHED_IDLE`, to return to `SCHED_OTHER` at this nice
+    /// value before it reports ready.
+    pub(crate) background: Option<i32>,
 }
 
 /// A started child that has not yet been committed. Dropping it kills and reaps the child, so no error path
@@ -91,6 +94,11 @@ fn plan(launch: &Launch<'_>, names: &[&str]) -> Result<SpawnPlan> {
     plan.env_child_pid(super::VAR_PID.as_bytes());
     if launch.watchdog {
         plan.env_child_pid(crate::systemd::VAR_WATCHDOG_PID.as_bytes());
+    }
+    if let Some(nice) = launch.background {
+        plan.env(super::VAR_NICE.as_bytes(), nice.to_string().as_bytes())
+            .map_err(bad)?;
+        plan.idle = true;
     }
     Ok(plan)
 }
@@ -303,6 +311,26 @@ impl PendingChild {
     pub(crate) fn abort(mut self) {
         self.kill_and_reap();
     }
+
+    /// After a background initialisation: checks that every thread of the child is back at `SCHED_OTHER`
+    /// (a new program that does not know the convention would stay at idle priority for good); kills it
+    /// otherwise.
+    pub(crate) fn check_normal_priority(&mut self) -> Result<()> {
+        let verdict = match sys::thread_policies(self.pid as u32) {
+            Ok(threads) => match threads.iter().find(|(_, p)| *p != libc::SCHED_OTHER) {
+                None => return Ok(()),
+                Some((tid, p)) => format!(
+                    "the new process did not return to normal CPU priority after its background \
+                     initialisation (thread {tid} has policy {p}); does it use this version of exuvia?"
+                ),
+            },
+            Err(e) => format!(
+                "cannot check the new process's CPU priority after its background initialisation: {e}"
+            ),
+        };
+        self.kill_and_reap();
+        Err(Error::new(ErrorKind::ChildFailed, verdict))
+    }
 }
 
 impl Drop for PendingChild {
@@ -339,6 +367,15 @@ mod tests {
         argv: &[&str],
         extra_env: &[(OsString, OsString)],
     ) -> Result<PendingChild> {
+        start_program_in(program, argv, extra_env, None)
+    }
+
+    fn start_program_in(
+        program: &str,
+        argv: &[&str],
+        extra_env: &[(OsString, OsString)],
+        background: Option<i32>,
+    ) -> Result<PendingChild> {
         let argv: Vec<OsString> = argv.iter().map(OsString::from).collect();
         let launch = Launch {
             program: Path::new(program),
@@ -347,6 +384,7 @@ mod tests {
             generation: 1,
             watchdog: false,
             started_usec: 0,
+            background,
         };
         start(
             &launch,
@@ -412,6 +450,35 @@ mod tests {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
             "zombie left behind"
+        );
+    }
+
+    #[test]
+    fn a_child_that_stays_at_idle_priority_is_refused() {
+        // A new program that does not know the background convention: it reports ready (a valid frame, with
+        // an init time of 0) without returning to normal priority. The old process must not hand over to it.
+        let (_, nice) = sys::scheduling().unwrap();
+        let ready = r"printf 'EXUV\001\002\000\000\010\000\000\000\000\000\000\000\000\000\000\000' >&3; sleep 30";
+        let mut child = start_program_in("/bin/sh", &["sh", "-c", ready], &[], Some(nice)).unwrap();
+        let pid = child.pid();
+        let policies = sys::thread_policies(pid).unwrap();
+        assert!(
+            policies.iter().all(|(_, p)| *p == libc::SCHED_IDLE),
+            "{policies:?}"
+        );
+        child
+            .await_ready(Duration::from_secs(10), Duration::from_secs(1), &mut || {})
+            .unwrap();
+        let e = child.check_normal_priority().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ChildFailed);
+        assert!(
+            e.to_string()
+                .contains("did not return to normal CPU priority"),
+            "{e}"
+        );
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the refused child still exists"
         );
     }
 }
