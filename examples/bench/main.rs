@@ -10,6 +10,9 @@
 //!
 //! Scenarios (all run `examples/http_std.rs` on one fixed 127.0.0.1 port):
 //! - `exuvia-sighup`: SIGHUP; the new process inherits the socket, the old one drains;
+//! - `exuvia-sighup-bg`: the same with background initialisation (`Builder::background_initialisation`: the
+//!   new process starts at idle CPU priority until it reports ready; it needs root or `CAP_SYS_NICE`, and
+//!   says so and runs at normal priority otherwise);
 //! - `exuvia-systemctl`: `systemctl reload` of the shipped `Type=notify-reload` unit and socket templates
 //!   under a real systemd booted in a private namespace (as the tests do; needs root and systemd 253+:
 //!   skipped with the reason otherwise, and a failure when `CI` is set);

@@ -10,14 +10,16 @@ use super::support::{self, systemd, Idle, Load, Server, Stats};
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Scenario {
     ExuviaSighup,
+    ExuviaSighupBackground,
     ExuviaSystemctl,
     NaiveRestart,
     ReuseportOverlap,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::ExuviaSighup,
+        Scenario::ExuviaSighupBackground,
         Scenario::ExuviaSystemctl,
         Scenario::NaiveRestart,
         Scenario::ReuseportOverlap,
@@ -26,6 +28,7 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::ExuviaSighup => "exuvia-sighup",
+            Scenario::ExuviaSighupBackground => "exuvia-sighup-bg",
             Scenario::ExuviaSystemctl => "exuvia-systemctl",
             Scenario::NaiveRestart => "naive-restart",
             Scenario::ReuseportOverlap => "reuseport-overlap",
@@ -33,7 +36,10 @@ impl Scenario {
     }
 
     pub fn is_exuvia(self) -> bool {
-        matches!(self, Scenario::ExuviaSighup | Scenario::ExuviaSystemctl)
+        matches!(
+            self,
+            Scenario::ExuviaSighup | Scenario::ExuviaSighupBackground | Scenario::ExuviaSystemctl
+        )
     }
 }
 
@@ -204,6 +210,9 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
     if scenario == Scenario::ReuseportOverlap {
         args.push("--reuseport".into());
     }
+    if scenario == Scenario::ExuviaSighupBackground {
+        args.push("--background-init".into());
+    }
     let mut target = if scenario == Scenario::ExuviaSystemctl {
         if let Some(why) = systemd::unavailable() {
             return Outcome {
@@ -262,7 +271,7 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                 let old = servers.last().unwrap().current();
                 let sampler = RssSampler::start(&[old]);
                 let r = match scenario {
-                    Scenario::ExuviaSighup => {
+                    Scenario::ExuviaSighup | Scenario::ExuviaSighupBackground => {
                         let s = servers.last_mut().unwrap();
                         // Returns once the new process has said it serves.
                         let new = s
