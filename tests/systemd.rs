@@ -267,7 +267,10 @@ fn portable_template_with_hardening_reloads_fails_and_stops(server: &str) {
         &sd,
         server,
         port,
-        &format!("--init-fault {} --drain-timeout 10", fault.display()),
+        &format!(
+            "--init-fault {} --drain-timeout 10 --background-init",
+            fault.display()
+        ),
     );
     ok(sd.systemctl(&["start", "app.socket"]), "start socket", &sd);
     let (first, _) = get(addr, "/").expect("socket activation");
@@ -291,6 +294,27 @@ fn portable_template_with_hardening_reloads_fails_and_stops(server: &str) {
         assert_eq!(sd.show("app.service", "SubState"), "running");
         assert!(served_by(addr, new, Duration::from_secs(5)));
         main = new;
+    }
+    // The hardening drop-in removes every capability; the test's drop-in gives back CAP_SYS_NICE, as the
+    // drop-in's comment suggests, so the background initialisation was not skipped, and the serving process
+    // runs at SCHED_OTHER. (The other suggestion, LimitNICE=, cannot be shown here: this host's PID 1 lacks
+    // CAP_SYS_RESOURCE, so no systemd under it can raise that limit.)
+    let log = std::fs::read_to_string(sd.service_log()).unwrap_or_default();
+    let host = sd.host_pid(main).expect("main pid visible from the host");
+    assert!(!log.contains("background initialisation skipped"), "{log}");
+    for t in std::fs::read_dir(format!("/proc/{host}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let policy = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().nth(38));
+        assert_eq!(
+            policy,
+            Some(Some("0")),
+            "a thread not at SCHED_OTHER: {stat}"
+        );
     }
     std::fs::write(&fault, "fail").unwrap();
     let t0 = Instant::now();
@@ -318,6 +342,12 @@ fn install_portable(sd: &Systemd, server: &str, port: u16, args: &str) -> std::n
     let addr = install_shape(sd, Shape::Portable, server, port, args, &[]);
     let (bin, ctl) = (example(server), env!("CARGO_BIN_EXE_exuvia-ctl"));
     sd.install_dropin("hardening.conf", "app.service");
+    // The capability a background initialisation needs to return to normal priority (see hardening.conf).
+    sd.install_dropin_text(
+        "app.service",
+        "zz-test-background-init.conf",
+        "[Service]\nCapabilityBoundingSet=CAP_SYS_NICE\n",
+    );
     // Deployed binaries live under /usr; a test's live in the checkout, which may sit in a home directory that
     // ProtectHome=yes hides. Relax only that, and only as far as needed: read-only.
     if ["/root", "/home", "/run/user"]
