@@ -428,29 +428,6 @@ fn the_drain_deadline_bounds_a_connection_that_never_finishes(server: &str) {
     server.stop();
 }
 
-/// Scheduling policy of every thread of `pid` (field 41 of `/proc/PID/task/TID/stat`).
-fn thread_policies(pid: u32) -> Vec<(u32, i32)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let tid: u32 = e.file_name().to_str().unwrap().parse().unwrap();
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        let policy = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .nth(38)
-            .unwrap();
-        out.push((tid, policy.parse().unwrap()));
-    }
-    out
-}
-
 /// Whether this test process may return a thread from SCHED_IDLE to normal (root has CAP_SYS_NICE), which
 /// the server it starts inherits.
 fn may_leave_idle_priority() -> bool {

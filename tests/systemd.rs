@@ -302,20 +302,11 @@ fn portable_template_with_hardening_reloads_fails_and_stops(server: &str) {
     let log = std::fs::read_to_string(sd.service_log()).unwrap_or_default();
     let host = sd.host_pid(main).expect("main pid visible from the host");
     assert!(!log.contains("background initialisation skipped"), "{log}");
-    for t in std::fs::read_dir(format!("/proc/{host}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let policy = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r.split_whitespace().nth(38));
-        assert_eq!(
-            policy,
-            Some(Some("0")),
-            "a thread not at SCHED_OTHER: {stat}"
-        );
-    }
+    let policies = thread_policies(host);
+    assert!(
+        policies.iter().all(|(_, p)| *p == 0),
+        "a thread not at SCHED_OTHER: {policies:?}"
+    );
     std::fs::write(&fault, "fail").unwrap();
     let t0 = Instant::now();
     let out = sd.systemctl(&["reload", "app.service"]);

@@ -87,10 +87,13 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Every mode's requests together: counts and failures (latencies stay per mode).
     pub fn all(&self) -> Stats {
-        let mut s = self.fresh.clone();
-        s.merge(self.keepalive.clone());
-        s.merge(self.idle.clone());
+        let mut s = Stats::default();
+        for m in [&self.fresh, &self.keepalive, &self.idle] {
+            s.ok += m.ok;
+            s.failures.extend(m.failures.iter().cloned());
+        }
         s
     }
 
@@ -111,7 +114,8 @@ impl Outcome {
     }
 }
 
-/// Waits (polling with new connections) until a process `pred` accepts answers; returns when it did.
+/// Polls with new connections until a process whose pid satisfies `pred` answers; when it did, if it did
+/// within 30 s.
 fn first_response_from(addr: SocketAddr, pred: impl Fn(u32) -> bool) -> Option<Instant> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {

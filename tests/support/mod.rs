@@ -288,6 +288,28 @@ pub fn open_fds(pid: u32) -> Vec<(i32, String)> {
     out
 }
 
+/// Scheduling policy of every thread of `pid` (field 41 of `/proc/PID/task/TID/stat`): 0 is SCHED_OTHER,
+/// 5 SCHED_IDLE.
+pub fn thread_policies(pid: u32) -> Vec<(u32, i32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let tid: u32 = e.file_name().to_str().unwrap().parse().unwrap();
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue; // the thread exited meanwhile
+        };
+        let policy = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(41 - 3))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected stat format: {stat}"));
+        out.push((tid, policy));
+    }
+    out
+}
+
 /// Socket inodes (`socket:[N]`) of TCP connections (any state but LISTEN) in `pid`'s network namespace: they
 /// come and go with clients, so fd counts and comparisons leave them out.
 pub fn tcp_connection_sockets(pid: u32) -> BTreeSet<String> {
