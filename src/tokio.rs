@@ -148,7 +148,9 @@ impl Upgrader {
     }
 
     /// [`wait_event`](Upgrader::wait_event) on Tokio's blocking pool: the next failed upgrade, or why this
-    /// process is finishing.
+    /// process is finishing. Failed upgrades count from the moment of this call, not from the first poll of
+    /// the returned future, so `tokio::spawn(upgrader.next_event())` followed by an upgrade that fails always
+    /// reports that failure.
     ///
     /// ```no_run
     /// # async fn f(upgrader: exuvia::Upgrader) {
@@ -161,11 +163,15 @@ impl Upgrader {
     /// }
     /// # }
     /// ```
-    pub async fn next_event(&self) -> Event {
+    pub fn next_event(&self) -> impl std::future::Future<Output = Event> + Send + 'static {
+        let seen = self.failures_so_far();
         let u = self.clone();
-        match ::tokio::task::spawn_blocking(move || u.wait_event()).await {
-            Ok(e) => e,
-            Err(_) => Event::Finishing(self.finished().await),
+        async move {
+            let waiter = u.clone();
+            match ::tokio::task::spawn_blocking(move || waiter.wait_event_after(seen)).await {
+                Ok(e) => e,
+                Err(_) => Event::Finishing(u.finished().await),
+            }
         }
     }
 

@@ -1024,6 +1024,10 @@ impl Upgrader {
         // Closing the write end makes the read end readable forever: every accept loop wakes and ends.
         lock(&self.inner.stop_write).take();
         self.inner.finished.notify_all();
+        // wait_event checks for a finish while it holds the attempts lock, then waits on attempts_changed.
+        // Taking that lock here puts this publication wholly before its check or after it has begun waiting,
+        // so the wake-up below cannot fall in between and be lost.
+        drop(lock(&self.inner.attempts));
         self.inner.attempts_changed.notify_all();
     }
 
@@ -1042,8 +1046,18 @@ impl Upgrader {
     /// process finishing. Lets a service log or alert on failed upgrades, and learn why it is finishing, in one
     /// loop.
     pub fn wait_event(&self) -> Event {
+        self.wait_event_after(self.failures_so_far())
+    }
+
+    /// How many upgrades have failed so far (the starting point of [`wait_event_after`](Self::wait_event_after)).
+    pub(crate) fn failures_so_far(&self) -> u64 {
+        lock(&self.inner.attempts).failures
+    }
+
+    /// [`wait_event`](Self::wait_event) counting failed upgrades from `seen` on: the async layer takes `seen` when
+    /// `next_event` is called, not when its blocking half happens to start.
+    pub(crate) fn wait_event_after(&self, seen: u64) -> Event {
         let mut a = lock(&self.inner.attempts);
-        let seen = a.failures;
         loop {
             if let Some(f) = self.finishing() {
                 return Event::Finishing(f);

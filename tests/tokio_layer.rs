@@ -1,7 +1,7 @@
 //! The Tokio layer in one process: accepts until the process is finishing, then ends; `finished()` says why;
 //! the async drain waits for guards.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use exuvia::{Finish, Upgrader};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -102,16 +102,16 @@ async fn events_report_a_failed_upgrade_then_why_the_process_finishes() {
         .build()
         .unwrap();
     upgrader.ready().unwrap();
-    let events = tokio::spawn({
-        let u = upgrader.clone();
-        async move { u.next_event().await }
-    });
+    // The events future counts from this call: it is first polled only after the upgrade has failed, and
+    // must still report that failure.
+    let events = upgrader.next_event();
     let e = upgrader.upgrade_async().await.unwrap_err();
     assert_eq!(e.kind(), exuvia::ErrorKind::Spawn);
-    let event = tokio::time::timeout(Duration::from_secs(5), events)
-        .await
-        .unwrap()
-        .unwrap();
+    let Ok(event) = tokio::time::timeout(Duration::from_secs(5), events).await else {
+        // Release the blocking waiter first, so that the runtime can shut down and the test fail promptly.
+        upgrader.shutdown();
+        panic!("the failed upgrade was not reported");
+    };
     assert_eq!(
         event,
         exuvia::Event::UpgradeFailed(
@@ -120,10 +120,7 @@ async fn events_report_a_failed_upgrade_then_why_the_process_finishes() {
     );
     // The process serves on; then it is stopped, and the next event says so.
     assert!(upgrader.finishing().is_none());
-    let next = tokio::spawn({
-        let u = upgrader.clone();
-        async move { u.next_event().await }
-    });
+    let next = tokio::spawn(upgrader.next_event());
     upgrader.shutdown();
     let event = tokio::time::timeout(Duration::from_secs(5), next)
         .await
@@ -135,4 +132,56 @@ async fn events_report_a_failed_upgrade_then_why_the_process_finishes() {
             by: exuvia::StopCause::Api
         })
     );
+}
+
+/// `wait_event` checks for a finish under one lock and the finish is published under another: the wake-up
+/// that follows the publication must never fall between the check and the wait (before the fix it could, by
+/// reading of the code; the window is nanoseconds wide, so this stress test, many rounds of a waiter racing a
+/// stop under busy cores, catches a regression only by chance).
+#[test]
+fn wait_event_never_misses_the_finish() {
+    // Busy threads on every core, so that the waiter is preempted at arbitrary points (that is how the race
+    // showed up: under a loaded test run).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    for round in 0..2000u32 {
+        let upgrader = Upgrader::builder().build().unwrap();
+        upgrader.ready().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let u = upgrader.clone();
+        std::thread::spawn(move || {
+            let _ = started_tx.send(());
+            let _ = tx.send(u.wait_event());
+        });
+        started_rx.recv().unwrap();
+        // A varying head start (a busy wait of 0 to ~30 us) moves the stop across the waiter's check.
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_nanos(u64::from(round % 64) * 500) {
+            std::hint::spin_loop();
+        }
+        upgrader.shutdown();
+        let event = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("round {round}: wait_event missed the finish"));
+        assert_eq!(
+            event,
+            exuvia::Event::Finishing(Finish::Stopped {
+                by: exuvia::StopCause::Api
+            })
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
 }
