@@ -39,7 +39,12 @@ fn a_short_benchmark_run_completes_with_zero_exuvia_failures() {
     );
     assert!(out.status.success(), "bench failed:\n{table}\n{json}");
     assert!(json.trim_end().ends_with("\"correct\":true}"), "{json}");
-    for scenario in ["exuvia-sighup", "exuvia-sighup-bg", "exuvia-systemctl"] {
+    for scenario in [
+        "control",
+        "exuvia-sighup",
+        "exuvia-sighup-bg",
+        "exuvia-systemctl",
+    ] {
         let row = table
             .lines()
             .find(|l| l.starts_with(&format!("{scenario} ")))

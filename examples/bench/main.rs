@@ -9,6 +9,9 @@
 //! ```
 //!
 //! Scenarios (all run `examples/http_std.rs` on one fixed 127.0.0.1 port):
+//! - `control`: no replacement at all, everything else the same (the idle clients send, the memory sampler
+//!   runs, an 8 ms window): what the benchmark's own activity does to the latency in a window, the floor
+//!   for the replacements' "p99 x";
 //! - `exuvia-sighup`: SIGHUP; the new process inherits the socket, the old one drains;
 //! - `exuvia-sighup-bg`: the same with background initialisation (`Builder::background_initialisation`: the
 //!   new process starts at idle CPU priority until it reports ready; it needs root or `CAP_SYS_NICE`, and
@@ -23,8 +26,9 @@
 //! Load: first the steady throughput the machine sustains is measured (the same clients, unpaced, against
 //! the same server); then every scenario runs at `--load` (default 0.75) of it. Half the clients open a new
 //! connection per request, half keep one connection alive (reconnecting when the server says `connection:
-//! close`); each starts a request on a fixed schedule. Before each replacement, `--idle` connections are
-//! opened that send their request during it (a drain that cuts idle clients shows up there).
+//! close`); each starts a request on a fixed schedule. Before each replacement (at the start of the steady
+//! stretch before it), `--idle` connections are opened that send their requests during it, one per client
+//! interval (a drain that cuts idle clients shows up there).
 //!
 //! Figures per scenario: requests ok and failures by kind (refused, reset, timeout, short read), per load mode;
 //! latency p50/p99/p999 in steady state and during replacements (from the trigger until the new process
@@ -36,9 +40,9 @@
 //! `--scaling N` (upgrades per listener count, 20), `--listeners A,B,C` (1,100,1000), `--ballast-mib N` (1024:
 //! the handover of a process holding that much resident memory, 0 to leave out), `--accept-rounds N`
 //! (15 per path), `--accept-secs S` (0.5), `--soak N` (1000), `--soak-every N` (100), `--scenarios A,B` (all;
-//! names as above), `--no-systemd`, `--timeline` (latency by millisecond after each trigger), `--server
-//! http_std|http_axum` (http_std), `--json`. `--scaling 0`, `--accept-rounds 0` and `--soak 0` leave those
-//! parts out.
+//! names as above), `--no-systemd`, `--timeline` (latency by millisecond after each trigger, and by which
+//! process answered), `--server http_std|http_axum` (http_std), `--json`. `--scaling 0`, `--accept-rounds 0`
+//! and `--soak 0` leave those parts out.
 //!
 //! Stops by itself, uses only 127.0.0.1, leaves no process behind. Exit status 1 if any exuvia request failed
 //! (or the systemd scenario could not run under `CI`); targets missed are reported, not hidden, in the last

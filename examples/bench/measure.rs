@@ -92,7 +92,9 @@ pub fn fds(pid: u32) -> (usize, Vec<String>) {
 }
 
 /// Samples the summed resident memory of a set of processes every millisecond until stopped; reports the
-/// peak. The set is the watched pids plus their children (the new process is the old one's child).
+/// peak. The set is the watched pids, plus, with `find_child`, the first child any of their threads starts
+/// (the new process is the old one's child; once it is found only `statm` files are read, so that the
+/// sampler costs the machine as little as it can while it is being measured).
 pub struct RssSampler {
     stop: Arc<AtomicBool>,
     pids: Arc<Mutex<Vec<u32>>>,
@@ -100,19 +102,30 @@ pub struct RssSampler {
 }
 
 impl RssSampler {
-    pub fn start(pids: &[u32]) -> RssSampler {
+    pub fn start(pids: &[u32], find_child: bool) -> RssSampler {
         let stop = Arc::new(AtomicBool::new(false));
         let pids = Arc::new(Mutex::new(pids.to_vec()));
         let thread = {
             let (stop, pids) = (stop.clone(), pids.clone());
             std::thread::spawn(move || {
                 let mut peak = 0;
+                let mut child = None;
+                let mut execed = false;
                 while !stop.load(Ordering::Relaxed) {
                     let mut set = pids.lock().unwrap().clone();
-                    let kids: Vec<u32> = set.iter().flat_map(|&p| children(p)).collect();
-                    set.extend(kids);
-                    set.sort();
-                    set.dedup();
+                    if find_child && child.is_none() {
+                        child = set.iter().flat_map(|&p| children(p)).next();
+                    }
+                    // Until it has called exec, the child shares the old process's memory (it is started
+                    // with vfork semantics) and carries the name of the library thread that started it:
+                    // counting it then would count the old process twice.
+                    if !execed {
+                        execed = child.is_some_and(|c| {
+                            std::fs::read_to_string(format!("/proc/{c}/comm"))
+                                .is_ok_and(|n| n.trim_end() != "exuvia-upgrade")
+                        });
+                    }
+                    set.extend(child.filter(|_| execed));
                     let sum: u64 = set.iter().filter_map(|&p| rss(p)).sum();
                     peak = peak.max(sum);
                     std::thread::sleep(Duration::from_millis(1)); // the sampling period

@@ -408,6 +408,46 @@ impl Run<'_> {
                         .collect();
                     let _ = writeln!(w, "{:<18} {mode:<4} {}", s.name(), line.join(" "));
                 }
+                for (mode, st) in [("new", &out.fresh), ("keep", &out.keepalive)] {
+                    // Who answered a request started during a replacement: the process that served before
+                    // it (the last answer before the trigger), or its successor.
+                    let (mut by_old, mut by_new) = (Vec::new(), Vec::new());
+                    for (a, b) in &out.windows {
+                        let before = st
+                            .latencies
+                            .iter()
+                            .filter(|r| r.at < *a)
+                            .map(|r| r.pid)
+                            .next_back();
+                        for r in st.latencies.iter().filter(|r| r.at >= *a && r.at <= *b) {
+                            if Some(r.pid) == before {
+                                by_old.push(r.took)
+                            } else {
+                                by_new.push(r.took)
+                            }
+                        }
+                    }
+                    by_old.sort();
+                    by_new.sort();
+                    let mut steady: Vec<Duration> = st
+                        .latencies
+                        .iter()
+                        .filter(|r| !out.windows.iter().any(|(a, b)| r.at >= *a && r.at <= *b))
+                        .map(|r| r.took)
+                        .collect();
+                    steady.sort();
+                    let _ = writeln!(
+                        w,
+                        "{:<18} {mode:<4} steady p50/p99/p999 {}; during, answered by the old process: {} {}; by \
+                         the new: {} {}",
+                        s.name(),
+                        triple(&steady),
+                        by_old.len(),
+                        triple(&by_old),
+                        by_new.len(),
+                        triple(&by_new)
+                    );
+                }
                 let lens: Vec<String> = out
                     .windows
                     .iter()

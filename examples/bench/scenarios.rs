@@ -9,6 +9,7 @@ use super::support::{self, systemd, Idle, Load, Server, Stats};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Scenario {
+    Control,
     ExuviaSighup,
     ExuviaSighupBackground,
     ExuviaSystemctl,
@@ -17,7 +18,8 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Control,
         Scenario::ExuviaSighup,
         Scenario::ExuviaSighupBackground,
         Scenario::ExuviaSystemctl,
@@ -27,6 +29,7 @@ impl Scenario {
 
     pub fn name(self) -> &'static str {
         match self {
+            Scenario::Control => "control",
             Scenario::ExuviaSighup => "exuvia-sighup",
             Scenario::ExuviaSighupBackground => "exuvia-sighup-bg",
             Scenario::ExuviaSystemctl => "exuvia-systemctl",
@@ -50,7 +53,8 @@ pub struct LoadShape {
     pub keepalive: usize,
     /// Each client starts a request every `pace`.
     pub pace: Duration,
-    /// Idle connections opened before each replacement, sending their request during it.
+    /// Idle connections opened before each replacement (at the start of the steady stretch before it),
+    /// sending their requests during it, one after the other, one per `pace`.
     pub idle: usize,
 }
 
@@ -206,6 +210,10 @@ enum Target {
     },
 }
 
+/// How long the control scenario's windows last: about as long as an exuvia replacement under the default
+/// load (the idle clients' paced requests take most of it).
+const CONTROL_WINDOW: Duration = Duration::from_millis(8);
+
 /// Runs one scenario: `upgrades` replacements under `shape`, each after a stretch of steady load.
 pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -> Outcome {
     let port = support::free_port();
@@ -262,8 +270,10 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
         ..Outcome::default()
     };
     for _ in 0..upgrades {
-        load.wait_progress(between);
+        // Opened a steady stretch ahead of the trigger: what opening them costs the server is not part of
+        // the replacement.
         let idle = Idle::open(addr, shape.idle);
+        load.wait_progress(between);
         let t0 = Instant::now();
         let (new, idle_done) = match &mut target {
             Target::Direct {
@@ -273,8 +283,18 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
             } => {
                 let argv: Vec<&str> = args.iter().map(String::as_str).collect();
                 let old = servers.last().unwrap().current();
-                let sampler = RssSampler::start(&[old]);
+                let sampler = RssSampler::start(&[old], scenario.is_exuvia());
                 let r = match scenario {
+                    Scenario::Control => {
+                        // Everything the benchmark does during a replacement, without a replacement: the
+                        // idle clients send, the sampler runs, for as long as a typical exuvia window.
+                        let idle_done = idle.finish_paced(shape.pace);
+                        // Not a readiness check: the control window has a fixed length.
+                        std::thread::sleep(
+                            (t0 + CONTROL_WINDOW).saturating_duration_since(Instant::now()),
+                        );
+                        (old, idle_done)
+                    }
                     Scenario::ExuviaSighup | Scenario::ExuviaSighupBackground => {
                         let s = servers.last_mut().unwrap();
                         // Returns once the new process has said it serves.
@@ -282,7 +302,7 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                             .upgrade_started()
                             .unwrap_or_else(|e| panic!("upgrade failed: {e}"));
                         // Idle clients send while the old process drains.
-                        let idle_done = idle.finish();
+                        let idle_done = idle.finish_paced(shape.pace);
                         support::wait_gone(old, Duration::from_secs(30));
                         if let Some(o) = overhead_of(&s.log.lines(), old) {
                             out.overhead.push(o);
@@ -292,7 +312,7 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                     Scenario::NaiveRestart => {
                         support::signal(old, libc::SIGTERM);
                         // Nothing new can serve before the old one exits: the idle clients send now.
-                        let idle_done = idle.finish();
+                        let idle_done = idle.finish_paced(shape.pace);
                         support::wait_gone(old, Duration::from_secs(30));
                         // Returns once the new process has said it serves.
                         let s = Server::start_on(bin, listen, &argv);
@@ -308,7 +328,7 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                         sampler.watch(new);
                         servers.push(s);
                         support::signal(old, libc::SIGTERM);
-                        let idle_done = idle.finish();
+                        let idle_done = idle.finish_paced(shape.pace);
                         support::wait_gone(old, Duration::from_secs(30));
                         (new, idle_done)
                     }
@@ -321,7 +341,7 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                 let old = sd.main_pid("app.service");
                 let old_host = sd.host_pid(old).expect("the main process is visible");
                 let old_fd = support::pidfd(old_host).expect("the main process is alive");
-                let sampler = RssSampler::start(&[old_host]);
+                let sampler = RssSampler::start(&[old_host], true);
                 let reload = sd.systemctl(&["reload", "app.service"]);
                 assert!(
                     reload.status.success(),
@@ -330,7 +350,7 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                 );
                 let new = sd.main_pid("app.service");
                 assert_ne!(new, old, "the reload did not move the main pid");
-                let idle_done = idle.finish();
+                let idle_done = idle.finish_paced(shape.pace);
                 support::wait_pidfd(&old_fd, Duration::from_secs(30));
                 out.peak_rss.push(sampler.stop());
                 let log = std::fs::read_to_string(sd.service_log()).unwrap_or_default();

@@ -822,8 +822,18 @@ impl Idle {
     }
 
     pub fn finish(self) -> Stats {
+        self.finish_paced(Duration::ZERO)
+    }
+
+    /// Sends on each connection in turn, one request per `pace` (like one more client of the load rather
+    /// than a burst).
+    pub fn finish_paced(self, pace: Duration) -> Stats {
         let mut st = Stats::default();
-        for c in self.conns {
+        let mut next = Instant::now();
+        for (i, c) in self.conns.into_iter().enumerate() {
+            if i > 0 {
+                pace_until(&mut next, pace);
+            }
             match c {
                 Ok(mut s) => {
                     st.record(request(&mut s, "/", false));
