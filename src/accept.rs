@@ -40,10 +40,14 @@ impl Accept for UnixListener {
 /// one or is stopping, and then closes its listener: this process stops accepting while the new one, holding
 /// the same kernel socket, goes on. Made by [`Upgrader::incoming`].
 ///
-/// It waits with `poll(2)` on the listener and on the upgrader's finishing signal, so it works whether the
-/// socket is blocking or not. That matters: `O_NONBLOCK` belongs to the kernel socket, which the old and new
-/// process share, and the new one (say, on Tokio) may switch it while this one still accepts. A connection
-/// that another process accepted first shows up here as a spurious wake-up and is skipped.
+/// It waits with `poll(2)` on the listener and on the upgrader's finishing signal, then accepts without
+/// blocking: it puts the socket in non-blocking mode (and again if something clears it). That matters because
+/// during a handover two processes accept from the same kernel socket: `poll` wakes both for one connection,
+/// and the one that loses the race must not sit in a blocking `accept` until the next connection, deaf to the
+/// finishing signal. A connection that another process (or thread) accepted first is a spurious wake-up and
+/// is skipped. `O_NONBLOCK` belongs to the open file description, which every process holding the socket
+/// shares: a hand-written accept loop elsewhere must treat `EAGAIN` as "someone else took it", as it must
+/// when the other process runs on Tokio.
 #[derive(Debug)]
 pub struct Incoming<L: Accept> {
     listener: Option<L>,
@@ -90,6 +94,10 @@ impl<L: Accept> Iterator for Incoming<L> {
             }
             if set.revents(l) == 0 {
                 continue;
+            }
+            // One fcntl when the flag is already set (the usual case): cheap next to the accept.
+            if let Err(e) = crate::sys::set_nonblocking(listener.as_fd(), true) {
+                return Some(Err(e));
             }
             match listener.accept_one() {
                 Ok(s) => return Some(Ok(s)),

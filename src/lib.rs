@@ -74,8 +74,10 @@
 //! - Build the [`Upgrader`] before starting threads. It removes the fd-passing variables from the
 //!   environment, which is only sound while the process has one thread; later, it leaves them in place.
 //! - Do not set SIGCHLD to `SIG_IGN`: the upgrader reaps the processes it starts.
-//! - `O_NONBLOCK` belongs to the kernel socket, shared by the old and new process. [`Incoming`] copes with
-//!   either mode; a hand-written accept loop must treat `EAGAIN` as "someone else took it".
+//! - `O_NONBLOCK` belongs to the kernel socket, shared by the old and new process. [`Incoming`] and the
+//!   Tokio layer put it in non-blocking mode (a blocking `accept` that lost a connection to the other
+//!   process would wait, deaf to the handover, for the next one); a hand-written accept loop must treat
+//!   `EAGAIN` as "someone else took it".
 //! - Linux 5.3 or newer (pidfd).
 //!
 //! See `docs/DESIGN.md` in the repository for the architecture and the handover sequence.

@@ -48,7 +48,7 @@ use crate::{DrainReport, Event, Finish, StopCause, UpgradeReport, Upgrader};
 /// Makes a std listener (from [`Upgrader::listen_tcp`]) a Tokio one: non-blocking first, as Tokio requires.
 ///
 /// `O_NONBLOCK` belongs to the kernel socket, shared with the old or new process; exuvia's std accept loop
-/// copes with either mode, so this does not disturb an old process that still accepts.
+/// runs the socket non-blocking too, so this does not disturb an old process that still accepts.
 pub fn listener(std: std::net::TcpListener) -> io::Result<TcpListener> {
     std.set_nonblocking(true)?;
     TcpListener::from_std(std)
