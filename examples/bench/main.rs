@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release --example bench                  # everything, a table (about three minutes)
 //! cargo run --release --example bench -- --json        # the same figures as JSON on stdout (table on stderr)
-//! cargo run --release --example bench -- --upgrades 50 --soak 2000 --load 0.8
+//! cargo run --release --example bench -- --upgrades 100 --soak 2000 --load 0.8
 //! ```
 //!
 //! Scenarios (all run `examples/http_std.rs` on one fixed 127.0.0.1 port):
@@ -36,7 +36,7 @@
 //! handover overhead the library measures (request to the new process's ready report, minus the new
 //! process's own initialisation, which it reports); the peak resident memory of old + new during the overlap.
 //!
-//! Options: `--upgrades N` (20 per scenario), `--clients N` (8), `--load F` (0.75), `--idle N` (8),
+//! Options: `--upgrades N` (50 per scenario: a p99 over fewer windows moves by tenths from run to run), `--clients N` (8), `--load F` (0.75), `--idle N` (8),
 //! `--scaling N` (upgrades per listener count, 20), `--listeners A,B,C` (1,100,1000), `--ballast-mib N` (1024:
 //! the handover of a process holding that much resident memory, 0 to leave out), `--accept-rounds N`
 //! (15 per path), `--accept-secs S` (0.5), `--soak N` (1000), `--soak-every N` (100), `--scenarios A,B` (all;
@@ -84,7 +84,7 @@ struct Options {
 
 fn options() -> Result<Options, String> {
     let mut o = Options {
-        upgrades: 20,
+        upgrades: 50,
         clients: 8,
         load: 0.75,
         idle: 8,

@@ -550,9 +550,20 @@ impl Run<'_> {
                 t.measured
             );
         }
+        if let Some((_, o)) = self
+            .outcomes
+            .iter()
+            .find(|(s, o)| *s == Scenario::Control && o.skipped.is_none())
+        {
+            let _ = writeln!(
+                w,
+                "\n(control, the same windows without a replacement: p99 {} x steady; the benchmark's own floor)",
+                p99_ratio(o).map_or("-".into(), |r| format!("{r:.2}"))
+            );
+        }
         let _ = writeln!(
             w,
-            "\n(the baselines must show failures: that is how we know the instrument sees them)"
+            "(the baselines must show failures: that is how we know the instrument sees them)"
         );
         w
     }

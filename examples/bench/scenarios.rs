@@ -371,7 +371,13 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
     out.throughput = (fresh.ok + keepalive.ok) as f64 / elapsed.as_secs_f64();
     // Time to the first response from the new process, from the load's own requests (the benchmark sends
     // nothing extra to find out).
-    for ((t0, _), &new) in out.windows.iter().zip(&out.new_pids) {
+    // (The control scenario has no new process.)
+    let replaced = if scenario == Scenario::Control {
+        &[][..]
+    } else {
+        &out.new_pids[..]
+    };
+    for ((t0, _), &new) in out.windows.iter().zip(replaced) {
         let first = fresh
             .latencies
             .iter()
