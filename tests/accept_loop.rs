@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use exuvia::Upgrader;
 
@@ -24,23 +24,28 @@ fn both_of_two_accept_loops_on_one_socket_end_when_the_process_stops() {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let (ended_tx, ended) = mpsc::channel();
+        let (accepted_tx, accepted_one) = mpsc::channel();
         for l in [listener.try_clone().unwrap(), listener] {
-            let (u, accepted, ended_tx) = (upgrader.clone(), accepted.clone(), ended_tx.clone());
+            let (u, accepted, ended_tx, accepted_tx) = (
+                upgrader.clone(),
+                accepted.clone(),
+                ended_tx.clone(),
+                accepted_tx.clone(),
+            );
             std::thread::spawn(move || {
                 for conn in u.incoming(l) {
                     if conn.is_ok() {
                         accepted.fetch_add(1, Ordering::SeqCst);
+                        let _ = accepted_tx.send(());
                     }
                 }
                 let _ = ended_tx.send(());
             });
         }
         let _client = TcpStream::connect(addr).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while accepted.load(Ordering::SeqCst) == 0 {
-            assert!(Instant::now() < deadline, "round {round}: nothing accepted");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        accepted_one
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|_| panic!("round {round}: nothing accepted"));
         upgrader.shutdown();
         for _ in 0..2 {
             ended
