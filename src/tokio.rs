@@ -147,10 +147,11 @@ impl Upgrader {
         }
     }
 
-    /// [`wait_event`](Upgrader::wait_event) on Tokio's blocking pool: the next failed upgrade, or why this
-    /// process is finishing. Failed upgrades count from the moment of this call, not from the first poll of
-    /// the returned future, so `tokio::spawn(upgrader.next_event())` followed by an upgrade that fails always
-    /// reports that failure.
+    /// [`wait_event`](Upgrader::wait_event) as a future: the next failed upgrade, or why this process is
+    /// finishing. Failed upgrades count from the moment of this call, not from the first poll of the returned
+    /// future, so `tokio::spawn(upgrader.next_event())` followed by an upgrade that fails always reports that
+    /// failure. It waits without a thread of its own: dropping it (a `select!` that took another branch, a
+    /// timeout) leaves nothing behind. It needs no runtime feature beyond `sync`.
     ///
     /// ```no_run
     /// # async fn f(upgrader: exuvia::Upgrader) {
@@ -167,10 +168,15 @@ impl Upgrader {
         let seen = self.failures_so_far();
         let u = self.clone();
         async move {
-            let waiter = u.clone();
-            match ::tokio::task::spawn_blocking(move || waiter.wait_event_after(seen)).await {
-                Ok(e) => e,
-                Err(_) => Event::Finishing(u.finished().await),
+            loop {
+                // Registered before the check: a wake-up between the check and the wait is not lost.
+                let changed = u.events().notified();
+                let mut changed = std::pin::pin!(changed);
+                changed.as_mut().enable();
+                if let Some(e) = u.current_event_after(seen) {
+                    return e;
+                }
+                changed.await;
             }
         }
     }

@@ -297,6 +297,8 @@ impl Builder {
                     ..Attempts::default()
                 }),
                 attempts_changed: Condvar::new(),
+                #[cfg(feature = "tokio")]
+                events: ::tokio::sync::Notify::new(),
                 control: Mutex::new(None),
             }),
         };
@@ -400,6 +402,10 @@ struct Inner {
     manager: Manager,
     attempts: Mutex<Attempts>,
     attempts_changed: Condvar,
+    /// The same wake-ups as `attempts_changed`, for async waiters (`next_event`), so that none of them needs a
+    /// thread of its own.
+    #[cfg(feature = "tokio")]
+    events: ::tokio::sync::Notify,
     /// The control socket, served from [`Upgrader::ready`] on.
     control: Mutex<Option<UnixListener>>,
 }
@@ -1028,7 +1034,7 @@ impl Upgrader {
         // Taking that lock here puts this publication wholly before its check or after it has begun waiting,
         // so the wake-up below cannot fall in between and be lost.
         drop(lock(&self.inner.attempts));
-        self.inner.attempts_changed.notify_all();
+        self.announce();
     }
 
     /// ```no_run
@@ -1054,20 +1060,13 @@ impl Upgrader {
         lock(&self.inner.attempts).failures
     }
 
-    /// [`wait_event`](Self::wait_event) counting failed upgrades from `seen` on: the async layer takes `seen` when
-    /// `next_event` is called, not when its blocking half happens to start.
+    /// [`wait_event`](Self::wait_event) counting failed upgrades from `seen` on (the async layer's `next_event`
+    /// takes `seen` when it is called and waits on [`events`](Self::events) instead).
     pub(crate) fn wait_event_after(&self, seen: u64) -> Event {
         let mut a = lock(&self.inner.attempts);
         loop {
-            if let Some(f) = self.finishing() {
-                return Event::Finishing(f);
-            }
-            if a.failures > seen {
-                let reason = match &a.last {
-                    Some((_, Err(e))) => e.clone(),
-                    _ => "upgrade failed".to_string(),
-                };
-                return Event::UpgradeFailed(reason);
+            if let Some(e) = self.event_after(&a, seen) {
+                return e;
             }
             a = self
                 .inner
@@ -1075,6 +1074,39 @@ impl Upgrader {
                 .wait(a)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// The event [`wait_event_after`](Self::wait_event_after) would return now, if any. `a` is the locked
+    /// attempt history.
+    pub(crate) fn event_after(&self, a: &Attempts, seen: u64) -> Option<Event> {
+        if let Some(f) = self.finishing() {
+            return Some(Event::Finishing(f));
+        }
+        (a.failures > seen).then(|| {
+            Event::UpgradeFailed(match &a.last {
+                Some((_, Err(e))) => e.clone(),
+                _ => "upgrade failed".to_string(),
+            })
+        })
+    }
+
+    /// [`event_after`](Self::event_after) taking the lock itself.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn current_event_after(&self, seen: u64) -> Option<Event> {
+        self.event_after(&lock(&self.inner.attempts), seen)
+    }
+
+    /// What async event waiters wait on (woken with every change of the attempt history or the finish).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn events(&self) -> &::tokio::sync::Notify {
+        &self.inner.events
+    }
+
+    /// Wakes everyone waiting on the attempt history or for an event, blocking and async.
+    fn announce(&self) {
+        self.inner.attempts_changed.notify_all();
+        #[cfg(feature = "tokio")]
+        self.inner.events.notify_waiters();
     }
 
     /// Whether this process is finishing, and why.
@@ -1220,7 +1252,7 @@ impl Upgrader {
 impl Upgrader {
     fn record_attempt_start(&self, started_usec: u64) {
         lock(&self.inner.attempts).current = Some(started_usec);
-        self.inner.attempts_changed.notify_all();
+        self.announce();
     }
 
     fn record_attempt_end(&self, started_usec: u64, verdict: std::result::Result<u32, String>) {
@@ -1231,7 +1263,7 @@ impl Upgrader {
         }
         a.last = Some((started_usec, verdict));
         drop(a);
-        self.inner.attempts_changed.notify_all();
+        self.announce();
     }
 
     /// Records a SIGHUP and returns the blocking work it calls for: an upgrade, counted as handled once it has
@@ -1261,7 +1293,7 @@ impl Upgrader {
             a.sighup_received += 1;
         }
         drop(a);
-        self.inner.attempts_changed.notify_all();
+        self.announce();
     }
 
     /// Waits until `f` says it is done with the attempt history, up to `timeout`; the result of the last call.

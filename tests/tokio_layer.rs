@@ -185,3 +185,67 @@ fn wait_event_never_misses_the_finish() {
         s.join().unwrap();
     }
 }
+
+/// A `next_event` future that is dropped before any event (a `select!` that took another branch) leaves
+/// nothing waiting: the runtime shuts down at once. (When it waited on Tokio's blocking pool, the dropped
+/// future's thread kept waiting for the next event, and dropping the runtime waited for that thread.)
+#[test]
+fn a_dropped_next_event_leaves_nothing_waiting() {
+    let upgrader = Upgrader::builder().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let u = upgrader.clone();
+    rt.block_on(async move {
+        let mut events = std::pin::pin!(u.next_event());
+        // Polled once, so that it has started waiting; then dropped.
+        tokio::select! {
+            biased;
+            e = &mut events => panic!("no event was due: {e:?}"),
+            _ = std::future::ready(()) => {}
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(rt);
+        let _ = tx.send(());
+    });
+    let shut_down = rx.recv_timeout(Duration::from_secs(5));
+    // Releases a waiter left behind, if any, so that a failure ends instead of hanging.
+    upgrader.shutdown();
+    assert!(
+        shut_down.is_ok(),
+        "the runtime waited for a dropped next_event"
+    );
+}
+
+/// Many async event waiters, each registered before a stop that lands at a varying moment: every one of them
+/// reports the finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_async_event_waiter_sees_the_finish() {
+    for round in 0..200u32 {
+        let upgrader = Upgrader::builder().build().unwrap();
+        upgrader.ready().unwrap();
+        let waiters: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(upgrader.next_event()))
+            .collect();
+        if round % 2 == 0 {
+            tokio::task::yield_now().await;
+        }
+        upgrader.shutdown();
+        for w in waiters {
+            let event = tokio::time::timeout(Duration::from_secs(5), w)
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: a waiter missed the finish"))
+                .unwrap();
+            assert_eq!(
+                event,
+                exuvia::Event::Finishing(Finish::Stopped {
+                    by: exuvia::StopCause::Api
+                })
+            );
+        }
+    }
+}
