@@ -41,7 +41,7 @@ impl Accept for UnixListener {
 /// the same kernel socket, goes on. Made by [`Upgrader::incoming`].
 ///
 /// It waits with `poll(2)` on the listener and on the upgrader's finishing signal, then accepts without
-/// blocking: it puts the socket in non-blocking mode (and again if something clears it). That matters because
+/// blocking: it puts the socket in non-blocking mode before its first accept. That matters because
 /// during a handover two processes accept from the same kernel socket: `poll` wakes both for one connection,
 /// and the one that loses the race must not sit in a blocking `accept` until the next connection, deaf to the
 /// finishing signal. A connection that another process (or thread) accepted first is a spurious wake-up and
@@ -52,6 +52,8 @@ impl Accept for UnixListener {
 pub struct Incoming<L: Accept> {
     listener: Option<L>,
     upgrader: Upgrader,
+    /// Whether this loop has put the socket in non-blocking mode yet.
+    nonblocking: bool,
 }
 
 impl<L: Accept> Incoming<L> {
@@ -59,6 +61,7 @@ impl<L: Accept> Incoming<L> {
         Incoming {
             listener: Some(listener),
             upgrader,
+            nonblocking: false,
         }
     }
 }
@@ -95,9 +98,11 @@ impl<L: Accept> Iterator for Incoming<L> {
             if set.revents(l) == 0 {
                 continue;
             }
-            // One fcntl when the flag is already set (the usual case): cheap next to the accept.
-            if let Err(e) = crate::sys::set_nonblocking(listener.as_fd(), true) {
-                return Some(Err(e));
+            if !self.nonblocking {
+                if let Err(e) = crate::sys::set_nonblocking(listener.as_fd(), true) {
+                    return Some(Err(e));
+                }
+                self.nonblocking = true;
             }
             match listener.accept_one() {
                 Ok(s) => return Some(Ok(s)),

@@ -392,10 +392,8 @@ impl Run<'_> {
                 for (mode, st) in [("new", &out.fresh), ("keep", &out.keepalive)] {
                     let mut buckets = vec![Vec::new(); 12];
                     for r in &st.latencies {
-                        if let Some((a, _)) =
-                            out.windows.iter().find(|(a, b)| r.at >= *a && r.at <= *b)
-                        {
-                            let off = (r.at - *a).as_millis() as usize;
+                        if let Some((a, _)) = out.window_of(r.at) {
+                            let off = (r.at - a).as_millis() as usize;
                             buckets[off.min(11)].push(r.took);
                         }
                     }
@@ -432,7 +430,7 @@ impl Run<'_> {
                     let mut steady: Vec<Duration> = st
                         .latencies
                         .iter()
-                        .filter(|r| !out.windows.iter().any(|(a, b)| r.at >= *a && r.at <= *b))
+                        .filter(|r| out.window_of(r.at).is_none())
                         .map(|r| r.took)
                         .collect();
                     steady.sort();

@@ -101,12 +101,19 @@ impl Outcome {
         s
     }
 
+    /// The replacement window (trigger, end) that `t` falls in, if any.
+    pub fn window_of(&self, t: Instant) -> Option<(Instant, Instant)> {
+        self.windows
+            .iter()
+            .copied()
+            .find(|(a, b)| t >= *a && t <= *b)
+    }
+
     /// Sorted latencies of the continuous load, (steady, during replacements).
     pub fn latencies(&self) -> (Vec<Duration>, Vec<Duration>) {
-        let during = |t: Instant| self.windows.iter().any(|(a, b)| t >= *a && t <= *b);
         let (mut steady, mut busy) = (Vec::new(), Vec::new());
         for r in self.fresh.latencies.iter().chain(&self.keepalive.latencies) {
-            if during(r.at) {
+            if self.window_of(r.at).is_some() {
                 busy.push(r.took)
             } else {
                 steady.push(r.took)
