@@ -4,7 +4,7 @@
 //! Run it standalone:
 //!
 //! ```text
-//! cargo run --example http_axum -- --listen 127.0.0.1:8080
+//! cargo run --features axum --example http_axum -- --listen 127.0.0.1:8080
 //! curl -i http://127.0.0.1:8080/        # pid=<pid> version=<v>, header X-Pid
 //! kill -HUP <pid>                       # a new process takes over; the old one drains and exits
 //! kill -TERM <pid>                      # stop: no longer accept, drain, exit 0
@@ -17,28 +17,29 @@
 //! How it fits together:
 //! 1. the [`Upgrader`] is built in a plain `main`, before the Tokio runtime starts its threads;
 //! 2. signals are handled through `tokio::signal` before the process reports ready;
-//! 3. connections are accepted with [`exuvia::tokio::TcpIncoming`], which ends once this process has handed
-//!    over; each is served by hyper and counted with a guard;
-//! 4. once finishing, responses say `Connection: close`, so keep-alive clients move to the new process after
-//!    their next request, and idle connections are served rather than cut; the drain waits for them.
-//!
-//! hyper's own graceful shutdown is not used on purpose: it closes connections that are open but idle at
-//! that moment, and a client that sends its request on one just then sees a reset.
+//! 3. `exuvia::axum::serve` serves the router (HTTP/1.0, HTTP/1.1, HTTP/2) until this process has handed
+//!    over or is stopping, then drains: each HTTP/1 connection's next response says `Connection: close`, so
+//!    keep-alive clients move to the new process after it; idle connections are served rather than cut;
+//!    HTTP/2 connections get GOAWAY; everything is counted for the drain;
+//! 4. `GET /echo` with `Upgrade: echo` shows an upgraded connection (the shape of a WebSocket) that says
+//!    `bye` and closes once the process is finishing.
 
 #[path = "common/mod.rs"]
 mod common;
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-use axum::http::header::{HeaderValue, CONNECTION};
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::header::{CONNECTION, UPGRADE};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use common::Args;
 use exuvia::Upgrader;
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn main() -> ExitCode {
     common::main("http_axum", run)
@@ -76,7 +77,6 @@ async fn serve(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let pid = std::process::id();
     let body = format!("pid={pid} version={version}\n");
-    let finishing = upgrader.clone();
     let app = Router::new()
         .route(
             "/",
@@ -86,46 +86,51 @@ async fn serve(
             }),
         )
         .route("/env", get(|| async { common::fd_passing_env() }))
-        // Once this process is finishing, each response closes its connection: the client's next request
-        // goes to a new connection, which the new process accepts.
-        .layer(axum::middleware::map_response(move |mut resp: Response| {
-            let closing = finishing.finishing().is_some();
-            async move {
-                if closing {
-                    resp.headers_mut()
-                        .insert(CONNECTION, HeaderValue::from_static("close"));
-                }
-                resp
-            }
-        }))
-        .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "not found\n").into_response() });
-
-    let mut incoming = exuvia::tokio::TcpIncoming::new(&upgrader, listener)?;
-    while let Some(conn) = incoming.accept().await {
-        let (stream, _peer) = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let guard = upgrader.track();
-        let service = TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-            drop(guard);
-        });
-    }
-    // This process no longer accepts; its listener copy is closed.
-    drop(incoming);
-    let finish = upgrader.finished().await;
-    tracing::info!(?finish, "finishing");
-    upgrader.drain_async().await;
+        .route("/echo", {
+            let upgrader = upgrader.clone();
+            get(move |req: Request| echo(upgrader.clone(), req))
+        })
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n").into_response() });
+    // Serves until this process hands over or stops, then drains: HTTP/1 responses close their connections
+    // from then on, HTTP/2 connections get GOAWAY, idle ones have until the drain deadline.
+    let report = exuvia::axum::serve(&upgrader, listener, app).await?;
+    tracing::info!(finish = ?upgrader.finishing(), drained = report.drained, left = report.left, "finished");
     Ok(())
+}
+
+/// `GET /echo` with `Upgrade: echo`: the connection becomes a line echo (the shape of a WebSocket). It stays
+/// with this process after a handover, counted by the drain, until the client closes it or this process
+/// says `bye` (it does so as soon as it is finishing) and closes it.
+async fn echo(upgrader: Upgrader, mut request: Request) -> Response {
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let (read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+        let mut lines = BufReader::new(read).lines();
+        let pid = std::process::id();
+        loop {
+            tokio::select! {
+                line = lines.next_line() => match line {
+                    Ok(Some(line)) => {
+                        if write.write_all(format!("{line} pid={pid}\n").as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                },
+                _ = upgrader.finished() => {
+                    let _ = write.write_all(b"bye\n").await;
+                    break;
+                }
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(CONNECTION, "upgrade")
+        .header(UPGRADE, "echo")
+        .body(Body::empty())
+        .unwrap_or_default()
 }

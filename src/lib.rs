@@ -87,10 +87,16 @@
 
 mod accept;
 mod activation;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod axum;
 pub mod control;
 mod drain;
 mod error;
 mod handover;
+#[cfg(feature = "hyper")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
+pub mod hyper;
 mod listen;
 pub mod notify;
 mod registry;

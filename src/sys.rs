@@ -399,6 +399,78 @@ pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// A socket owned by `S` that another task may shut down (`shutdown(2)`, both directions) for as long as `S`
+/// lives, through a [`Cut`] handle: how the HTTP layer closes connections still open at the drain deadline,
+/// including upgraded ones whose stream the application now owns.
+///
+/// The handle keeps the descriptor's number, not a duplicate (a `dup` per connection would double the
+/// process's descriptors). That is sound because the number is only used under the handle's lock, and this
+/// wrapper clears it under the same lock in its `Drop`, which runs before `S` (and its descriptor) is dropped;
+/// `S` cannot be moved out, so nothing else can close the descriptor first.
+#[derive(Debug)]
+pub(crate) struct Cuttable<S: AsFd> {
+    io: S,
+    cut: std::sync::Arc<Cut>,
+}
+
+/// The other side of a [`Cuttable`].
+#[derive(Debug, Default)]
+pub(crate) struct Cut {
+    fd: std::sync::Mutex<Option<RawFd>>,
+}
+
+impl<S: AsFd> Cuttable<S> {
+    pub(crate) fn new(io: S) -> (Cuttable<S>, std::sync::Arc<Cut>) {
+        let cut = std::sync::Arc::new(Cut {
+            fd: std::sync::Mutex::new(Some(io.as_fd().as_raw_fd())),
+        });
+        (
+            Cuttable {
+                io,
+                cut: cut.clone(),
+            },
+            cut,
+        )
+    }
+
+    pub(crate) fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.io
+    }
+}
+
+impl<S: AsFd> Drop for Cuttable<S> {
+    fn drop(&mut self) {
+        // Before `io` is dropped: from here on the number may be reused.
+        *self
+            .cut
+            .fd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+}
+
+impl Cut {
+    /// Shuts the socket down in both directions if its owner still lives: every read on it ends (end of file)
+    /// and every write fails, waking whoever waits on it. False if the owner was already gone.
+    pub(crate) fn shutdown(&self) -> bool {
+        let fd = self
+            .fd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(fd) = *fd else {
+            return false;
+        };
+        // SAFETY: `fd` is open: the Cuttable that owns it clears this slot under the lock we hold before it
+        // closes the descriptor. shutdown(2) takes no pointers and does not close the descriptor.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        true
+    }
+}
+
 /// A close-on-exec pipe: (read end, write end).
 pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1 as libc::c_int; 2];

@@ -1,7 +1,10 @@
 //! The Tokio layer (feature `tokio`, on by default): the same [`Upgrader`] and handover, seen from async code.
 //!
-//! - [`TcpIncoming`]: an accept loop over a Tokio listener that ends (`None`) once this process has handed
-//!   over or is stopping; dropping it closes this process's copy of the socket, the new process keeps its own.
+//! - [`TcpIncoming`] (and [`UnixIncoming`]): an accept loop over a Tokio listener that ends (`None`) once this
+//!   process has handed over or is stopping; dropping it closes this process's copy of the socket, the new
+//!   process keeps its own.
+//! - For HTTP, the `hyper` and `axum` features serve connections with the drain done right
+//!   (`exuvia::hyper::serve`, `exuvia::axum::serve`); prefer them to a hand-written loop like the one below.
 //! - [`Upgrader::finished`]: a future that resolves with why this process is finishing.
 //! - [`Upgrader::upgrade_async`], [`Upgrader::drain_async`]: the blocking steps on Tokio's blocking pool
 //!   (deliberately: they wait on a child process and on a condition variable).
@@ -39,7 +42,7 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
 use ::tokio::io::unix::AsyncFd;
-use ::tokio::net::{TcpListener, TcpStream};
+use ::tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use ::tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::{Error, Result};
@@ -83,6 +86,40 @@ impl TcpIncoming {
     /// The local address of the listener.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+}
+
+/// Accepted Unix-socket connections until this process is finishing: [`TcpIncoming`] for a listener from
+/// [`Upgrader::listen_unix`].
+#[derive(Debug)]
+pub struct UnixIncoming {
+    listener: UnixListener,
+    finishing: Finishing,
+}
+
+impl UnixIncoming {
+    /// Wraps a listener from [`Upgrader::listen_unix`] (non-blocking first, as Tokio requires). Needs a Tokio
+    /// runtime with IO enabled.
+    pub fn new(
+        upgrader: &Upgrader,
+        std: std::os::unix::net::UnixListener,
+    ) -> io::Result<UnixIncoming> {
+        std.set_nonblocking(true)?;
+        Ok(UnixIncoming {
+            listener: UnixListener::from_std(std)?,
+            finishing: Finishing::new(upgrader)?,
+        })
+    }
+
+    /// The next connection, or `None` once this process hands over or stops (then drop this value).
+    pub async fn accept(
+        &mut self,
+    ) -> Option<io::Result<(UnixStream, ::tokio::net::unix::SocketAddr)>> {
+        ::tokio::select! {
+            biased;
+            _ = self.finishing.wait() => None,
+            r = self.listener.accept() => Some(r),
+        }
     }
 }
 

@@ -506,8 +506,18 @@ pub fn request(
     path: &str,
     keep_alive: bool,
 ) -> Result<Response, (FailKind, String)> {
+    request_as(s, path, keep_alive, "HTTP/1.1")
+}
+
+/// One GET in the given protocol version (`HTTP/1.0` or `HTTP/1.1`), asking for keep-alive or not.
+pub fn request_as(
+    s: &mut TcpStream,
+    path: &str,
+    keep_alive: bool,
+    proto: &str,
+) -> Result<Response, (FailKind, String)> {
     let conn = if keep_alive { "keep-alive" } else { "close" };
-    let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: {conn}\r\n\r\n");
+    let req = format!("GET {path} {proto}\r\nhost: test\r\nconnection: {conn}\r\n\r\n");
     s.write_all(req.as_bytes())
         .map_err(|e| (classify(&e), format!("write: {e}")))?;
     read_response(s).map(|(r, _)| r)
@@ -536,7 +546,8 @@ pub fn read_response(s: &mut TcpStream) -> Result<(Response, String), (FailKind,
         }
     }
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    if !head.starts_with("HTTP/1.1 200") {
+    let http10 = head.starts_with("HTTP/1.0 200");
+    if !head.starts_with("HTTP/1.1 200") && !http10 {
         return Err((
             FailKind::BadResponse,
             head.lines().next().unwrap_or("").to_string(),
@@ -544,17 +555,37 @@ pub fn read_response(s: &mut TcpStream) -> Result<(Response, String), (FailKind,
     }
     let mut len = 0usize;
     let mut pid = 0u32;
-    let mut close = false;
+    let (mut close_token, mut keep_alive_token, mut connection_headers) = (0, 0, 0);
     for l in head.lines().skip(1) {
         if let Some((k, v)) = l.split_once(':') {
             match k.trim().to_ascii_lowercase().as_str() {
                 "content-length" => len = v.trim().parse().unwrap_or(0),
                 "x-pid" => pid = v.trim().parse().unwrap_or(0),
-                "connection" => close = v.trim().eq_ignore_ascii_case("close"),
+                "connection" => {
+                    connection_headers += 1;
+                    for t in v.split(',').map(str::trim) {
+                        close_token += usize::from(t.eq_ignore_ascii_case("close"));
+                        keep_alive_token += usize::from(t.eq_ignore_ascii_case("keep-alive"));
+                    }
+                }
                 _ => {}
             }
         }
     }
+    // A response must not contradict itself: a client that believes `keep-alive` in `close, keep-alive`
+    // sends on a connection the server closes.
+    if connection_headers > 1 || close_token > 1 || (close_token > 0 && keep_alive_token > 0) {
+        return Err((
+            FailKind::BadResponse,
+            format!("contradictory or repeated Connection header: {head:?}"),
+        ));
+    }
+    // HTTP/1.0 closes unless the response says keep-alive; HTTP/1.1 keeps alive unless it says close.
+    let close = if http10 {
+        keep_alive_token == 0
+    } else {
+        close_token > 0
+    };
     while buf.len() < head_end + len {
         match s.read(&mut byte) {
             Ok(0) => return Err((FailKind::ShortRead, "eof in body".into())),
@@ -564,6 +595,14 @@ pub fn read_response(s: &mut TcpStream) -> Result<(Response, String), (FailKind,
     }
     let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).to_string();
     let version = field(&body, "version").unwrap_or_default();
+    // A service without the X-Pid header (the README's) says `pid=N` in its body.
+    let pid = if pid == 0 {
+        field(&body, "pid")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    } else {
+        pid
+    };
     if field(&body, "pid").and_then(|p| p.parse::<u32>().ok()) != Some(pid)
         && !body.is_empty()
         && pid != 0
@@ -630,6 +669,8 @@ pub struct Stats {
     pub latencies: Vec<Sample>,
     /// When each failure happened.
     pub failed_at: Vec<Instant>,
+    /// HTTP/2 requests not sent because the server had announced GOAWAY, then sent on a new connection.
+    pub retried: u64,
 }
 
 impl Stats {
@@ -667,6 +708,7 @@ impl Stats {
         self.versions.extend(o.versions);
         self.latencies.extend(o.latencies);
         self.failed_at.extend(o.failed_at);
+        self.retried += o.retried;
     }
 
     pub fn summary(&self) -> String {
@@ -685,15 +727,26 @@ impl Stats {
     }
 }
 
-/// Continuous load: `fresh` clients opening a new connection per request, `keepalive` clients reusing one
-/// connection (reconnecting only when the server says `connection: close`). Each client starts one request
-/// every `pace` on a fixed schedule (at once when it is late; a zero `pace` is as fast as the server answers).
-/// Bounded by `stop()`.
+/// How a load client talks to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    /// A new connection per request (HTTP/1.1, `Connection: close`).
+    Fresh,
+    /// One HTTP/1.1 keep-alive connection, reconnecting only when a response says `Connection: close`.
+    KeepAlive,
+    /// One HTTP/1.0 connection asking for keep-alive (as `ab -k`), reconnecting when a response does not
+    /// say `keep-alive`.
+    KeepAlive10,
+    /// HTTP/2 with prior knowledge (hyper's client), a new connection after GOAWAY.
+    Http2,
+}
+
+/// Continuous load: clients of each [`Mode`], each starting one request every `pace` on a fixed schedule (at
+/// once when it is late; a zero `pace` is as fast as the server answers). Bounded by `stop()`.
 pub struct Load {
     stop: Arc<AtomicBool>,
     done: Arc<std::sync::atomic::AtomicU64>,
-    fresh: Vec<std::thread::JoinHandle<Stats>>,
-    keepalive: Vec<std::thread::JoinHandle<Stats>>,
+    clients: Vec<(Mode, std::thread::JoinHandle<Stats>)>,
 }
 
 /// Sleeps until the next slot of a fixed schedule. A client that fell behind (a slow response, a late
@@ -713,63 +766,37 @@ fn pace_until(next: &mut Instant, pace: Duration) {
 }
 
 impl Load {
+    /// `fresh` new-connection clients and `keepalive` HTTP/1.1 keep-alive clients.
     pub fn start(addr: SocketAddr, fresh: usize, keepalive: usize, pace: Duration) -> Load {
+        Load::start_modes(
+            addr,
+            &[(Mode::Fresh, fresh), (Mode::KeepAlive, keepalive)],
+            pace,
+        )
+    }
+
+    /// `n` clients of each listed mode.
+    pub fn start_modes(addr: SocketAddr, modes: &[(Mode, usize)], pace: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut fresh_threads = Vec::new();
-        let mut keepalive_threads = Vec::new();
-        for _ in 0..fresh {
-            let stop = stop.clone();
-            let done = done.clone();
-            fresh_threads.push(std::thread::spawn(move || {
-                let mut st = Stats::default();
-                let mut next = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    let t = Instant::now();
-                    st.record_timed(t, get(addr, "/").map(|(r, _)| r));
-                    done.fetch_add(1, Ordering::Relaxed);
-                    pace_until(&mut next, pace);
-                }
-                st
-            }));
-        }
-        for _ in 0..keepalive {
-            let stop = stop.clone();
-            let done = done.clone();
-            keepalive_threads.push(std::thread::spawn(move || {
-                let mut st = Stats::default();
-                let mut conn: Option<TcpStream> = None;
-                let mut next = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    if conn.is_none() {
-                        match connect(addr) {
-                            Ok(c) => conn = Some(c),
-                            Err(f) => {
-                                st.failed_at.push(Instant::now());
-                                st.failures.push(f);
-                                pace_until(&mut next, pace.max(Duration::from_millis(1)));
-                                continue;
-                            }
-                        }
-                    }
-                    let t = Instant::now();
-                    let r = request(conn.as_mut().unwrap(), "/", true);
-                    let close = matches!(&r, Ok(resp) if resp.close) || r.is_err();
-                    st.record_timed(t, r);
-                    done.fetch_add(1, Ordering::Relaxed);
-                    if close {
-                        conn = None;
-                    }
-                    pace_until(&mut next, pace);
-                }
-                st
-            }));
+        let mut clients = Vec::new();
+        for &(mode, n) in modes {
+            for _ in 0..n {
+                let stop = stop.clone();
+                let done = done.clone();
+                let client = move || match mode {
+                    Mode::Fresh => fresh_client(addr, pace, &stop, &done),
+                    Mode::KeepAlive => keepalive_client(addr, pace, &stop, &done, "HTTP/1.1"),
+                    Mode::KeepAlive10 => keepalive_client(addr, pace, &stop, &done, "HTTP/1.0"),
+                    Mode::Http2 => http2_client(addr, pace, &stop, &done),
+                };
+                clients.push((mode, std::thread::spawn(client)));
+            }
         }
         Load {
             stop,
             done,
-            fresh: fresh_threads,
-            keepalive: keepalive_threads,
+            clients,
         }
     }
 
@@ -789,23 +816,206 @@ impl Load {
     }
 
     pub fn stop(self) -> Stats {
-        let (mut all, keepalive) = self.stop_by_mode();
-        all.merge(keepalive);
+        let mut all = Stats::default();
+        for (_, st) in self.stop_each() {
+            all.merge(st);
+        }
         all
     }
 
     /// Stops the load; returns the new-connection clients' figures and the keep-alive clients' apart.
     pub fn stop_by_mode(self) -> (Stats, Stats) {
-        self.stop.store(true, Ordering::Relaxed);
-        let join = |threads: Vec<std::thread::JoinHandle<Stats>>| {
-            let mut all = Stats::default();
-            for t in threads {
-                all.merge(t.join().unwrap());
-            }
-            all
-        };
-        (join(self.fresh), join(self.keepalive))
+        let mut each = self.stop_each();
+        (
+            each.remove(&Mode::Fresh).unwrap_or_default(),
+            each.remove(&Mode::KeepAlive).unwrap_or_default(),
+        )
     }
+
+    /// Stops the load; the figures of each mode.
+    pub fn stop_each(self) -> std::collections::BTreeMap<Mode, Stats> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut out = std::collections::BTreeMap::<Mode, Stats>::new();
+        for (mode, t) in self.clients {
+            out.entry(mode).or_default().merge(t.join().unwrap());
+        }
+        out
+    }
+}
+
+fn fresh_client(
+    addr: SocketAddr,
+    pace: Duration,
+    stop: &AtomicBool,
+    done: &std::sync::atomic::AtomicU64,
+) -> Stats {
+    let mut st = Stats::default();
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let t = Instant::now();
+        st.record_timed(t, get(addr, "/").map(|(r, _)| r));
+        done.fetch_add(1, Ordering::Relaxed);
+        pace_until(&mut next, pace);
+    }
+    st
+}
+
+fn keepalive_client(
+    addr: SocketAddr,
+    pace: Duration,
+    stop: &AtomicBool,
+    done: &std::sync::atomic::AtomicU64,
+    proto: &str,
+) -> Stats {
+    let mut st = Stats::default();
+    let mut conn: Option<TcpStream> = None;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        if conn.is_none() {
+            match connect(addr) {
+                Ok(c) => conn = Some(c),
+                Err(f) => {
+                    st.failed_at.push(Instant::now());
+                    st.failures.push(f);
+                    pace_until(&mut next, pace.max(Duration::from_millis(1)));
+                    continue;
+                }
+            }
+        }
+        let t = Instant::now();
+        let r = request_as(conn.as_mut().unwrap(), "/", true, proto);
+        let close = matches!(&r, Ok(resp) if resp.close) || r.is_err();
+        st.record_timed(t, r);
+        done.fetch_add(1, Ordering::Relaxed);
+        if close {
+            conn = None;
+        }
+        pace_until(&mut next, pace);
+    }
+    st
+}
+
+/// An HTTP/2 client with prior knowledge on hyper's client connection. A request refused because the server
+/// sent GOAWAY before it was sent is not a failure: it goes on a new connection, as every HTTP/2 client does;
+/// those retries are counted in `Stats::retried`.
+fn http2_client(
+    addr: SocketAddr,
+    pace: Duration,
+    stop: &AtomicBool,
+    done: &std::sync::atomic::AtomicU64,
+) -> Stats {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut st = Stats::default();
+        let mut sender: Option<hyper::client::conn::http2::SendRequest<String>> = None;
+        let mut next = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            if sender.as_ref().map_or(true, |s| s.is_closed()) {
+                let stream = match tokio::net::TcpStream::connect(addr).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        st.failed_at.push(Instant::now());
+                        st.failures.push((classify(&e), format!("connect: {e}")));
+                        pace_until(&mut next, pace.max(Duration::from_millis(1)));
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                match hyper::client::conn::http2::handshake(
+                    TokioExecutor::new(),
+                    TokioIo::new(stream),
+                )
+                .await
+                {
+                    Ok((s, conn)) => {
+                        tokio::spawn(conn);
+                        sender = Some(s);
+                    }
+                    Err(e) => {
+                        st.failed_at.push(Instant::now());
+                        st.failures
+                            .push((FailKind::Other, format!("h2 handshake: {e}")));
+                        continue;
+                    }
+                }
+            }
+            let s = sender.as_mut().unwrap();
+            let t = Instant::now();
+            if s.ready().await.is_err() {
+                // GOAWAY arrived: nothing was sent on this connection; open a new one.
+                sender = None;
+                st.retried += 1;
+                continue;
+            }
+            let req = hyper::Request::builder()
+                .uri(format!("http://{addr}/"))
+                .body(String::new())
+                .unwrap();
+            let r = match s.send_request(req).await {
+                Ok(resp) => h2_response(resp).await,
+                Err(e) if e.is_canceled() => {
+                    // Refused before the server processed it (GOAWAY's last stream id says so): retry.
+                    sender = None;
+                    st.retried += 1;
+                    continue;
+                }
+                Err(e) => Err((FailKind::Other, format!("h2: {e}"))),
+            };
+            if r.is_err() {
+                sender = None;
+            }
+            st.record_timed(t, r);
+            done.fetch_add(1, Ordering::Relaxed);
+            pace_until(&mut next, pace);
+        }
+        st
+    })
+}
+
+async fn h2_response(
+    resp: hyper::Response<hyper::body::Incoming>,
+) -> Result<Response, (FailKind, String)> {
+    use http_body::Body as _;
+    if resp.status() != 200 {
+        return Err((FailKind::BadResponse, format!("status {}", resp.status())));
+    }
+    if resp.headers().contains_key("connection") {
+        return Err((FailKind::BadResponse, "connection header in HTTP/2".into()));
+    }
+    let pid = resp
+        .headers()
+        .get("x-pid")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    let mut body = std::pin::pin!(resp.into_body());
+    let mut bytes = Vec::new();
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        match frame {
+            Ok(f) => {
+                if let Ok(d) = f.into_data() {
+                    bytes.extend_from_slice(&d);
+                }
+            }
+            Err(e) => return Err((FailKind::ShortRead, format!("h2 body: {e}"))),
+        }
+    }
+    let body = String::from_utf8_lossy(&bytes);
+    let pid = if pid == 0 {
+        field(&body, "pid")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    } else {
+        pid
+    };
+    Ok(Response {
+        pid,
+        version: field(&body, "version").unwrap_or_default(),
+        close: false,
+    })
 }
 
 /// Connections opened now (accepted or still queued) that send their request only when `finish` is called:

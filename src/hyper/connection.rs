@@ -1,0 +1,181 @@
+//! One HTTP connection's life in this process: counted for the drain while its socket lives (through an
+//! HTTP upgrade too), closable at the drain deadline, and what it has learnt of its protocol.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use ::tokio::sync::Notify;
+use ::tokio::task::AbortHandle;
+
+use crate::drain::ConnectionGuard;
+use crate::sys::{Cut, Cuttable};
+
+/// The connections this server has open: what the drain deadline closes.
+#[derive(Debug, Default)]
+pub(crate) struct Connections {
+    slots: Mutex<Slots>,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    next: u64,
+    open: HashMap<u64, Slot>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    cut: Arc<Cut>,
+    task: Option<AbortHandle>,
+}
+
+impl Connections {
+    /// Starts tracking `io`: it counts for the drain (`guard`) and is registered here until it is dropped,
+    /// wherever it goes (into an upgraded connection's task, say).
+    pub(crate) fn register<S: AsFd>(self: &Arc<Self>, io: S, guard: ConnectionGuard) -> Tracked<S> {
+        let (io, cut) = Cuttable::new(io);
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        let id = slots.next;
+        slots.next += 1;
+        slots.open.insert(id, Slot { cut, task: None });
+        Tracked {
+            io,
+            id,
+            connections: self.clone(),
+            _guard: guard,
+        }
+    }
+
+    /// The task serving connection `id`, to abort at the deadline (a handler still running, say).
+    pub(crate) fn set_task(&self, id: u64, task: AbortHandle) {
+        if let Some(slot) = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .open
+            .get_mut(&id)
+        {
+            slot.task = Some(task);
+        }
+    }
+
+    /// Closes every connection still open: shuts its socket down (whoever holds it, the application's
+    /// WebSocket task included, sees the end) and aborts its serving task. Returns how many were open.
+    pub(crate) fn close_all(&self) -> usize {
+        let open: Vec<(Arc<Cut>, Option<AbortHandle>)> = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .open
+            .values()
+            .map(|s| (s.cut.clone(), s.task.clone()))
+            .collect();
+        let mut closed = 0;
+        for (cut, task) in open {
+            closed += usize::from(cut.shutdown());
+            if let Some(t) = task {
+                t.abort();
+            }
+        }
+        closed
+    }
+
+    fn remove(&self, id: u64) {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .open
+            .remove(&id);
+    }
+}
+
+/// An accepted stream as this server serves it: reads and writes go straight to the stream.
+#[derive(Debug)]
+pub(crate) struct Tracked<S: AsFd> {
+    // Dropped first: the socket is closed before the guard tells the drain that the connection is done.
+    io: Cuttable<S>,
+    id: u64,
+    connections: Arc<Connections>,
+    _guard: ConnectionGuard,
+}
+
+impl<S: AsFd> Tracked<S> {
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl<S: AsFd> Drop for Tracked<S> {
+    fn drop(&mut self) {
+        self.connections.remove(self.id);
+    }
+}
+
+impl<S: AsFd + AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().io.get_mut()).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsFd + AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.get_mut().io.get_mut()).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(self.get_mut().io.get_mut()).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.get_ref().is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().io.get_mut()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.get_mut().io.get_mut()).poll_shutdown(cx)
+    }
+}
+
+/// What the serving side has learnt about one connection's protocol.
+#[derive(Debug, Default)]
+pub(crate) struct Protocol {
+    http2: AtomicBool,
+    http2_seen: Notify,
+}
+
+impl Protocol {
+    /// Called for every request on the connection.
+    pub(crate) fn saw(&self, version: ::hyper::Version) {
+        if version == ::hyper::Version::HTTP_2 && !self.http2.swap(true, Ordering::AcqRel) {
+            // notify_one keeps a permit when nobody waits yet: the wake-up cannot be lost.
+            self.http2_seen.notify_one();
+        }
+    }
+
+    /// Resolves once the connection is known to speak HTTP/2 (its first request says so).
+    pub(crate) async fn http2(&self) {
+        if !self.http2.load(Ordering::Acquire) {
+            self.http2_seen.notified().await;
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! HTTP with the drain done right (feature `hyper`): serve any tower service (an axum `Router`, a tonic
+//! server, `tower::service_fn`) over hyper 1, through upgrades, with no request lost.
+//!
+//! ```no_run
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let upgrader = exuvia::Upgrader::builder().build()?; // before the runtime starts its threads
+//!     let listener = upgrader.listen_tcp("http", "127.0.0.1:8080")?;
+//!     tokio::runtime::Runtime::new()?.block_on(async move {
+//!         upgrader.handle_signals_tokio()?;
+//!         let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello\n" }));
+//!         upgrader.ready()?;
+//!         // Until this process hands over or stops, then drained: returns at the drain deadline at the latest.
+//!         let report = exuvia::hyper::serve(&upgrader, listener, app).await?;
+//!         eprintln!("drained {}, left {}", report.drained, report.left);
+//!         Ok(())
+//!     })
+//! }
+//! ```
+//!
+//! [`serve`] speaks HTTP/1.0, HTTP/1.1 and HTTP/2 (cleartext, with prior knowledge), told apart by the first
+//! bytes of each connection as hyper-util's `auto` builder does. With axum, [`crate::axum::serve`] does the
+//! same and also gives handlers `ConnectInfo`.
+//!
+//! # What happens to connections when this process is finishing
+//!
+//! The accept loop ends (the new process, if any, accepts from now on), and:
+//!
+//! - **HTTP/1.x**: the next response on each connection is its last. It carries exactly one
+//!   `Connection: close` (no `keep-alive` token; an HTTP/1.0 client gets an HTTP/1.0 response, which hyper
+//!   does not mark keep-alive), and the connection is closed once it is written. A keep-alive client sends
+//!   its following request on a new connection, which the new process accepts.
+//! - **Idle HTTP/1 connections are not cut**: a client may send its next request on a connection that looks
+//!   idle at the very moment of the handover, and closing it then loses that request (this is why
+//!   hyper's own `graceful_shutdown`, which closes idle HTTP/1 connections at once, is not used for them).
+//!   They get until the drain deadline ([`Builder::drain_timeout`](crate::Builder::drain_timeout)) to send it;
+//!   it is answered, as above, and the connection closed.
+//! - **HTTP/2**: GOAWAY (hyper's graceful shutdown of the connection, in two steps); streams in flight
+//!   complete, the client opens its next streams on a new connection.
+//! - **Upgraded connections** (`Upgrade:`, a WebSocket): counted until the application drops the upgraded
+//!   stream. The application learns that the process is finishing from [`Upgrader::finished`] and closes
+//!   them politely (below).
+//! - **At the drain deadline**, every connection still open is closed (its socket shut down, its task
+//!   aborted), logged at WARN with the count, and counted as `left` in the returned [`DrainReport`].
+//!
+//! # Closing an upgraded connection politely
+//!
+//! ```no_run
+//! use axum::extract::Request;
+//! use axum::http::{header, StatusCode};
+//! use axum::response::Response;
+//! use hyper_util::rt::TokioIo;
+//! use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+//!
+//! // A line-echo protocol behind `Upgrade: echo`, that says goodbye when the process is finishing.
+//! async fn echo(upgrader: exuvia::Upgrader, mut request: Request) -> Response {
+//!     let on_upgrade = hyper::upgrade::on(&mut request);
+//!     tokio::spawn(async move {
+//!         let Ok(upgraded) = on_upgrade.await else { return };
+//!         let (read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+//!         let mut lines = BufReader::new(read).lines();
+//!         loop {
+//!             tokio::select! {
+//!                 line = lines.next_line() => match line {
+//!                     Ok(Some(line)) => { let _ = write.write_all(format!("{line}\n").as_bytes()).await; }
+//!                     _ => break,
+//!                 },
+//!                 _ = upgrader.finished() => {
+//!                     let _ = write.write_all(b"bye\n").await;
+//!                     break; // dropping the stream closes it; the drain stops counting it
+//!                 }
+//!             }
+//!         }
+//!     });
+//!     Response::builder()
+//!         .status(StatusCode::SWITCHING_PROTOCOLS)
+//!         .header(header::CONNECTION, "upgrade")
+//!         .header(header::UPGRADE, "echo")
+//!         .body(axum::body::Body::empty())
+//!         .unwrap()
+//! }
+//! ```
+//!
+//! # Caveats
+//!
+//! - A request that arrives on an idle HTTP/1 connection at the very moment of the drain deadline is lost
+//!   with the connection: set the deadline well above your clients' idle intervals.
+//! - The service is a tower `Service`; wrap a hyper `service_fn` with `tower::service_fn` or hyper-util's
+//!   `HyperToTowerService`... or use axum, which is one.
+
+mod connection;
+mod headers;
+mod listener;
+mod service;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::hyper::body::Incoming;
+use ::hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+
+use crate::error::{Error, Result};
+use crate::{DrainReport, Upgrader};
+use connection::{Connections, Protocol, Tracked};
+use listener::sealed::Accept;
+pub use listener::Listener;
+pub use service::BoxError;
+use service::HttpService;
+
+/// Serves `service` on every connection accepted from `listener` until this process is finishing, then drains
+/// (see the [module docs](self)) and returns how the drain went. Call [`Upgrader::ready`] first.
+///
+/// # Errors
+/// If the listener cannot be registered with the Tokio runtime (called outside one, or without IO enabled).
+/// Accept errors never end it: running out of descriptors is logged and retried after a short pause, a
+/// connection that failed before it was accepted is skipped.
+pub async fn serve<L, S, B>(upgrader: &Upgrader, listener: L, service: S) -> Result<DrainReport>
+where
+    L: Listener,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    serve_with(upgrader, listener, move |_: &_| service.clone()).await
+}
+
+/// [`serve`] with a service made for each connection from the client's address.
+pub(crate) async fn serve_with<L, F, S, B>(
+    upgrader: &Upgrader,
+    listener: L,
+    make: F,
+) -> Result<DrainReport>
+where
+    L: Listener,
+    F: Fn(&<L::Incoming as Accept>::Peer) -> S,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut incoming = listener.into_incoming(upgrader).map_err(|e| {
+        Error::io(
+            "cannot serve HTTP on this listener (call serve inside a Tokio runtime with IO enabled)",
+            e,
+        )
+    })?;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A timer bounds how long a client may take to send a request's head (hyper's default, 30 s).
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let connections = Arc::new(Connections::default());
+    let closing = Arc::new(AtomicBool::new(false));
+    let (closing_tx, closing_rx) = ::tokio::sync::watch::channel(false);
+
+    while let Some(accepted) = incoming.next().await {
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                accept_failed(e).await;
+                continue;
+            }
+        };
+        let io = connections.register(stream, upgrader.track());
+        let id = io.id();
+        let protocol = Arc::new(Protocol::default());
+        let service = HttpService::new(make(&peer), protocol.clone(), closing.clone());
+        let task = ::tokio::spawn(serve_connection(
+            builder.clone(),
+            io,
+            service,
+            protocol,
+            closing_rx.clone(),
+        ));
+        connections.set_task(id, task.abort_handle());
+    }
+    // This process no longer accepts; its copy of the listener closes, the new process keeps its own.
+    drop(incoming);
+    closing.store(true, Ordering::Release);
+    closing_tx.send_replace(true);
+
+    let report = upgrader.drain_async().await;
+    let closed = connections.close_all();
+    if closed > 0 {
+        tracing::warn!(
+            connections = closed,
+            "drain deadline reached: closed connections still open (raise the drain timeout if they were busy)"
+        );
+    }
+    Ok(report)
+}
+
+/// Serves one connection until it ends; sends GOAWAY once this process is finishing if it speaks HTTP/2.
+async fn serve_connection<I, S, B>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    io: Tracked<I>,
+    service: HttpService<S>,
+    protocol: Arc<Protocol>,
+    mut closing: ::tokio::sync::watch::Receiver<bool>,
+) where
+    I: ::tokio::io::AsyncRead
+        + ::tokio::io::AsyncWrite
+        + std::os::fd::AsFd
+        + Unpin
+        + Send
+        + 'static,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    let goaway_due = async {
+        // An error means the server's future was dropped: finishing all the same.
+        let _ = closing.wait_for(|c| *c).await;
+        // HTTP/1 connections are never shut down from here (see the module docs): only HTTP/2 gets GOAWAY,
+        // as soon as a request has shown that the connection speaks it.
+        protocol.http2().await;
+    };
+    let result = ::tokio::select! {
+        r = connection.as_mut() => r,
+        () = goaway_due => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// Accept errors: a connection that failed before it was accepted is skipped; a lack of descriptors or
+/// memory is logged and retried after a pause (accepting again at once would spin).
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind as K;
+    if matches!(
+        e.kind(),
+        K::ConnectionAborted | K::ConnectionReset | K::Interrupted | K::WouldBlock
+    ) {
+        tracing::debug!(error = %e, "a connection failed before it was accepted");
+        return;
+    }
+    tracing::warn!(error = %e, "accept failed; retrying in 50 ms (out of file descriptors? raise LimitNOFILE=)");
+    ::tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    //! What goes on the wire, through hyper itself: for every request version and `Connection` header, the
+    //! response never contradicts what then happens to the connection, and once finishing it always closes.
+
+    use std::convert::Infallible;
+    use std::future::{ready, Ready};
+    use std::task::{Context, Poll};
+
+    use ::tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    #[derive(Clone)]
+    struct Hi;
+
+    impl tower_service::Service<Request<Incoming>> for Hi {
+        type Response = Response<String>;
+        type Error = Infallible;
+        type Future = Ready<std::result::Result<Response<String>, Infallible>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::result::Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: Request<Incoming>) -> Self::Future {
+            ready(Ok(Response::new("hi".to_string())))
+        }
+    }
+
+    fn serve(closing: bool) -> DuplexStream {
+        let (client, server) = ::tokio::io::duplex(64 * 1024);
+        let service = HttpService::new(
+            Hi,
+            Arc::new(Protocol::default()),
+            Arc::new(AtomicBool::new(closing)),
+        );
+        ::tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let _ = builder
+                .serve_connection_with_upgrades(TokioIo::new(server), service)
+                .await;
+        });
+        client
+    }
+
+    /// One response's head, read to the end of its body (`hi`). `None` at end of file.
+    async fn response(c: &mut DuplexStream) -> Option<String> {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\nhi") {
+            if c.read(&mut byte).await.unwrap() == 0 {
+                assert!(buf.is_empty(), "cut mid-response: {buf:?}");
+                return None;
+            }
+            buf.push(byte[0]);
+        }
+        Some(String::from_utf8(buf).unwrap())
+    }
+
+    fn tokens(head: &str) -> (usize, Vec<String>) {
+        let lines: Vec<&str> = head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("connection:"))
+            .collect();
+        let tokens = lines
+            .iter()
+            .flat_map(|l| l[11..].split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .collect();
+        (lines.len(), tokens)
+    }
+
+    #[::tokio::test]
+    async fn responses_say_what_happens_to_the_connection() {
+        let headers: &[&[&str]] = &[
+            &[],
+            &["close"],
+            &["keep-alive"],
+            &["Keep-Alive"],
+            &["KEEP-ALIVE, te"],
+            &["close, keep-alive"],
+            &["keep-alive", "te"],
+        ];
+        for closing in [false, true] {
+            for version in ["HTTP/1.0", "HTTP/1.1"] {
+                for given in headers {
+                    let case = format!("closing={closing} {version} {given:?}");
+                    let mut request = format!("GET / {version}\r\nhost: t\r\n");
+                    for h in *given {
+                        request.push_str(&format!("connection: {h}\r\n"));
+                    }
+                    request.push_str("\r\n");
+                    let mut c = serve(closing);
+                    c.write_all(request.as_bytes()).await.unwrap();
+                    let head = response(&mut c)
+                        .await
+                        .unwrap_or_else(|| panic!("{case}: no answer"));
+                    let (lines, tokens) = tokens(&head);
+                    let close = tokens.iter().filter(|t| *t == "close").count();
+                    let keep = tokens.iter().filter(|t| *t == "keep-alive").count();
+                    assert!(lines <= 1, "{case}: {lines} Connection headers:\n{head}");
+                    assert!(
+                        close <= 1 && !(close == 1 && keep > 0),
+                        "{case}: contradiction:\n{head}"
+                    );
+                    // What the response says, as a client of its version reads it.
+                    let says_open = if head.starts_with("HTTP/1.0") {
+                        keep == 1
+                    } else {
+                        close == 0
+                    };
+                    if closing {
+                        assert!(!says_open && close == 1, "{case}: not closing:\n{head}");
+                        assert!(
+                            head.starts_with(version),
+                            "{case}: answered as another version:\n{head}"
+                        );
+                    }
+                    if says_open {
+                        // Then the connection stays open: a second request is answered.
+                        c.write_all(request.as_bytes()).await.unwrap();
+                        assert!(
+                            response(&mut c).await.is_some(),
+                            "{case}: said open, closed:\n{head}"
+                        );
+                    } else {
+                        assert!(
+                            response(&mut c).await.is_none(),
+                            "{case}: said close, stayed open:\n{head}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
