@@ -140,7 +140,7 @@ fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str) -> io::Result<()
             parts.next().unwrap_or(""),
             parts.next().unwrap_or(""),
         );
-        let mut close = proto != "HTTP/1.1";
+        let (mut asked_close, mut asked_keep_alive) = (false, false);
         let mut body_len = 0usize;
         for h in lines {
             let Some((k, v)) = h.split_once(':') else {
@@ -148,8 +148,17 @@ fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str) -> io::Result<()
             };
             let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_ascii_lowercase());
             match k.as_str() {
-                "connection" if v == "close" => close = true,
-                "connection" if v == "keep-alive" => close = false,
+                // A list of tokens, possibly over several lines: `close` anywhere wins; HTTP/1.0 keeps the
+                // connection only when asked to.
+                "connection" => {
+                    for token in v.split(',').map(str::trim) {
+                        match token {
+                            "close" => asked_close = true,
+                            "keep-alive" => asked_keep_alive = true,
+                            _ => {}
+                        }
+                    }
+                }
                 "content-length" => body_len = v.parse().unwrap_or(0),
                 _ => {}
             }
@@ -157,16 +166,22 @@ fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str) -> io::Result<()
         if body_len > 0 {
             io::copy(&mut (&mut reader).take(body_len as u64), &mut io::sink())?;
         }
-        close |= upgrader.finishing().is_some();
+        let http10 = proto != "HTTP/1.1";
+        // Once this process is finishing, every response is its connection's last: keep-alive clients move
+        // to the new process with their next request.
+        let close = asked_close || (http10 && !asked_keep_alive) || upgrader.finishing().is_some();
         let (status, body) = match (method, path) {
             ("GET", "/") | ("HEAD", "/") => ("200 OK", format!("pid={pid} version={version}\n")),
             ("GET", "/env") => ("200 OK", common::fd_passing_env()),
             ("GET", _) | ("HEAD", _) => ("404 Not Found", "not found\n".to_string()),
             _ => ("405 Method Not Allowed", "method not allowed\n".to_string()),
         };
+        // Exactly one token: an HTTP/1.0 client that reads `keep-alive` anywhere keeps sending.
         let conn = if close { "close" } else { "keep-alive" };
+        // Answered in the client's version: an HTTP/1.0 client must not be told about HTTP/1.1 semantics.
+        let version = if http10 { "HTTP/1.0" } else { "HTTP/1.1" };
         let mut resp = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-pid: {pid}\r\nconnection: {conn}\r\n\r\n",
+            "{version} {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-pid: {pid}\r\nconnection: {conn}\r\n\r\n",
             body.len()
         );
         if method != "HEAD" {

@@ -16,6 +16,10 @@
 //! - [`ConnectionGuard`] and [`DrainReport`]: what the drain waits for, and how it went.
 //! - [`Error`] with an [`ErrorKind`]: every failure, with a message for an operator.
 //!
+//! For HTTP services, `exuvia::axum::serve` (feature `axum`) and `exuvia::hyper::serve` (feature `hyper`)
+//! serve the connections and drain them right: each keep-alive connection's next response closes it, idle
+//! connections are served rather than cut, HTTP/2 gets GOAWAY (see the `hyper` module).
+//!
 //! # A service, without any async runtime
 //!
 //! ```no_run

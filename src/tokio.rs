@@ -165,10 +165,16 @@ impl Upgrader {
     ///
     /// ```no_run
     /// # async fn f(upgrader: exuvia::Upgrader) {
-    /// // With axum's serve, for instance: stop accepting once handed over.
+    /// // In a long-lived session (a WebSocket, a stream): say goodbye once this process is finishing.
     /// let why = upgrader.finished().await;
     /// # }
     /// ```
+    ///
+    /// For HTTP, serve with `exuvia::axum::serve` or `exuvia::hyper::serve` rather than passing this to
+    /// `axum::serve(..).with_graceful_shutdown(..)` or to hyper's `graceful_shutdown`: those close HTTP/1
+    /// connections that are idle at that instant, and a keep-alive client that sends its next request just then
+    /// gets a reset (160 read errors over 5 upgrades under `wrk`); exuvia's serve functions answer that request
+    /// with `Connection: close` instead and let the drain wait for it.
     ///
     /// # Panics
     /// Outside a Tokio runtime with IO enabled.

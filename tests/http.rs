@@ -21,11 +21,13 @@ enum Target {
 }
 
 impl Target {
-    fn example() -> Target {
-        Target::Example(Server::start(
-            &example("http_axum"),
-            &["--drain-timeout", "20"],
-        ))
+    fn example(name: &str) -> Target {
+        Target::Example(Server::start(&example(name), &["--drain-timeout", "20"]))
+    }
+
+    /// Whether it speaks HTTP/2 (the std example speaks HTTP/1 only).
+    fn http2(&self) -> bool {
+        !matches!(self, Target::Example(s) if s.program_name == "http_std")
     }
 
     fn readme() -> Target {
@@ -165,7 +167,7 @@ impl Drop for Readme {
 
 #[test]
 fn every_protocol_mode_survives_ten_upgrades_axum_example() {
-    every_protocol_mode_survives_ten_upgrades(Target::example());
+    every_protocol_mode_survives_ten_upgrades(Target::example("http_axum"));
 }
 
 #[test]
@@ -173,14 +175,21 @@ fn every_protocol_mode_survives_ten_upgrades_readme_service() {
     every_protocol_mode_survives_ten_upgrades(Target::readme());
 }
 
+#[test]
+fn every_http1_mode_survives_ten_upgrades_std_example() {
+    every_protocol_mode_survives_ten_upgrades(Target::example("http_std"));
+}
+
 fn every_protocol_mode_survives_ten_upgrades(mut target: Target) {
     let addr = target.addr();
-    let modes = [
+    let mut modes = vec![
         (Mode::Fresh, 2),
         (Mode::KeepAlive, 2),
         (Mode::KeepAlive10, 2),
-        (Mode::Http2, 2),
     ];
+    if target.http2() {
+        modes.push((Mode::Http2, 2));
+    }
     let load = Load::start_modes(addr, &modes, Duration::from_millis(2));
     let mut idle = Stats::default();
     for i in 0..10 {
@@ -228,7 +237,7 @@ fn every_protocol_mode_survives_ten_upgrades(mut target: Target) {
 
 #[test]
 fn an_upgraded_connection_stays_counted_until_the_application_closes_it() {
-    let mut target = Target::example();
+    let mut target = Target::example("http_axum");
     let addr = target.addr();
     let mut s = connect(addr).unwrap();
     s.write_all(
@@ -367,7 +376,12 @@ fn upgrades_while(target: &mut Target, child: &mut std::process::Child, what: &s
 
 #[test]
 fn wrk_ab_h2load_and_curl_see_no_error_axum_example() {
-    off_the_shelf_clients(Target::example());
+    off_the_shelf_clients(Target::example("http_axum"));
+}
+
+#[test]
+fn wrk_ab_and_curl_see_no_error_std_example() {
+    off_the_shelf_clients(Target::example("http_std"));
 }
 
 #[test]
@@ -447,7 +461,9 @@ fn off_the_shelf_clients(mut target: Target) {
         ));
     }
 
-    if let Some(h2load) = client("h2load", "nghttp2-client") {
+    if !target.http2() {
+        eprintln!("h2load: not run, the target speaks HTTP/1 only");
+    } else if let Some(h2load) = client("h2load", "nghttp2-client") {
         // HTTP/2 with prior knowledge, 8 connections of 4 concurrent streams. h2load opens its connections
         // once and never opens another after a GOAWAY (it reconnects only for HTTP/1's `Connection: close`),
         // so one run per upgrade. What it reports then: the requests it had not submitted yet count as
@@ -515,45 +531,48 @@ fn off_the_shelf_clients(mut target: Target) {
         // (curl issue 10634, fixed in 8.0).
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let loops: Vec<_> = [
+        let mut modes = vec![
             &["--http1.1"][..],
             &["--http1.0", "-H", "Connection: keep-alive"],
-            &["--http2-prior-knowledge"],
-        ]
-        .into_iter()
-        .map(|flags| {
-            let (curl, url, stop) = (curl.clone(), url.clone(), stop.clone());
-            let progress = progress.clone();
-            let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
-            let per_run = if flags[0] == "--http2-prior-knowledge" {
-                1
-            } else {
-                20
-            };
-            std::thread::spawn(move || {
-                let (mut runs, mut fetched) = (0, 0);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let out = Command::new(&curl)
-                        .args(["-sS", "--fail", "--max-time", "10"])
-                        .args(&flags)
-                        .args(std::iter::repeat(url.as_str()).take(per_run))
-                        .output()
-                        .unwrap();
-                    let text = String::from_utf8_lossy(&out.stdout).to_string();
-                    assert!(
-                        out.status.success(),
-                        "curl {flags:?} failed: {}{text}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                    assert_eq!(text.matches("pid=").count(), per_run, "{text}");
-                    runs += 1;
-                    fetched += per_run;
-                    progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                (flags, runs, fetched)
+        ];
+        if target.http2() {
+            modes.push(&["--http2-prior-knowledge"]);
+        }
+        let loops: Vec<_> = modes
+            .into_iter()
+            .map(|flags| {
+                let (curl, url, stop) = (curl.clone(), url.clone(), stop.clone());
+                let progress = progress.clone();
+                let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+                let per_run = if flags[0] == "--http2-prior-knowledge" {
+                    1
+                } else {
+                    20
+                };
+                std::thread::spawn(move || {
+                    let (mut runs, mut fetched) = (0, 0);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let out = Command::new(&curl)
+                            .args(["-sS", "--fail", "--max-time", "10"])
+                            .args(&flags)
+                            .args(std::iter::repeat(url.as_str()).take(per_run))
+                            .output()
+                            .unwrap();
+                        let text = String::from_utf8_lossy(&out.stdout).to_string();
+                        assert!(
+                            out.status.success(),
+                            "curl {flags:?} failed: {}{text}",
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                        assert_eq!(text.matches("pid=").count(), per_run, "{text}");
+                        runs += 1;
+                        fetched += per_run;
+                        progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    (flags, runs, fetched)
+                })
             })
-        })
-        .collect();
+            .collect();
         for i in 0..UPGRADES {
             // Several curl runs between upgrades (each loop sees the service of every generation).
             let target_runs = progress.load(std::sync::atomic::Ordering::Relaxed) + 9;

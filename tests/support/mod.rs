@@ -331,6 +331,8 @@ pub fn tcp_connection_sockets(pid: u32) -> BTreeSet<String> {
 
 /// A running http_std process tree (the first generation and its successors).
 pub struct Server {
+    /// The program's file name (`http_std`, `http_axum`).
+    pub program_name: String,
     pub addr: SocketAddr,
     pub log: Log,
     /// Every pid the tree reported serving with, in order.
@@ -366,6 +368,10 @@ impl Server {
         // The Child handle is not needed: we reap by pid as the subreaper.
         std::mem::forget(child);
         Server {
+            program_name: program
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             addr,
             log,
             generations: vec![pid],
