@@ -257,7 +257,14 @@ fn the_binary_on_disk_is_what_runs_after_it_is_replaced(server: &str) {
         .join("exuvia-next-version");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = std::process::Command::new(cargo)
-        .args(["build", "--quiet", "--example", server, "--target-dir"])
+        .args([
+            "build",
+            "--quiet",
+            "--all-features",
+            "--example",
+            server,
+            "--target-dir",
+        ])
         .arg(&target)
         .env("EXUVIA_EXAMPLE_VERSION", "9.9.9-next")
         .status()
