@@ -21,11 +21,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         // ... load configuration, warm caches: the old process serves meanwhile ...
         upgrader.ready()?; // the old process (if any) now stops accepting and drains
-        eprintln!("pid {pid} serving on http://{addr}");
+        println!("pid {pid} serving on http://{addr}");
         // Serves until this process hands over or stops, then drains: each HTTP/1 connection's next
         // response closes it, HTTP/2 gets GOAWAY, idle connections have until the drain deadline.
         let report = exuvia::axum::serve(&upgrader, listener, app).await?;
-        eprintln!(
+        println!(
             "pid {pid} exits: drained {}, left {}",
             report.drained, report.left
         );
