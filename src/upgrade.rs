@@ -289,6 +289,7 @@ impl Builder {
                 finished: Condvar::new(),
                 stop_read,
                 stop_write: Mutex::new(Some(stop_write)),
+                finishing_flag: Arc::new(AtomicBool::new(false)),
                 tracker: Tracker::default(),
                 signals: AtomicBool::new(false),
                 manager,
@@ -397,6 +398,8 @@ struct Inner {
     /// Readable (end of file) once the process is finishing: every accept loop polls it.
     stop_read: OwnedFd,
     stop_write: Mutex<Option<OwnedFd>>,
+    /// True once the finish is published: read without a lock on hot paths (each HTTP response).
+    finishing_flag: Arc<AtomicBool>,
     tracker: Tracker,
     signals: AtomicBool,
     manager: Manager,
@@ -1027,6 +1030,7 @@ impl Upgrader {
     /// Publishes the claimed finish and wakes everyone waiting for it.
     fn after_finish(&self) {
         lock(&self.inner.finish).published = true;
+        self.inner.finishing_flag.store(true, Ordering::Release);
         // Closing the write end makes the read end readable forever: every accept loop wakes and ends.
         lock(&self.inner.stop_write).take();
         self.inner.finished.notify_all();
@@ -1107,6 +1111,13 @@ impl Upgrader {
         self.inner.attempts_changed.notify_all();
         #[cfg(feature = "tokio")]
         self.inner.events.notify_waiters();
+    }
+
+    /// A flag that turns true once this process is finishing, for code that checks it on every request and
+    /// must not take a lock there.
+    #[cfg(feature = "hyper")]
+    pub(crate) fn finishing_flag(&self) -> Arc<AtomicBool> {
+        self.inner.finishing_flag.clone()
     }
 
     /// Whether this process is finishing, and why.

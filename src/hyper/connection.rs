@@ -20,6 +20,8 @@ use crate::sys::{Cut, Cuttable};
 #[derive(Debug, Default)]
 pub(crate) struct Connections {
     slots: Mutex<Slots>,
+    /// Woken when the last connection is gone.
+    emptied: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -45,9 +47,11 @@ impl Connections {
         slots.open.insert(id, Slot { cut, task: None });
         Tracked {
             io,
-            id,
-            connections: self.clone(),
             _guard: guard,
+            slot: SlotHandle {
+                id,
+                connections: self.clone(),
+            },
         }
     }
 
@@ -86,31 +90,63 @@ impl Connections {
     }
 
     fn remove(&self, id: u64) {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        slots.open.remove(&id);
+        if slots.open.is_empty() {
+            self.emptied.notify_waiters();
+        }
+    }
+
+    fn open(&self) -> usize {
         self.slots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .open
-            .remove(&id);
+            .len()
+    }
+
+    /// Waits until every connection is gone (its stream dropped), at most `timeout`. Returns how many are
+    /// still open then.
+    pub(crate) async fn gone(&self, timeout: std::time::Duration) -> usize {
+        let deadline = ::tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the check: a removal in between is not missed.
+            let emptied = self.emptied.notified();
+            let mut emptied = std::pin::pin!(emptied);
+            emptied.as_mut().enable();
+            let open = self.open();
+            if open == 0 || ::tokio::time::timeout_at(deadline, emptied).await.is_err() {
+                return self.open();
+            }
+        }
     }
 }
 
 /// An accepted stream as this server serves it: reads and writes go straight to the stream.
+///
+/// The fields drop in order: the socket is closed, then the drain stops counting it, then it leaves the
+/// server's list (whoever waits for that list to empty then sees the drain's count final too).
 #[derive(Debug)]
 pub(crate) struct Tracked<S: AsFd> {
-    // Dropped first: the socket is closed before the guard tells the drain that the connection is done.
     io: Cuttable<S>,
-    id: u64,
-    connections: Arc<Connections>,
     _guard: ConnectionGuard,
+    slot: SlotHandle,
 }
 
 impl<S: AsFd> Tracked<S> {
     pub(crate) fn id(&self) -> u64 {
-        self.id
+        self.slot.id
     }
 }
 
-impl<S: AsFd> Drop for Tracked<S> {
+/// A connection's place in [`Connections`], given up on drop.
+#[derive(Debug)]
+struct SlotHandle {
+    id: u64,
+    connections: Arc<Connections>,
+}
+
+impl Drop for SlotHandle {
     fn drop(&mut self) {
         self.connections.remove(self.id);
     }

@@ -92,7 +92,6 @@ mod headers;
 mod listener;
 mod service;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,7 +156,8 @@ where
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let connections = Arc::new(Connections::default());
-    let closing = Arc::new(AtomicBool::new(false));
+    // Set by the upgrader as soon as this process is finishing (before the accept loop below notices).
+    let closing = upgrader.finishing_flag();
     let (closing_tx, closing_rx) = ::tokio::sync::watch::channel(false);
 
     while let Some(accepted) = incoming.next().await {
@@ -183,7 +183,6 @@ where
     }
     // This process no longer accepts; its copy of the listener closes, the new process keeps its own.
     drop(incoming);
-    closing.store(true, Ordering::Release);
     closing_tx.send_replace(true);
 
     let report = upgrader.drain_async().await;
@@ -193,6 +192,15 @@ where
             connections = closed,
             "drain deadline reached: closed connections still open (raise the drain timeout if they were busy)"
         );
+        // Their tasks end at their next poll (aborted, or woken by the shutdown): wait for the streams to be
+        // dropped, so that nothing of them is left when this returns.
+        let held = connections.gone(Duration::from_secs(1)).await;
+        if held > 0 {
+            tracing::warn!(
+                connections = held,
+                "upgraded connections still held by the application after their socket was shut down"
+            );
+        }
     }
     Ok(report)
 }
@@ -261,6 +269,7 @@ mod tests {
 
     use std::convert::Infallible;
     use std::future::{ready, Ready};
+    use std::sync::atomic::AtomicBool;
     use std::task::{Context, Poll};
 
     use ::tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};

@@ -19,7 +19,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) struct HttpService<S> {
     inner: S,
     protocol: Arc<Protocol>,
-    /// Set once this process is finishing: from then on, every HTTP/1 response closes its connection.
+    /// Set once this process is finishing (by the upgrader, without a lock): from then on, every HTTP/1
+    /// response closes its connection.
     closing: Arc<AtomicBool>,
 }
 
