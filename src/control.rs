@@ -225,7 +225,7 @@ pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply> {
         Error::with_io(
             ErrorKind::Channel,
             format!(
-                "cannot reach the control socket {}: {e} (is the service running?)",
+                "cannot reach the control socket {} (is the service running?)",
                 path.display()
             ),
             e,
@@ -244,7 +244,7 @@ pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply> {
         (Ok(()), Err(e)) => {
             return Err(Error::with_io(
                 ErrorKind::Channel,
-                format!("no answer from the service within {timeout:?}: {e}"),
+                format!("no answer from the service within {timeout:?}"),
                 e,
             ))
         }
@@ -267,7 +267,7 @@ pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply> {
         reader.read_to_end(&mut rest).map_err(|e| {
             Error::with_io(
                 ErrorKind::Channel,
-                format!("the service did not exit within {timeout:?}: {e}"),
+                format!("the service did not exit within {timeout:?}"),
                 e,
             )
         })?;

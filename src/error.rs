@@ -52,6 +52,11 @@ pub enum ErrorKind {
 }
 
 /// An error from exuvia. See [`ErrorKind`] for the cases and `Display` for a message fit for an operator.
+///
+/// The message is whole: when an operating-system error is behind it, its text ends the message
+/// (`cannot create the handover channel (socketpair): Too many open files`). So that error reporters that
+/// walk [`source`](std::error::Error::source) chains do not print it twice, `source()` is `None`; the OS error
+/// itself is [`io_error`](Error::io_error).
 #[derive(Debug)]
 pub struct Error {
     kind: ErrorKind,
@@ -68,10 +73,12 @@ impl Error {
         }
     }
 
+    /// `message` followed by the OS error's text.
     pub(crate) fn with_io(kind: ErrorKind, message: impl Into<String>, source: io::Error) -> Error {
+        let message = format!("{}: {}", message.into(), strip_os_code(&source));
         Error {
             kind,
-            message: message.into(),
+            message,
             source: Some(source),
         }
     }
@@ -92,11 +99,7 @@ impl Error {
         let path = PathBuf::from(path);
         Error::with_io(
             ErrorKind::Spawn,
-            format!(
-                "cannot execute {}: {}",
-                path.display(),
-                strip_os_code(&source)
-            ),
+            format!("cannot execute {}", path.display()),
             source,
         )
     }
@@ -141,13 +144,8 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_ref()
-            .map(|e| e as &(dyn std::error::Error + 'static))
-    }
-}
+/// `source()` is `None`: the OS error's text is already in the message (see [`Error`]).
+impl std::error::Error for Error {}
 
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {

@@ -187,7 +187,7 @@ impl Notifier {
             |e| {
                 Error::io(
                     format!(
-                        "cannot notify the service manager ({}): {e}",
+                        "cannot notify the service manager ({})",
                         msg.trim_end().replace('\n', " ")
                     ),
                     e,

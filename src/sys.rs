@@ -407,6 +407,7 @@ pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 /// process's descriptors). That is sound because the number is only used under the handle's lock, and this
 /// wrapper clears it under the same lock in its `Drop`, which runs before `S` (and its descriptor) is dropped;
 /// `S` cannot be moved out, so nothing else can close the descriptor first.
+#[cfg(feature = "hyper")]
 #[derive(Debug)]
 pub(crate) struct Cuttable<S: AsFd> {
     io: S,
@@ -414,11 +415,13 @@ pub(crate) struct Cuttable<S: AsFd> {
 }
 
 /// The other side of a [`Cuttable`].
+#[cfg(feature = "hyper")]
 #[derive(Debug, Default)]
 pub(crate) struct Cut {
     fd: std::sync::Mutex<Option<RawFd>>,
 }
 
+#[cfg(feature = "hyper")]
 impl<S: AsFd> Cuttable<S> {
     pub(crate) fn new(io: S) -> (Cuttable<S>, std::sync::Arc<Cut>) {
         let cut = std::sync::Arc::new(Cut {
@@ -442,6 +445,7 @@ impl<S: AsFd> Cuttable<S> {
     }
 }
 
+#[cfg(feature = "hyper")]
 impl<S: AsFd> Drop for Cuttable<S> {
     fn drop(&mut self) {
         // Before `io` is dropped: from here on the number may be reused.
@@ -453,6 +457,7 @@ impl<S: AsFd> Drop for Cuttable<S> {
     }
 }
 
+#[cfg(feature = "hyper")]
 impl Cut {
     /// Shuts the socket down in both directions if its owner still lives: every read on it ends (end of file)
     /// and every write fails, waking whoever waits on it. False if the owner was already gone.
@@ -588,6 +593,19 @@ pub(crate) fn waitpid(pid: libc::pid_t, nohang: bool) -> io::Result<Option<ExitS
 }
 
 /// `kill(2)`.
+/// The process group of `pid` (0: this process).
+pub(crate) fn getpgid(pid: libc::pid_t) -> io::Result<libc::pid_t> {
+    // SAFETY: no pointers.
+    cvt(unsafe { libc::getpgid(pid) })
+}
+
+/// Moves this process into process group `pgid` (of the same session).
+pub(crate) fn join_process_group(pgid: libc::pid_t) -> io::Result<()> {
+    // SAFETY: no pointers.
+    cvt(unsafe { libc::setpgid(0, pgid) })?;
+    Ok(())
+}
+
 pub(crate) fn kill(pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: no pointers.
     cvt(unsafe { libc::kill(pid, signal) })?;
@@ -624,6 +642,46 @@ pub(crate) struct SpawnPlan {
 
 /// Room for a decimal pid (pid_t is 32-bit: at most 10 digits) plus the terminating NUL.
 const PID_SLOT: usize = 12;
+
+/// Where [`spawn`] failed: the step and the OS error.
+#[derive(Debug)]
+pub(crate) struct SpawnError {
+    pub(crate) step: SpawnStep,
+    pub(crate) error: io::Error,
+}
+
+/// The steps of [`spawn`] that can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SpawnStep {
+    /// Preparing in this process (a pipe, the child's stack) or `clone` itself.
+    Start,
+    /// Placing the sockets at their descriptor numbers in the child.
+    PlaceFds,
+    /// Lowering the child to `SCHED_IDLE` (background initialisation).
+    Priority,
+    /// `execve` of the program.
+    Exec,
+}
+
+impl SpawnStep {
+    fn code(self) -> u32 {
+        match self {
+            SpawnStep::Start => 0,
+            SpawnStep::PlaceFds => 1,
+            SpawnStep::Priority => 2,
+            SpawnStep::Exec => 3,
+        }
+    }
+
+    fn from_code(c: u32) -> SpawnStep {
+        match c {
+            1 => SpawnStep::PlaceFds,
+            2 => SpawnStep::Priority,
+            3 => SpawnStep::Exec,
+            _ => SpawnStep::Start,
+        }
+    }
+}
 
 impl SpawnPlan {
     pub(crate) fn new(path: &Path, argv: &[OsString]) -> io::Result<SpawnPlan> {
@@ -682,7 +740,18 @@ impl SpawnPlan {
 /// descriptor above 2 closed on exec, an empty signal mask, and handled signals and SIGPIPE at their default.
 /// Returns the child's pid once `execve` has succeeded; an exec failure comes back as the `execve` error, with
 /// the child reaped.
-pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<libc::pid_t> {
+///
+/// The child runs in a process group of its own (its pgid is its pid), so that killing the group reaches
+/// everything it started (a wrapper script's background job, a double fork), unless something left the group
+/// on purpose (`setsid`).
+pub(crate) fn spawn(
+    plan: &mut SpawnPlan,
+    fds: &[BorrowedFd<'_>],
+) -> std::result::Result<libc::pid_t, SpawnError> {
+    let start = |error| SpawnError {
+        step: SpawnStep::Start,
+        error,
+    };
     // Everything below is prepared here, in the parent, because the child may only make async-signal-safe
     // calls: no allocation, no locks, no panics.
     let srcs: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -706,7 +775,7 @@ pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<
     let mut argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let path = plan.path.as_ptr();
-    let (err_read, err_write) = pipe()?;
+    let (err_read, err_write) = pipe().map_err(start)?;
     let err_write_raw = err_write.as_raw_fd();
     let args = ChildArgs {
         path,
@@ -721,7 +790,7 @@ pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<
         err_write: err_write_raw,
         idle: plan.idle,
     };
-    let stack = ChildStack::new()?;
+    let stack = ChildStack::new().map_err(start)?;
     // No signal handler may run in the child while it shares this address space: block every signal in this
     // thread (the child inherits the mask), the child resets handlers to default before unblocking.
     // SAFETY: sigset_t is plain data for which all-zero bytes are a valid (empty) value.
@@ -749,15 +818,21 @@ pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     drop(stack);
     if pid < 0 {
-        return Err(clone_err);
+        return Err(start(clone_err));
     }
     drop(err_write);
-    let mut buf = [0u8; 4];
+    // The child writes the failed step and errno (4 bytes each), or nothing if its exec succeeded.
+    let mut buf = [0u8; 8];
     let mut got = 0;
     while got < buf.len() {
-        match read(err_read.as_fd(), &mut buf[got..])? {
-            0 => break,
-            k => got += k,
+        match read(err_read.as_fd(), &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) => {
+                let _ = kill(pid, libc::SIGKILL);
+                let _ = waitpid(pid, false);
+                return Err(start(e));
+            }
         }
     }
     if got == 0 {
@@ -765,13 +840,17 @@ pub(crate) fn spawn(plan: &mut SpawnPlan, fds: &[BorrowedFd<'_>]) -> io::Result<
     }
     // The child failed before or at exec and is exiting; reap it so no zombie is left.
     let _ = waitpid(pid, false);
-    if got == 4 {
-        Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf)))
+    let word = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+    Err(if got == 8 {
+        SpawnError {
+            step: SpawnStep::from_code(word(0)),
+            error: io::Error::from_raw_os_error(word(4) as i32),
+        }
     } else {
-        Err(io::Error::other(
+        start(io::Error::other(
             "the new process failed before exec and reported a truncated error",
         ))
-    }
+    })
 }
 
 /// What the child needs, by pointer into memory the parent prepared and keeps alive until the child is done.
@@ -856,12 +935,22 @@ unsafe fn child_before_exec(a: &ChildArgs) -> ! {
     // SAFETY (whole body): every call is async-signal-safe per signal-safety(7) or a raw syscall; every
     // pointer was prepared by the parent, which is suspended until this child execs or exits.
     unsafe {
-        let fail = |fd: RawFd| -> ! {
-            let errno = *libc::__errno_location();
-            let bytes = errno.to_ne_bytes();
+        let fail = |fd: RawFd, step: u32| -> ! {
+            let errno = *libc::__errno_location() as u32;
+            let mut bytes = [0u8; 8];
+            bytes[..4].copy_from_slice(&step.to_ne_bytes());
+            bytes[4..].copy_from_slice(&errno.to_ne_bytes());
             libc::write(fd, bytes.as_ptr().cast(), bytes.len());
             libc::_exit(127)
         };
+        let (place, priority, exec) = (
+            SpawnStep::PlaceFds.code(),
+            SpawnStep::Priority.code(),
+            SpawnStep::Exec.code(),
+        );
+        // A process group of its own: the old process kills the whole group if this upgrade fails. Failure
+        // (not expected: we are a fresh child, not a session leader) only weakens that, so it is not fatal.
+        libc::setpgid(0, 0);
         // Every signal is blocked (the parent blocked them before clone). The application's handlers must not
         // run here, in its address space: back to the default for every handled signal, then unblock all (a
         // new program starts with none blocked). Rust's runtime ignores SIGPIPE: default it too, as std does.
@@ -885,19 +974,19 @@ unsafe fn child_before_exec(a: &ChildArgs) -> ! {
         let base = 3 + a.n;
         let err_fd = libc::fcntl(a.err_write, libc::F_DUPFD_CLOEXEC, base);
         if err_fd < 0 {
-            fail(a.err_write);
+            fail(a.err_write, place);
         }
         for i in 0..a.nsrcs {
             let h = libc::fcntl(*a.srcs.add(i), libc::F_DUPFD_CLOEXEC, base);
             if h < 0 {
-                fail(err_fd);
+                fail(err_fd, place);
             }
             *a.high.add(i) = h;
         }
         for i in 0..a.nsrcs {
             // dup2 onto a different number always clears close-on-exec on the new descriptor.
             if libc::dup2(*a.high.add(i), 3 + i as libc::c_int) < 0 {
-                fail(err_fd);
+                fail(err_fd, place);
             }
         }
         let pid = libc::getpid();
@@ -931,11 +1020,11 @@ unsafe fn child_before_exec(a: &ChildArgs) -> ! {
             // normal before it reports ready. Lowering one's own priority needs no privilege.
             let param = libc::sched_param { sched_priority: 0 };
             if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-                fail(err_fd);
+                fail(err_fd, priority);
             }
         }
         libc::execve(a.path, a.argv, a.envp);
-        fail(err_fd)
+        fail(err_fd, exec)
     }
 }
 
@@ -1213,7 +1302,8 @@ mod tests {
         let mut plan =
             SpawnPlan::new(Path::new("/nonexistent/exuvia-test"), &["x".into()]).unwrap();
         let e = spawn(&mut plan, &[]).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(e.error.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(e.step, SpawnStep::Exec);
     }
 
     #[test]

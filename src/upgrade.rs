@@ -227,6 +227,7 @@ impl Builder {
             std::env::var_os(handover::VAR_PID).as_deref(),
             my_pid,
         )?;
+        check_no_overlap(listen_names.as_deref().map_or(0, |n| n.len()), channel_fd)?;
         let restore_nice = match channel_fd {
             Some(_) => {
                 handover::child::parse_nice(std::env::var_os(handover::VAR_NICE).as_deref())?
@@ -360,6 +361,22 @@ fn scrub_environment() {
             "threads already running: leaving LISTEN_*/EXUVIA_* in the environment (build the Upgrader before \
              starting threads to have them removed)"
         );
+    }
+}
+
+/// The environment names each descriptor once: the sockets at 3.. (`LISTEN_FDS`) and the handover channel
+/// after them. A channel number among the sockets would make two owners of one descriptor.
+fn check_no_overlap(sockets: usize, channel_fd: Option<std::os::fd::RawFd>) -> Result<()> {
+    let first = activation::LISTEN_FDS_START;
+    match channel_fd {
+        Some(fd) if fd >= first && ((fd - first) as usize) < sockets => Err(Error::env(format!(
+            "{}={fd} names one of the {sockets} sockets of {} (descriptors {first} to {}): the environment \
+             was not made by exuvia; start the program without these variables",
+            handover::VAR_FD,
+            activation::VAR_FDS,
+            first as usize + sockets - 1
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -528,7 +545,7 @@ impl Upgrader {
         let fd = bind().map_err(|e| {
             Error::with_io(
                 ErrorKind::Bind,
-                format!("cannot bind {name:?} on {what}: {e}"),
+                format!("cannot bind {name:?} on {what}"),
                 e,
             )
         })?;
@@ -918,10 +935,13 @@ impl Upgrader {
             };
             let mut child = child;
             let pid = child.pid();
-            let child_init =
-                child.await_ready(inner.ready_timeout, Duration::from_secs(1), &mut || {
-                    inner.manager.extend(extend)
-                })?;
+            let child_init = child.await_ready(
+                inner.ready_timeout,
+                Duration::from_secs(1),
+                // A stop while the new process initialises abandons the upgrade at once.
+                Some(inner.stop_read.as_fd()),
+                &mut || inner.manager.extend(extend),
+            )?;
             if launch.background.is_some() {
                 child.check_normal_priority()?;
             }
@@ -1181,6 +1201,9 @@ impl Upgrader {
     /// Waits up to the drain timeout for tracked connections to finish, logs and returns the outcome.
     /// Call it once this process is finishing, then exit.
     pub fn drain(&self) -> DrainReport {
+        // Stopped while an upgrade was in flight: its thread is killing the new process (and everything that
+        // started); let it finish, so that no process outlives this one.
+        self.wait_for_upgrade_to_end(Duration::from_secs(10));
         let open = self.inner.tracker.open();
         tracing::info!(connections = open, timeout = ?self.inner.drain_timeout, "draining");
         // Once handed over, this process is no longer the main one and its status would be dropped (or, with
@@ -1264,6 +1287,25 @@ impl Upgrader {
     fn record_attempt_start(&self, started_usec: u64) {
         lock(&self.inner.attempts).current = Some(started_usec);
         self.announce();
+    }
+
+    /// Waits (at most `timeout`) until no upgrade is in flight.
+    fn wait_for_upgrade_to_end(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut a = lock(&self.inner.attempts);
+        while a.current.is_some() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!("an upgrade is still in flight after {timeout:?}; draining anyway");
+                return;
+            }
+            a = self
+                .inner
+                .attempts_changed
+                .wait_timeout(a, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     fn record_attempt_end(&self, started_usec: u64, verdict: std::result::Result<u32, String>) {
@@ -1368,7 +1410,7 @@ fn resolve(name: &str, addr: impl ToSocketAddrs) -> Result<SocketAddr> {
         .map_err(|e| {
             Error::with_io(
                 ErrorKind::Bind,
-                format!("cannot resolve the address for {name:?}: {e}"),
+                format!("cannot resolve the address for {name:?}"),
                 e,
             )
         })?
@@ -1389,4 +1431,22 @@ pub fn accept_seqpacket(listener: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
 /// A duration in whole microseconds, for log fields.
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod overlap_tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_among_the_sockets_is_refused() {
+        assert!(check_no_overlap(0, None).is_ok());
+        assert!(check_no_overlap(2, None).is_ok());
+        assert!(check_no_overlap(2, Some(5)).is_ok());
+        assert!(check_no_overlap(0, Some(3)).is_ok());
+        for fd in [3, 4] {
+            let e = check_no_overlap(2, Some(fd)).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Environment);
+            assert!(e.to_string().contains("names one of the 2 sockets"), "{e}");
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! A framed, deadline-bounded message stream over the private socket pair between parent and child.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -18,8 +18,8 @@ pub(crate) enum Event {
     Closed,
     /// The deadline passed.
     Timeout,
-    /// The extra descriptor passed to `recv` became readable.
-    Extra,
+    /// The extra descriptor at this index of those passed to `recv` became readable.
+    Extra(usize),
 }
 
 /// One end of the handover channel.
@@ -38,6 +38,14 @@ impl Channel {
             stream,
             buf: Vec::new(),
         })
+    }
+
+    /// A second descriptor for the channel's socket, to watch it (never to read or write) from another thread.
+    pub(crate) fn watch_fd(&self) -> Result<OwnedFd> {
+        self.stream
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::io("handover channel: cannot duplicate its descriptor", e))
     }
 
     /// Sends one message, waiting for room until `deadline`.
@@ -80,7 +88,7 @@ impl Channel {
     pub(crate) fn recv(
         &mut self,
         deadline: Option<Instant>,
-        extra: Option<BorrowedFd<'_>>,
+        extra: &[BorrowedFd<'_>],
     ) -> Result<Event> {
         loop {
             if let Some((msg, used)) = protocol::decode(&self.buf)? {
@@ -116,18 +124,18 @@ impl Channel {
             }
             let mut set = PollSet::new();
             let me = set.add(self.stream.as_fd(), libc::POLLIN);
-            let other = extra.map(|fd| set.add(fd, libc::POLLIN));
+            let others: Vec<usize> = extra.iter().map(|fd| set.add(*fd, libc::POLLIN)).collect();
             if !set
                 .wait(deadline)
                 .map_err(|e| Error::io("handover channel: poll failed", e))?
             {
                 return Ok(Event::Timeout);
             }
-            if let Some(i) = other {
-                // Only report the extra fd when the channel itself has nothing: a message that arrived together
-                // with the event (a child that said "failed" and exited) is the better explanation.
-                if set.revents(i) != 0 && set.revents(me) == 0 {
-                    return Ok(Event::Extra);
+            // Only report an extra fd when the channel itself has nothing: a message that arrived together with
+            // the event (a child that said "failed" and exited) is the better explanation.
+            if set.revents(me) == 0 {
+                if let Some(n) = others.iter().position(|&i| set.revents(i) != 0) {
+                    return Ok(Event::Extra(n));
                 }
             }
         }
@@ -155,14 +163,14 @@ mod tests {
         a.send(&Message::Ready { init_usec: 7 }, soon()).unwrap();
         a.send(&Message::Failed("why".into()), soon()).unwrap();
         assert!(matches!(
-            b.recv(Some(soon()), None).unwrap(),
+            b.recv(Some(soon()), &[]).unwrap(),
             Event::Message(Message::Ready { init_usec: 7 })
         ));
         assert!(
-            matches!(b.recv(Some(soon()), None).unwrap(), Event::Message(Message::Failed(r)) if r == "why")
+            matches!(b.recv(Some(soon()), &[]).unwrap(), Event::Message(Message::Failed(r)) if r == "why")
         );
         drop(a);
-        assert!(matches!(b.recv(Some(soon()), None).unwrap(), Event::Closed));
+        assert!(matches!(b.recv(Some(soon()), &[]).unwrap(), Event::Closed));
     }
 
     #[test]
@@ -171,7 +179,7 @@ mod tests {
         let state = vec![7u8; protocol::MAX_STATE_LEN];
         let reader = std::thread::spawn(move || {
             let mut b = Channel::new(b).unwrap();
-            match b.recv(Some(soon()), None).unwrap() {
+            match b.recv(Some(soon()), &[]).unwrap() {
                 Event::Message(Message::Hello { state, .. }) => state.len(),
                 other => panic!("{other:?}"),
             }
@@ -194,7 +202,7 @@ mod tests {
         let (mut a, mut b) = pair();
         let t0 = Instant::now();
         assert!(matches!(
-            a.recv(Some(Instant::now() + Duration::from_millis(50)), None)
+            a.recv(Some(Instant::now() + Duration::from_millis(50)), &[])
                 .unwrap(),
             Event::Timeout
         ));
@@ -203,7 +211,7 @@ mod tests {
         let frame = Message::Failed("truncated".into()).encode().unwrap();
         b.write_all(&frame[..frame.len() - 3]).unwrap();
         drop(b);
-        let e = a.recv(Some(soon()), None).unwrap_err();
+        let e = a.recv(Some(soon()), &[]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Protocol);
         assert!(e.to_string().contains("middle of a message"), "{e}");
     }
@@ -213,7 +221,7 @@ mod tests {
         let (mut a, mut b) = pair();
         b.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
         assert_eq!(
-            a.recv(Some(soon()), None).unwrap_err().kind(),
+            a.recv(Some(soon()), &[]).unwrap_err().kind(),
             ErrorKind::Protocol
         );
     }

@@ -19,6 +19,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct ParentLink {
     channel: Channel,
+    watch: ParentWatch,
     pub(crate) parent_pid: u32,
     pub(crate) generation: u32,
     pub(crate) started_usec: u64,
@@ -102,7 +103,7 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
         .map_err(|e| Error::io("cannot set close-on-exec on the channel", e))?;
     let mut channel = Channel::new(UnixStream::from(fd))?;
     let deadline = Instant::now() + HELLO_TIMEOUT;
-    let hello = match channel.recv(Some(deadline), None) {
+    let hello = match channel.recv(Some(deadline), &[]) {
         Ok(ev) => ev,
         Err(e) => {
             // Tell the parent why, if it can still hear: a version mismatch then reads as such in its logs
@@ -122,6 +123,7 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
             state,
         }) => Ok((
             ParentLink {
+                watch: ParentWatch::start(&channel, parent_pid)?,
                 channel,
                 parent_pid,
                 generation,
@@ -140,7 +142,7 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
             "the old process closed the handover channel before greeting; it has probably given up on this \
              upgrade",
         )),
-        Event::Timeout | Event::Extra => Err(Error::new(
+        Event::Timeout | Event::Extra(_) => Err(Error::new(
             ErrorKind::Channel,
             "the old process sent nothing on the handover channel within 10 s",
         )),
@@ -165,27 +167,30 @@ impl ParentLink {
                 return Err(Error::with_io(ErrorKind::Environment, reason, e));
             }
         }
+        self.watch.reporting();
         self.channel.send(&Message::Ready { init_usec }, deadline).map_err(|e| {
             Error::new(
                 ErrorKind::Channel,
                 format!("cannot report ready to the old process (it may have given up on this upgrade): {e}"),
             )
         })?;
-        match self.channel.recv(Some(deadline), None)? {
-            Event::Message(Message::Commit) => Ok(()),
-            Event::Closed => {
-                // The parent died between our ready and its commit; nobody else serves now, so we do.
-                tracing::warn!(
-                    parent_pid = self.parent_pid,
-                    "the old process went away before confirming the handover; continuing as the main process"
-                );
+        match self.channel.recv(Some(deadline), &[])? {
+            Event::Message(Message::Commit) => {
+                self.watch.stop();
+                self.after_commit();
                 Ok(())
+            }
+            Event::Closed => {
+                // The old process died between our ready and its commit. It never handed over: this process
+                // must not become a second, unmanaged server (under systemd, Restart= brings the service back
+                // with the sockets systemd holds).
+                end_this_process_group(self.parent_pid, "before confirming the handover")
             }
             Event::Message(m) => Err(Error::protocol(format!(
                 "handover channel: expected commit from the parent, got {}",
                 m.name()
             ))),
-            Event::Timeout | Event::Extra => Err(Error::new(
+            Event::Timeout | Event::Extra(_) => Err(Error::new(
                 ErrorKind::Channel,
                 format!(
                     "the old process did not confirm the handover within {}",
@@ -195,12 +200,123 @@ impl ParentLink {
         }
     }
 
+    /// Once committed: back into the old process's process group (where a terminal's Ctrl-C or a `kill` of
+    /// the group reaches the service as before the upgrade) and to its OOM score.
+    fn after_commit(&self) {
+        let parent = self.parent_pid as libc::pid_t;
+        match sys::getpgid(parent).and_then(sys::join_process_group) {
+            Ok(()) => {}
+            Err(e) => tracing::debug!(error = %e, "staying in this process's own process group"),
+        }
+        let score = std::fs::read_to_string(format!("/proc/{parent}/oom_score_adj"))
+            .and_then(|s| std::fs::write("/proc/self/oom_score_adj", s.trim()));
+        if let Err(e) = score {
+            tracing::warn!(
+                error = %e,
+                "cannot take the old process's oom_score_adj; this process stays the OOM killer's preferred victim"
+            );
+        }
+    }
+
     /// Reports that initialisation failed.
     pub(crate) fn fail(mut self, reason: &str) -> Result<()> {
         self.channel.send(
             &Message::Failed(reason.to_string()),
             Instant::now() + Duration::from_secs(5),
         )
+    }
+}
+
+/// Ends this process and everything it started (its process group: see `sys::spawn`) because the old
+/// process died `when`. Only when this process leads its own group; otherwise (not expected) only itself.
+fn end_this_process_group(parent_pid: u32, when: &str) -> ! {
+    tracing::error!(
+        parent_pid,
+        "the old process went away {when}; exiting with everything this process started, so as not to serve \
+         unmanaged (under systemd, Restart= starts the service again)"
+    );
+    let me = std::process::id() as libc::pid_t;
+    if sys::getpgid(0).ok() == Some(me) {
+        let _ = sys::kill(0, libc::SIGKILL);
+    }
+    std::process::exit(1)
+}
+
+/// Watches the channel from a thread of its own until the handover is committed: if the old process dies
+/// while this one initialises (the channel hangs up), this process ends itself and what it started, rather
+/// than become a server nobody manages. The channel's end of file is how it learns (a parent-death signal
+/// would follow the old process's spawning thread, which ends with every upgrade, not the old process).
+#[derive(Debug)]
+struct ParentWatch {
+    /// Closing it (drop) ends the watch.
+    stop: Option<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Held while `ready` reports and waits for the commit: the watch then leaves the verdict to it.
+    reporting: std::sync::Arc<std::sync::Mutex<bool>>,
+}
+
+impl ParentWatch {
+    fn start(channel: &Channel, parent_pid: u32) -> Result<ParentWatch> {
+        let fd = channel.watch_fd()?;
+        let (stop_read, stop_write) =
+            sys::pipe().map_err(|e| Error::io("cannot create the parent watch's pipe", e))?;
+        let reporting = std::sync::Arc::new(std::sync::Mutex::new(false));
+        let r = reporting.clone();
+        let thread = std::thread::Builder::new()
+            .name("exuvia-parent-watch".into())
+            .spawn(move || {
+                let mut set = sys::PollSet::new();
+                let channel = set.add(fd.as_fd(), libc::POLLRDHUP);
+                let stop = set.add(stop_read.as_fd(), libc::POLLIN);
+                loop {
+                    match set.wait(None) {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot watch the old process; continuing without");
+                            return;
+                        }
+                    }
+                    if set.revents(stop) != 0 {
+                        return;
+                    }
+                    if set.revents(channel) != 0 {
+                        // `ready` owns the verdict once it reports; before that, nobody would notice.
+                        let reporting = *r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if !reporting {
+                            end_this_process_group(parent_pid, "while this process was initialising");
+                        }
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::io("cannot start the thread that watches the old process", e))?;
+        Ok(ParentWatch {
+            stop: Some(stop_write),
+            thread: Some(thread),
+            reporting,
+        })
+    }
+
+    /// From now on `ready` decides what the channel's end means.
+    fn reporting(&self) {
+        *self
+            .reporting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+    }
+
+    fn stop(&mut self) {
+        self.stop.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ParentWatch {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

@@ -103,6 +103,37 @@ fn plan(launch: &Launch<'_>, names: &[&str]) -> Result<SpawnPlan> {
     Ok(plan)
 }
 
+/// The error for a failed spawn, by the step that failed.
+fn spawn_error(program: &Path, sockets: usize, e: sys::SpawnError) -> Error {
+    let errno = e.error.raw_os_error();
+    match e.step {
+        sys::SpawnStep::Exec => Error::exec(program, e.error),
+        sys::SpawnStep::PlaceFds => Error::with_io(
+            ErrorKind::Spawn,
+            format!(
+                "cannot place the {sockets} inherited descriptors in the new process (raise LimitNOFILE= if \
+                 descriptors ran out)"
+            ),
+            e.error,
+        ),
+        sys::SpawnStep::Priority => Error::with_io(
+            ErrorKind::Spawn,
+            "cannot start the new process at idle CPU priority (background initialisation)",
+            e.error,
+        ),
+        sys::SpawnStep::Start if errno == Some(libc::EAGAIN) || errno == Some(libc::ENOMEM) => {
+            Error::with_io(
+                ErrorKind::Spawn,
+                "cannot fork the new process (out of memory or process limit, e.g. TasksMax=)",
+                e.error,
+            )
+        }
+        sys::SpawnStep::Start => {
+            Error::with_io(ErrorKind::Spawn, "cannot start the new process", e.error)
+        }
+    }
+}
+
 /// Forks and executes the new binary with `sockets` at fds 3.. and the handover channel after them, then sends
 /// it `Hello` with `state`.
 pub(crate) fn start(
@@ -119,18 +150,14 @@ pub(crate) fn start(
     fds.push(theirs.as_fd());
     let pid = match sys::spawn(&mut plan, &fds) {
         Ok(pid) => pid,
-        Err(e)
-            if e.raw_os_error() == Some(libc::EAGAIN) || e.raw_os_error() == Some(libc::ENOMEM) =>
-        {
-            return Err(Error::with_io(
-                ErrorKind::Spawn,
-                "cannot fork the new process (out of memory or process limit)",
-                e,
-            ))
-        }
-        Err(e) => return Err(Error::exec(launch.program, e)),
+        Err(e) => return Err(spawn_error(launch.program, fds.len(), e)),
     };
     drop(theirs);
+    // Until it is committed, the new process is the one the OOM killer should take under memory pressure,
+    // not the serving one: the upgrade fails, the service stays. It returns to this process's score at commit.
+    if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000") {
+        tracing::debug!(child_pid = pid, error = %e, "cannot raise the new process's oom_score_adj");
+    }
     tracing::info!(
         child_pid = pid,
         program = %launch.program.display(),
@@ -190,9 +217,12 @@ impl PendingChild {
         set.wait(Some(Instant::now())).unwrap_or(false)
     }
 
-    /// Kills (if still running) and reaps the child, returning how it ended.
+    /// Kills (if still running) and reaps the child, returning how it ended. Everything it started dies with
+    /// it: its process group (see [`sys::spawn`]) is killed too.
     fn kill_and_reap(&mut self) -> Option<std::process::ExitStatus> {
         self.done = true;
+        // The group id is the child's pid, which cannot be reused before the child is reaped below.
+        let _ = sys::kill(-self.pid, libc::SIGKILL);
         let _ = sys::kill(self.pid, libc::SIGKILL);
         // An error is ECHILD: the application set SIGCHLD to SIG_IGN and the kernel reaped it already.
         sys::waitpid(self.pid, false).unwrap_or_default()
@@ -212,17 +242,21 @@ impl PendingChild {
 
     /// Waits for `Ready` and returns the child's own initialisation time as it reported it. Any other outcome
     /// kills and reaps the child and is returned as an error. `tick` runs at least every `tick_every` while
-    /// waiting (to feed a watchdog).
+    /// waiting (to feed a watchdog). `stop`, when it turns readable, abandons the upgrade at once (this
+    /// process is stopping).
     pub(crate) fn await_ready(
         &mut self,
         timeout: Duration,
         tick_every: Duration,
+        stop: Option<BorrowedFd<'_>>,
         tick: &mut dyn FnMut(),
     ) -> Result<Duration> {
         let deadline = Instant::now() + timeout;
+        let mut watch = vec![self.pidfd.as_fd()];
+        watch.extend(stop);
         loop {
             let next_tick = (Instant::now() + tick_every).min(deadline);
-            let event = match self.channel.recv(Some(next_tick), Some(self.pidfd.as_fd())) {
+            let event = match self.channel.recv(Some(next_tick), &watch) {
                 Ok(ev) => ev,
                 Err(e) => return Err(self.fail_with(e)),
             };
@@ -244,7 +278,14 @@ impl PendingChild {
                     ));
                     return Err(self.fail_with(e));
                 }
-                Event::Extra => {
+                Event::Extra(1) => {
+                    self.kill_and_reap();
+                    return Err(Error::new(
+                        ErrorKind::Finishing,
+                        "upgrade abandoned: this process is stopping (the new process was killed)",
+                    ));
+                }
+                Event::Extra(_) => {
                     let status = self.kill_and_reap();
                     return Err(match status {
                         Some(s) => Error::child_exited(s),
@@ -419,7 +460,12 @@ mod tests {
         let mut child = start_program("/bin/sh", &["sh", "-c", script], &[]).unwrap();
         let pid = child.pid();
         let e = child
-            .await_ready(Duration::from_secs(10), Duration::from_secs(1), &mut || {})
+            .await_ready(
+                Duration::from_secs(10),
+                Duration::from_secs(1),
+                None,
+                &mut || {},
+            )
             .unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -441,6 +487,7 @@ mod tests {
             .await_ready(
                 Duration::from_millis(300),
                 Duration::from_millis(50),
+                None,
                 &mut || ticks += 1,
             )
             .unwrap_err();
@@ -467,7 +514,12 @@ mod tests {
             "{policies:?}"
         );
         child
-            .await_ready(Duration::from_secs(10), Duration::from_secs(1), &mut || {})
+            .await_ready(
+                Duration::from_secs(10),
+                Duration::from_secs(1),
+                None,
+                &mut || {},
+            )
             .unwrap();
         let e = child.check_normal_priority().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ChildFailed);
