@@ -1,0 +1,275 @@
+//! Faults inside the upgrade window, with real processes: a stop while the new process initialises, the old
+//! process killed meanwhile, a new binary that is a wrapper starting processes of its own, the OOM score, and
+//! a forged environment. Each scenario runs against both HTTP examples.
+
+#[macro_use]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+for_each_example!(
+    a_stop_while_the_new_process_initialises_kills_it_at_once,
+    the_new_process_ends_itself_when_the_old_one_dies_before_the_handover,
+    a_failed_wrapper_takes_what_it_started_with_it,
+    the_new_process_is_the_oom_victim_until_it_is_committed,
+    a_channel_named_among_the_sockets_is_refused_at_start,
+);
+
+/// The example copied to `dir/app` (what the server runs and re-executes on upgrade) and `dir/real`.
+fn app_in(dir: &Path, server: &str) -> (PathBuf, PathBuf) {
+    let app = dir.join("app");
+    let real = dir.join("real");
+    std::fs::copy(example(server), &app).unwrap();
+    std::fs::copy(example(server), &real).unwrap();
+    (app, real)
+}
+
+/// Replaces `app` (by rename, as an install does) with a shell script that starts `sleep 300` in the
+/// background, writes its pid to `pidfile`, then becomes `real` with the same arguments: a wrapper whose
+/// background job belongs to the new process's group.
+fn install_wrapper(app: &Path, real: &Path, pidfile: &Path) {
+    let tmp = app.with_extension("new");
+    std::fs::write(
+        &tmp,
+        format!(
+            "#!/bin/sh\nsleep 300 &\necho $! > '{}'\nexec '{}' \"$@\"\n",
+            pidfile.display(),
+            real.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, app).unwrap();
+}
+
+/// Waits for the pid in `pidfile` (written by the wrapper).
+fn read_pid(pidfile: &Path) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(p) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "the wrapper never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// SIGHUPs the current generation and returns the new process's pid from the `child spawned` line.
+fn start_upgrade(server: &Server) -> u32 {
+    let old = server.current();
+    let mark = server.log.len();
+    assert!(signal(old, libc::SIGHUP));
+    let (_, line) = server
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            l.contains("upgrade: child spawned") && pid_of(l) == old
+        })
+        .unwrap_or_else(|| panic!("no child spawned:\n{}", server.log.dump()));
+    field(&line, "child_pid").unwrap().parse().unwrap()
+}
+
+/// Waits until the new process says it hangs (it is initialising for good).
+fn wait_hanging(server: &Server, child: u32) {
+    server
+        .log
+        .wait_for(0, Duration::from_secs(30), |l| {
+            l.contains("never reporting ready") && pid_of(l) == child
+        })
+        .unwrap_or_else(|| panic!("{child} did not start hanging:\n{}", server.log.dump()));
+}
+
+fn oom_score(pid: u32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn a_stop_while_the_new_process_initialises_kills_it_at_once(server: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    let server = Server::start(
+        &example(server),
+        &[
+            "--init-fault",
+            fault.to_str().unwrap(),
+            "--ready-timeout",
+            "60",
+        ],
+    );
+    std::fs::write(&fault, "hang").unwrap();
+    let load = Load::start(server.addr, 2, 2, Duration::from_millis(3));
+    load.wait_progress(200);
+    let child = start_upgrade(&server);
+    wait_hanging(&server, child);
+    // The old process keeps serving while the new one initialises.
+    load.wait_progress(200);
+    let st = load.stop();
+    assert!(st.failures.is_empty(), "{}", st.summary());
+    let old = server.current();
+    let child_fd = pidfd(child).expect("the new process is gone already");
+    let t0 = Instant::now();
+    assert!(signal(old, libc::SIGTERM));
+    assert!(
+        wait_pidfd(&child_fd, Duration::from_secs(5)),
+        "the new process outlived the stop"
+    );
+    let child_gone = t0.elapsed();
+    assert!(
+        wait_gone(old, Duration::from_secs(30)),
+        "{old} did not stop"
+    );
+    let stopped = t0.elapsed();
+    eprintln!(
+        "stop during an upgrade: new process gone after {child_gone:?}, old after {stopped:?}"
+    );
+    assert!(
+        stopped < Duration::from_secs(5),
+        "the stop waited for something: {stopped:?}"
+    );
+    assert!(
+        server
+            .log
+            .lines()
+            .iter()
+            .any(|l| l.contains("upgrade abandoned: this process is stopping")),
+        "{}",
+        server.log.dump()
+    );
+}
+
+fn the_new_process_ends_itself_when_the_old_one_dies_before_the_handover(server: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    let pidfile = dir.path().join("bg.pid");
+    let (app, real) = app_in(dir.path(), server);
+    let mut server = Server::start(
+        &app,
+        &[
+            "--init-fault",
+            fault.to_str().unwrap(),
+            "--ready-timeout",
+            "60",
+        ],
+    );
+    std::fs::write(&fault, "hang").unwrap();
+    install_wrapper(&app, &real, &pidfile);
+    let child = start_upgrade(&server);
+    wait_hanging(&server, child);
+    let background = read_pid(&pidfile);
+    let (child_fd, bg_fd) = (pidfd(child).unwrap(), pidfd(background).unwrap());
+    let old = server.current();
+    let t0 = Instant::now();
+    assert!(signal(old, libc::SIGKILL));
+    assert!(wait_gone(old, Duration::from_secs(5)));
+    assert!(
+        wait_pidfd(&child_fd, Duration::from_secs(5)),
+        "the new process became a stray"
+    );
+    let child_gone = t0.elapsed();
+    assert!(
+        wait_pidfd(&bg_fd, Duration::from_secs(5)),
+        "what the new process started became a stray"
+    );
+    eprintln!(
+        "old process killed during an upgrade: new process and its group gone after {child_gone:?}"
+    );
+    // Nothing holds the port: a fresh server can bind it again.
+    let addr = server.addr;
+    server.generations.clear();
+    let again = Server::start_on(&real, &addr.to_string(), &[]);
+    let (r, _) = get(again.addr, "/").unwrap();
+    assert_eq!(r.pid, again.current());
+    again.stop();
+}
+
+fn a_failed_wrapper_takes_what_it_started_with_it(server: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    let pidfile = dir.path().join("bg.pid");
+    let (app, real) = app_in(dir.path(), server);
+    let mut server = Server::start(&app, &["--init-fault", fault.to_str().unwrap()]);
+    let load = Load::start(server.addr, 2, 2, Duration::from_millis(3));
+    load.wait_progress(200);
+    std::fs::write(&fault, "fail").unwrap();
+    install_wrapper(&app, &real, &pidfile);
+    let e = server.upgrade().unwrap_err();
+    assert!(e.contains("status 3"), "{e}");
+    let background = read_pid(&pidfile);
+    assert!(
+        wait_gone(background, Duration::from_secs(5)),
+        "the wrapper's background job outlived the failed upgrade"
+    );
+    assert_eq!(zombie_state(background), None);
+    load.wait_progress(200);
+    let st = load.stop();
+    assert!(st.failures.is_empty(), "{}", st.summary());
+    server.stop();
+}
+
+fn the_new_process_is_the_oom_victim_until_it_is_committed(server: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    let mut server = Server::start(
+        &example(server),
+        &[
+            "--init-fault",
+            fault.to_str().unwrap(),
+            "--ready-timeout",
+            "60",
+        ],
+    );
+    let old = server.current();
+    let before = oom_score(old);
+    std::fs::write(&fault, "hang").unwrap();
+    let child = start_upgrade(&server);
+    wait_hanging(&server, child);
+    assert_eq!(oom_score(child), 1000, "initialising");
+    assert_eq!(oom_score(old), before, "the old process's score changed");
+    // Let it fail at the deadline-free way: a stop-less abort is a failed upgrade; make the next one succeed.
+    signal(child, libc::SIGKILL);
+    let mark = server.log.len();
+    server
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            l.contains("upgrade failed")
+        })
+        .expect("the killed new process was not reported");
+    std::fs::write(&fault, "").unwrap();
+    let new = server.upgrade().unwrap();
+    assert_eq!(
+        oom_score(new),
+        before,
+        "the committed process kept the probation score"
+    );
+    server.stop();
+}
+
+fn a_channel_named_among_the_sockets_is_refused_at_start(server: &str) {
+    // LISTEN_PID=$$ and exec keep the pid, so the variables are for the program; fd 3 is both a socket of
+    // LISTEN_FDS and the channel.
+    let out = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "export LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=a:b EXUVIA_HANDOVER_FD=3 EXUVIA_HANDOVER_PID=$$; \
+             exec '{}' --listen 127.0.0.1:0 3</dev/null 4</dev/null",
+            example(server).display()
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("EXUVIA_HANDOVER_FD=3 names one of the 2 sockets"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
