@@ -79,12 +79,27 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         let guard = u.track();
                         let u = u.clone();
                         let version = version.clone();
-                        std::thread::spawn(move || {
+                        // The stream comes back if the OS refuses the thread (a process or thread limit):
+                        // then this client is told to come back later, and the acceptor carries on.
+                        let (tx, rx) = std::sync::mpsc::channel::<TcpStream>();
+                        let spawned = std::thread::Builder::new().spawn(move || {
                             let _guard = guard;
+                            let Ok(stream) = rx.recv() else { return };
                             if let Err(e) = serve(stream, &u, &version) {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
                         });
+                        match spawned {
+                            Ok(_) => {
+                                let _ = tx.send(stream);
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot start a thread for a connection; answering 503");
+                                let _ = (&stream).write_all(
+                                    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\nretry-after: 1\r\n\r\n",
+                                );
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");

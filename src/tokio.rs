@@ -6,8 +6,9 @@
 //! - For HTTP, the `hyper` and `axum` features serve connections with the drain done right
 //!   (`exuvia::hyper::serve`, `exuvia::axum::serve`); prefer them to a hand-written loop like the one below.
 //! - [`Upgrader::finished`]: a future that resolves with why this process is finishing.
-//! - [`Upgrader::upgrade_async`], [`Upgrader::drain_async`]: the blocking steps on Tokio's blocking pool
-//!   (deliberately: they wait on a child process and on a condition variable).
+//! - [`Upgrader::upgrade_async`], [`Upgrader::drain_async`]: the blocking steps on a thread of their own
+//!   (they wait on a child process and on a condition variable; not Tokio's blocking pool, whose
+//!   `spawn_blocking` panics when the OS refuses a thread).
 //! - [`Upgrader::handle_signals_tokio`]: SIGHUP upgrades, SIGTERM and SIGINT stop, through `tokio::signal`.
 //!
 //! Build the [`Upgrader`] before the runtime starts (it reads and removes environment variables, which is only
@@ -46,7 +47,23 @@ use ::tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use ::tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::{Error, Result};
-use crate::{DrainReport, Event, Finish, StopCause, UpgradeReport, Upgrader};
+use crate::{DrainReport, Event, Finish, UpgradeReport, Upgrader};
+
+/// Runs blocking `f` on a new thread and waits for it without blocking the runtime. Unlike Tokio's
+/// `spawn_blocking`, which panics when the OS refuses a thread, a refusal is an error here.
+async fn off_the_runtime<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let (tx, rx) = ::tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("exuvia-{what}"))
+        .spawn(move || {
+            let _ = tx.send(f());
+        })?;
+    rx.await
+        .map_err(|_| io::Error::other(format!("the {what} thread ended without an answer")))
+}
 
 /// Makes a std listener (from [`Upgrader::listen_tcp`]) a Tokio one: non-blocking first, as Tokio requires.
 ///
@@ -150,13 +167,24 @@ impl Finishing {
                 return f;
             }
             if let Err(e) = self.fd.readable().await {
-                tracing::warn!(error = %e, "cannot watch the finishing signal; falling back to a blocking wait");
-                let u = self.upgrader.clone();
-                return ::tokio::task::spawn_blocking(move || u.wait())
-                    .await
-                    .unwrap_or(Finish::Stopped { by: StopCause::Api });
+                tracing::warn!(error = %e, "cannot watch the finishing signal; waiting for the event instead");
+                return finish_event(&self.upgrader).await;
             }
         }
+    }
+}
+
+/// Waits for the finish on the upgrader's event notification (no descriptor, no thread).
+async fn finish_event(upgrader: &Upgrader) -> Finish {
+    loop {
+        // Registered before the check: a finish published in between is not missed.
+        let changed = upgrader.events().notified();
+        let mut changed = std::pin::pin!(changed);
+        changed.as_mut().enable();
+        if let Some(f) = upgrader.finishing() {
+            return f;
+        }
+        changed.await;
     }
 }
 
@@ -181,12 +209,7 @@ impl Upgrader {
     pub async fn finished(&self) -> Finish {
         match Finishing::new(self) {
             Ok(f) => f.wait().await,
-            Err(_) => {
-                let u = self.clone();
-                ::tokio::task::spawn_blocking(move || u.wait())
-                    .await
-                    .unwrap_or(Finish::Stopped { by: StopCause::Api })
-            }
+            Err(_) => finish_event(self).await,
         }
     }
 
@@ -234,19 +257,22 @@ impl Upgrader {
     /// let report = upgrader.drain_async().await; // once finishing
     /// # }
     /// ```
+    ///
+    /// # Errors
+    /// As [`upgrade`](Upgrader::upgrade); also if the OS refuses a thread to run it on.
     pub async fn upgrade_async(&self) -> Result<UpgradeReport> {
         let u = self.clone();
-        ::tokio::task::spawn_blocking(move || u.upgrade())
+        off_the_runtime("upgrade", move || u.upgrade())
             .await
-            .map_err(|e| Error::io("the upgrade task failed", io::Error::other(e.to_string())))?
+            .map_err(|e| Error::io("cannot start a thread for the upgrade", e))?
     }
 
-    /// [`drain`](Upgrader::drain) on Tokio's blocking pool.
+    /// [`drain`](Upgrader::drain) on a thread of its own (it waits on a condition variable).
     pub async fn drain_async(&self) -> DrainReport {
         let u = self.clone();
-        match ::tokio::task::spawn_blocking(move || u.drain()).await {
+        match off_the_runtime("drain", move || u.drain()).await {
             Ok(r) => r,
-            // The blocking pool is shutting down: drain on this thread rather than not at all.
+            // No thread to be had: drain on this one rather than not at all.
             Err(_) => self.drain(),
         }
     }
@@ -270,11 +296,10 @@ impl Upgrader {
         Ok(::tokio::spawn(async move {
             loop {
                 ::tokio::select! {
-                    Some(()) = hup.recv() => {
-                        let run = me.sighup_received();
-                        // Deliberately on the blocking pool: the upgrade waits on a child process.
-                        ::tokio::task::spawn_blocking(run);
-                    }
+                    // On a thread of its own (the upgrade waits on a child process), started with
+                    // std::thread::Builder rather than Tokio's blocking pool: spawn_blocking panics when the OS
+                    // refuses a thread, which would end this task and with it all signal handling.
+                    Some(()) = hup.recv() => me.upgrade_on_a_thread(),
                     Some(()) = term.recv() => me.stop_signal_received(libc::SIGTERM),
                     Some(()) = int.recv() => me.stop_signal_received(libc::SIGINT),
                     else => return,

@@ -1264,17 +1264,7 @@ impl Upgrader {
             };
             for &sig in &buf[..n] {
                 match sig as libc::c_int {
-                    libc::SIGHUP => {
-                        // The upgrade runs on its own thread so that signals arriving meanwhile are seen (and
-                        // refused) at once rather than queued behind it.
-                        let run = self.sighup_received();
-                        if let Err(e) = std::thread::Builder::new()
-                            .name("exuvia-upgrade".into())
-                            .spawn(run)
-                        {
-                            tracing::warn!(error = %e, "cannot start an upgrade thread");
-                        }
-                    }
+                    libc::SIGHUP => self.upgrade_on_a_thread(),
                     libc::SIGTERM | libc::SIGINT => self.stop_signal_received(sig as i32),
                     _ => {}
                 }
@@ -1317,6 +1307,35 @@ impl Upgrader {
         a.last = Some((started_usec, verdict));
         drop(a);
         self.announce();
+    }
+
+    /// Handles a SIGHUP: the upgrade runs on a thread of its own, so that signals arriving meanwhile are seen
+    /// (and refused) at once rather than queued behind it. If the OS refuses the thread (a process or thread
+    /// limit, `TasksMax=`), that is a failed upgrade like any other: logged, reported to systemd and to the
+    /// reload helper, and this process keeps serving and handling signals.
+    pub(crate) fn upgrade_on_a_thread(&self) {
+        let run = self.sighup_received();
+        if let Err(e) = std::thread::Builder::new()
+            .name("exuvia-upgrade".into())
+            .spawn(run)
+        {
+            self.upgrade_could_not_start(&e);
+        }
+    }
+
+    /// Records an upgrade that could not even start a thread.
+    fn upgrade_could_not_start(&self, e: &std::io::Error) {
+        let why = format!(
+            "cannot start a thread for the upgrade (process or thread limit reached, e.g. TasksMax=): {e}"
+        );
+        tracing::error!("{why}; this process keeps serving");
+        self.inner.manager.failed(&format!(
+            "upgrade failed: {why}; still serving (pid {}, generation {})",
+            std::process::id(),
+            self.inner.generation
+        ));
+        self.record_attempt_end(sys::monotonic_usec(), Err(why));
+        self.record_sighup(true);
     }
 
     /// Records a SIGHUP and returns the blocking work it calls for: an upgrade, counted as handled once it has

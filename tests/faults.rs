@@ -16,7 +16,57 @@ for_each_example!(
     a_failed_wrapper_takes_what_it_started_with_it,
     the_new_process_is_the_oom_victim_until_it_is_committed,
     a_channel_named_among_the_sockets_is_refused_at_start,
+    a_sighup_under_a_process_limit_fails_the_upgrade_and_signals_still_work,
 );
+
+/// A cgroup (v1 `pids` controller) of this test's own, removed on drop after its processes are moved back.
+struct PidsCgroup {
+    dir: PathBuf,
+}
+
+impl PidsCgroup {
+    const ROOT: &'static str = "/sys/fs/cgroup/pids";
+
+    /// `None` (a loud skip, a failure under CI) where the controller is not there to write.
+    fn new(name: &str) -> Option<PidsCgroup> {
+        let dir = Path::new(Self::ROOT).join(format!("exuvia-test-{}-{name}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => Some(PidsCgroup { dir }),
+            Err(e) if in_ci() => panic!("cannot create a pids cgroup at {}: {e}", dir.display()),
+            Err(e) => {
+                eprintln!("SKIPPED: cannot create a pids cgroup at {} ({e}); needs root and cgroup v1 pids", dir.display());
+                None
+            }
+        }
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    fn tasks(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("pids.current"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn limit(&self, max: &str) {
+        std::fs::write(self.dir.join("pids.max"), max).unwrap();
+    }
+}
+
+impl Drop for PidsCgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
+            for p in procs.lines() {
+                let _ = std::fs::write(Path::new(Self::ROOT).join("cgroup.procs"), p);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
 
 /// The example copied to `dir/app` (what the server runs and re-executes on upgrade) and `dir/real`.
 fn app_in(dir: &Path, server: &str) -> (PathBuf, PathBuf) {
@@ -272,4 +322,42 @@ fn a_channel_named_among_the_sockets_is_refused_at_start(server: &str) {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+fn a_sighup_under_a_process_limit_fails_the_upgrade_and_signals_still_work(server: &str) {
+    let Some(cgroup) = PidsCgroup::new(server) else {
+        return;
+    };
+    let mut server = Server::start(&example(server), &[]);
+    let old = server.current();
+    let mut keep = connect(server.addr).unwrap();
+    request(&mut keep, "/", true).unwrap();
+    cgroup.add(old);
+    // Not one more thread or process.
+    cgroup.limit(&cgroup.tasks().to_string());
+    let mark = server.log.len();
+    assert!(signal(old, libc::SIGHUP));
+    let (_, line) = server
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            pid_of(l) == old
+                && (l.contains("upgrade failed") || l.contains("cannot start a thread"))
+        })
+        .unwrap_or_else(|| panic!("no verdict under the limit:\n{}", server.log.dump()));
+    eprintln!("under the limit: {line}");
+    // Still serving, still handling signals.
+    let r = request(&mut keep, "/", true).unwrap();
+    assert_eq!(r.pid, old);
+    assert!(
+        !server.log.lines().iter().any(|l| l.contains("panicked")),
+        "{}",
+        server.log.dump()
+    );
+    cgroup.limit("max");
+    let new = server
+        .upgrade()
+        .expect("the upgrade after the limit was lifted");
+    let (r, _) = get(server.addr, "/").unwrap();
+    assert_eq!(r.pid, new);
+    server.stop();
 }
