@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::listen::{self, BindOptions, SocketKind};
 use crate::sys;
 use crate::Upgrader;
 
@@ -187,16 +188,53 @@ fn verdict(upgrader: &Upgrader, since_usec: u64) -> std::result::Result<String, 
 }
 
 /// Binds (or adopts) the control socket for `upgrader` at `path`, mode 0600.
-pub(crate) fn listener(upgrader: &Upgrader, path: &Path) -> Result<UnixListener> {
-    let l = upgrader.listen_unix(REGISTRY_NAME, path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
-        Error::io(
-            format!("cannot restrict {} to mode 0600", path.display()),
+///
+/// The mode is set on the socket before `bind` creates the file, never through the path (a symlink planted
+/// there cannot redirect it). An inherited socket whose file is gone (a tmp cleaner, an operator) is bound
+/// anew at the same path, since nobody could reach it; a path taken over by something that is not a socket
+/// leaves the service without a control socket, with a warning, rather than fail the upgrade.
+pub(crate) fn listener(upgrader: &Upgrader, path: &Path) -> Result<Option<UnixListener>> {
+    use std::os::unix::fs::FileTypeExt;
+    let private = BindOptions::new().configure(|fd| sys::set_socket_mode(fd, 0o600));
+    let Some(inherited) = upgrader.take(REGISTRY_NAME, SocketKind::UnixListener)? else {
+        return upgrader
+            .listen_unix_with(REGISTRY_NAME, path, &private)
+            .map(Some);
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => Ok(Some(UnixListener::from(inherited))),
+        Ok(_) => {
+            tracing::warn!(
+                path = %path.display(),
+                "the control socket's path is no longer a socket (replaced by something else); no control \
+                 socket until it is removed and the service restarted or upgraded"
+            );
+            Ok(None)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            drop(inherited);
+            let fd = upgrader
+                .rebind(REGISTRY_NAME, || {
+                    listen::bind_unix(path, libc::SOCK_STREAM, true, &private)
+                })
+                .map_err(|e| {
+                    Error::with_io(
+                        ErrorKind::Bind,
+                        format!(
+                            "the control socket {} was deleted and cannot be bound again",
+                            path.display()
+                        ),
+                        e,
+                    )
+                })?;
+            tracing::warn!(path = %path.display(), "the control socket's file was deleted; bound it again");
+            Ok(Some(UnixListener::from(fd)))
+        }
+        Err(e) => Err(Error::io(
+            format!("cannot check the control socket {}", path.display()),
             e,
-        )
-    })?;
-    Ok(l)
+        )),
+    }
 }
 
 /// A reply from the control socket.

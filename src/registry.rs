@@ -57,6 +57,18 @@ impl Registry {
         Ok(first)
     }
 
+    /// Puts `fd` in place of the socket named `name` (same position, claimed), or adds it. For a socket
+    /// re-created in this process (a control socket whose file was deleted).
+    pub(crate) fn replace(&mut self, name: &str, fd: OwnedFd) {
+        match self.entries.iter_mut().find(|e| e.name == name) {
+            Some(e) => {
+                e.fd = fd;
+                e.claimed = true;
+            }
+            None => self.add_bound(name, fd),
+        }
+    }
+
     /// Whether any entry has this name.
     pub(crate) fn contains(&self, name: &str) -> bool {
         self.entries.iter().any(|e| e.name == name)

@@ -593,6 +593,14 @@ pub(crate) fn waitpid(pid: libc::pid_t, nohang: bool) -> io::Result<Option<ExitS
 }
 
 /// `kill(2)`.
+/// Sets the mode of a Unix socket before `bind`: the socket file `bind` creates takes it (minus the umask).
+/// Nothing goes through a path, so no symlink planted there can redirect it.
+pub(crate) fn set_socket_mode(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: no pointers.
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), mode) })?;
+    Ok(())
+}
+
 /// The process group of `pid` (0: this process).
 pub(crate) fn getpgid(pid: libc::pid_t) -> io::Result<libc::pid_t> {
     // SAFETY: no pointers.

@@ -305,8 +305,7 @@ impl Builder {
             }),
         };
         if let Some(path) = control_path {
-            let l = crate::control::listener(&upgrader, &path)?;
-            *lock(&upgrader.inner.control) = Some(l);
+            *lock(&upgrader.inner.control) = crate::control::listener(&upgrader, &path)?;
         }
         Ok(upgrader)
     }
@@ -696,6 +695,18 @@ impl Upgrader {
     /// Takes the inherited socket named `name` as `kind`, if any, as an owned fd.
     pub fn take(&self, name: &str, kind: SocketKind) -> Result<Option<OwnedFd>> {
         lock(&self.inner.registry).take(name, kind)
+    }
+
+    /// Binds a fresh socket with `bind` and keeps it under `name` in place of whatever was there.
+    pub(crate) fn rebind(
+        &self,
+        name: &str,
+        bind: impl FnOnce() -> std::io::Result<OwnedFd>,
+    ) -> std::io::Result<OwnedFd> {
+        let fd = bind()?;
+        let keep = fd.try_clone()?;
+        lock(&self.inner.registry).replace(name, keep);
+        Ok(fd)
     }
 
     /// Takes the `index`th inherited socket (0 is fd 3) as `kind`: for sockets passed without distinct names.

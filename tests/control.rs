@@ -162,3 +162,53 @@ fn another_user_is_refused_and_bad_requests_are_answered() {
     );
     server.stop();
 }
+
+#[test]
+fn a_deleted_control_socket_is_bound_again_and_a_planted_symlink_is_never_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let mut server = Server::start(
+        &example("http_std"),
+        &["--control-socket", sock.to_str().unwrap()],
+    );
+    // A tmp cleaner deletes the socket file: the next generation binds it again (the upgrade succeeds).
+    std::fs::remove_file(&sock).unwrap();
+    let new = server
+        .upgrade()
+        .expect("upgrade with the control socket's file gone");
+    let o = ctl(&sock, &["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains(&format!("pid={new} ")), "{}", text(&o));
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the re-created control socket must be private");
+    // And the one after that inherits it as usual.
+    let o = ctl(&sock, &["upgrade"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let by_ctl: u32 = text(&o)
+        .split_whitespace()
+        .skip_while(|w| *w != "pid")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {}", text(&o)));
+    assert!(wait_gone(new, Duration::from_secs(30)));
+    server.generations.push(by_ctl);
+
+    // Someone deletes it and plants a symlink to a file of theirs: nothing follows it, the upgrade succeeds.
+    let target = dir.path().join("victim");
+    std::fs::write(&target, "x").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::remove_file(&sock).unwrap();
+    std::os::unix::fs::symlink(&target, &sock).unwrap();
+    let newest = server
+        .upgrade()
+        .expect("upgrade with a symlink at the control socket's path");
+    assert_ne!(newest, by_ctl);
+    let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "the symlink's target was changed");
+    assert!(server
+        .log
+        .lines()
+        .iter()
+        .any(|l| pid_of(l) == newest && l.contains("no longer a socket")));
+    server.stop();
+}
