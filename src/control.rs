@@ -50,6 +50,13 @@ pub fn default_socket_path() -> Option<PathBuf> {
     Some(first.join(SOCKET_NAME))
 }
 
+/// At most this many requests are served at once; more are refused with a reason (each takes a thread).
+const MAX_CLIENTS: usize = 16;
+/// The whole request line must arrive within this (a client trickling bytes cannot hold a drain or a stop).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+/// The longest reply `request` reads.
+const MAX_REPLY: u64 = 64 * 1024;
+
 /// Serves the control socket on a thread of its own until this process is finishing.
 pub(crate) fn serve(upgrader: Upgrader, listener: UnixListener) {
     // The loop itself counts as in flight until it has ended: a request accepted in the instant before this
@@ -59,15 +66,36 @@ pub(crate) fn serve(upgrader: Upgrader, listener: UnixListener) {
     let spawned = std::thread::Builder::new()
         .name("exuvia-control".into())
         .spawn(move || {
+            let active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for conn in upgrader.incoming(listener) {
-                let Ok(conn) = conn else { continue };
+                let conn = match conn {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors (or memory): accepting again at once would spin.
+                        tracing::warn!(error = %e, "control socket: accept failed; retrying in 100 ms");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                if active.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_CLIENTS {
+                    active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    refuse(conn, "busy: too many control requests at once; try again");
+                    continue;
+                }
                 // Counted like a client connection, so that this process does not exit (after an upgrade it
                 // just ran, say) before the reply is written.
                 let guard = upgrader.track();
                 let u = upgrader.clone();
-                let _ = std::thread::Builder::new()
+                let done = Done(active.clone());
+                let spawned = std::thread::Builder::new()
                     .name("exuvia-control-conn".into())
-                    .spawn(move || handle(&u, conn, guard));
+                    .spawn(move || {
+                        let _done = done;
+                        handle(&u, conn, guard)
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "control socket: cannot start a thread for a request");
+                }
             }
             drop(loop_guard);
         });
@@ -76,12 +104,47 @@ pub(crate) fn serve(upgrader: Upgrader, listener: UnixListener) {
     }
 }
 
+/// Counts a request as served when dropped.
+struct Done(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Answers `error <why>` without reading the request (never blocks: the reply fits a socket buffer).
+fn refuse(mut conn: UnixStream, why: &str) {
+    let _ = conn.set_nonblocking(true);
+    let _ = conn.write_all(format!("error {why}\n").as_bytes());
+}
+
+/// Reads one request line of at most `MAX_REQUEST` bytes, all of it within `REQUEST_DEADLINE`.
+fn read_request(conn: &UnixStream) -> Option<String> {
+    let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 64];
+    while !line.ends_with(b"\n") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || line.len() as u64 >= MAX_REQUEST {
+            return None;
+        }
+        conn.set_read_timeout(Some(left)).ok()?;
+        let want = (MAX_REQUEST as usize - line.len()).min(byte.len());
+        match (&*conn).read(&mut byte[..want]) {
+            Ok(0) => return None,
+            Ok(n) => line.extend_from_slice(&byte[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    String::from_utf8(line).ok()
+}
+
 fn handle(upgrader: &Upgrader, mut conn: UnixStream, guard: crate::ConnectionGuard) {
     // Read the request before anything else, refusals included: closing on a client that is still writing
     // would turn the answer into a broken pipe on its side.
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut line = String::new();
-    let read = BufReader::new((&conn).take(MAX_REQUEST)).read_line(&mut line);
+    let line = read_request(&conn);
     match sys::peer_uid(conn.as_fd()) {
         Ok(uid) if uid == 0 || uid == sys::euid() => {}
         Ok(uid) => {
@@ -95,11 +158,13 @@ fn handle(upgrader: &Upgrader, mut conn: UnixStream, guard: crate::ConnectionGua
             return;
         }
     }
-    if read.is_err() || !line.ends_with('\n') {
-        let _ =
-            conn.write_all(b"error malformed request: send one line, 'exuvia-ctl/1 <command>'\n");
+    let _ = conn.set_write_timeout(Some(REQUEST_DEADLINE));
+    let Some(line) = line else {
+        let _ = conn.write_all(
+            b"error malformed request: send one line, 'exuvia-ctl/1 <command>', within 2 s\n",
+        );
         return;
-    }
+    };
     let mut words = line.split_whitespace();
     if words.next() != Some(PROTOCOL) {
         let _ = conn.write_all(
@@ -274,7 +339,8 @@ pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply> {
     // A service that refuses us may answer and close before our request is through: read what it said
     // before reporting the write error.
     let sent = conn.write_all(format!("{PROTOCOL} {command}\n").as_bytes());
-    let mut reader = BufReader::new(conn);
+    // A reply is one line; a service (or something else at that path) that sends more is cut off.
+    let mut reader = BufReader::new(conn.take(MAX_REPLY));
     let mut line = String::new();
     match (sent, reader.read_line(&mut line)) {
         (_, Ok(n)) if n > 0 => {}

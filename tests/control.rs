@@ -212,3 +212,108 @@ fn a_deleted_control_socket_is_bound_again_and_a_planted_symlink_is_never_follow
         .any(|l| pid_of(l) == newest && l.contains("no longer a socket")));
     server.stop();
 }
+
+/// Threads of a process.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn many_slow_or_silent_clients_cannot_exhaust_or_hold_the_service() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let server = Server::start(
+        &example("http_std"),
+        &[
+            "--control-socket",
+            sock.to_str().unwrap(),
+            "--drain-timeout",
+            "30",
+        ],
+    );
+    let pid = server.current();
+    let base = threads(pid);
+    // 40 clients that connect and say nothing: 16 are waited for (2 s at most), the others refused at once.
+    let mut silent: Vec<std::os::unix::net::UnixStream> = (0..40)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    let mut busy = 0;
+    let mut timed_out = 0;
+    for c in &mut silent {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        if reply.starts_with("error busy") {
+            busy += 1;
+        } else {
+            assert!(reply.contains("within 2 s"), "{reply:?}");
+            timed_out += 1;
+        }
+    }
+    eprintln!(
+        "40 silent clients: {busy} refused as busy, {timed_out} answered at their 2 s deadline"
+    );
+    assert!(busy >= 40 - 16, "only {busy} refused");
+    // Every request thread ends once its client has its answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while threads(pid) > base {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "threads left behind: {} (was {base})",
+            threads(pid)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // A client trickling its request one byte a second cannot hold a stop for the drain timeout.
+    let mut trickle = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let trickler = std::thread::spawn(move || {
+        for b in b"exuvia-ctl/1 status\n" {
+            if trickle.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let o = ctl(&sock, &["stop"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(wait_gone(pid, Duration::from_secs(10)));
+    let took = t0.elapsed();
+    eprintln!("stop with a trickling client connected: {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the trickling client held the stop: {took:?}"
+    );
+    trickler.join().unwrap();
+}
+
+#[test]
+fn the_helper_bounds_what_it_reads() {
+    // Something at the control socket's path that answers with an endless line.
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let flood = std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut c, _) = listener.accept().unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..64 {
+            if c.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let o = ctl(&sock, &["status"]);
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(out.len() < 200 * 1024, "printed {} bytes", out.len());
+    assert!(
+        !out.contains("panicked") && !out.contains("memory allocation"),
+        "{out}"
+    );
+    flood.join().unwrap();
+}
