@@ -15,6 +15,7 @@ for_each_example!(
     socket_activation_then_ten_reloads_under_load_then_stop,
     a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on,
     portable_template_with_hardening_reloads_fails_and_stops,
+    the_old_process_killed_during_a_reload_recovers_through_restart,
 );
 
 /// Installs the notify-reload templates as app.socket + app.service running `server` with `args`, with
@@ -500,4 +501,110 @@ fn verify(sd: &Systemd, unit: &Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// The first line of the service log that `pred` accepts, waiting for it.
+fn wait_log(sd: &Systemd, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = std::fs::read_to_string(sd.service_log()).unwrap_or_default();
+        if let Some(l) = log.lines().find(|l| pred(l)) {
+            return Some(l.to_string());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn the_old_process_killed_during_a_reload_recovers_through_restart(server: &str) {
+    let Some(sd) = boot("killed-in-reload") else {
+        return;
+    };
+    let fault = sd.dir.join("fault");
+    let args = format!(
+        "--init-fault {} --ready-timeout 60 --drain-timeout 10",
+        fault.display()
+    );
+    let addr = install(&sd, server, free_port(), &args, &[]);
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    let main = sd.main_pid("app.service");
+    let load = Load::start(addr, 2, 2, Duration::from_millis(3));
+    load.wait_progress(200);
+    std::fs::write(&fault, "hang").unwrap();
+    let reload = {
+        let pid = sd.pid.to_string();
+        std::thread::spawn(move || {
+            std::process::Command::new("nsenter")
+                .args(["-t", &pid, "-m", "-p", "systemctl", "reload", "app.service"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    let spawned = wait_log(&sd, Duration::from_secs(30), |l| {
+        l.contains("upgrade: child spawned")
+            && field(l, "pid").as_deref() == Some(&main.to_string())
+    })
+    .expect("the reload started no new process");
+    let child: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
+    wait_log(&sd, Duration::from_secs(30), |l| {
+        l.contains("never reporting ready")
+            && field(l, "pid").as_deref() == Some(&child.to_string())
+    })
+    .expect("the new process did not start initialising");
+    // The fault stays for the new process (it read it); the restart must start cleanly.
+    std::fs::remove_file(&fault).unwrap();
+    let t0 = Instant::now();
+    ok(
+        sd.run(&["kill", "-KILL", &main.to_string()]),
+        "kill the old process",
+        &sd,
+    );
+    // The new process must not linger as a stray holding the socket: it ends itself.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sd.run(&["kill", "-0", &child.to_string()]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "the new process {child} outlived the old one"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let child_gone = t0.elapsed();
+    // systemd restarts the service (Restart=on-failure); the socket unit held the socket meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let new = loop {
+        let pid = sd.main_pid("app.service");
+        if pid != 0
+            && pid != main
+            && pid != child
+            && served_by(addr, pid, Duration::from_millis(200))
+        {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not serving again after 30 s:\n{}",
+            sd.status_text("app.service")
+        );
+    };
+    let recovered = t0.elapsed();
+    let out = reload.join().unwrap();
+    eprintln!(
+        "old process killed during a reload: new process gone after {child_gone:?}, serving again (pid {new}) \
+         after {recovered:?}; systemctl reload exited {:?}",
+        out.status.code()
+    );
+    assert!(!out.status.success(), "the reload cannot have succeeded");
+    assert_eq!(sd.show("app.service", "ActiveState"), "active");
+    load.wait_progress(200);
+    let st = load.stop();
+    eprintln!("load: {}", st.summary());
+    // Connections the killed process held die with it; nobody is refused (systemd holds the socket).
+    assert!(
+        !st.failures.iter().any(|(k, _)| *k == FailKind::Refused),
+        "{}",
+        st.summary()
+    );
 }

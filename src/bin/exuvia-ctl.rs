@@ -78,7 +78,44 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("exuvia-ctl: {e}");
+            if matches!(command.as_deref(), Some("reload-verdict" | "upgrade")) {
+                main_process_died_during_reload();
+            }
             ExitCode::from(2)
         }
+    }
+}
+
+/// As `ExecReload=`: when the service's main process (systemd passes its pid as `$MAINPID`) died during
+/// the reload, systemd would otherwise wait for a `READY=1` nobody can send any more (it last heard
+/// `RELOADING=1`) until `TimeoutStartSec=`, with no process serving. This helper may notify (the templates'
+/// `NotifyAccess=exec`): its `READY=1` ends the reload at once, and systemd, seeing the main process gone
+/// with a failure, stops the unit and restarts it (`Restart=`), the socket unit holding clients meanwhile.
+fn main_process_died_during_reload() {
+    let Some(pid) = std::env::var("MAINPID")
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    // Gone, or a zombie systemd has not reaped yet.
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'));
+    if alive {
+        return;
+    }
+    eprintln!("exuvia-ctl: the main process {pid} died during the reload; ending the reload so that systemd restarts the service");
+    let status = format!("the main process {pid} died during the reload");
+    let sent = exuvia::Notifier::from_env().and_then(|n| match n {
+        Some(n) => n.notify(&[exuvia::State::Ready, exuvia::State::Status(&status)]),
+        None => Ok(()),
+    });
+    if let Err(e) = sent {
+        eprintln!("exuvia-ctl: cannot tell systemd ({e}); it waits for TimeoutStartSec= before it restarts the service");
     }
 }
