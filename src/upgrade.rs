@@ -992,6 +992,10 @@ impl Upgrader {
             }
             Ok((pid, sockets, ready_after, child_init))
         })();
+        if let Err(e) = &result {
+            // Before the verdict is out: once it is, a stop's drain may end this process at once.
+            tracing::info!(error = %e, "upgrade failed; this process keeps serving");
+        }
         // The next upgrade may be requested as soon as the verdict is out: clear the flag before announcing it.
         self.record_attempt_end(
             started_usec,
@@ -1022,7 +1026,6 @@ impl Upgrader {
                 })
             }
             Err(e) => {
-                tracing::info!(error = %e, "upgrade failed; this process keeps serving");
                 inner.manager.failed(&format!(
                     "upgrade failed: {e}; still serving (pid {}, generation {})",
                     std::process::id(),

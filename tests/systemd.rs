@@ -16,6 +16,7 @@ for_each_example!(
     a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on,
     portable_template_with_hardening_reloads_fails_and_stops,
     the_old_process_killed_during_a_reload_recovers_through_restart,
+    systemctl_stop_during_a_hanging_reload_is_prompt,
 );
 
 /// Installs the notify-reload templates as app.socket + app.service running `server` with `args`, with
@@ -606,5 +607,67 @@ fn the_old_process_killed_during_a_reload_recovers_through_restart(server: &str)
         !st.failures.iter().any(|(k, _)| *k == FailKind::Refused),
         "{}",
         st.summary()
+    );
+}
+
+fn systemctl_stop_during_a_hanging_reload_is_prompt(server: &str) {
+    let Some(sd) = boot("stop-in-reload") else {
+        return;
+    };
+    let fault = sd.dir.join("fault");
+    let args = format!(
+        "--init-fault {} --ready-timeout 60 --drain-timeout 10",
+        fault.display()
+    );
+    let addr = install(&sd, server, free_port(), &args, &[]);
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    let main = sd.main_pid("app.service");
+    assert!(served_by(addr, main, Duration::from_secs(5)));
+    std::fs::write(&fault, "hang").unwrap();
+    let reload = {
+        let pid = sd.pid.to_string();
+        std::thread::spawn(move || {
+            std::process::Command::new("nsenter")
+                .args(["-t", &pid, "-m", "-p", "systemctl", "reload", "app.service"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    let spawned = wait_log(&sd, Duration::from_secs(30), |l| {
+        l.contains("upgrade: child spawned")
+            && field(l, "pid").as_deref() == Some(&main.to_string())
+    })
+    .expect("the reload started no new process");
+    let child: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
+    wait_log(&sd, Duration::from_secs(30), |l| {
+        l.contains("never reporting ready")
+            && field(l, "pid").as_deref() == Some(&child.to_string())
+    })
+    .expect("the new process did not start initialising");
+    let t0 = Instant::now();
+    ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+    let took = t0.elapsed();
+    let out = reload.join().unwrap();
+    eprintln!(
+        "systemctl stop during a hanging reload: {took:?}; the reload exited {:?}",
+        out.status.code()
+    );
+    assert!(took < Duration::from_secs(5), "the stop took {took:?}");
+    assert_eq!(
+        sd.show("app.service", "ActiveState"),
+        "inactive",
+        "{}\n{}",
+        sd.status_text("app.service"),
+        std::fs::read_to_string(sd.service_log()).unwrap_or_default()
+    );
+    assert!(
+        !sd.run(&["kill", "-0", &child.to_string()]).status.success(),
+        "{child} survived"
+    );
+    let log = std::fs::read_to_string(sd.service_log()).unwrap_or_default();
+    assert!(
+        log.contains("upgrade abandoned: this process is stopping"),
+        "{log}"
     );
 }

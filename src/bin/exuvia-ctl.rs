@@ -61,6 +61,9 @@ fn main() -> ExitCode {
         Some("stop") => "stop".to_string(),
         _ => return usage(),
     };
+    if matches!(command.as_deref(), Some("reload-verdict" | "upgrade")) {
+        end_quietly_on_sigterm();
+    }
     let Some(path) = socket.or_else(exuvia::control::default_socket_path) else {
         eprintln!(
             "exuvia-ctl: no control socket: pass --socket PATH, or run under systemd with RuntimeDirectory= set"
@@ -84,6 +87,27 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// systemd stops a unit in the middle of a reload by sending SIGTERM to the reload helper; the service itself
+/// abandons its upgrade and drains. That is the stop the operator asked for, not a failure of the unit: end
+/// with status 0 so that the unit ends `inactive`, not `failed (Result: signal)`.
+fn end_quietly_on_sigterm() {
+    extern "C" fn on_term(_: libc::c_int) {
+        const MSG: &[u8] = b"exuvia-ctl: the reload was interrupted by a stop\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+        unsafe {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            libc::_exit(0)
+        }
+    }
+    // SAFETY: installs a handler that only makes async-signal-safe calls; this process has one thread here.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_term as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
 }
 
 /// As `ExecReload=`: when the service's main process (systemd passes its pid as `$MAINPID`) died during
