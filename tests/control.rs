@@ -213,10 +213,15 @@ fn a_deleted_control_socket_is_bound_again_and_a_planted_symlink_is_never_follow
     server.stop();
 }
 
-/// Threads of a process.
-fn threads(pid: u32) -> usize {
+/// Threads of a process that serve control requests (named `exuvia-control-conn`, cut to 15 bytes).
+fn control_threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "exuvia-control-")
+        })
         .count()
 }
 
@@ -235,7 +240,6 @@ fn many_slow_or_silent_clients_cannot_exhaust_or_hold_the_service() {
         ],
     );
     let pid = server.current();
-    let base = threads(pid);
     // 40 clients that connect and say nothing: 16 are waited for (2 s at most), the others refused at once.
     let mut silent: Vec<std::os::unix::net::UnixStream> = (0..40)
         .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
@@ -259,11 +263,11 @@ fn many_slow_or_silent_clients_cannot_exhaust_or_hold_the_service() {
     assert!(busy >= 40 - 16, "only {busy} refused");
     // Every request thread ends once its client has its answer.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while threads(pid) > base {
+    while control_threads(pid) > 0 {
         assert!(
             std::time::Instant::now() < deadline,
-            "threads left behind: {} (was {base})",
-            threads(pid)
+            "request threads left behind: {}",
+            control_threads(pid)
         );
         std::thread::sleep(Duration::from_millis(10));
     }
