@@ -213,3 +213,41 @@ mod tests {
         assert!(name_is_valid(&"x".repeat(255)));
     }
 }
+
+#[cfg(test)]
+mod random_inputs {
+    use super::*;
+
+    #[test]
+    fn random_listen_variables_never_panic() {
+        let mut rng = crate::fuzz::Rng::new(2);
+        let pieces = [
+            "1",
+            "2",
+            "42",
+            ":",
+            "http",
+            "-",
+            " ",
+            "\u{0}",
+            "99999999999",
+            "a:b",
+            "3",
+        ];
+        for _ in 0..crate::fuzz::iterations(50_000) {
+            let pid = rng.text(&pieces, 12);
+            let fds = rng.text(&pieces, 12);
+            let names = rng.text(&pieces, 40);
+            let r = parse(
+                Some(OsStr::new(&pid)),
+                Some(OsStr::new(&fds)),
+                Some(OsStr::new(&names)),
+                42,
+            );
+            if let Ok(Some(names)) = r {
+                assert!(names.len() <= super::MAX_LISTEN_FDS, "{fds:?}");
+                assert!(names.iter().all(|n| name_is_valid(n)), "{names:?}");
+            }
+        }
+    }
+}

@@ -18,6 +18,7 @@
 //! user (or root) may use it. The listening socket is handed over on upgrade like any other, so its path never
 //! changes hands.
 
+use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -165,23 +166,22 @@ fn handle(upgrader: &Upgrader, mut conn: UnixStream, guard: crate::ConnectionGua
         );
         return;
     };
-    let mut words = line.split_whitespace();
-    if words.next() != Some(PROTOCOL) {
-        let _ = conn.write_all(
-            format!("error unsupported protocol: this service speaks {PROTOCOL}\n").as_bytes(),
-        );
-        return;
-    }
-    let command = words.next().unwrap_or("");
-    tracing::info!(command, "control socket request");
+    let command = match Command::parse(&line) {
+        Ok(c) => c,
+        Err(why) => {
+            let _ = conn.write_all(format!("error {why}\n").as_bytes());
+            return;
+        }
+    };
+    tracing::info!(%command, "control socket request");
     let reply = match command {
-        "status" => Ok(format!(
+        Command::Status => Ok(format!(
             "pid={} generation={} in_flight={}",
             std::process::id(),
             upgrader.generation(),
             upgrader.in_flight()
         )),
-        "upgrade" => upgrader
+        Command::Upgrade => upgrader
             .upgrade()
             .map(|r| {
                 format!(
@@ -193,11 +193,8 @@ fn handle(upgrader: &Upgrader, mut conn: UnixStream, guard: crate::ConnectionGua
                 )
             })
             .map_err(|e| e.to_string()),
-        "verdict" => match words.next().and_then(|t| t.parse::<u64>().ok()) {
-            Some(t) => verdict(upgrader, t),
-            None => Err("verdict needs the helper's start time".to_string()),
-        },
-        "stop" => {
+        Command::Verdict { since_usec } => verdict(upgrader, since_usec),
+        Command::Stop => {
             let _ = conn.write_all(format!("ok stopping pid {}\n", std::process::id()).as_bytes());
             // From here the connection must not hold up the drain: it waits for this process to exit.
             drop(guard);
@@ -207,9 +204,6 @@ fn handle(upgrader: &Upgrader, mut conn: UnixStream, guard: crate::ConnectionGua
             let _ = conn.read(&mut [0u8; 1]);
             return;
         }
-        other => Err(format!(
-            "unknown command {other:?}: use status, upgrade, verdict or stop"
-        )),
     };
     let text = match reply {
         Ok(t) => format!("ok {t}\n"),
@@ -302,6 +296,71 @@ pub(crate) fn listener(upgrader: &Upgrader, path: &Path) -> Result<Option<UnixLi
     }
 }
 
+/// A request on the control socket: what `exuvia-ctl` sends and the service understands. `Display` is the
+/// wire form (`exuvia-ctl/1 verdict 123`), [`Command::parse`] reads it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Command {
+    /// `status`: pid, generation, connections in flight.
+    Status,
+    /// `upgrade`: start an upgrade now and answer with its verdict.
+    Upgrade,
+    /// `verdict <usec>`: the verdict of the upgrade a reload signal started, sent before `since_usec`
+    /// (`CLOCK_MONOTONIC`, µs: the helper's own start).
+    Verdict {
+        /// When the asking helper started.
+        since_usec: u64,
+    },
+    /// `stop`: stop gracefully; the connection stays open until the service has exited.
+    Stop,
+}
+
+impl Command {
+    /// Reads one request line (with or without its newline).
+    ///
+    /// # Errors
+    /// The reason, as the service answers it after `error `.
+    pub fn parse(line: &str) -> std::result::Result<Command, String> {
+        let mut words = line.split_whitespace();
+        if words.next() != Some(PROTOCOL) {
+            return Err(format!(
+                "unsupported protocol: this service speaks {PROTOCOL}"
+            ));
+        }
+        let command = match words.next().unwrap_or("") {
+            "status" => Command::Status,
+            "upgrade" => Command::Upgrade,
+            "verdict" => match words.next().and_then(|t| t.parse::<u64>().ok()) {
+                Some(since_usec) => Command::Verdict { since_usec },
+                None => return Err("verdict needs the helper's start time".to_string()),
+            },
+            "stop" => Command::Stop,
+            other => {
+                let other: String = other.chars().take(32).collect();
+                return Err(format!(
+                    "unknown command {other:?}: use status, upgrade, verdict or stop"
+                ));
+            }
+        };
+        match words.next() {
+            None => Ok(command),
+            Some(_) => Err(format!("{command}: too many words")),
+        }
+    }
+}
+
+impl fmt::Display for Command {
+    /// The command as the request line carries it, after the protocol word.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Status => f.write_str("status"),
+            Command::Upgrade => f.write_str("upgrade"),
+            Command::Verdict { since_usec } => write!(f, "verdict {since_usec}"),
+            Command::Stop => f.write_str("stop"),
+        }
+    }
+}
+
 /// A reply from the control socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -311,19 +370,41 @@ pub struct Reply {
     pub text: String,
 }
 
+impl Reply {
+    /// Reads one reply line: `ok <text>` or `error <text>`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Protocol`] for anything else.
+    pub fn parse(line: &str) -> Result<Reply> {
+        let line = line.trim_end();
+        let (ok, text) = match line.split_once(' ') {
+            Some(("ok", t)) => (true, t.to_string()),
+            Some(("error", t)) => (false, t.to_string()),
+            _ if line == "ok" => (true, String::new()),
+            _ => {
+                let shown: String = line.chars().take(80).collect();
+                return Err(Error::protocol(format!(
+                    "the control socket answered {shown:?}, not 'ok ...' or 'error ...'"
+                )));
+            }
+        };
+        Ok(Reply { ok, text })
+    }
+}
+
 /// Sends one request to the control socket at `path` and reads the reply. For `stop`, also waits (up to
 /// `timeout`) until the service has exited.
 ///
 /// ```no_run
 /// let path = exuvia::control::default_socket_path().expect("run under systemd with RuntimeDirectory=");
-/// let reply = exuvia::control::request(&path, "upgrade", std::time::Duration::from_secs(60))?;
+/// let reply = exuvia::control::request(&path, exuvia::control::Command::Upgrade, std::time::Duration::from_secs(60))?;
 /// if reply.ok { println!("{}", reply.text) } else { eprintln!("upgrade failed: {}", reply.text) }
 /// # Ok::<(), exuvia::Error>(())
 /// ```
 ///
 /// # Errors
 /// [`ErrorKind::Channel`] when the socket cannot be reached, or the service does not answer within `timeout`.
-pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply> {
+pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply> {
     let unreachable = |e: io::Error| {
         Error::with_io(
             ErrorKind::Channel,
@@ -354,18 +435,8 @@ pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply> {
         }
         (Ok(()), Ok(_)) => {}
     }
-    let line = line.trim_end();
-    let (ok, text) = match line.split_once(' ') {
-        Some(("ok", t)) => (true, t.to_string()),
-        Some(("error", t)) => (false, t.to_string()),
-        _ if line == "ok" => (true, String::new()),
-        _ => {
-            return Err(Error::protocol(format!(
-                "the control socket answered {line:?}, not 'ok ...' or 'error ...'"
-            )))
-        }
-    };
-    if ok && command.split_whitespace().next() == Some("stop") {
+    let Reply { ok, text } = Reply::parse(&line)?;
+    if ok && command == Command::Stop {
         // The service holds the connection until it exits.
         let mut rest = Vec::new();
         reader.read_to_end(&mut rest).map_err(|e| {
@@ -377,4 +448,62 @@ pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<Reply> {
         })?;
     }
     Ok(Reply { ok, text })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_and_bad_requests_are_explained() {
+        for c in [
+            Command::Status,
+            Command::Upgrade,
+            Command::Verdict { since_usec: 42 },
+            Command::Stop,
+        ] {
+            assert_eq!(Command::parse(&format!("{PROTOCOL} {c}\n")), Ok(c));
+        }
+        for (line, why) in [
+            ("", "unsupported protocol"),
+            ("exuvia-ctl/2 status", "unsupported protocol"),
+            ("exuvia-ctl/1", "unknown command"),
+            ("exuvia-ctl/1 frobnicate", "unknown command"),
+            ("exuvia-ctl/1 verdict", "needs the helper's start time"),
+            ("exuvia-ctl/1 verdict -1", "needs the helper's start time"),
+            ("exuvia-ctl/1 status now", "too many words"),
+        ] {
+            let e = Command::parse(line).unwrap_err();
+            assert!(e.contains(why), "{line:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn random_requests_and_replies_never_panic() {
+        let mut rng = crate::fuzz::Rng::new(0xC0);
+        for _ in 0..crate::fuzz::iterations(20_000) {
+            let line = rng.text(
+                &[
+                    "exuvia-ctl/1",
+                    "status",
+                    "verdict",
+                    "stop",
+                    "upgrade",
+                    " ",
+                    "\n",
+                    "ok",
+                    "error",
+                ],
+                80,
+            );
+            if let Err(e) = Command::parse(&line) {
+                assert!(e.len() < 200, "{e}");
+            }
+            if let Ok(r) = Reply::parse(&line) {
+                assert!(line
+                    .trim_end()
+                    .starts_with(if r.ok { "ok" } else { "error" }));
+            }
+        }
+    }
 }

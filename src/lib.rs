@@ -97,6 +97,8 @@ pub mod axum;
 pub mod control;
 mod drain;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod handover;
 #[cfg(feature = "hyper")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]

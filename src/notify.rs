@@ -85,6 +85,11 @@ impl State<'_> {
                 ErrorKind::InvalidNotification,
                 "sd_notify STATUS= must be a single line",
             )),
+            // systemd reads the datagram as a C string: whatever follows a NUL (MAINPID=, READY=1) is lost.
+            State::Status(s) if s.contains('\0') => Err(Error::new(
+                ErrorKind::InvalidNotification,
+                "sd_notify STATUS= must not contain a NUL byte (systemd would ignore the rest of the message)",
+            )),
             State::FdName(n) if !crate::activation::name_is_valid(n) => Err(Error::new(
                 ErrorKind::InvalidName,
                 format!("sd_notify FDNAME={n:?} is invalid: 1 to 255 printable ASCII characters without ':'"),
@@ -426,5 +431,32 @@ mod tests {
         let a = monotonic_usec();
         let b = monotonic_usec();
         assert!(a > 0 && b >= a);
+    }
+}
+
+#[cfg(test)]
+mod random_inputs {
+    use super::*;
+
+    #[test]
+    fn random_texts_encode_to_one_line_each_or_are_refused() {
+        let mut rng = crate::fuzz::Rng::new(3);
+        let pieces = ["serving", "\n", "\r", "=", "\u{0}", "é", " ", "STATUS", "x"];
+        for _ in 0..crate::fuzz::iterations(50_000) {
+            let status = rng.text(&pieces, 200);
+            let name = rng.text(&pieces, 40);
+            let states = [
+                State::Ready,
+                State::Status(&status),
+                State::FdName(&name),
+                State::MainPid(rng.next() as u32),
+            ];
+            if let Ok(wire) = encode(&states) {
+                assert!(wire.len() <= MAX_MESSAGE_LEN);
+                // One assignment per line, whatever the texts held.
+                assert_eq!(wire.lines().count(), states.len(), "{wire:?}");
+                assert!(!wire.contains('\0'), "{wire:?}");
+            }
+        }
     }
 }

@@ -55,7 +55,13 @@ pub(crate) fn parse_watchdog(
 fn one_line(s: &str) -> String {
     let mut line: String = s
         .chars()
-        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .map(|c| {
+            if c == '\n' || c == '\r' || c == '\0' {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect();
     if line.len() > MAX_STATUS {
         let mut end = MAX_STATUS;

@@ -54,11 +54,14 @@ fn main() -> ExitCode {
             _ => return usage(),
         }
     }
+    use exuvia::control::Command;
     let request = match command.as_deref() {
-        Some("status") => "status".to_string(),
-        Some("upgrade") => "upgrade".to_string(),
-        Some("reload-verdict") => format!("verdict {started}"),
-        Some("stop") => "stop".to_string(),
+        Some("status") => Command::Status,
+        Some("upgrade") => Command::Upgrade,
+        Some("reload-verdict") => Command::Verdict {
+            since_usec: started,
+        },
+        Some("stop") => Command::Stop,
         _ => return usage(),
     };
     if matches!(command.as_deref(), Some("reload-verdict" | "upgrade")) {
@@ -70,7 +73,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    match exuvia::control::request(&path, &request, timeout) {
+    match exuvia::control::request(&path, request, timeout) {
         Ok(r) if r.ok => {
             println!("{}", r.text);
             ExitCode::SUCCESS

@@ -387,3 +387,36 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod random_inputs {
+    use super::*;
+
+    #[test]
+    fn random_frames_never_panic_and_never_claim_more_than_they_have() {
+        let seeds: Vec<Vec<u8>> = [
+            Message::Hello {
+                parent_pid: 7,
+                generation: 3,
+                started_usec: 99,
+                state: b"state".to_vec(),
+            },
+            Message::Ready { init_usec: 5 },
+            Message::Failed("why".into()),
+            Message::Commit,
+        ]
+        .iter()
+        .map(|m| m.encode().unwrap())
+        .collect();
+        let mut rng = crate::fuzz::Rng::new(1);
+        for i in 0..crate::fuzz::iterations(100_000) {
+            let seed = &seeds[i as usize % seeds.len()];
+            let input = rng.mutate(seed, 256);
+            if let Ok(Some((m, used))) = decode(&input) {
+                assert!(used <= input.len(), "{input:?}");
+                // What decodes, encodes back to the same bytes.
+                assert_eq!(m.encode().unwrap(), &input[..used], "{input:?}");
+            }
+        }
+    }
+}
