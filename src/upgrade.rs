@@ -992,11 +992,6 @@ impl Upgrader {
             }
             Ok((pid, sockets, ready_after, child_init))
         })();
-        if let Err(e) = &result {
-            // Before the verdict is out: once it is, a stop's drain may end this process at once.
-            tracing::info!(error = %e, "upgrade failed; this process keeps serving");
-        }
-        // The next upgrade may be requested as soon as the verdict is out: clear the flag before announcing it.
         self.record_attempt_end(
             started_usec,
             result
@@ -1004,7 +999,14 @@ impl Upgrader {
                 .map(|(pid, ..)| *pid)
                 .map_err(|e| e.to_string()),
         );
+        if let Err(e) = &result {
+            // Before the in-flight flag clears: a stop's drain waits for that, then may end this process.
+            tracing::info!(error = %e, "upgrade failed; this process keeps serving");
+        }
         drop(in_flight);
+        // Wakes a drain waiting for the upgrade to end (under the lock its check holds, so it is not missed).
+        drop(lock(&inner.attempts));
+        self.announce();
         match result {
             Ok((child_pid, sockets, ready_after, child_init)) => {
                 // Everything this thread has to do happens before the wake-up: once woken, the application
@@ -1297,7 +1299,7 @@ impl Upgrader {
     fn wait_for_upgrade_to_end(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut a = lock(&self.inner.attempts);
-        while a.current.is_some() {
+        while self.inner.upgrading.load(Ordering::SeqCst) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::warn!("an upgrade is still in flight after {timeout:?}; draining anyway");

@@ -17,27 +17,39 @@ for_each_example!(
     the_new_process_is_the_oom_victim_until_it_is_committed,
     a_channel_named_among_the_sockets_is_refused_at_start,
     a_sighup_under_a_process_limit_fails_the_upgrade_and_signals_still_work,
+    memory_pressure_during_an_upgrade_costs_the_upgrade_not_the_service,
 );
 
-/// A cgroup (v1 `pids` controller) of this test's own, removed on drop after its processes are moved back.
-struct PidsCgroup {
+/// A cgroup (v1, one controller) of this test's own, removed on drop after its processes are moved back.
+struct Cgroup {
+    root: PathBuf,
     dir: PathBuf,
 }
 
-impl PidsCgroup {
-    const ROOT: &'static str = "/sys/fs/cgroup/pids";
-
+impl Cgroup {
     /// `None` (a loud skip, a failure under CI) where the controller is not there to write.
-    fn new(name: &str) -> Option<PidsCgroup> {
-        let dir = Path::new(Self::ROOT).join(format!("exuvia-test-{}-{name}", std::process::id()));
+    fn new(controller: &str, name: &str) -> Option<Cgroup> {
+        let root = Path::new("/sys/fs/cgroup").join(controller);
+        let dir = root.join(format!("exuvia-test-{}-{name}", std::process::id()));
         match std::fs::create_dir(&dir) {
-            Ok(()) => Some(PidsCgroup { dir }),
-            Err(e) if in_ci() => panic!("cannot create a pids cgroup at {}: {e}", dir.display()),
+            Ok(()) => Some(Cgroup { root, dir }),
+            Err(e) if in_ci() => panic!(
+                "cannot create a {controller} cgroup at {}: {e}",
+                dir.display()
+            ),
             Err(e) => {
-                eprintln!("SKIPPED: cannot create a pids cgroup at {} ({e}); needs root and cgroup v1 pids", dir.display());
+                eprintln!(
+                    "SKIPPED: cannot create a {controller} cgroup at {} ({e}); needs root and cgroup v1 {controller}",
+                    dir.display()
+                );
                 None
             }
         }
+    }
+
+    fn set(&self, file: &str, value: &str) {
+        std::fs::write(self.dir.join(file), value)
+            .unwrap_or_else(|e| panic!("{file} = {value}: {e}"));
     }
 
     fn add(&self, pid: u32) {
@@ -53,15 +65,15 @@ impl PidsCgroup {
     }
 
     fn limit(&self, max: &str) {
-        std::fs::write(self.dir.join("pids.max"), max).unwrap();
+        self.set("pids.max", max);
     }
 }
 
-impl Drop for PidsCgroup {
+impl Drop for Cgroup {
     fn drop(&mut self) {
         if let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) {
             for p in procs.lines() {
-                let _ = std::fs::write(Path::new(Self::ROOT).join("cgroup.procs"), p);
+                let _ = std::fs::write(self.root.join("cgroup.procs"), p);
             }
         }
         let _ = std::fs::remove_dir(&self.dir);
@@ -284,13 +296,14 @@ fn the_new_process_is_the_oom_victim_until_it_is_committed(server: &str) {
     wait_hanging(&server, child);
     assert_eq!(oom_score(child), 1000, "initialising");
     assert_eq!(oom_score(old), before, "the old process's score changed");
-    // Let it fail at the deadline-free way: a stop-less abort is a failed upgrade; make the next one succeed.
-    signal(child, libc::SIGKILL);
+    // A new process killed while it initialises is a failed upgrade; then the next one succeeds.
     let mark = server.log.len();
+    signal(child, libc::SIGKILL);
     server
         .log
         .wait_for(mark, Duration::from_secs(30), |l| {
-            l.contains("upgrade failed")
+            // Logged once the upgrade has ended (the next SIGHUP is then not refused as "in flight").
+            l.contains("upgrade on SIGHUP did not happen")
         })
         .expect("the killed new process was not reported");
     std::fs::write(&fault, "").unwrap();
@@ -325,7 +338,7 @@ fn a_channel_named_among_the_sockets_is_refused_at_start(server: &str) {
 }
 
 fn a_sighup_under_a_process_limit_fails_the_upgrade_and_signals_still_work(server: &str) {
-    let Some(cgroup) = PidsCgroup::new(server) else {
+    let Some(cgroup) = Cgroup::new("pids", server) else {
         return;
     };
     let mut server = Server::start(&example(server), &[]);
@@ -360,5 +373,44 @@ fn a_sighup_under_a_process_limit_fails_the_upgrade_and_signals_still_work(serve
         .expect("the upgrade after the limit was lifted");
     let (r, _) = get(server.addr, "/").unwrap();
     assert_eq!(r.pid, new);
+    server.stop();
+}
+
+fn memory_pressure_during_an_upgrade_costs_the_upgrade_not_the_service(server: &str) {
+    let Some(cgroup) = Cgroup::new("memory", server) else {
+        return;
+    };
+    // Each generation holds 60 MiB; the cgroup allows 100 MiB: the old one fits, not both. The program is
+    // started through a wrapper that enters the cgroup first (cgroup v1 charges memory where it is
+    // allocated), and every generation execs the same wrapper.
+    cgroup.set("memory.limit_in_bytes", &(100u64 << 20).to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("app");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho $$ > '{}'\nexec '{}' \"$@\"\n",
+            cgroup.dir.join("cgroup.procs").display(),
+            example(server).display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut server = Server::start(&wrapper, &["--ballast-mib", "60"]);
+    let old = server.current();
+    let load = Load::start(server.addr, 2, 2, Duration::from_millis(3));
+    load.wait_progress(200);
+    let e = server.upgrade().unwrap_err();
+    eprintln!("upgrade under memory pressure: {e}");
+    assert!(
+        e.contains("(SIGKILL)"),
+        "the new process was not the one killed: {e}"
+    );
+    load.wait_progress(200);
+    let st = load.stop();
+    assert!(st.failures.is_empty(), "{}", st.summary());
+    assert_eq!(st.pids, [old].into_iter().collect(), "{}", st.summary());
+    assert_eq!(zombie_state(old), Some(false), "the old process was killed");
     server.stop();
 }
