@@ -36,8 +36,6 @@ pub const PROTOCOL: &str = "exuvia-ctl/1";
 pub const SOCKET_NAME: &str = "exuvia-control.sock";
 /// The name the control socket is handed over under.
 pub(crate) const REGISTRY_NAME: &str = "exuvia-control";
-/// How far back an upgrade may have started and still answer a `verdict` request.
-const VERDICT_WINDOW_USEC: u64 = 30_000_000;
 const MAX_REQUEST: u64 = 256;
 
 /// `$RUNTIME_DIRECTORY/exuvia-control.sock`, when systemd set `RUNTIME_DIRECTORY` (`RuntimeDirectory=` in the
@@ -213,37 +211,60 @@ fn handle(upgrader: &Upgrader, mut conn: UnixStream, guard: crate::ConnectionGua
     drop(guard);
 }
 
-/// The verdict of the upgrade that the reload signal (sent before `since_usec`) started.
+/// A reload signal is sent right before systemd starts the helper: a SIGHUP received longer than this before
+/// the helper started belongs to some other trigger (`kill -HUP`, an earlier reload).
+const SIGNAL_LEAD_USEC: u64 = 2_000_000;
+/// How long after the helper started its signal may still be on its way to this process's signal thread.
+const SIGNAL_GRACE: Duration = Duration::from_secs(1);
+/// The start of an `error` reply that asks the helper to ask again (it then reaches the new process).
+pub const RETRY: &str = "retry:";
+
+/// The verdict of the upgrade that the reload signal (sent just before `since_usec`) started: each SIGHUP
+/// has its own, so a reload never reports another trigger's upgrade.
 fn verdict(upgrader: &Upgrader, since_usec: u64) -> std::result::Result<String, String> {
-    // Every SIGHUP received must have been acted on (upgrade started or refused) before we look.
-    upgrader.with_attempts(Duration::from_secs(5), |a| {
-        (a.sighup_handled >= a.sighup_received).then_some(())
-    });
+    let earliest = since_usec.saturating_sub(SIGNAL_LEAD_USEC);
+    let latest = since_usec + SIGNAL_GRACE.as_micros() as u64;
     let wait = upgrader.ready_timeout() + Duration::from_secs(30);
-    let me = std::process::id();
-    let found = upgrader.with_attempts(wait, |a| {
-        if a.current.is_some() {
-            return None; // in flight: wait for it
-        }
-        if let Some((started, v)) = &a.last {
-            if started + VERDICT_WINDOW_USEC >= since_usec {
-                return Some(match v {
-                    Ok(pid) => Ok(format!("upgraded to pid {pid}")),
-                    Err(e) => Err(e.clone()),
-                });
-            }
-        }
-        if let Some(born) = a.born_of {
-            if born + VERDICT_WINDOW_USEC >= since_usec {
-                return Some(Ok(format!("upgraded to pid {me}")));
-            }
-        }
-        Some(Err(
-            "no upgrade was started by the reload signal (is ReloadSignal= the signal the service upgrades on?)"
-                .to_string(),
-        ))
+    // The reload's SIGHUP: the last one received around the helper's start (it may still be on its way).
+    let ours = upgrader.with_attempts(SIGNAL_GRACE, |a| {
+        a.sighups
+            .iter()
+            .rev()
+            .find(|s| (earliest..=latest).contains(&s.at_usec))
+            .map(|s| s.id)
     });
-    found.unwrap_or_else(|| Err("the upgrade did not finish in time".to_string()))
+    if let Some(id) = ours {
+        return upgrader
+            .with_attempts(wait, |a| {
+                a.sighups.iter().find(|s| s.id == id).map_or(
+                    Some(Err("the record of the reload signal was lost".to_string())),
+                    |s| s.verdict.clone(),
+                )
+            })
+            .unwrap_or_else(|| Err("the upgrade did not finish in time".to_string()));
+    }
+    // Not received here. This process may be the one the reload's upgrade created (the helper reached it
+    // after the old one stopped accepting).
+    let me = std::process::id();
+    if upgrader.with_attempts(Duration::ZERO, |a| {
+        Some(a.born_of.is_some_and(|b| b >= earliest))
+    }) == Some(true)
+    {
+        return Ok(format!("upgraded to pid {me}"));
+    }
+    // Or an upgrade started another way is handing over right now, and systemd sent the signal to its new
+    // process (the main one for systemd from the handover on): once this process has handed over, the
+    // helper asks again and reaches the new one.
+    upgrader.with_attempts(wait, |a| a.current.is_none().then_some(()));
+    if matches!(upgrader.finishing(), Some(crate::Finish::Upgraded { .. })) {
+        return Err(format!(
+            "{RETRY} pid {me} has handed over; the reload signal went to the new process, ask it"
+        ));
+    }
+    Err(
+        "no upgrade was started by the reload signal (is ReloadSignal= the signal the service upgrades on?)"
+            .to_string(),
+    )
 }
 
 /// Binds (or adopts) the control socket for `upgrader` at `path`, mode 0600.
@@ -371,6 +392,12 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Whether the service asks to be asked again (a `verdict` that reached the old process after it handed
+    /// over).
+    pub fn is_retry(&self) -> bool {
+        !self.ok && self.text.starts_with(RETRY)
+    }
+
     /// Reads one reply line: `ok <text>` or `error <text>`.
     ///
     /// # Errors

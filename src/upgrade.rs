@@ -442,9 +442,27 @@ pub(crate) struct Attempts {
     /// SIGHUPs received and SIGHUPs acted upon (an upgrade started or refused).
     pub(crate) sighup_received: u64,
     pub(crate) sighup_handled: u64,
+    /// The last SIGHUPs, each with its own verdict: what a reload helper asks about.
+    pub(crate) sighups: std::collections::VecDeque<Sighup>,
+    /// A SIGHUP that arrived before this process was ready, applied once it is (its index in `sighups` is
+    /// found by `id`).
+    pub(crate) deferred: Option<u64>,
     /// Failed upgrades so far, for [`Upgrader::wait_event`].
     pub(crate) failures: u64,
 }
+
+/// One SIGHUP and what came of it.
+#[derive(Debug, Clone)]
+pub(crate) struct Sighup {
+    pub(crate) id: u64,
+    /// When it was received (`CLOCK_MONOTONIC`, µs).
+    pub(crate) at_usec: u64,
+    /// `None` while its upgrade runs (or waits for this process to be ready).
+    pub(crate) verdict: Option<std::result::Result<String, String>>,
+}
+
+/// How many SIGHUP records are kept.
+const SIGHUP_RECORDS: usize = 16;
 
 /// Something the application may want to act on, from [`Upgrader::wait_event`] (or `next_event` with Tokio).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -770,6 +788,7 @@ impl Upgrader {
         if let Some(l) = lock(&self.inner.control).take() {
             crate::control::serve(self.clone(), l);
         }
+        self.run_deferred_sighup();
         Ok(())
     }
 
@@ -1330,17 +1349,19 @@ impl Upgrader {
     /// limit, `TasksMax=`), that is a failed upgrade like any other: logged, reported to systemd and to the
     /// reload helper, and this process keeps serving and handling signals.
     pub(crate) fn upgrade_on_a_thread(&self) {
-        let run = self.sighup_received();
+        let id = self.sighup_received();
+        let me = self.clone();
         if let Err(e) = std::thread::Builder::new()
             .name("exuvia-upgrade".into())
-            .spawn(run)
+            .spawn(move || me.upgrade_for_sighup(id))
         {
-            self.upgrade_could_not_start(&e);
+            let why = self.upgrade_could_not_start(&e);
+            self.settle_sighup(id, Err(why));
         }
     }
 
-    /// Records an upgrade that could not even start a thread.
-    fn upgrade_could_not_start(&self, e: &std::io::Error) {
+    /// Records an upgrade that could not even start a thread; returns why.
+    fn upgrade_could_not_start(&self, e: &std::io::Error) -> String {
         let why = format!(
             "cannot start a thread for the upgrade (process or thread limit reached, e.g. TasksMax=): {e}"
         );
@@ -1350,21 +1371,84 @@ impl Upgrader {
             std::process::id(),
             self.inner.generation
         ));
-        self.record_attempt_end(sys::monotonic_usec(), Err(why));
+        self.record_attempt_end(sys::monotonic_usec(), Err(why.clone()));
         self.record_sighup(true);
+        why
     }
 
-    /// Records a SIGHUP and returns the blocking work it calls for: an upgrade, counted as handled once it has
-    /// started or been refused (the reload helper waits for that before it asks for a verdict).
-    pub(crate) fn sighup_received(&self) -> impl FnOnce() + Send + 'static {
+    /// Records a SIGHUP; returns its id for [`upgrade_for_sighup`](Self::upgrade_for_sighup), whose upgrade
+    /// counts it as handled once it has started or been refused (the reload helper waits for that). A SIGHUP that
+    /// arrives before this process is ready (a new process not yet committed, say: with `systemctl reload`
+    /// the signal goes to whatever systemd has as the main process) is not refused but applied once it is.
+    fn sighup_received(&self) -> u64 {
         tracing::info!("SIGHUP received");
-        self.record_sighup(false);
-        let me = self.clone();
-        move || {
-            let me2 = me.clone();
-            if let Err(e) = me.upgrade_then(move || me2.record_sighup(true)) {
-                tracing::warn!(error = %e, "upgrade on SIGHUP did not happen");
+        let id = {
+            let mut a = lock(&self.inner.attempts);
+            a.sighup_received += 1;
+            let id = a.sighup_received;
+            a.sighups.push_back(Sighup {
+                id,
+                at_usec: sys::monotonic_usec(),
+                verdict: None,
+            });
+            while a.sighups.len() > SIGHUP_RECORDS {
+                a.sighups.pop_front();
             }
+            id
+        };
+        self.announce();
+        id
+    }
+
+    /// Runs the upgrade SIGHUP `id` asked for and records its verdict (or defers it until ready).
+    fn upgrade_for_sighup(&self, id: u64) {
+        if !self.inner.ready.load(Ordering::SeqCst) && lock(&self.inner.finish).claimed.is_none() {
+            let mut a = lock(&self.inner.attempts);
+            if a.deferred.is_none() {
+                a.deferred = Some(id);
+                a.sighup_handled += 1;
+                drop(a);
+                tracing::info!("SIGHUP before this process is ready: the upgrade runs once it is");
+                self.announce();
+                return;
+            }
+        }
+        let me = self.clone();
+        let result = self.upgrade_then(move || me.record_sighup(true));
+        let verdict = match &result {
+            Ok(r) => Ok(format!("upgraded to pid {}", r.child_pid)),
+            Err(e) => Err(e.to_string()),
+        };
+        self.settle_sighup(id, verdict);
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "upgrade on SIGHUP did not happen");
+        }
+    }
+
+    /// Records the verdict of SIGHUP `id`.
+    fn settle_sighup(&self, id: u64, verdict: std::result::Result<String, String>) {
+        let mut a = lock(&self.inner.attempts);
+        if let Some(s) = a.sighups.iter_mut().find(|s| s.id == id) {
+            s.verdict = Some(verdict);
+        }
+        drop(a);
+        self.announce();
+    }
+
+    /// After `ready`: runs the upgrade a SIGHUP asked for while this process was not ready yet.
+    fn run_deferred_sighup(&self) {
+        let Some(id) = lock(&self.inner.attempts).deferred.take() else {
+            return;
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("exuvia-upgrade".into())
+            .spawn(move || me.upgrade_for_sighup(id));
+        if let Err(e) = spawned {
+            self.settle_sighup(
+                id,
+                Err(format!("cannot start a thread for the upgrade: {e}")),
+            );
         }
     }
 

@@ -18,6 +18,7 @@ for_each_example!(
     a_channel_named_among_the_sockets_is_refused_at_start,
     a_sighup_under_a_process_limit_fails_the_upgrade_and_signals_still_work,
     memory_pressure_during_an_upgrade_costs_the_upgrade_not_the_service,
+    a_sighup_to_the_new_process_before_it_is_ready_is_applied_after,
 );
 
 /// A cgroup (v1, one controller) of this test's own, removed on drop after its processes are moved back.
@@ -412,5 +413,44 @@ fn memory_pressure_during_an_upgrade_costs_the_upgrade_not_the_service(server: &
     assert!(st.failures.is_empty(), "{}", st.summary());
     assert_eq!(st.pids, [old].into_iter().collect(), "{}", st.summary());
     assert_eq!(zombie_state(old), Some(false), "the old process was killed");
+    server.stop();
+}
+
+fn a_sighup_to_the_new_process_before_it_is_ready_is_applied_after(server: &str) {
+    // With `systemctl reload`, the signal goes to whatever systemd has as the main process: from the handover
+    // on, the new process, possibly before its commit. Here sent to it while it initialises (1 s).
+    let mut server = Server::start(&example(server), &["--init-delay-ms", "1000"]);
+    let load = Load::start(server.addr, 2, 2, Duration::from_millis(3));
+    load.wait_progress(100);
+    let old = server.current();
+    let mark = server.log.len();
+    let child = start_upgrade(&server);
+    // Its handlers are installed before it initialises (as a SIGHUP must never find it without them).
+    server
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            pid_of(l) == child && l.contains(" initialising ")
+        })
+        .expect("the new process did not start initialising");
+    assert!(signal(child, libc::SIGHUP), "the new process is gone");
+    server
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            pid_of(l) == child && l.contains("the upgrade runs once it is")
+        })
+        .unwrap_or_else(|| panic!("the early SIGHUP was not deferred:\n{}", server.log.dump()));
+    // The first upgrade completes...
+    let first = server.await_verdict(old, mark).expect("the first upgrade");
+    assert_eq!(first, child);
+    // ...and the new process then runs the one its SIGHUP asked for.
+    let second = server
+        .await_verdict(child, mark)
+        .expect("the deferred upgrade");
+    assert_ne!(second, child);
+    assert!(wait_gone(old, Duration::from_secs(30)));
+    assert!(wait_gone(child, Duration::from_secs(30)));
+    load.wait_progress(100);
+    let st = load.stop();
+    assert!(st.failures.is_empty(), "{}", st.summary());
     server.stop();
 }

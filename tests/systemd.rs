@@ -17,6 +17,7 @@ for_each_example!(
     portable_template_with_hardening_reloads_fails_and_stops,
     the_old_process_killed_during_a_reload_recovers_through_restart,
     systemctl_stop_during_a_hanging_reload_is_prompt,
+    a_reload_during_an_upgrade_started_another_way_reports_its_own_verdict,
 );
 
 /// Installs the notify-reload templates as app.socket + app.service running `server` with `args`, with
@@ -670,4 +671,49 @@ fn systemctl_stop_during_a_hanging_reload_is_prompt(server: &str) {
         log.contains("upgrade abandoned: this process is stopping"),
         "{log}"
     );
+}
+
+fn a_reload_during_an_upgrade_started_another_way_reports_its_own_verdict(server: &str) {
+    let Some(sd) = boot("reload-verdicts") else {
+        return;
+    };
+    let addr = install(
+        &sd,
+        server,
+        free_port(),
+        "--init-delay-ms 1500 --drain-timeout 10",
+        &[],
+    );
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    let main = sd.main_pid("app.service");
+    assert!(served_by(addr, main, Duration::from_secs(5)));
+    // An upgrade started by hand...
+    ok(
+        sd.run(&["kill", "-HUP", &main.to_string()]),
+        "kill -HUP",
+        &sd,
+    );
+    let spawned = wait_log(&sd, Duration::from_secs(30), |l| {
+        l.contains("upgrade: child spawned")
+            && field(l, "pid").as_deref() == Some(&main.to_string())
+    })
+    .expect("kill -HUP started no upgrade");
+    let first: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
+    // ...and a reload while it runs. systemd holds the reload job until the unit is running again (the
+    // handover's READY=1), then signals the main process, which may be the new one before it has its commit;
+    // either way the reload must run an upgrade of its own and report that, not the other one's verdict.
+    let out = sd.systemctl(&["reload", "app.service"]);
+    let log = std::fs::read_to_string(sd.service_log()).unwrap_or_default();
+    eprintln!(
+        "reload during another upgrade: exit {:?}",
+        out.status.code()
+    );
+    assert!(out.status.success(), "the reload failed:\n{log}");
+    let newest = sd.main_pid("app.service");
+    assert!(
+        newest != main && newest != first,
+        "the reload reported success without an upgrade of its own (main {newest}):\n{log}"
+    );
+    assert!(served_by(addr, newest, Duration::from_secs(10)));
+    assert!(!log.contains("refused"), "{log}");
 }

@@ -235,6 +235,7 @@ pub fn builder(args: &Args) -> exuvia::Builder {
 /// Runs before ready; the old process, if any, serves meanwhile.
 pub fn initialise(upgrader: &Upgrader, args: &Args) -> Result<(), exuvia::Error> {
     if !args.init_delay.is_zero() {
+        tracing::info!(ms = args.init_delay.as_millis() as u64, "initialising");
         std::thread::sleep(args.init_delay);
     }
     if let Some(file) = &args.init_fault {

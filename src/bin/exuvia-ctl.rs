@@ -73,7 +73,16 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     };
-    match exuvia::control::request(&path, request, timeout) {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut reply = exuvia::control::request(&path, request, timeout);
+    // The old process answers "retry" once it has handed over: the reload signal went to the new one, which
+    // accepts on the same socket from now on.
+    while matches!(&reply, Ok(r) if r.is_retry()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        reply = exuvia::control::request(&path, request, left.max(Duration::from_millis(1)));
+    }
+    match reply {
         Ok(r) if r.ok => {
             println!("{}", r.text);
             ExitCode::SUCCESS
