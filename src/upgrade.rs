@@ -305,7 +305,14 @@ impl Builder {
             }),
         };
         if let Some(path) = control_path {
-            *lock(&upgrader.inner.control) = crate::control::listener(&upgrader, &path)?;
+            match crate::control::listener(&upgrader, &path) {
+                Ok(l) => *lock(&upgrader.inner.control) = l,
+                Err(e) => {
+                    // The old process waits for this one: tell it why, rather than let it see an exit status.
+                    let _ = upgrader.fail(&format!("the new process cannot start: {e}"));
+                    return Err(e);
+                }
+            }
         }
         Ok(upgrader)
     }
