@@ -324,3 +324,59 @@ fn the_helper_bounds_what_it_reads() {
     );
     flood.join().unwrap();
 }
+
+/// CPU time (user + system) a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3, utime 14, stime 15 (1-based over the whole line).
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn out_of_descriptors_the_control_socket_backs_off_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let wrapper = dir.path().join("app");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nulimit -n 48\nexec '{}' \"$@\"\n",
+            example("http_std").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = Server::start(&wrapper, &["--control-socket", sock.to_str().unwrap()]);
+    let pid = server.current();
+    // Fill its descriptor table with idle client connections.
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        match connect(server.addr) {
+            Ok(c) => clients.push(c),
+            Err(_) => break,
+        }
+    }
+    server
+        .log
+        .wait_for(0, Duration::from_secs(10), |l| {
+            l.contains("Too many open files")
+        })
+        .expect("the descriptor table never filled");
+    // A control request now waits in the backlog; the accept loop must not spin on EMFILE meanwhile.
+    let waiting = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1)); // a measurement window, not a readiness wait
+    let used = cpu_ticks(pid) - before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    eprintln!("out of descriptors: {used} ticks of CPU in 1 s ({hz} per second)");
+    assert!(used * 5 < hz, "the accept loops spin: {used} ticks in 1 s");
+    // Descriptors come back: the waiting request is served.
+    drop(clients);
+    drop(waiting);
+    let o = ctl(&sock, &["status"]);
+    assert!(o.status.success(), "{}", text(&o));
+    server.stop();
+}

@@ -19,6 +19,7 @@ for_each_example!(
     a_sighup_under_a_process_limit_fails_the_upgrade_and_signals_still_work,
     memory_pressure_during_an_upgrade_costs_the_upgrade_not_the_service,
     a_sighup_to_the_new_process_before_it_is_ready_is_applied_after,
+    running_out_of_descriptors_while_placing_them_says_so,
 );
 
 /// A cgroup (v1, one controller) of this test's own, removed on drop after its processes are moved back.
@@ -452,5 +453,34 @@ fn a_sighup_to_the_new_process_before_it_is_ready_is_applied_after(server: &str)
     load.wait_progress(100);
     let st = load.stop();
     assert!(st.failures.is_empty(), "{}", st.summary());
+    server.stop();
+}
+
+fn running_out_of_descriptors_while_placing_them_says_so(server: &str) {
+    // 20 extra listeners under a descriptor limit of 64 (soft and hard): the old process fits, but the new one
+    // also needs a second copy of each socket while it puts them in place.
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = dir.path().join("app");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nulimit -n 64\nexec '{}' \"$@\"\n",
+            example(server).display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut server = Server::start(&wrapper, &["--extra-listeners", "20"]);
+    let e = server.upgrade().unwrap_err();
+    eprintln!("placing descriptors under a limit: {e}");
+    assert!(
+        e.contains("cannot place the")
+            && e.contains("Too many open files")
+            && e.contains("LimitNOFILE="),
+        "{e}"
+    );
+    let (r, _) = get(server.addr, "/").unwrap();
+    assert_eq!(r.pid, server.current());
     server.stop();
 }
