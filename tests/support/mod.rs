@@ -1062,6 +1062,23 @@ impl Idle {
     }
 }
 
+/// Says loudly that `what` did not run and why, and records it for the summary `scripts/test` prints
+/// (`EXUVIA_SKIP_LOG`). Panics under CI instead: there every test must really run.
+pub fn skip(what: &str, why: &str) {
+    assert!(!in_ci(), "{what} cannot run in CI: {why}");
+    eprintln!("SKIPPED {what}: {why}");
+    if let Some(path) = std::env::var_os("EXUVIA_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{what}: {why}");
+        }
+    }
+}
+
 /// Whether CI demands that every test really runs.
 pub fn in_ci() -> bool {
     std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false" && v != "0")
