@@ -334,7 +334,6 @@ fn portable_template_with_hardening_reloads_fails_and_stops(server: &str) {
 
 fn install_portable(sd: &Systemd, server: &str, port: u16, args: &str) -> std::net::SocketAddr {
     let addr = install_shape(sd, Shape::Portable, server, port, args, &[]);
-    let (bin, ctl) = (example(server), env!("CARGO_BIN_EXE_exuvia-ctl"));
     sd.install_dropin("hardening.conf", "app.service");
     // The capability a background initialisation needs to return to normal priority (see hardening.conf).
     sd.install_dropin_text(
@@ -342,18 +341,6 @@ fn install_portable(sd: &Systemd, server: &str, port: u16, args: &str) -> std::n
         "zz-test-background-init.conf",
         "[Service]\nCapabilityBoundingSet=CAP_SYS_NICE\n",
     );
-    // Deployed binaries live under /usr; a test's live in the checkout, which may sit in a home directory that
-    // ProtectHome=yes hides. Relax only that, and only as far as needed: read-only.
-    if ["/root", "/home", "/run/user"]
-        .iter()
-        .any(|h| bin.starts_with(h) || Path::new(ctl).starts_with(h))
-    {
-        sd.install_dropin_text(
-            "app.service",
-            "zz-test-checkout-in-home.conf",
-            "[Service]\nProtectHome=read-only\n",
-        );
-    }
     addr
 }
 
@@ -361,11 +348,11 @@ fn install_portable(sd: &Systemd, server: &str, port: u16, args: &str) -> std::n
 #[test]
 fn systemd_analyze_verifies_the_templates() {
     let Some(sd) = boot("verify") else { return };
-    let bin = example("http_std");
-    let ctl = env!("CARGO_BIN_EXE_exuvia-ctl");
+    let bin = sd.stage(&example("http_std"));
+    let ctl = sd.stage(Path::new(env!("CARGO_BIN_EXE_exuvia-ctl")));
     let exec_start = bin.display().to_string();
-    let exec_reload = format!("{ctl} reload-verdict");
-    let exec_stop = format!("{ctl} stop");
+    let exec_reload = format!("{} reload-verdict", ctl.display());
+    let exec_stop = format!("{} stop", ctl.display());
     for (template, name) in [
         ("exuvia-app.socket", "exuvia-app.socket"),
         ("exuvia-app.service", "exuvia-app.service"),

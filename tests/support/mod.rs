@@ -353,7 +353,18 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start server");
+        // A program the test has just written (a wrapper script) may still be open for writing in a child
+        // another test thread is forking: exec then fails with ETXTBSY until that child has exec'd.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => break other.expect("start server"),
+            }
+        };
         let log = Log::collect(child.stderr.take().unwrap(), "server");
         let Some((_, line)) = log.wait_for(0, Duration::from_secs(30), |l| l.contains(" serving "))
         else {

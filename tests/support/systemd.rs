@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-
 pub struct Systemd {
     /// systemd's pid as seen from the host.
     pub pid: u32,
@@ -62,6 +61,25 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// Where each test systemd's units, logs and binaries live (see `boot`).
+const TESTS_DIR: &str = "/var/lib/exuvia-tests";
+
+/// Removes what tests of processes that no longer exist left behind (one killed mid-way cannot clean up).
+fn remove_stale(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let owner = name
+            .rsplit_once('-')
+            .and_then(|(_, p)| p.parse::<u32>().ok());
+        if owner.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Boots a private systemd for `test`, or returns `None` after saying loudly why it cannot (a failure under CI).
 pub fn boot(test: &str) -> Option<Systemd> {
     if let Some(why) = unavailable() {
@@ -75,11 +93,12 @@ pub fn boot(test: &str) -> Option<Systemd> {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     super::become_subreaper();
-    let exe = std::env::current_exe().unwrap();
-    let target = exe.ancestors().nth(3).unwrap().to_path_buf(); // target/<profile>/deps/x -> target
-    let dir = target
-        .join("systemd-tests")
-        .join(format!("{test}-{}", std::process::id()));
+    // Outside the checkout, and outside every directory the namespace or the hardened units hide (/tmp and /run
+    // are fresh tmpfs inside the namespace; PrivateTmp= hides /tmp and /var/tmp, ProtectHome= /home, /root and
+    // /run/user): a checkout may sit in any of them. Binaries under test are copied here too (`stage`).
+    let base = Path::new(TESTS_DIR);
+    remove_stale(base);
+    let dir = base.join(format!("{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("units")).unwrap();
     std::fs::write(
@@ -190,6 +209,7 @@ impl Systemd {
             Shape::NotifyReload => ("exuvia-app.service", "reload-verdict"),
             Shape::Portable => ("exuvia-app-portable.service", "upgrade"),
         };
+        let (server, ctl) = (self.stage(server), self.stage(ctl));
         let stderr = format!("StandardError=append:{}", self.service_log().display());
         self.install(
             "exuvia-app.socket",
@@ -210,6 +230,19 @@ impl Systemd {
         replace.extend_from_slice(more);
         self.install(template, "app.service", &replace, &[stderr.as_str()]);
         format!("127.0.0.1:{port}").parse().unwrap()
+    }
+
+    /// A copy of `binary` in this test's directory, which the namespace and the hardened units can see
+    /// wherever the checkout is.
+    pub fn stage(&self, binary: &Path) -> PathBuf {
+        let bin = self.dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let to = bin.join(binary.file_name().unwrap());
+        if !to.exists() {
+            std::fs::copy(binary, &to)
+                .unwrap_or_else(|e| panic!("staging {}: {e}", binary.display()));
+        }
+        to
     }
 
     /// Where the app service's stderr goes (see [`install_app`](Self::install_app)).
