@@ -358,7 +358,7 @@ impl Server {
         let mut tries = 0;
         let mut child = loop {
             match cmd.spawn() {
-                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(10));
                 }
