@@ -4,7 +4,7 @@
 //! One request per connection, one line each way:
 //!
 //! ```text
-//! -> exuvia-ctl/1 status            <- ok pid=1234 generation=3 in_flight=12
+//! -> exuvia-ctl/1 status            <- ok pid=1234 generation=3 connections=12 (tracked client connections ...)
 //! -> exuvia-ctl/1 upgrade           <- ok upgraded to pid 1240 in 104 ms (its own initialisation 100 ms, handover overhead 3 ms)  |  error child exited with status 3 ...
 //! -> exuvia-ctl/1 verdict <usec>    <- the verdict of the upgrade the reload signal started (see below)
 //! -> exuvia-ctl/1 stop              <- ok stopping pid 1240; the connection then stays open until it exits
@@ -89,8 +89,9 @@ pub(crate) fn serve(upgrader: Upgrader, listener: UnixListener) {
                 let spawned = std::thread::Builder::new()
                     .name("exuvia-control-conn".into())
                     .spawn(move || {
+                        let active = done.0.clone();
                         let _done = done;
-                        handle(&u, conn, guard)
+                        handle(&u, conn, guard, &active)
                     });
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "control socket: cannot start a thread for a request");
@@ -140,7 +141,12 @@ fn read_request(conn: &UnixStream) -> Option<String> {
     String::from_utf8(line).ok()
 }
 
-fn handle(upgrader: &Upgrader, mut conn: UnixStream, guard: crate::ConnectionGuard) {
+fn handle(
+    upgrader: &Upgrader,
+    mut conn: UnixStream,
+    guard: crate::ConnectionGuard,
+    control_requests: &std::sync::atomic::AtomicUsize,
+) {
     // Read the request before anything else, refusals included: closing on a client that is still writing
     // would turn the answer into a broken pipe on its side.
     let line = read_request(&conn);
@@ -173,12 +179,18 @@ fn handle(upgrader: &Upgrader, mut conn: UnixStream, guard: crate::ConnectionGua
     };
     tracing::info!(%command, "control socket request");
     let reply = match command {
-        Command::Status => Ok(format!(
-            "pid={} generation={} in_flight={}",
-            std::process::id(),
-            upgrader.generation(),
-            upgrader.in_flight()
-        )),
+        Command::Status => {
+            // The drain also counts the control socket's own loop and requests (this one included): leave
+            // them out of what an operator calls in flight.
+            let control = control_requests.load(std::sync::atomic::Ordering::Acquire) + 1;
+            Ok(format!(
+                "pid={} generation={} connections={} (tracked client connections open now; control requests \
+                 not counted)",
+                std::process::id(),
+                upgrader.generation(),
+                upgrader.in_flight().saturating_sub(control)
+            ))
+        }
         Command::Upgrade => upgrader
             .upgrade()
             .map(|r| {

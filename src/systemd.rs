@@ -97,6 +97,11 @@ impl Manager {
     }
 
     /// The watchdog interval, if this process must feed one.
+    /// Whether there is a service manager to tell anything.
+    pub(crate) fn enabled(&self) -> bool {
+        self.notifier.is_some()
+    }
+
     pub(crate) fn watchdog(&self) -> Option<Duration> {
         self.watchdog.filter(|_| self.notifier.is_some())
     }

@@ -778,11 +778,13 @@ impl Upgrader {
                 "reporting ready to the old process"
             );
             // The old process tells systemd (MAINPID, READY) before it confirms: nothing to send here.
+            let parent_pid = link.parent_pid;
             link.ready(COMMIT_TIMEOUT)?;
             tracing::info!(
                 generation = self.inner.generation,
                 "handover confirmed; this process is now the main one"
             );
+            self.status_once_gone(parent_pid);
         } else {
             self.inner.manager.ready(&format!(
                 "serving (pid {}, generation {})",
@@ -797,6 +799,33 @@ impl Upgrader {
         }
         self.run_deferred_sighup();
         Ok(())
+    }
+
+    /// The old process said "pid P draining" in `STATUS=` at the handover: say what is true once it has exited.
+    fn status_once_gone(&self, old_pid: u32) {
+        if !self.inner.manager.enabled() {
+            return;
+        }
+        let Ok(pidfd) = sys::pidfd_open(old_pid as libc::pid_t) else {
+            return; // gone already, or not ours to watch: the status names only this process then
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("exuvia-old-watch".into())
+            .spawn(move || {
+                let mut set = sys::PollSet::new();
+                set.add(pidfd.as_fd(), libc::POLLIN);
+                if set.wait(None).unwrap_or(false) && me.finishing().is_none() {
+                    me.inner.manager.status(&format!(
+                        "serving (pid {}, generation {})",
+                        std::process::id(),
+                        me.inner.generation
+                    ));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "cannot watch the old process for the status line");
+        }
     }
 
     /// Feeds the systemd watchdog every half interval while this process is the main one.
@@ -1256,12 +1285,22 @@ impl Upgrader {
                 .status(&format!("stopping: draining {open} connections"));
         }
         let report = self.inner.tracker.drain(self.inner.drain_timeout);
-        tracing::info!(
-            drained = report.drained,
-            left = report.left,
-            took_ms = report.took.as_millis() as u64,
-            "drain finished; exiting"
-        );
+        if report.left > 0 {
+            tracing::warn!(
+                drained = report.drained,
+                left = report.left,
+                took_ms = report.took.as_millis() as u64,
+                "drain finished at its deadline with connections still open; they end with this process \
+                 (raise the drain timeout if they were busy)"
+            );
+        } else {
+            tracing::info!(
+                drained = report.drained,
+                left = report.left,
+                took_ms = report.took.as_millis() as u64,
+                "drain finished; exiting"
+            );
+        }
         report
     }
 

@@ -46,8 +46,12 @@ fn upgrade_verdicts_status_and_stop_through_the_helper() {
 
     let o = ctl(&sock, &["status"]);
     assert!(o.status.success(), "{}", text(&o));
+    // Idle: no connection in flight (the control request itself is not one).
     assert!(
-        text(&o).contains(&format!("pid={} generation=0", server.current())),
+        text(&o).contains(&format!(
+            "pid={} generation=0 connections=0 ",
+            server.current()
+        )),
         "{}",
         text(&o)
     );

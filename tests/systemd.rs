@@ -132,6 +132,17 @@ fn socket_activation_then_ten_reloads_under_load_then_stop(server: &str) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The status line says what is true: the serving pid, no old one draining once it is gone.
+    let expected = format!("serving (pid {last}, generation 10)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sd.show("app.service", "StatusText") != expected {
+        assert!(
+            Instant::now() < deadline,
+            "StatusText = {:?}, expected {expected:?}",
+            sd.show("app.service", "StatusText")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // Stop: drain and end inactive, not failed.
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
