@@ -24,6 +24,11 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Why the real-systemd tests cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
+    unavailable_with(Path::new("systemctl"))
+}
+
+/// [`unavailable`], asking `systemctl` (a path, or a name looked up in `PATH`) for the version.
+pub fn unavailable_with(systemctl: &Path) -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root (booting systemd in a namespace needs root)".into());
@@ -47,7 +52,7 @@ pub fn unavailable() -> Option<String> {
             return Some(format!("{tool} not found"));
         }
     }
-    let v = Command::new("systemctl").arg("--version").output().ok()?;
+    let v = Command::new(systemctl).arg("--version").output().ok()?;
     let version: u32 = String::from_utf8_lossy(&v.stdout)
         .split_whitespace()
         .nth(1)
