@@ -113,8 +113,10 @@ pub fn boot(test: &str) -> Option<Systemd> {
     .unwrap();
     let console = dir.join("console.log");
     std::fs::write(&console, "").unwrap();
+    let boot_log = dir.join("boot.log");
     let script = format!(
-        "set -e\n\
+        "exec 2>>'{boot_log}'\n\
+         set -ex\n\
          mount --make-rprivate /\n\
          mount -t tmpfs tmpfs /run\n\
          mount -t tmpfs tmpfs /tmp\n\
@@ -124,6 +126,7 @@ pub fn boot(test: &str) -> Option<Systemd> {
          --log-level=${{EXUVIA_SYSTEMD_LOG_LEVEL:-info}} --unit=test.target >>'{console}' 2>&1\n",
         console = console.display(),
         units = dir.join("units").display(),
+        boot_log = boot_log.display(),
     );
     let child = Command::new("unshare")
         .args([
@@ -159,11 +162,19 @@ pub fn boot(test: &str) -> Option<Systemd> {
                 break p;
             }
         }
-        assert!(
-            Instant::now() < deadline,
-            "systemd did not start; console:\n{}",
-            std::fs::read_to_string(&console).unwrap_or_default()
-        );
+        // The boot script ended (a mount refused, systemd failed to execute): say why at once.
+        let ended = super::zombie_state(unshare_pid) != Some(false);
+        if ended || Instant::now() >= deadline {
+            super::signal(unshare_pid, libc::SIGKILL);
+            super::wait_gone(unshare_pid, Duration::from_secs(5));
+            panic!(
+                "systemd did not start ({}): the boot script (unshare --pid --fork --mount --mount-proc \
+                 --kill-child sh -c ...) traced:\n{}\n--- console ---\n{}",
+                if ended { "the boot script ended" } else { "not up after 20 s" },
+                std::fs::read_to_string(&boot_log).unwrap_or_default(),
+                std::fs::read_to_string(&console).unwrap_or_default()
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     };
     let sd = Systemd {
