@@ -1362,20 +1362,11 @@ impl Upgrader {
 
     /// Waits (at most `timeout`) until no upgrade is in flight.
     fn wait_for_upgrade_to_end(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut a = lock(&self.inner.attempts);
-        while self.inner.upgrading.load(Ordering::SeqCst) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                tracing::warn!("an upgrade is still in flight after {timeout:?}; draining anyway");
-                return;
-            }
-            a = self
-                .inner
-                .attempts_changed
-                .wait_timeout(a, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+        let ended = self.with_attempts(timeout, |_| {
+            (!self.inner.upgrading.load(Ordering::SeqCst)).then_some(())
+        });
+        if ended.is_none() {
+            tracing::warn!("an upgrade is still in flight after {timeout:?}; draining anyway");
         }
     }
 

@@ -518,20 +518,26 @@ fn wait_log(sd: &Systemd, timeout: Duration, pred: impl Fn(&str) -> bool) -> Opt
     }
 }
 
-fn the_old_process_killed_during_a_reload_recovers_through_restart(server: &str) {
-    let Some(sd) = boot("killed-in-reload") else {
-        return;
-    };
+/// A running app whose next generation hangs in its initialisation, and a `systemctl reload` blocked on it:
+/// (address, old main pid, the hanging new process, the reload's thread).
+fn start_hanging_reload(
+    sd: &Systemd,
+    server: &str,
+) -> (
+    std::net::SocketAddr,
+    u32,
+    u32,
+    std::thread::JoinHandle<std::process::Output>,
+) {
     let fault = sd.dir.join("fault");
     let args = format!(
         "--init-fault {} --ready-timeout 60 --drain-timeout 10",
         fault.display()
     );
-    let addr = install(&sd, server, free_port(), &args, &[]);
-    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    let addr = install(sd, server, free_port(), &args, &[]);
+    ok(sd.systemctl(&["start", "app.service"]), "start", sd);
     let main = sd.main_pid("app.service");
-    let load = Load::start(addr, 2, 2, Duration::from_millis(3));
-    load.wait_progress(200);
+    assert!(served_by(addr, main, Duration::from_secs(5)));
     std::fs::write(&fault, "hang").unwrap();
     let reload = {
         let pid = sd.pid.to_string();
@@ -543,19 +549,29 @@ fn the_old_process_killed_during_a_reload_recovers_through_restart(server: &str)
                 .unwrap()
         })
     };
-    let spawned = wait_log(&sd, Duration::from_secs(30), |l| {
+    let spawned = wait_log(sd, Duration::from_secs(30), |l| {
         l.contains("upgrade: child spawned")
             && field(l, "pid").as_deref() == Some(&main.to_string())
     })
     .expect("the reload started no new process");
     let child: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
-    wait_log(&sd, Duration::from_secs(30), |l| {
+    wait_log(sd, Duration::from_secs(30), |l| {
         l.contains("never reporting ready")
             && field(l, "pid").as_deref() == Some(&child.to_string())
     })
     .expect("the new process did not start initialising");
-    // The fault stays for the new process (it read it); the restart must start cleanly.
+    // The fault stays for the new process (it read it); a restart must start cleanly.
     std::fs::remove_file(&fault).unwrap();
+    (addr, main, child, reload)
+}
+
+fn the_old_process_killed_during_a_reload_recovers_through_restart(server: &str) {
+    let Some(sd) = boot("killed-in-reload") else {
+        return;
+    };
+    let (addr, main, child, reload) = start_hanging_reload(&sd, server);
+    let load = Load::start(addr, 2, 2, Duration::from_millis(3));
+    load.wait_progress(200);
     let t0 = Instant::now();
     ok(
         sd.run(&["kill", "-KILL", &main.to_string()]),
@@ -613,37 +629,7 @@ fn systemctl_stop_during_a_hanging_reload_is_prompt(server: &str) {
     let Some(sd) = boot("stop-in-reload") else {
         return;
     };
-    let fault = sd.dir.join("fault");
-    let args = format!(
-        "--init-fault {} --ready-timeout 60 --drain-timeout 10",
-        fault.display()
-    );
-    let addr = install(&sd, server, free_port(), &args, &[]);
-    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
-    let main = sd.main_pid("app.service");
-    assert!(served_by(addr, main, Duration::from_secs(5)));
-    std::fs::write(&fault, "hang").unwrap();
-    let reload = {
-        let pid = sd.pid.to_string();
-        std::thread::spawn(move || {
-            std::process::Command::new("nsenter")
-                .args(["-t", &pid, "-m", "-p", "systemctl", "reload", "app.service"])
-                .stdin(std::process::Stdio::null())
-                .output()
-                .unwrap()
-        })
-    };
-    let spawned = wait_log(&sd, Duration::from_secs(30), |l| {
-        l.contains("upgrade: child spawned")
-            && field(l, "pid").as_deref() == Some(&main.to_string())
-    })
-    .expect("the reload started no new process");
-    let child: u32 = field(&spawned, "child_pid").unwrap().parse().unwrap();
-    wait_log(&sd, Duration::from_secs(30), |l| {
-        l.contains("never reporting ready")
-            && field(l, "pid").as_deref() == Some(&child.to_string())
-    })
-    .expect("the new process did not start initialising");
+    let (_addr, _main, child, reload) = start_hanging_reload(&sd, server);
     let t0 = Instant::now();
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
     let took = t0.elapsed();
