@@ -231,20 +231,27 @@ const SIGNAL_GRACE: Duration = Duration::from_secs(1);
 /// The start of an `error` reply that asks the helper to ask again (it then reaches the new process).
 pub const RETRY: &str = "retry:";
 
+/// Which recorded SIGHUP is the reload's, for a helper that started at `since_usec`: the last one received
+/// from `SIGNAL_LEAD_USEC` before to `SIGNAL_GRACE` after it, and not before this process handed over (systemd
+/// signals the new main process from then on).
+fn reload_sighup(a: &crate::upgrade::Attempts, since_usec: u64) -> Option<u64> {
+    let earliest = since_usec.saturating_sub(SIGNAL_LEAD_USEC);
+    let latest = since_usec + SIGNAL_GRACE.as_micros() as u64;
+    let floor = a.handed_over_usec.filter(|h| *h <= since_usec).unwrap_or(0);
+    a.sighups
+        .iter()
+        .rev()
+        .find(|s| s.at_usec >= earliest.max(floor) && s.at_usec <= latest)
+        .map(|s| s.id)
+}
+
 /// The verdict of the upgrade that the reload signal (sent just before `since_usec`) started: each SIGHUP
 /// has its own, so a reload never reports another trigger's upgrade.
 fn verdict(upgrader: &Upgrader, since_usec: u64) -> std::result::Result<String, String> {
     let earliest = since_usec.saturating_sub(SIGNAL_LEAD_USEC);
-    let latest = since_usec + SIGNAL_GRACE.as_micros() as u64;
     let wait = upgrader.ready_timeout() + Duration::from_secs(30);
     // The reload's SIGHUP: the last one received around the helper's start (it may still be on its way).
-    let ours = upgrader.with_attempts(SIGNAL_GRACE, |a| {
-        a.sighups
-            .iter()
-            .rev()
-            .find(|s| (earliest..=latest).contains(&s.at_usec))
-            .map(|s| s.id)
-    });
+    let ours = upgrader.with_attempts(SIGNAL_GRACE, |a| reload_sighup(a, since_usec));
     if let Some(id) = ours {
         return upgrader
             .with_attempts(wait, |a| {
@@ -515,6 +522,34 @@ mod tests {
             let e = Command::parse(line).unwrap_err();
             assert!(e.contains(why), "{line:?}: {e}");
         }
+    }
+
+    #[test]
+    fn the_reload_signal_is_the_one_received_around_the_helper_start_and_after_any_handover() {
+        use crate::upgrade::{Attempts, Sighup};
+        let at = |id: u64, at_usec: u64| Sighup {
+            id,
+            at_usec,
+            verdict: None,
+        };
+        let mut a = Attempts::default();
+        a.sighups.push_back(at(1, 10_000_000));
+        // The helper started 3 ms after the signal; or 0.5 s before it reached the signal thread.
+        assert_eq!(reload_sighup(&a, 10_003_000), Some(1));
+        assert_eq!(reload_sighup(&a, 9_500_000), Some(1));
+        // A signal 2.5 s before the helper is someone else's; one 3 s after it too.
+        assert_eq!(reload_sighup(&a, 12_500_000), None);
+        assert_eq!(reload_sighup(&a, 7_000_000), None);
+        // Two signals: the later one is the reload's.
+        a.sighups.push_back(at(2, 11_000_000));
+        assert_eq!(reload_sighup(&a, 11_002_000), Some(2));
+        // An upgrade by kill -HUP (signal 1) handed over at 11.5 s; the reload queued behind it was signalled
+        // to the new process: this one must not answer with signal 1 or 2.
+        a.handed_over_usec = Some(11_500_000);
+        assert_eq!(reload_sighup(&a, 11_510_000), None);
+        // A handover after the helper started changes nothing for it.
+        a.handed_over_usec = Some(12_000_000);
+        assert_eq!(reload_sighup(&a, 11_002_000), Some(2));
     }
 
     #[test]

@@ -454,6 +454,9 @@ pub(crate) struct Attempts {
     /// A SIGHUP that arrived before this process was ready, applied once it is (its index in `sighups` is
     /// found by `id`).
     pub(crate) deferred: Option<u64>,
+    /// When this process last told systemd that the main process is now another one (`MAINPID=`): signals
+    /// systemd sends after that go there, so no SIGHUP received here before it answers a later reload.
+    pub(crate) handed_over_usec: Option<u64>,
     /// Failed upgrades so far, for [`Upgrader::wait_event`].
     pub(crate) failures: u64,
 }
@@ -1034,6 +1037,7 @@ impl Upgrader {
                         "child exited right after reporting ready",
                     ));
                 }
+                lock(&inner.attempts).handed_over_usec = Some(sys::monotonic_usec());
                 inner.manager.hand_over(
                     pid,
                     &format!(
