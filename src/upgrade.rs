@@ -291,6 +291,7 @@ impl Builder {
                 stop_read,
                 stop_write: Mutex::new(Some(stop_write)),
                 finishing_flag: Arc::new(AtomicBool::new(false)),
+                published: std::sync::OnceLock::new(),
                 tracker: Tracker::default(),
                 signals: AtomicBool::new(false),
                 manager,
@@ -393,6 +394,11 @@ fn check_no_overlap(sockets: usize, channel_fd: Option<std::os::fd::RawFd>) -> R
 struct FinishState {
     claimed: Option<Finish>,
     published: bool,
+    /// An upgrade is committing (telling systemd and the new process) with the lock released.
+    committing: bool,
+    /// A stop that arrived while committing: applied if the commit fails (if it succeeds, this process is
+    /// finishing anyway).
+    stop_while_committing: Option<StopCause>,
 }
 
 impl FinishState {
@@ -423,6 +429,8 @@ struct Inner {
     stop_write: Mutex<Option<OwnedFd>>,
     /// True once the finish is published: read without a lock on hot paths (each HTTP response).
     finishing_flag: Arc<AtomicBool>,
+    /// The published finish, read without a lock by [`Upgrader::finishing`].
+    published: std::sync::OnceLock<Finish>,
     tracker: Tracker,
     signals: AtomicBool,
     manager: Manager,
@@ -497,7 +505,7 @@ impl fmt::Debug for Upgrader {
         f.debug_struct("Upgrader")
             .field("program", &self.inner.program)
             .field("generation", &self.inner.generation)
-            .field("finish", &lock(&self.inner.finish).visible())
+            .field("finish", &self.finishing())
             .finish_non_exhaustive()
     }
 }
@@ -1022,13 +1030,18 @@ impl Upgrader {
                 overhead_us = micros(ready_after.saturating_sub(child_init)),
                 "upgrade: child ready; handing over"
             );
-            // Nobody may finish this process between the child's ready and the commit: claim the finish first.
+            // Nobody may finish this process between the child's ready and the commit: mark the commit under
+            // the lock, then tell systemd and the child without it (the barrier can take seconds, and every
+            // reader of the lifecycle must not wait for it), then record the outcome under it again.
             {
                 let mut finish = lock(&inner.finish);
                 if let Some(f) = finish.claimed {
                     child.abort();
                     return Err(finishing_error(f));
                 }
+                finish.committing = true;
+            }
+            let committed = (|| {
                 // systemd first (the main pid moves while this process still accepts), then the child.
                 if child.has_exited() {
                     drop(child);
@@ -1046,8 +1059,26 @@ impl Upgrader {
                         std::process::id()
                     ),
                 );
-                let child_pid = child.commit()?;
-                finish.claimed = Some(Finish::Upgraded { child_pid });
+                child.commit()
+            })();
+            let stop_meanwhile = {
+                let mut finish = lock(&inner.finish);
+                finish.committing = false;
+                let stop = finish.stop_while_committing.take();
+                if let Ok(child_pid) = committed {
+                    finish.claimed = Some(Finish::Upgraded { child_pid });
+                    if stop.is_some() {
+                        tracing::info!("stop requested during the handover; this process hands over and drains");
+                    }
+                }
+                stop
+            };
+            if let Err(e) = committed {
+                if let Some(by) = stop_meanwhile {
+                    // The stop that arrived during the commit applies now that there is no handover.
+                    self.shutdown_by(by);
+                }
+                return Err(e);
             }
             Ok((pid, sockets, ready_after, child_init))
         })();
@@ -1106,11 +1137,14 @@ impl Upgrader {
     pub(crate) fn shutdown_by(&self, by: StopCause) {
         let first = {
             let mut finish = lock(&self.inner.finish);
-            if finish.claimed.is_none() {
+            if finish.claimed.is_some() {
+                false
+            } else if finish.committing {
+                finish.stop_while_committing.get_or_insert(by);
+                false
+            } else {
                 finish.claimed = Some(Finish::Stopped { by });
                 true
-            } else {
-                false
             }
         };
         if first {
@@ -1124,7 +1158,13 @@ impl Upgrader {
 
     /// Publishes the claimed finish and wakes everyone waiting for it.
     fn after_finish(&self) {
-        lock(&self.inner.finish).published = true;
+        {
+            let mut finish = lock(&self.inner.finish);
+            if let Some(f) = finish.claimed {
+                let _ = self.inner.published.set(f);
+            }
+            finish.published = true;
+        }
         self.inner.finishing_flag.store(true, Ordering::Release);
         // Closing the write end makes the read end readable forever: every accept loop wakes and ends.
         lock(&self.inner.stop_write).take();
@@ -1215,9 +1255,9 @@ impl Upgrader {
         self.inner.finishing_flag.clone()
     }
 
-    /// Whether this process is finishing, and why.
+    /// Whether this process is finishing, and why. Never blocks (it is meant for every request).
     pub fn finishing(&self) -> Option<Finish> {
-        lock(&self.inner.finish).visible()
+        self.inner.published.get().copied()
     }
 
     /// ```no_run
