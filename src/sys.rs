@@ -1064,23 +1064,9 @@ unsafe fn write_decimal(dst: *mut u8, mut v: u32) {
 
 static SIGNAL_PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 
-extern "C" fn on_signal(sig: libc::c_int) {
-    // SAFETY: only async-signal-safe calls; errno is saved and restored so the interrupted code is unaffected.
-    unsafe {
-        let errno = *libc::__errno_location();
-        let fd = SIGNAL_PIPE_WRITE.load(Ordering::Relaxed);
-        if fd >= 0 {
-            let b = sig as u8;
-            // A full pipe drops the byte: the reader is already behind on signals of this kind, and upgrades
-            // coalesce anyway.
-            libc::write(fd, (&b as *const u8).cast(), 1);
-        }
-        *libc::__errno_location() = errno;
-    }
-}
-
 /// Installs a handler for each of `signals` that writes the signal number as one byte into a self-pipe, and
-/// returns the read end. Works whatever threads exist and whatever their signal masks.
+/// returns the read end. Works whatever threads exist and whatever their signal masks; handlers installed
+/// before keep running (they are chained).
 pub(crate) fn signal_pipe(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
     let (read_end, write_end) = pipe()?;
     set_nonblocking(write_end.as_fd(), true)?;
@@ -1097,14 +1083,21 @@ pub(crate) fn signal_pipe(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
         ));
     }
     for &sig in signals {
-        // SAFETY: sigaction with a zeroed struct filled in; the handler is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            cvt(libc::sigaction(sig, &sa, std::ptr::null_mut()))?;
-        }
+        let byte = sig as u8;
+        // Through signal-hook-registry, which chains: a handler installed before (by the application, the
+        // ctrlc crate, tokio::signal) still runs, and Tokio's own registrations coexist with this one.
+        // SAFETY: the action only calls write(2), which is async-signal-safe, on a descriptor kept open for
+        // the life of the process (it is never closed once stored above), and restores errno.
+        let registered = unsafe {
+            signal_hook_registry::register(sig, move || {
+                let errno = *libc::__errno_location();
+                // A full pipe drops the byte: the reader is already behind on signals of this kind, and
+                // upgrades coalesce anyway.
+                libc::write(write_raw, (&byte as *const u8).cast(), 1);
+                *libc::__errno_location() = errno;
+            })
+        };
+        registered?;
     }
     Ok(read_end)
 }
