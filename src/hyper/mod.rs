@@ -84,8 +84,8 @@
 //!
 //! - A request that arrives on an idle HTTP/1 connection at the very moment of the drain deadline is lost
 //!   with the connection: set the deadline well above your clients' idle intervals.
-//! - The service is a tower `Service`; wrap a hyper `service_fn` with `tower::service_fn` or hyper-util's
-//!   `HyperToTowerService`... or use axum, which is one.
+//! - The service is a tower `Service` (axum's `Router` and tonic's servers are). A hyper `service_fn` becomes
+//!   one through hyper-util's `service::HyperToTowerService`.
 
 mod connection;
 mod headers;
