@@ -84,8 +84,9 @@
 //!
 //! - A request that arrives on an idle HTTP/1 connection at the very moment of the drain deadline is lost
 //!   with the connection: set the deadline well above your clients' idle intervals.
-//! - The service is a tower `Service` (axum's `Router` and tonic's servers are). A hyper `service_fn` becomes
-//!   one through hyper-util's `service::HyperToTowerService`.
+//! - The service is a tower `Service` (axum's `Router` and tonic's servers are). A plain function becomes one
+//!   with `tower::service_fn` (crate `tower`, feature `util`), not hyper's `service_fn`, which makes a hyper
+//!   service.
 
 mod connection;
 mod headers;
