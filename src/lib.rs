@@ -77,6 +77,8 @@
 //!
 //! - Build the [`Upgrader`] before starting threads. It removes the fd-passing variables from the
 //!   environment, which is only sound while the process has one thread; later, it leaves them in place.
+//!   Either way the inherited descriptors are adopted once per process: a second `build()` that would adopt
+//!   them again fails with [`ErrorKind::AlreadyTaken`] (build one `Upgrader` and clone it).
 //! - Do not set SIGCHLD to `SIG_IGN`: the upgrader reaps the processes it starts.
 //! - `O_NONBLOCK` belongs to the kernel socket, shared by the old and new process. [`Incoming`] and the
 //!   Tokio layer put it in non-blocking mode (a blocking `accept` that lost a connection to the other

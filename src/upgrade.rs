@@ -200,6 +200,8 @@ impl Builder {
     /// # Errors
     /// [`ErrorKind::Environment`] when `LISTEN_*` or the handover variables are malformed or name fds that are
     /// not open; [`ErrorKind::Protocol`]/[`ErrorKind::Channel`] when the old process cannot be understood.
+    /// [`ErrorKind::AlreadyTaken`] when an earlier `build()` in this process already adopted the inherited
+    /// descriptors (they are adopted once per process; build one `Upgrader` and clone it).
     /// A process that fails here should exit: its parent notices and keeps serving.
     pub fn build(self) -> Result<Upgrader> {
         let my_pid = std::process::id();
@@ -228,6 +230,18 @@ impl Builder {
             my_pid,
         )?;
         check_no_overlap(listen_names.as_deref().map_or(0, |n| n.len()), channel_fd)?;
+        if listen_names.is_some() || channel_fd.is_some() {
+            // The variables stay in the environment when threads already run (removing them then is unsound):
+            // a second build() would adopt the same descriptors again, two owners of one fd.
+            static ADOPTED: AtomicBool = AtomicBool::new(false);
+            if ADOPTED.swap(true, Ordering::SeqCst) {
+                return Err(Error::new(
+                    ErrorKind::AlreadyTaken,
+                    "the descriptors this process inherited (LISTEN_FDS, the handover channel) were already \
+                     adopted by an earlier Upgrader::build(); build one Upgrader per process and clone it",
+                ));
+            }
+        }
         let restore_nice = match channel_fd {
             Some(_) => {
                 handover::child::parse_nice(std::env::var_os(handover::VAR_NICE).as_deref())?
