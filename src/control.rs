@@ -250,26 +250,35 @@ fn reload_sighup(a: &crate::upgrade::Attempts, since_usec: u64) -> Option<u64> {
 fn verdict(upgrader: &Upgrader, since_usec: u64) -> std::result::Result<String, String> {
     let earliest = since_usec.saturating_sub(SIGNAL_LEAD_USEC);
     let wait = upgrader.ready_timeout() + Duration::from_secs(30);
-    // The reload's SIGHUP: the last one received around the helper's start (it may still be on its way).
-    let ours = upgrader.with_attempts(SIGNAL_GRACE, |a| reload_sighup(a, since_usec));
-    if let Some(id) = ours {
-        return upgrader
+    let me = std::process::id();
+    let verdict_of = |id: u64| {
+        upgrader
             .with_attempts(wait, |a| {
                 a.sighups.iter().find(|s| s.id == id).map_or(
                     Some(Err("the record of the reload signal was lost".to_string())),
                     |s| s.verdict.clone(),
                 )
             })
-            .unwrap_or_else(|| Err("the upgrade did not finish in time".to_string()));
+            .unwrap_or_else(|| Err("the upgrade did not finish in time".to_string()))
+    };
+    // The reload's SIGHUP: the last one received around the helper's start.
+    if let Some(id) = upgrader
+        .with_attempts(Duration::ZERO, |a| Some(reload_sighup(a, since_usec)))
+        .flatten()
+    {
+        return verdict_of(id);
     }
-    // Not received here. This process may be the one the reload's upgrade created (the helper reached it
-    // after the old one stopped accepting).
-    let me = std::process::id();
+    // Not received here. This process may be the one the reload's upgrade created: the helper reached it
+    // after the old one stopped accepting (the usual case once the upgrade is fast). Answered at once.
     if upgrader.with_attempts(Duration::ZERO, |a| {
         Some(a.born_of.is_some_and(|b| b >= earliest))
     }) == Some(true)
     {
         return Ok(format!("upgraded to pid {me}"));
+    }
+    // The signal may still be on its way to this process's signal thread.
+    if let Some(id) = upgrader.with_attempts(SIGNAL_GRACE, |a| reload_sighup(a, since_usec)) {
+        return verdict_of(id);
     }
     // Or an upgrade started another way is handing over right now, and systemd sent the signal to its new
     // process (the main one for systemd from the handover on): once this process has handed over, the
