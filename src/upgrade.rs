@@ -1467,7 +1467,7 @@ impl Upgrader {
             self.inner.generation
         ));
         self.record_attempt_end(sys::monotonic_usec(), Err(why.clone()));
-        self.record_sighup(true);
+        self.sighup_handled();
         why
     }
 
@@ -1509,7 +1509,7 @@ impl Upgrader {
             }
         }
         let me = self.clone();
-        let result = self.upgrade_then(move || me.record_sighup(true));
+        let result = self.upgrade_then(move || me.sighup_handled());
         let verdict = match &result {
             Ok(r) => Ok(format!("upgraded to pid {}", r.child_pid)),
             Err(e) => Err(e.to_string()),
@@ -1552,14 +1552,9 @@ impl Upgrader {
         self.shutdown_by(StopCause::Signal(sig));
     }
 
-    fn record_sighup(&self, handled: bool) {
-        let mut a = lock(&self.inner.attempts);
-        if handled {
-            a.sighup_handled += 1;
-        } else {
-            a.sighup_received += 1;
-        }
-        drop(a);
+    /// Counts a SIGHUP as acted upon (its upgrade started, was refused or deferred).
+    fn sighup_handled(&self) {
+        lock(&self.inner.attempts).sighup_handled += 1;
         self.announce();
     }
 

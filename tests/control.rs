@@ -344,17 +344,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn out_of_descriptors_the_control_socket_backs_off_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("control.sock");
-    let wrapper = dir.path().join("app");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nulimit -n 48\nexec '{}' \"$@\"\n",
-            example("http_std").display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let server = Server::start(&wrapper, &["--control-socket", sock.to_str().unwrap()]);
+    let app = dir.path().join("app");
+    wrapper(&app, "ulimit -n 48", &example("http_std"));
+    let server = Server::start(&app, &["--control-socket", sock.to_str().unwrap()]);
     let pid = server.current();
     // Fill its descriptor table with idle client connections.
     let mut clients = Vec::new();

@@ -95,17 +95,11 @@ fn app_in(dir: &Path, server: &str) -> (PathBuf, PathBuf) {
 /// background job belongs to the new process's group.
 fn install_wrapper(app: &Path, real: &Path, pidfile: &Path) {
     let tmp = app.with_extension("new");
-    std::fs::write(
+    wrapper(
         &tmp,
-        format!(
-            "#!/bin/sh\nsleep 300 &\necho $! > '{}'\nexec '{}' \"$@\"\n",
-            pidfile.display(),
-            real.display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        &format!("sleep 300 &\necho $! > '{}'", pidfile.display()),
+        real,
+    );
     std::fs::rename(&tmp, app).unwrap();
 }
 
@@ -388,19 +382,13 @@ fn memory_pressure_during_an_upgrade_costs_the_upgrade_not_the_service(server: &
     // allocated), and every generation execs the same wrapper.
     cgroup.set("memory.limit_in_bytes", &(100u64 << 20).to_string());
     let dir = tempfile::tempdir().unwrap();
-    let wrapper = dir.path().join("app");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\necho $$ > '{}'\nexec '{}' \"$@\"\n",
-            cgroup.dir.join("cgroup.procs").display(),
-            example(server).display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut server = Server::start(&wrapper, &["--ballast-mib", "60"]);
+    let app = dir.path().join("app");
+    wrapper(
+        &app,
+        &format!("echo $$ > '{}'", cgroup.dir.join("cgroup.procs").display()),
+        &example(server),
+    );
+    let mut server = Server::start(&app, &["--ballast-mib", "60"]);
     let old = server.current();
     let load = Load::start(server.addr, 2, 2, Duration::from_millis(3));
     load.wait_progress(200);
@@ -461,18 +449,9 @@ fn running_out_of_descriptors_while_placing_them_says_so(server: &str) {
     // 20 extra listeners under a descriptor limit of 64 (soft and hard): the old process fits, but the new one
     // also needs a second copy of each socket while it puts them in place.
     let dir = tempfile::tempdir().unwrap();
-    let wrapper = dir.path().join("app");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nulimit -n 64\nexec '{}' \"$@\"\n",
-            example(server).display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut server = Server::start(&wrapper, &["--extra-listeners", "20"]);
+    let app = dir.path().join("app");
+    wrapper(&app, "ulimit -n 64", &example(server));
+    let mut server = Server::start(&app, &["--extra-listeners", "20"]);
     let e = server.upgrade().unwrap_err();
     eprintln!("placing descriptors under a limit: {e}");
     assert!(

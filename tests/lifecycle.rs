@@ -65,19 +65,13 @@ fn responses_do_not_wait_for_a_slow_barrier(server: &str) {
     let dir = tempfile::tempdir().unwrap();
     let notify = dir.path().join("notify.sock");
     let seen = slow_notify_socket(&notify, Duration::from_secs(1));
-    let wrapper = dir.path().join("app");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nexport NOTIFY_SOCKET='{}'\nexec '{}' \"$@\"\n",
-            notify.display(),
-            example(server).display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut server = Server::start(&wrapper, &[]);
+    let app = dir.path().join("app");
+    wrapper(
+        &app,
+        &format!("export NOTIFY_SOCKET='{}'", notify.display()),
+        &example(server),
+    );
+    let mut server = Server::start(&app, &[]);
     let old = server.current();
     // One keep-alive client asking as fast as it is answered, timing each answer of the old process.
     let addr = server.addr;

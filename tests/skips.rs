@@ -10,9 +10,7 @@ use std::process::Command;
 fn an_old_systemd_is_a_reason_to_skip_and_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("systemctl");
-    std::fs::write(&fake, "#!/bin/sh\necho 'systemd 252 (252.38-1~deb12u1)'\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    support::script(&fake, "echo 'systemd 252 (252.38-1~deb12u1)'\n");
     let why = support::systemd::unavailable_with(&fake).expect("systemd 252 must not be enough");
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {

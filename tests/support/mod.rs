@@ -85,6 +85,22 @@ fn build(kind: &str, name: &str) -> PathBuf {
     path
 }
 
+/// Writes an executable shell script at `path`.
+pub fn script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Writes at `path` a script that runs `setup` (shell lines), then becomes `program` with its own arguments:
+/// a program started (and re-executed by every upgrade) with something set up first.
+pub fn wrapper(path: &Path, setup: &str, program: &Path) {
+    script(
+        path,
+        &format!("{setup}\nexec '{}' \"$@\"\n", program.display()),
+    );
+}
+
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
