@@ -5,8 +5,8 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 
+use crate::lifecycle::Finishing;
 use crate::sys::PollSet;
-use crate::Upgrader;
 
 mod sealed {
     pub trait Sealed {}
@@ -38,7 +38,7 @@ impl Accept for UnixListener {
 
 /// An iterator of accepted connections that ends (returns `None`) once this process has handed over to a new
 /// one or is stopping, and then closes its listener: this process stops accepting while the new one, holding
-/// the same kernel socket, goes on. Made by [`Upgrader::incoming`].
+/// the same kernel socket, goes on. Made by [`Upgrader::incoming`](crate::Upgrader::incoming).
 ///
 /// It waits with `poll(2)` on the listener and on the upgrader's finishing signal, then accepts without
 /// blocking: it puts the socket in non-blocking mode before its first accept. That matters because
@@ -51,16 +51,16 @@ impl Accept for UnixListener {
 #[derive(Debug)]
 pub struct Incoming<L: Accept> {
     listener: Option<L>,
-    upgrader: Upgrader,
+    finishing: Finishing,
     /// Whether this loop has put the socket in non-blocking mode yet.
     nonblocking: bool,
 }
 
 impl<L: Accept> Incoming<L> {
-    pub(crate) fn new(listener: L, upgrader: Upgrader) -> Incoming<L> {
+    pub(crate) fn new(listener: L, finishing: Finishing) -> Incoming<L> {
         Incoming {
             listener: Some(listener),
-            upgrader,
+            finishing,
             nonblocking: false,
         }
     }
@@ -83,7 +83,7 @@ impl<L: Accept> Iterator for Incoming<L> {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             let listener = self.listener.as_ref()?;
-            let stop = self.upgrader.finishing_fd();
+            let stop = self.finishing.fd();
             let mut set = PollSet::new();
             let s = set.add(stop, libc::POLLIN);
             let l = set.add(listener.as_fd(), libc::POLLIN);

@@ -25,10 +25,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::accept::Incoming;
+use crate::drain::{ConnectionGuard, Tracker};
 use crate::error::{Error, ErrorKind, Result};
-use crate::listen::{self, BindOptions, SocketKind};
+use crate::lifecycle::{Attempts, Finish, Finishing};
 use crate::sys;
-use crate::Upgrader;
 
 /// The first word of every request: the protocol and its version.
 pub const PROTOCOL: &str = "exuvia-ctl/1";
@@ -56,17 +57,50 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// The longest reply `request` reads.
 const MAX_REPLY: u64 = 64 * 1024;
 
+/// What the control server may do to the process it serves (the upgrader does it).
+pub(crate) trait Actions: Send + Sync + 'static {
+    /// Runs an upgrade; the reply text, or why it failed.
+    fn run_upgrade(&self) -> std::result::Result<String, String>;
+    /// Asks the process to stop.
+    fn stop(&self);
+}
+
+/// What the control server knows of the process it serves: its finishing handle, its connection count, and
+/// what it may ask it to do. It holds no `Upgrader`.
+#[derive(Clone)]
+pub(crate) struct Served {
+    pub(crate) finishing: Finishing,
+    pub(crate) tracker: Tracker,
+    pub(crate) generation: u32,
+    /// How long a `verdict` request waits for an upgrade to end.
+    pub(crate) verdict_wait: Duration,
+    pub(crate) actions: std::sync::Arc<dyn Actions>,
+}
+
+impl Served {
+    /// Waits until `f` says it is done with the attempt record, up to `timeout`.
+    fn attempts<T>(
+        &self,
+        timeout: Duration,
+        mut f: impl FnMut(&Attempts) -> Option<T>,
+    ) -> Option<T> {
+        self.finishing
+            .lifecycle()
+            .wait(Some(timeout), |c| f(&c.attempts))
+    }
+}
+
 /// Serves the control socket on a thread of its own until this process is finishing.
-pub(crate) fn serve(upgrader: Upgrader, listener: UnixListener) {
+pub(crate) fn serve(served: Served, listener: UnixListener) {
     // The loop itself counts as in flight until it has ended: a request accepted in the instant before this
     // process started finishing must get its guard before the drain can find nothing to wait for (the drain
     // is not sequenced after this loop, as an application's is after its own).
-    let loop_guard = upgrader.track();
+    let loop_guard = served.tracker.guard();
     let spawned = std::thread::Builder::new()
         .name("exuvia-control".into())
         .spawn(move || {
             let active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            for conn in upgrader.incoming(listener) {
+            for conn in Incoming::new(listener, served.finishing.clone()) {
                 let conn = match conn {
                     Ok(c) => c,
                     Err(e) => {
@@ -83,8 +117,8 @@ pub(crate) fn serve(upgrader: Upgrader, listener: UnixListener) {
                 }
                 // Counted like a client connection, so that this process does not exit (after an upgrade it
                 // just ran, say) before the reply is written.
-                let guard = upgrader.track();
-                let u = upgrader.clone();
+                let guard = served.tracker.guard();
+                let u = served.clone();
                 let done = Done(active.clone());
                 let spawned = std::thread::Builder::new()
                     .name("exuvia-control-conn".into())
@@ -142,9 +176,9 @@ fn read_request(conn: &UnixStream) -> Option<String> {
 }
 
 fn handle(
-    upgrader: &Upgrader,
+    served: &Served,
     mut conn: UnixStream,
-    guard: crate::ConnectionGuard,
+    guard: ConnectionGuard,
     control_requests: &std::sync::atomic::AtomicUsize,
 ) {
     // Read the request before anything else, refusals included: closing on a client that is still writing
@@ -187,28 +221,17 @@ fn handle(
                 "pid={} generation={} connections={} (tracked client connections open now; control requests \
                  not counted)",
                 std::process::id(),
-                upgrader.generation(),
-                upgrader.in_flight().saturating_sub(control)
+                served.generation,
+                served.tracker.open().saturating_sub(control)
             ))
         }
-        Command::Upgrade => upgrader
-            .upgrade()
-            .map(|r| {
-                format!(
-                    "upgraded to pid {} in {} ms (its own initialisation {} ms, handover overhead {} ms)",
-                    r.child_pid,
-                    r.took.as_millis(),
-                    r.child_init.as_millis(),
-                    r.overhead().as_millis()
-                )
-            })
-            .map_err(|e| e.to_string()),
-        Command::Verdict { since_usec } => verdict(upgrader, since_usec),
+        Command::Upgrade => served.actions.run_upgrade(),
+        Command::Verdict { since_usec } => verdict(served, since_usec),
         Command::Stop => {
             let _ = conn.write_all(format!("ok stopping pid {}\n", std::process::id()).as_bytes());
             // From here the connection must not hold up the drain: it waits for this process to exit.
             drop(guard);
-            upgrader.shutdown_by(crate::StopCause::ControlSocket);
+            served.actions.stop();
             // Hold the connection: it closes when this process exits, which is what the helper waits for.
             let _ = conn.set_read_timeout(None);
             let _ = conn.read(&mut [0u8; 1]);
@@ -234,7 +257,7 @@ pub const RETRY: &str = "retry:";
 /// Which recorded SIGHUP is the reload's, for a helper that started at `since_usec`: the last one received
 /// from `SIGNAL_LEAD_USEC` before to `SIGNAL_GRACE` after it, and not before this process handed over (systemd
 /// signals the new main process from then on).
-fn reload_sighup(a: &crate::upgrade::Attempts, since_usec: u64) -> Option<u64> {
+fn reload_sighup(a: &Attempts, since_usec: u64) -> Option<u64> {
     let earliest = since_usec.saturating_sub(SIGNAL_LEAD_USEC);
     let latest = since_usec + SIGNAL_GRACE.as_micros() as u64;
     let floor = a.handed_over_usec.filter(|h| *h <= since_usec).unwrap_or(0);
@@ -247,13 +270,13 @@ fn reload_sighup(a: &crate::upgrade::Attempts, since_usec: u64) -> Option<u64> {
 
 /// The verdict of the upgrade that the reload signal (sent just before `since_usec`) started: each SIGHUP
 /// has its own, so a reload never reports another trigger's upgrade.
-fn verdict(upgrader: &Upgrader, since_usec: u64) -> std::result::Result<String, String> {
+fn verdict(served: &Served, since_usec: u64) -> std::result::Result<String, String> {
     let earliest = since_usec.saturating_sub(SIGNAL_LEAD_USEC);
-    let wait = upgrader.ready_timeout() + Duration::from_secs(30);
+    let wait = served.verdict_wait;
     let me = std::process::id();
     let verdict_of = |id: u64| {
-        upgrader
-            .with_attempts(wait, |a| {
+        served
+            .attempts(wait, |a| {
                 a.sighups.iter().find(|s| s.id == id).map_or(
                     Some(Err("the record of the reload signal was lost".to_string())),
                     |s| s.verdict.clone(),
@@ -262,29 +285,29 @@ fn verdict(upgrader: &Upgrader, since_usec: u64) -> std::result::Result<String, 
             .unwrap_or_else(|| Err("the upgrade did not finish in time".to_string()))
     };
     // The reload's SIGHUP: the last one received around the helper's start.
-    if let Some(id) = upgrader
-        .with_attempts(Duration::ZERO, |a| Some(reload_sighup(a, since_usec)))
+    if let Some(id) = served
+        .attempts(Duration::ZERO, |a| Some(reload_sighup(a, since_usec)))
         .flatten()
     {
         return verdict_of(id);
     }
     // Not received here. This process may be the one the reload's upgrade created: the helper reached it
     // after the old one stopped accepting (the usual case once the upgrade is fast). Answered at once.
-    if upgrader.with_attempts(Duration::ZERO, |a| {
+    if served.attempts(Duration::ZERO, |a| {
         Some(a.born_of.is_some_and(|b| b >= earliest))
     }) == Some(true)
     {
         return Ok(format!("upgraded to pid {me}"));
     }
     // The signal may still be on its way to this process's signal thread.
-    if let Some(id) = upgrader.with_attempts(SIGNAL_GRACE, |a| reload_sighup(a, since_usec)) {
+    if let Some(id) = served.attempts(SIGNAL_GRACE, |a| reload_sighup(a, since_usec)) {
         return verdict_of(id);
     }
     // Or an upgrade started another way is handing over right now, and systemd sent the signal to its new
     // process (the main one for systemd from the handover on): once this process has handed over, the
     // helper asks again and reaches the new one.
-    upgrader.with_attempts(wait, |a| a.current.is_none().then_some(()));
-    if matches!(upgrader.finishing(), Some(crate::Finish::Upgraded { .. })) {
+    served.attempts(wait, |a| a.current.is_none().then_some(()));
+    if matches!(served.finishing.get(), Some(Finish::Upgraded { .. })) {
         return Err(format!(
             "{RETRY} pid {me} has handed over; the reload signal went to the new process, ask it"
         ));
@@ -293,56 +316,6 @@ fn verdict(upgrader: &Upgrader, since_usec: u64) -> std::result::Result<String, 
         "no upgrade was started by the reload signal (is ReloadSignal= the signal the service upgrades on?)"
             .to_string(),
     )
-}
-
-/// Binds (or adopts) the control socket for `upgrader` at `path`, mode 0600.
-///
-/// The mode is set on the socket before `bind` creates the file, never through the path (a symlink planted
-/// there cannot redirect it). An inherited socket whose file is gone (a tmp cleaner, an operator) is bound
-/// anew at the same path, since nobody could reach it; a path taken over by something that is not a socket
-/// leaves the service without a control socket, with a warning, rather than fail the upgrade.
-pub(crate) fn listener(upgrader: &Upgrader, path: &Path) -> Result<Option<UnixListener>> {
-    use std::os::unix::fs::FileTypeExt;
-    let private = BindOptions::new().configure(|fd| sys::set_socket_mode(fd, 0o600));
-    let Some(inherited) = upgrader.take(REGISTRY_NAME, SocketKind::UnixListener)? else {
-        return upgrader
-            .listen_unix_with(REGISTRY_NAME, path, &private)
-            .map(Some);
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => Ok(Some(UnixListener::from(inherited))),
-        Ok(_) => {
-            tracing::warn!(
-                path = %path.display(),
-                "the control socket's path is no longer a socket (replaced by something else); no control \
-                 socket until it is removed and the service restarted or upgraded"
-            );
-            Ok(None)
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            drop(inherited);
-            let fd = upgrader
-                .rebind(REGISTRY_NAME, || {
-                    listen::bind_unix(path, libc::SOCK_STREAM, true, &private)
-                })
-                .map_err(|e| {
-                    Error::with_io(
-                        ErrorKind::Bind,
-                        format!(
-                            "the control socket {} was deleted and cannot be bound again",
-                            path.display()
-                        ),
-                        e,
-                    )
-                })?;
-            tracing::warn!(path = %path.display(), "the control socket's file was deleted; bound it again");
-            Ok(Some(UnixListener::from(fd)))
-        }
-        Err(e) => Err(Error::io(
-            format!("cannot check the control socket {}", path.display()),
-            e,
-        )),
-    }
 }
 
 /// A request on the control socket: what `exuvia-ctl` sends and the service understands. `Display` is the
@@ -535,7 +508,7 @@ mod tests {
 
     #[test]
     fn the_reload_signal_is_the_one_received_around_the_helper_start_and_after_any_handover() {
-        use crate::upgrade::{Attempts, Sighup};
+        use crate::lifecycle::{Attempts, Sighup};
         let at = |id: u64, at_usec: u64| Sighup {
             id,
             at_usec,

@@ -105,6 +105,7 @@ mod handover;
 #[cfg(feature = "hyper")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hyper")))]
 pub mod hyper;
+mod lifecycle;
 mod listen;
 pub mod notify;
 mod registry;
@@ -113,12 +114,13 @@ mod systemd;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub mod tokio;
-mod upgrade;
+mod upgrader;
 
 pub use accept::{Accept, Incoming};
 pub use drain::{ConnectionGuard, DrainReport};
 pub use error::{Error, ErrorKind, Result};
 pub use handover::protocol::MAX_STATE_LEN;
+pub use lifecycle::{Finish, StopCause};
 pub use listen::{BindOptions, SocketKind};
 pub use notify::{Notifier, State};
-pub use upgrade::{accept_seqpacket, Builder, Event, Finish, StopCause, UpgradeReport, Upgrader};
+pub use upgrader::{accept_seqpacket, Builder, Event, UpgradeReport, Upgrader};

@@ -3,7 +3,8 @@
 //! The registry keeps its own copy of every socket, so that an upgrade can pass it on whatever the
 //! application did with the copy it took. Takes are once per name: a second take yields `None`.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::listen::{describe, SocketKind};
@@ -12,7 +13,8 @@ use crate::sys;
 #[derive(Debug)]
 struct Entry {
     name: String,
-    fd: OwnedFd,
+    /// Shared with an upgrade in flight, which starts the new process from it without the registry's lock.
+    fd: Arc<OwnedFd>,
     claimed: bool,
 }
 
@@ -29,7 +31,7 @@ impl Registry {
                 .into_iter()
                 .map(|(name, fd)| Entry {
                     name,
-                    fd,
+                    fd: Arc::new(fd),
                     claimed: false,
                 })
                 .collect(),
@@ -62,7 +64,7 @@ impl Registry {
     pub(crate) fn replace(&mut self, name: &str, fd: OwnedFd) {
         match self.entries.iter_mut().find(|e| e.name == name) {
             Some(e) => {
-                e.fd = fd;
+                e.fd = Arc::new(fd);
                 e.claimed = true;
             }
             None => self.add_bound(name, fd),
@@ -119,16 +121,26 @@ impl Registry {
     pub(crate) fn add_bound(&mut self, name: &str, fd: OwnedFd) {
         self.entries.push(Entry {
             name: name.to_string(),
-            fd,
+            fd: Arc::new(fd),
             claimed: true,
         });
     }
 
     /// Every socket to pass on, claimed or not, in order.
-    pub(crate) fn handover_set(&self) -> Vec<(&str, BorrowedFd<'_>)> {
+    #[cfg(test)]
+    pub(crate) fn handover_set(&self) -> Vec<(&str, std::os::fd::BorrowedFd<'_>)> {
         self.entries
             .iter()
             .map(|e| (e.name.as_str(), e.fd.as_fd()))
+            .collect()
+    }
+
+    /// Every socket to pass on, in order, shared (not duplicated: a process near its descriptor limit can
+    /// still upgrade): the new process is started from these without the registry's lock held.
+    pub(crate) fn handover_shared(&self) -> Vec<(String, Arc<OwnedFd>)> {
+        self.entries
+            .iter()
+            .map(|e| (e.name.clone(), e.fd.clone()))
             .collect()
     }
 

@@ -47,6 +47,7 @@ use ::tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use ::tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::{Error, Result};
+use crate::lifecycle::Finishing;
 use crate::{DrainReport, Event, Finish, UpgradeReport, Upgrader};
 
 /// Runs blocking `f` on a new thread and waits for it without blocking the runtime. Unlike Tokio's
@@ -78,7 +79,7 @@ pub fn listener(std: std::net::TcpListener) -> io::Result<TcpListener> {
 #[derive(Debug)]
 pub struct TcpIncoming {
     listener: TcpListener,
-    finishing: Finishing,
+    finishing: AsyncFinishing,
 }
 
 impl TcpIncoming {
@@ -86,7 +87,7 @@ impl TcpIncoming {
     pub fn new(upgrader: &Upgrader, std: std::net::TcpListener) -> io::Result<TcpIncoming> {
         Ok(TcpIncoming {
             listener: listener(std)?,
-            finishing: Finishing::new(upgrader)?,
+            finishing: AsyncFinishing::new(upgrader.finishing_handle())?,
         })
     }
 
@@ -111,7 +112,7 @@ impl TcpIncoming {
 #[derive(Debug)]
 pub struct UnixIncoming {
     listener: UnixListener,
-    finishing: Finishing,
+    finishing: AsyncFinishing,
 }
 
 impl UnixIncoming {
@@ -124,7 +125,7 @@ impl UnixIncoming {
         std.set_nonblocking(true)?;
         Ok(UnixIncoming {
             listener: UnixListener::from_std(std)?,
-            finishing: Finishing::new(upgrader)?,
+            finishing: AsyncFinishing::new(upgrader.finishing_handle())?,
         })
     }
 
@@ -140,48 +141,48 @@ impl UnixIncoming {
     }
 }
 
-/// The upgrader's finishing signal as an async readiness source.
+/// The finishing signal as an async readiness source.
 #[derive(Debug)]
-struct Finishing {
+struct AsyncFinishing {
     fd: AsyncFd<OwnedFd>,
-    upgrader: Upgrader,
+    finishing: Finishing,
 }
 
-impl Finishing {
-    fn new(upgrader: &Upgrader) -> io::Result<Finishing> {
-        let fd = upgrader.finishing_fd().try_clone_to_owned()?;
+impl AsyncFinishing {
+    fn new(finishing: Finishing) -> io::Result<AsyncFinishing> {
+        let fd = finishing.fd().try_clone_to_owned()?;
         // The pipe is only ever polled, never read, so making it non-blocking changes nothing for the std
         // accept loops that poll the same pipe.
         crate::sys::set_nonblocking(std::os::fd::AsFd::as_fd(&fd), true)?;
-        Ok(Finishing {
+        Ok(AsyncFinishing {
             fd: crate::sys::async_readable(fd)?,
-            upgrader: upgrader.clone(),
+            finishing,
         })
     }
 
     async fn wait(&self) -> Finish {
-        // The finish is published before the pipe's write end is closed (Upgrader::after_finish), so once the
-        // pipe reads as readable (end of file, for good: it is never read) the reason is there to see.
+        // The finish is published before the pipe's write end is closed (the lifecycle's Publish step), so
+        // once the pipe reads as readable (end of file, for good: it is never read) the reason is there to see.
         loop {
-            if let Some(f) = self.upgrader.finishing() {
+            if let Some(f) = self.finishing.get() {
                 return f;
             }
             if let Err(e) = self.fd.readable().await {
                 tracing::warn!(error = %e, "cannot watch the finishing signal; waiting for the event instead");
-                return finish_event(&self.upgrader).await;
+                return finish_event(&self.finishing).await;
             }
         }
     }
 }
 
-/// Waits for the finish on the upgrader's event notification (no descriptor, no thread).
-async fn finish_event(upgrader: &Upgrader) -> Finish {
+/// Waits for the finish on the lifecycle's notification (no descriptor, no thread).
+async fn finish_event(finishing: &Finishing) -> Finish {
     loop {
         // Registered before the check: a finish published in between is not missed.
-        let changed = upgrader.events().notified();
+        let changed = finishing.events().notified();
         let mut changed = std::pin::pin!(changed);
         changed.as_mut().enable();
-        if let Some(f) = upgrader.finishing() {
+        if let Some(f) = finishing.get() {
             return f;
         }
         changed.await;
@@ -207,9 +208,10 @@ impl Upgrader {
     /// # Panics
     /// Outside a Tokio runtime with IO enabled.
     pub async fn finished(&self) -> Finish {
-        match Finishing::new(self) {
+        let finishing = self.finishing_handle();
+        match AsyncFinishing::new(finishing.clone()) {
             Ok(f) => f.wait().await,
-            Err(_) => finish_event(self).await,
+            Err(_) => finish_event(&finishing).await,
         }
     }
 
@@ -233,10 +235,11 @@ impl Upgrader {
     pub fn next_event(&self) -> impl std::future::Future<Output = Event> + Send + 'static {
         let seen = self.failures_so_far();
         let u = self.clone();
+        let finishing = self.finishing_handle();
         async move {
             loop {
                 // Registered before the check: a wake-up between the check and the wait is not lost.
-                let changed = u.events().notified();
+                let changed = finishing.events().notified();
                 let mut changed = std::pin::pin!(changed);
                 changed.as_mut().enable();
                 if let Some(e) = u.current_event_after(seen) {

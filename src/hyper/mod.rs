@@ -158,7 +158,7 @@ where
     let builder = Arc::new(builder);
     let connections = Arc::new(Connections::default());
     // Set by the upgrader as soon as this process is finishing (before the accept loop below notices).
-    let closing = upgrader.finishing_flag();
+    let closing = upgrader.finishing_handle().flag();
     let (closing_tx, closing_rx) = ::tokio::sync::watch::channel(false);
 
     while let Some(accepted) = incoming.next().await {

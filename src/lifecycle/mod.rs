@@ -1,0 +1,267 @@
+//! One process's lifecycle, shared by its threads: the [`State`] machine and the [`Attempts`] record under one
+//! lock that is never held across I/O, waiters woken from one place ([`Lifecycle::changed`]), and the
+//! published finish readable without any lock.
+//!
+//! Readers that only need to know whether (and why) the process is finishing (accept loops, the Tokio layer,
+//! the HTTP layer, the control server) hold a [`Finishing`] handle, not the whole upgrader.
+
+mod attempts;
+mod state;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+pub(crate) use attempts::Attempts;
+#[cfg(test)]
+pub(crate) use attempts::Sighup;
+pub use state::{Finish, StopCause};
+pub(crate) use state::{Refused, State, Step};
+
+use crate::sys;
+
+/// What the lock guards.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) state: State,
+    pub(crate) attempts: Attempts,
+}
+
+#[derive(Debug)]
+struct Shared {
+    core: Mutex<Core>,
+    changed: Condvar,
+    /// The same wake-ups as `changed`, for async waiters, so that none of them needs a thread of its own.
+    #[cfg(feature = "tokio")]
+    events: ::tokio::sync::Notify,
+    /// The published finish, read without a lock.
+    published: OnceLock<Finish>,
+    /// True once the finish is published: for code that checks on every request (the HTTP layer).
+    flag: Arc<AtomicBool>,
+    /// Readable (end of file) once the finish is published: every accept loop polls it.
+    stop_read: OwnedFd,
+    stop_write: Mutex<Option<OwnedFd>>,
+}
+
+/// The shared lifecycle: cheap to clone, every clone the same.
+#[derive(Debug, Clone)]
+pub(crate) struct Lifecycle {
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Lifecycle {
+    /// A process in [`State::Starting`] with the given record.
+    pub(crate) fn new(attempts: Attempts) -> std::io::Result<Lifecycle> {
+        let (stop_read, stop_write) = sys::pipe()?;
+        Ok(Lifecycle {
+            shared: Arc::new(Shared {
+                core: Mutex::new(Core {
+                    state: State::Starting,
+                    attempts,
+                }),
+                changed: Condvar::new(),
+                #[cfg(feature = "tokio")]
+                events: ::tokio::sync::Notify::new(),
+                published: OnceLock::new(),
+                flag: Arc::new(AtomicBool::new(false)),
+                stop_read,
+                stop_write: Mutex::new(Some(stop_write)),
+            }),
+        })
+    }
+
+    /// Takes `step`; returns the states before and after it, or why the current state refuses it. Publishing
+    /// makes the finish visible to [`finishing`](Self::finishing) and ends every accept loop.
+    pub(crate) fn step(&self, step: Step) -> Result<(State, State), Refused> {
+        let mut core = lock(&self.shared.core);
+        let before = core.state;
+        let after = before.next(step)?;
+        core.state = after;
+        let mut closing = None;
+        if let (None, Some(f)) = (before.published(), after.published()) {
+            let _ = self.shared.published.set(f);
+            self.shared.flag.store(true, Ordering::Release);
+            closing = lock(&self.shared.stop_write).take();
+        }
+        drop(core);
+        // Closing the write end (outside the lock) makes the read end readable for good.
+        drop(closing);
+        self.changed();
+        Ok((before, after))
+    }
+
+    /// Reads the state and record together.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&Core) -> T) -> T {
+        f(&lock(&self.shared.core))
+    }
+
+    /// Changes the record (seeing the state it is changed in), then wakes every waiter.
+    pub(crate) fn record<T>(&self, f: impl FnOnce(State, &mut Attempts) -> T) -> T {
+        let t = {
+            let mut core = lock(&self.shared.core);
+            let state = core.state;
+            f(state, &mut core.attempts)
+        };
+        self.changed();
+        t
+    }
+
+    /// Waits until `f` returns something, up to `timeout` (`None`: for ever); the result of the last call.
+    pub(crate) fn wait<T>(
+        &self,
+        timeout: Option<Duration>,
+        mut f: impl FnMut(&Core) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut core = lock(&self.shared.core);
+        loop {
+            if let Some(t) = f(&core) {
+                return Some(t);
+            }
+            core = match deadline {
+                None => self
+                    .shared
+                    .changed
+                    .wait(core)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    self.shared
+                        .changed
+                        .wait_timeout(core, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Wakes everyone waiting, blocking and async. Every change goes through here, after its lock is
+    /// released; a waiter checks under that lock before it sleeps, so no wake-up is lost.
+    fn changed(&self) {
+        self.shared.changed.notify_all();
+        #[cfg(feature = "tokio")]
+        self.shared.events.notify_waiters();
+    }
+
+    /// The published finish, without a lock.
+    pub(crate) fn finishing(&self) -> Option<Finish> {
+        self.shared.published.get().copied()
+    }
+
+    /// Readable (end of file) once the finish is published.
+    pub(crate) fn finishing_fd(&self) -> BorrowedFd<'_> {
+        self.shared.stop_read.as_fd()
+    }
+
+    /// The read-only handle for code that only waits for the finish.
+    pub(crate) fn handle(&self) -> Finishing {
+        Finishing {
+            lifecycle: self.clone(),
+        }
+    }
+}
+
+/// Whether, and why, a process is finishing: the small, cloneable, read-only view of the lifecycle that accept
+/// loops, the Tokio and HTTP layers and the control server hold.
+#[derive(Debug, Clone)]
+pub(crate) struct Finishing {
+    lifecycle: Lifecycle,
+}
+
+impl Finishing {
+    /// Why this process is finishing, once published. Never blocks.
+    pub(crate) fn get(&self) -> Option<Finish> {
+        self.lifecycle.finishing()
+    }
+
+    /// Readable (end of file) once the finish is published.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.lifecycle.finishing_fd()
+    }
+
+    /// True once the finish is published, for checks on every request.
+    #[cfg(feature = "hyper")]
+    pub(crate) fn flag(&self) -> Arc<AtomicBool> {
+        self.lifecycle.shared.flag.clone()
+    }
+
+    /// Blocks until the finish is published.
+    pub(crate) fn wait(&self) -> Finish {
+        self.lifecycle
+            .wait(None, |c| c.state.published())
+            .expect("an unbounded wait returns only with a value")
+    }
+
+    /// Notified on every change of the lifecycle, for async waiters.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn events(&self) -> &::tokio::sync::Notify {
+        &self.lifecycle.shared.events
+    }
+
+    /// The whole lifecycle (for the control server's questions about attempts).
+    pub(crate) fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishing_sets_the_flag_closes_the_pipe_and_wakes_waiters() {
+        let l = Lifecycle::new(Attempts::default()).unwrap();
+        let h = l.handle();
+        let waiter = {
+            let h = h.clone();
+            std::thread::spawn(move || h.wait())
+        };
+        l.step(Step::Ready).unwrap();
+        l.step(Step::Stop(StopCause::Api)).unwrap();
+        assert_eq!(h.get(), None, "decided is not yet published");
+        let mut set = sys::PollSet::new();
+        let i = set.add(h.fd(), libc::POLLIN);
+        assert!(!set.wait(Some(Instant::now())).unwrap() || set.revents(i) == 0);
+        l.step(Step::Publish).unwrap();
+        let stop = Finish::Stopped { by: StopCause::Api };
+        assert_eq!(h.get(), Some(stop));
+        assert_eq!(waiter.join().unwrap(), stop);
+        let mut set = sys::PollSet::new();
+        let i = set.add(h.fd(), libc::POLLIN);
+        assert!(set.wait(Some(Instant::now())).unwrap());
+        assert_ne!(set.revents(i), 0);
+        assert_eq!(
+            l.step(Step::BeginUpgrade),
+            Err(Refused::Finishing(stop)),
+            "a refused step changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_bounded_wait_times_out_and_a_record_change_wakes_it() {
+        let l = Lifecycle::new(Attempts::default()).unwrap();
+        assert_eq!(
+            l.wait(Some(Duration::from_millis(1)), |c| (c.attempts.failures
+                > 0)
+            .then_some(())),
+            None
+        );
+        let l2 = l.clone();
+        let t = std::thread::spawn(move || {
+            l2.wait(Some(Duration::from_secs(10)), |c| {
+                (c.attempts.failures > 0).then_some(c.attempts.failures)
+            })
+        });
+        l.record(|_, a| a.ended(1, Err("x".into())));
+        assert_eq!(t.join().unwrap(), Some(1));
+    }
+}

@@ -1,0 +1,361 @@
+//! [`Builder`]: configures the [`Upgrader`], reads the inherited descriptors from the environment (once per
+//! process) and, in a process started by an upgrade, greets the old process.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Inner, StateFn, Upgrader};
+use crate::activation;
+use crate::drain::Tracker;
+use crate::error::{Error, ErrorKind, Result};
+use crate::handover;
+use crate::lifecycle::{Attempts, Lifecycle};
+use crate::registry::Registry;
+use crate::sys;
+use crate::systemd::Manager;
+
+/// Configures and creates the process's [`Upgrader`]. Call [`build`](Builder::build) first thing in `main`,
+/// before threads start: it reads and removes the variables that carry inherited sockets.
+#[must_use]
+pub struct Builder {
+    ready_timeout: Duration,
+    drain_timeout: Duration,
+    program: Option<PathBuf>,
+    args: Option<Vec<OsString>>,
+    envs: Vec<(OsString, OsString)>,
+    state: Option<StateFn>,
+    notify: bool,
+    control_socket: Option<PathBuf>,
+    background_init: bool,
+}
+
+impl fmt::Debug for Builder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("ready_timeout", &self.ready_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("envs", &self.envs)
+            .field("state", &self.state.as_ref().map(|_| ".."))
+            .field("notify", &self.notify)
+            .field("control_socket", &self.control_socket)
+            .field("background_init", &self.background_init)
+            .finish()
+    }
+}
+
+impl Builder {
+    pub(super) fn new() -> Builder {
+        Builder {
+            ready_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            program: None,
+            args: None,
+            envs: Vec::new(),
+            state: None,
+            notify: true,
+            control_socket: None,
+            background_init: false,
+        }
+    }
+
+    /// Whether to speak sd_notify when `NOTIFY_SOCKET` is set (default true). Turn it off only if the
+    /// application notifies systemd itself and knows the handover sequence.
+    pub fn notify(mut self, on: bool) -> Builder {
+        self.notify = on;
+        self
+    }
+
+    /// Where to serve the control socket (see [`control`](crate::control)). Default:
+    /// `$RUNTIME_DIRECTORY/exuvia-control.sock` when systemd set `RUNTIME_DIRECTORY`, otherwise none.
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.control_socket = Some(path.into());
+        self
+    }
+
+    /// Background initialisation (default off): the new process starts at `SCHED_IDLE`, so that its start-up
+    /// and initialisation use only CPU time the serving process leaves idle, and returns every one of its
+    /// threads to this process's policy and nice value just before it reports ready (the old process checks
+    /// that it did, and kills it otherwise). The new process must use exuvia with this feature.
+    ///
+    /// Returning from `SCHED_IDLE` needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows this process's nice
+    /// value (under systemd: `LimitNICE=` with that value). Without either, or when this process does not
+    /// run at `SCHED_OTHER`, an upgrade logs a warning and starts the new process at normal priority. A busy
+    /// machine gives an idle-priority process little CPU: allow for that in
+    /// [`ready_timeout`](Self::ready_timeout).
+    pub fn background_initialisation(mut self, on: bool) -> Builder {
+        self.background_init = on;
+        self
+    }
+
+    /// How long a new process has to report ready before it is killed (default 30 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Builder {
+        self.ready_timeout = timeout;
+        self
+    }
+
+    /// How long [`Upgrader::drain`] waits for in-flight connections (default 30 s).
+    pub fn drain_timeout(mut self, timeout: Duration) -> Builder {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// The program to execute on upgrade. Default: the path this process was started from
+    /// (`AT_EXECFN`, made absolute against the working directory at [`build`](Builder::build)), so that a
+    /// binary replaced on disk is the one that runs. Symlinks are not resolved, for the same reason.
+    pub fn program(mut self, path: impl Into<PathBuf>) -> Builder {
+        self.program = Some(path.into());
+        self
+    }
+
+    /// The arguments for the new process, after `argv[0]`. Default: this process's own.
+    pub fn args<I, S>(mut self, args: I) -> Builder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args = Some(args.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// An extra environment variable for the new process (it inherits this process's environment otherwise).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Builder {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// A function producing application state (at most [`MAX_STATE_LEN`](crate::MAX_STATE_LEN) bytes) to
+    /// hand to the new process at each upgrade; it reads it with [`Upgrader::inherited_state`].
+    pub fn state(mut self, f: impl Fn() -> Vec<u8> + Send + Sync + 'static) -> Builder {
+        self.state = Some(Box::new(f));
+        self
+    }
+
+    /// Reads the inherited sockets and, in a process started by an upgrade, greets the old process.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// let upgrader = exuvia::Upgrader::builder()
+    ///     .ready_timeout(Duration::from_secs(60))
+    ///     .drain_timeout(Duration::from_secs(20))
+    ///     .state(|| b"session-ticket-keys".to_vec())
+    ///     .build()?;
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Environment`] when `LISTEN_*` or the handover variables are malformed or name fds that are
+    /// not open; [`ErrorKind::Protocol`]/[`ErrorKind::Channel`] when the old process cannot be understood.
+    /// [`ErrorKind::AlreadyTaken`] when an earlier `build()` in this process already adopted the inherited
+    /// descriptors (they are adopted once per process; build one `Upgrader` and clone it).
+    /// A process that fails here should exit: its parent notices and keeps serving.
+    pub fn build(self) -> Result<Upgrader> {
+        let my_pid = std::process::id();
+        let program = match self.program {
+            Some(p) => p,
+            None => startup_program()?,
+        };
+        let mut argv: Vec<OsString> = std::env::args_os().take(1).collect();
+        if argv.is_empty() {
+            argv.push(program.clone().into_os_string());
+        }
+        match self.args {
+            Some(a) => argv.extend(a),
+            None => argv.extend(std::env::args_os().skip(1)),
+        }
+
+        let listen_names = activation::parse(
+            std::env::var_os(activation::VAR_PID).as_deref(),
+            std::env::var_os(activation::VAR_FDS).as_deref(),
+            std::env::var_os(activation::VAR_NAMES).as_deref(),
+            my_pid,
+        )?;
+        let channel_fd = handover::child::parse_vars(
+            std::env::var_os(handover::VAR_FD).as_deref(),
+            std::env::var_os(handover::VAR_PID).as_deref(),
+            my_pid,
+        )?;
+        check_no_overlap(listen_names.as_deref().map_or(0, |n| n.len()), channel_fd)?;
+        if listen_names.is_some() || channel_fd.is_some() {
+            // The variables stay in the environment when threads already run (removing them then is unsound):
+            // a second build() would adopt the same descriptors again, two owners of one fd.
+            static ADOPTED: AtomicBool = AtomicBool::new(false);
+            if ADOPTED.swap(true, Ordering::SeqCst) {
+                return Err(Error::new(
+                    ErrorKind::AlreadyTaken,
+                    "the descriptors this process inherited (LISTEN_FDS, the handover channel) were already \
+                     adopted by an earlier Upgrader::build(); build one Upgrader per process and clone it",
+                ));
+            }
+        }
+        let restore_nice = match channel_fd {
+            Some(_) => {
+                handover::child::parse_nice(std::env::var_os(handover::VAR_NICE).as_deref())?
+            }
+            None => None,
+        };
+        scrub_environment();
+
+        let inherited = match listen_names {
+            Some(names) => activation::adopt(names)?,
+            None => Vec::new(),
+        };
+        let (parent, state, generation, born_of) = match channel_fd {
+            Some(fd) => {
+                let (mut link, state) = handover::child::connect(fd)?;
+                link.restore_nice = restore_nice;
+                let generation = link.generation;
+                let born_of = Some(link.started_usec);
+                tracing::info!(
+                    parent_pid = link.parent_pid,
+                    generation,
+                    sockets = inherited.len(),
+                    state_bytes = state.len(),
+                    "started by an upgrade; inherited sockets"
+                );
+                (Some(link), Some(state), generation, born_of)
+            }
+            None => {
+                if !inherited.is_empty() {
+                    tracing::info!(
+                        sockets = inherited.len(),
+                        "adopted sockets passed by the service manager"
+                    );
+                }
+                (None, None, 0, None)
+            }
+        };
+        let manager = Manager::from_env(self.notify);
+        let control_path = self
+            .control_socket
+            .or_else(crate::control::default_socket_path);
+        let lifecycle = Lifecycle::new(Attempts {
+            born_of,
+            ..Attempts::default()
+        })
+        .map_err(|e| Error::io("cannot create the finishing signal (pipe)", e))?;
+        let upgrader = Upgrader {
+            inner: Arc::new(Inner {
+                program,
+                argv,
+                envs: self.envs,
+                ready_timeout: self.ready_timeout,
+                drain_timeout: self.drain_timeout,
+                background_init: self.background_init,
+                state: self.state,
+                registry: Mutex::new(Registry::with_inherited(inherited)),
+                parent: Mutex::new(parent),
+                inherited_state: state,
+                generation,
+                lifecycle,
+                ready_called: AtomicBool::new(false),
+                tracker: Tracker::default(),
+                signals: AtomicBool::new(false),
+                manager,
+                control: Mutex::new(None),
+            }),
+        };
+        if let Some(path) = control_path {
+            match upgrader.control_listener(&path) {
+                Ok(l) => super::control::keep(&upgrader, l),
+                Err(e) => {
+                    // The old process waits for this one: tell it why, rather than let it see an exit status.
+                    let _ = upgrader.fail(&format!("the new process cannot start: {e}"));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(upgrader)
+    }
+}
+
+/// Resolves the program path now, at start-up, as `execve` was given it.
+fn startup_program() -> Result<PathBuf> {
+    if let Some(p) = sys::exec_filename() {
+        if p.is_absolute() {
+            return Ok(p);
+        }
+        let cwd = std::env::current_dir().map_err(|e| {
+            Error::io(
+                "cannot read the working directory to resolve this program's path",
+                e,
+            )
+        })?;
+        return Ok(cwd.join(p));
+    }
+    std::env::current_exe().map_err(|e| {
+        Error::io(
+            "cannot tell which program this is (no AT_EXECFN, no /proc/self/exe); set Builder::program",
+            e,
+        )
+    })
+}
+
+/// Removes the fd-passing variables so no code in this process (or a program it runs) mistakes the fds for
+/// its own. Environment mutation is only sound while the process has a single thread; otherwise the
+/// variables stay (they name this pid only, and are never passed to our own children) and we say so.
+fn scrub_environment() {
+    let vars = [
+        activation::VAR_PID,
+        activation::VAR_FDS,
+        activation::VAR_NAMES,
+        activation::VAR_PIDFDID,
+        handover::VAR_FD,
+        handover::VAR_PID,
+        handover::VAR_NICE,
+    ];
+    if !vars.iter().any(|v| std::env::var_os(v).is_some()) {
+        return;
+    }
+    if sys::thread_count() == Some(1) {
+        for v in vars {
+            // Sound: this process has one thread (checked just above), so nothing can read the environment
+            // concurrently.
+            std::env::remove_var(v);
+        }
+    } else {
+        tracing::debug!(
+            "threads already running: leaving LISTEN_*/EXUVIA_* in the environment (build the Upgrader before \
+             starting threads to have them removed)"
+        );
+    }
+}
+
+/// The environment names each descriptor once: the sockets at 3.. (`LISTEN_FDS`) and the handover channel
+/// after them. A channel number among the sockets would make two owners of one descriptor.
+fn check_no_overlap(sockets: usize, channel_fd: Option<std::os::fd::RawFd>) -> Result<()> {
+    let first = activation::LISTEN_FDS_START;
+    match channel_fd {
+        Some(fd) if fd >= first && ((fd - first) as usize) < sockets => Err(Error::env(format!(
+            "{}={fd} names one of the {sockets} sockets of {} (descriptors {first} to {}): the environment \
+             was not made by exuvia; start the program without these variables",
+            handover::VAR_FD,
+            activation::VAR_FDS,
+            first as usize + sockets - 1
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_among_the_sockets_is_refused() {
+        assert!(check_no_overlap(0, None).is_ok());
+        assert!(check_no_overlap(2, None).is_ok());
+        assert!(check_no_overlap(2, Some(5)).is_ok());
+        assert!(check_no_overlap(0, Some(3)).is_ok());
+        for fd in [3, 4] {
+            let e = check_no_overlap(2, Some(fd)).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Environment);
+            assert!(e.to_string().contains("names one of the 2 sockets"), "{e}");
+        }
+    }
+}

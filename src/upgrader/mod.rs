@@ -1,0 +1,138 @@
+//! The [`Upgrader`]: one per process. It owns the named sockets, runs at most one upgrade at a time, and tells
+//! the application when this process is finishing (handed over, or stopping) and how the drain went.
+//!
+//! By role, one file each:
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | `builder.rs` | [`Builder`]: reading the environment, adopting inherited descriptors (once per process) |
+//! | `sockets.rs` | the named sockets: `listen_*`, `bind_*`, `take*` |
+//! | `ready.rs` | reporting ready (to the old process or to systemd), the watchdog, `fail` |
+//! | `upgrade.rs` | one upgrade, as named steps: begin, start, await ready, commit, conclude |
+//! | `finish.rs` | stopping, publishing the finish, waiting for it and for events, the drain |
+//! | `signals.rs` | SIGHUP/SIGTERM/SIGINT, and the record of each SIGHUP's verdict |
+//! | `control.rs` | the control server's side: what the control socket may ask of this process |
+//!
+//! The lifecycle itself (states, steps, the one lock) is [`crate::lifecycle`].
+
+mod builder;
+mod control;
+mod finish;
+mod ready;
+mod signals;
+mod sockets;
+mod upgrade;
+
+use std::ffi::OsString;
+use std::fmt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+pub use builder::Builder;
+pub use sockets::accept_seqpacket;
+pub use upgrade::UpgradeReport;
+
+use crate::drain::Tracker;
+use crate::handover::child::ParentLink;
+use crate::lifecycle::{Finish, Finishing, Lifecycle};
+use crate::registry::Registry;
+use crate::systemd::Manager;
+
+type StateFn = Box<dyn Fn() -> Vec<u8> + Send + Sync>;
+
+/// Something the application may want to act on, from [`Upgrader::wait_event`] (or `next_event` with Tokio).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// This process is finishing: drain and exit.
+    Finishing(Finish),
+    /// An upgrade failed; this process keeps serving. The text says why (as the error did).
+    UpgradeFailed(String),
+}
+
+/// What every clone of an [`Upgrader`] shares: configuration (fixed at `build`), the sockets, the lifecycle.
+struct Inner {
+    program: PathBuf,
+    argv: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    ready_timeout: Duration,
+    drain_timeout: Duration,
+    background_init: bool,
+    state: Option<StateFn>,
+    registry: Mutex<Registry>,
+    /// The link to the old process, until this one has reported ready.
+    parent: Mutex<Option<ParentLink>>,
+    inherited_state: Option<Vec<u8>>,
+    generation: u32,
+    /// States, steps and the attempt record, under one lock; the finish readable without it.
+    lifecycle: Lifecycle,
+    /// `ready()` was called (it does its work once).
+    ready_called: AtomicBool,
+    tracker: Tracker,
+    signals: AtomicBool,
+    manager: Manager,
+    /// The control socket, served from [`Upgrader::ready`] on.
+    control: Mutex<Option<UnixListener>>,
+}
+
+/// The process's handle on its sockets and upgrades. Cheap to clone; every clone is the same upgrader.
+///
+/// See the [crate documentation](crate) for the whole picture.
+#[derive(Clone)]
+pub struct Upgrader {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Upgrader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upgrader")
+            .field("program", &self.inner.program)
+            .field("generation", &self.inner.generation)
+            .field("finish", &self.finishing())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Upgrader {
+    /// Starts configuring the upgrader.
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    /// Whether this process was started by an upgrade (as opposed to fresh, or by systemd).
+    pub fn is_upgraded(&self) -> bool {
+        self.inner.generation > 0
+    }
+
+    /// How many upgrades led to this process: 0 for a fresh start.
+    pub fn generation(&self) -> u32 {
+        self.inner.generation
+    }
+
+    /// The application state the old process handed over, if this process was started by an upgrade.
+    pub fn inherited_state(&self) -> Option<&[u8]> {
+        self.inner.inherited_state.as_deref()
+    }
+
+    /// The program an upgrade will execute.
+    pub fn program(&self) -> &Path {
+        &self.inner.program
+    }
+
+    /// The read-only view of the lifecycle that accept loops and the async layers hold.
+    pub(crate) fn finishing_handle(&self) -> Finishing {
+        self.inner.lifecycle.handle()
+    }
+}
+
+/// A duration in whole microseconds, for log fields.
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,135 @@
+//! Reporting ready: to the old process (which then commits the handover) or to systemd, and what starts with
+//! it (the watchdog, the control socket, a SIGHUP deferred until now). Reporting a failed start.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::{lock, Upgrader};
+use crate::error::Result;
+use crate::lifecycle::{Finish, Step};
+use crate::sys;
+
+/// How long a new process waits for the old one to confirm the handover after reporting ready.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Upgrader {
+    /// Reports that this process has initialised and can serve. In a process started by an upgrade this tells
+    /// the old process, then waits until it confirms (it hands over and starts draining). Elsewhere it does
+    /// nothing but record the fact. Calling it again does nothing.
+    ///
+    /// Start accepting *after* this returns. Until then the old process accepts, and connections that arrive
+    /// meanwhile wait in the shared kernel queue, so none is refused; a process that accepted before its
+    /// handover was confirmed would take those connections down with it if it then failed.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Channel`](crate::ErrorKind::Channel) when the old process cannot be reached or does not
+    /// confirm in time: it has given up on this upgrade (and will kill this process); exit.
+    pub fn ready(&self) -> Result<()> {
+        if self.inner.ready_called.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let link = lock(&self.inner.parent).take();
+        if let Some(link) = link {
+            tracing::info!(
+                parent_pid = link.parent_pid,
+                "reporting ready to the old process"
+            );
+            // The old process tells systemd (MAINPID, READY) before it confirms: nothing to send here.
+            let parent_pid = link.parent_pid;
+            // On failure the old process has given up on this one, which should exit: ready() is not retried.
+            link.ready(COMMIT_TIMEOUT)?;
+            tracing::info!(
+                generation = self.inner.generation,
+                "handover confirmed; this process is now the main one"
+            );
+            self.status_once_gone(parent_pid);
+        } else {
+            self.inner.manager.ready(&format!(
+                "serving (pid {}, generation {})",
+                std::process::id(),
+                self.inner.generation
+            ));
+        }
+        // A stopped process stays finishing (the step leaves it as it is); a SIGHUP deferred until now runs.
+        let _ = self.inner.lifecycle.step(Step::Ready);
+        self.start_watchdog();
+        if let Some(l) = lock(&self.inner.control).take() {
+            self.serve_control(l);
+        }
+        self.run_deferred_sighup();
+        Ok(())
+    }
+
+    /// The old process said "pid P draining" in `STATUS=` at the handover: say what is true once it has exited.
+    fn status_once_gone(&self, old_pid: u32) {
+        if !self.inner.manager.enabled() {
+            return;
+        }
+        let Ok(pidfd) = sys::pidfd_open(old_pid as libc::pid_t) else {
+            return; // gone already, or not ours to watch: the status names only this process then
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("exuvia-old-watch".into())
+            .spawn(move || {
+                let mut set = sys::PollSet::new();
+                set.add(pidfd.as_fd(), libc::POLLIN);
+                if set.wait(None).unwrap_or(false) && me.finishing().is_none() {
+                    me.inner.manager.status(&format!(
+                        "serving (pid {}, generation {})",
+                        std::process::id(),
+                        me.inner.generation
+                    ));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "cannot watch the old process for the status line");
+        }
+    }
+
+    /// Feeds the systemd watchdog every half interval while this process is the main one.
+    fn start_watchdog(&self) {
+        let Some(interval) = self.inner.manager.watchdog() else {
+            return;
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("exuvia-watchdog".into())
+            .spawn(move || {
+                me.inner.manager.ping();
+                // After a handover the new process feeds it; a stopping process feeds it until it exits.
+                while me
+                    .inner
+                    .lifecycle
+                    .wait(Some(interval / 2), |c| {
+                        matches!(c.state.decided(), Some(Finish::Upgraded { .. })).then_some(())
+                    })
+                    .is_none()
+                {
+                    me.inner.manager.ping();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the watchdog thread; systemd may kill this service");
+        }
+    }
+
+    /// ```no_run
+    /// # fn load_config() -> Result<(), String> { Ok(()) }
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// if let Err(reason) = load_config() {
+    ///     upgrader.fail(&format!("bad configuration: {reason}"))?;
+    ///     std::process::exit(1);
+    /// }
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
+    /// Reports that initialisation failed, with a reason the old process logs and returns from its
+    /// [`upgrade`](Self::upgrade). The old process keeps serving; this one should exit.
+    pub fn fail(&self, reason: &str) -> Result<()> {
+        if let Some(link) = lock(&self.inner.parent).take() {
+            link.fail(reason)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,335 @@
+//! One upgrade, as named steps: [`begin`](Upgrader::begin) (one at a time, only while serving),
+//! [`start_child`](Upgrader::start_child) (fork/exec with every socket), [`await_ready`](Upgrader::await_ready),
+//! [`commit`](Upgrader::commit) (systemd first, then the new process; no lock held) and
+//! [`conclude`](Upgrader::conclude) (publish the handover, or report the failure and serve on).
+
+use std::time::{Duration, Instant};
+
+use super::{lock, micros, Upgrader};
+use crate::error::{Error, ErrorKind, Result};
+use crate::handover::parent::{self, PendingChild};
+use crate::lifecycle::{Refused, State, Step};
+use crate::sys;
+
+/// What a successful upgrade did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UpgradeReport {
+    /// The new main process.
+    pub child_pid: u32,
+    /// From the upgrade request to the commit.
+    pub took: Duration,
+    /// From the upgrade request to the new process's ready report.
+    pub ready_after: Duration,
+    /// The new process's own initialisation, as it reported it: from reading the old process's greeting
+    /// (inside its [`Builder::build`](crate::Builder::build)) to its [`Upgrader::ready`] call.
+    pub child_init: Duration,
+    /// Sockets passed on.
+    pub sockets: usize,
+}
+
+impl UpgradeReport {
+    /// What the handover itself cost: [`ready_after`](Self::ready_after) minus the new process's own
+    /// [`child_init`](Self::child_init). It covers fork and exec, the new program's start-up until its
+    /// `build()`, and the messages both ways; the benchmark reports it per upgrade.
+    pub fn overhead(&self) -> Duration {
+        self.ready_after.saturating_sub(self.child_init)
+    }
+}
+
+/// The upgrade in flight.
+struct Attempt {
+    started: Instant,
+    started_usec: u64,
+    /// How far systemd's reload timeout is extended: room for the new process's initialisation, the
+    /// handover and the barrier.
+    extend: Duration,
+}
+
+/// What the steps up to the commit produced.
+struct Committed {
+    child_pid: u32,
+    sockets: usize,
+    ready_after: Duration,
+    child_init: Duration,
+}
+
+/// Error for a step the lifecycle refused.
+pub(super) fn refused(r: Refused) -> Error {
+    let kind = match r {
+        Refused::UpgradeInProgress => ErrorKind::UpgradeInProgress,
+        _ => ErrorKind::Finishing,
+    };
+    Error::new(kind, r.to_string())
+}
+
+impl Upgrader {
+    /// Replaces this process: starts the program on disk with every socket, waits for it to report ready, then
+    /// marks this process as finishing ([`Finish::Upgraded`](crate::Finish::Upgraded)): accept loops end, and the application should
+    /// [`drain`](Self::drain) and exit.
+    ///
+    /// ```no_run
+    /// # let upgrader = exuvia::Upgrader::builder().build()?;
+    /// match upgrader.upgrade() {
+    ///     Ok(report) => eprintln!("pid {} serves now ({:?})", report.child_pid, report.took),
+    ///     Err(e) if e.kind() == exuvia::ErrorKind::UpgradeInProgress => eprintln!("one at a time"),
+    ///     Err(e) => eprintln!("upgrade failed, still serving: {e}"),
+    /// }
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
+    ///
+    /// Blocks until the new process is ready or has failed. On failure the new process is killed and reaped,
+    /// and this process keeps serving as if nothing happened.
+    ///
+    /// # Errors
+    /// [`ErrorKind::UpgradeInProgress`] if another upgrade is running; [`ErrorKind::Finishing`] if this process
+    /// already handed over, is stopping, or has not reported ready itself; [`ErrorKind::Spawn`],
+    /// [`ErrorKind::ChildExited`], [`ErrorKind::ChildFailed`], [`ErrorKind::ReadyTimeout`],
+    /// [`ErrorKind::Protocol`], [`ErrorKind::Channel`] when the new process does not come up.
+    pub fn upgrade(&self) -> Result<UpgradeReport> {
+        self.upgrade_then(|| {})
+    }
+
+    /// [`upgrade`](Self::upgrade), calling `started` once the attempt has begun or been refused.
+    pub(super) fn upgrade_then(&self, started: impl FnOnce()) -> Result<UpgradeReport> {
+        let begun = self.begin();
+        started();
+        let attempt = begun?;
+        let result = self.run(&attempt);
+        self.conclude(&attempt, result)
+    }
+
+    /// Step 1: claims the one upgrade slot (refused unless serving) and records the attempt.
+    fn begin(&self) -> Result<Attempt> {
+        if let Err(r) = self.inner.lifecycle.step(Step::BeginUpgrade) {
+            if r == Refused::UpgradeInProgress {
+                tracing::info!("upgrade requested while one is in flight; refused");
+            }
+            return Err(refused(r));
+        }
+        let started_usec = sys::monotonic_usec();
+        self.inner
+            .lifecycle
+            .record(|_, a| a.current = Some(started_usec));
+        Ok(Attempt {
+            started: Instant::now(),
+            started_usec,
+            extend: self.inner.ready_timeout + Duration::from_secs(15),
+        })
+    }
+
+    /// Steps 2 to 4.
+    fn run(&self, attempt: &Attempt) -> Result<Committed> {
+        let inner = &self.inner;
+        tracing::info!(program = %inner.program.display(), generation = inner.generation, "upgrade requested");
+        inner.manager.reloading(
+            &format!(
+                "upgrading: starting {} (generation {})",
+                inner.program.display(),
+                inner.generation + 1
+            ),
+            attempt.extend,
+        );
+        let (child, sockets, background) = self.start_child(attempt)?;
+        let (child, child_init) = self.await_ready(child, attempt, background)?;
+        let ready_after = attempt.started.elapsed();
+        tracing::info!(
+            child_pid = child.pid(),
+            ready_after_us = micros(ready_after),
+            child_init_us = micros(child_init),
+            overhead_us = micros(ready_after.saturating_sub(child_init)),
+            "upgrade: child ready; handing over"
+        );
+        let child_pid = self.commit(child)?;
+        Ok(Committed {
+            child_pid,
+            sockets,
+            ready_after,
+            child_init,
+        })
+    }
+
+    /// Step 2: starts the program on disk with every socket (listed under the registry's lock, the spawn
+    /// itself without it) and greets it with the application state.
+    fn start_child(&self, attempt: &Attempt) -> Result<(PendingChild, usize, bool)> {
+        let inner = &self.inner;
+        let state = inner.state.as_ref().map(|f| f()).unwrap_or_default();
+        let shared = {
+            let reg = lock(&inner.registry);
+            let unclaimed = reg.unclaimed();
+            if !unclaimed.is_empty() {
+                tracing::debug!(
+                    ?unclaimed,
+                    "passing on inherited sockets this version did not take"
+                );
+            }
+            reg.handover_shared()
+        };
+        let set: Vec<_> = shared
+            .iter()
+            .map(|(name, fd)| (name.as_str(), std::os::fd::AsFd::as_fd(&**fd)))
+            .collect();
+        let launch = parent::Launch {
+            program: &inner.program,
+            argv: &inner.argv,
+            extra_env: &inner.envs,
+            generation: inner.generation + 1,
+            watchdog: inner.manager.watchdog().is_some(),
+            started_usec: attempt.started_usec,
+            background: self.background_nice(),
+        };
+        let child = parent::start(&launch, &set, state, attempt.started + inner.ready_timeout)?;
+        Ok((child, set.len(), launch.background.is_some()))
+    }
+
+    /// Step 3: waits for the new process's ready report (a stop meanwhile abandons the upgrade at once).
+    fn await_ready(
+        &self,
+        mut child: PendingChild,
+        attempt: &Attempt,
+        background: bool,
+    ) -> Result<(PendingChild, Duration)> {
+        let inner = &self.inner;
+        let child_init = child.await_ready(
+            inner.ready_timeout,
+            Duration::from_secs(1),
+            Some(inner.lifecycle.finishing_fd()),
+            &mut || inner.manager.extend(attempt.extend),
+        )?;
+        if background {
+            child.check_normal_priority()?;
+        }
+        Ok((child, child_init))
+    }
+
+    /// Step 4: nobody may finish this process between the new one's ready and the commit, so the lifecycle
+    /// enters `Committing`; then systemd is told (the main pid moves while this process still accepts) and the
+    /// new process confirmed, with no lock held: the barrier can take seconds and nobody reading the
+    /// lifecycle may wait for it.
+    fn commit(&self, child: PendingChild) -> Result<u32> {
+        let inner = &self.inner;
+        if let Err(r) = inner.lifecycle.step(Step::Commit) {
+            child.abort();
+            return Err(refused(r));
+        }
+        if child.has_exited() {
+            drop(child);
+            return Err(Error::new(
+                ErrorKind::ChildExited,
+                "child exited right after reporting ready",
+            ));
+        }
+        let pid = child.pid();
+        let now = sys::monotonic_usec();
+        inner
+            .lifecycle
+            .record(|_, a| a.handed_over_usec = Some(now));
+        inner.manager.hand_over(
+            pid,
+            &format!(
+                "serving (pid {pid}, generation {}); pid {} draining",
+                inner.generation + 1,
+                std::process::id()
+            ),
+        );
+        let child_pid = child.commit()?;
+        let (before, _) = inner
+            .lifecycle
+            .step(Step::Committed { child_pid })
+            .map_err(refused)?;
+        if matches!(before, State::Committing { stop: Some(_) }) {
+            tracing::info!(
+                "stop requested during the handover; this process hands over and drains"
+            );
+        }
+        Ok(child_pid)
+    }
+
+    /// Step 5: records the verdict; after a handover, closes this process's sockets and publishes the finish
+    /// (last: once published, the application may exit at any moment); after a failure, ends the upgrade in
+    /// the lifecycle (a stop that waited for the commit applies now) and serves on.
+    fn conclude(&self, attempt: &Attempt, result: Result<Committed>) -> Result<UpgradeReport> {
+        let inner = &self.inner;
+        let verdict = result
+            .as_ref()
+            .map(|c| c.child_pid)
+            .map_err(|e| e.to_string());
+        inner
+            .lifecycle
+            .record(|_, a| a.ended(attempt.started_usec, verdict));
+        match result {
+            Ok(c) => {
+                let closed = lock(&inner.registry).close_all();
+                tracing::info!(
+                    child_pid = c.child_pid,
+                    closed,
+                    took_us = micros(attempt.started.elapsed()),
+                    "upgrade: handed over; stopped accepting, draining"
+                );
+                self.publish();
+                Ok(UpgradeReport {
+                    child_pid: c.child_pid,
+                    took: attempt.started.elapsed(),
+                    ready_after: c.ready_after,
+                    child_init: c.child_init,
+                    sockets: c.sockets,
+                })
+            }
+            Err(e) => {
+                // Before the upgrade ends in the lifecycle: a stop's drain waits for that, then may exit.
+                tracing::info!(error = %e, "upgrade failed; this process keeps serving");
+                let ended = inner.lifecycle.step(Step::UpgradeEnded);
+                if let Ok((State::Committing { .. }, State::Deciding { .. })) = ended {
+                    // The stop that arrived during the commit applies now that there is no handover.
+                    self.stopping();
+                }
+                inner.manager.failed(&format!(
+                    "upgrade failed: {e}; still serving (pid {}, generation {})",
+                    std::process::id(),
+                    inner.generation
+                ));
+                Err(e)
+            }
+        }
+    }
+
+    /// The nice value a background-initialised child returns to, or `None` (with a warning) when this process
+    /// cannot offer it one.
+    fn background_nice(&self) -> Option<i32> {
+        if !self.inner.background_init {
+            return None;
+        }
+        let why = match sys::scheduling() {
+            Ok((libc::SCHED_OTHER, nice)) if sys::may_return_to(nice) => return Some(nice),
+            Ok((libc::SCHED_OTHER, nice)) => format!(
+                "the new process could not return from idle priority to nice {nice} (needs CAP_SYS_NICE, or \
+                 RLIMIT_NICE of at least {}: systemd's LimitNICE={nice})",
+                20 - nice
+            ),
+            Ok((policy, _)) => format!("this process runs at scheduling policy {policy}, not SCHED_OTHER"),
+            Err(e) => format!("cannot read this process's scheduling: {e}"),
+        };
+        tracing::warn!(
+            "background initialisation skipped: {why}; the new process starts at normal priority"
+        );
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::Finish;
+
+    #[test]
+    fn refusals_map_to_error_kinds() {
+        assert_eq!(
+            refused(Refused::UpgradeInProgress).kind(),
+            ErrorKind::UpgradeInProgress
+        );
+        let e = refused(Refused::Finishing(Finish::Upgraded { child_pid: 9 }));
+        assert_eq!(e.kind(), ErrorKind::Finishing);
+        assert!(e.to_string().contains("pid 9"), "{e}");
+        assert_eq!(refused(Refused::NotReady).kind(), ErrorKind::Finishing);
+    }
+}
