@@ -89,6 +89,9 @@
 //! See `docs/DESIGN.md` in the repository for the architecture and the handover sequence.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+// Every unsafe block lives in src/sys/ and says why it is sound; the rest of the crate cannot have one.
+#![deny(unsafe_code)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod accept;
@@ -109,6 +112,7 @@ mod lifecycle;
 mod listen;
 pub mod notify;
 mod registry;
+#[allow(unsafe_code)]
 mod sys;
 mod systemd;
 #[cfg(feature = "tokio")]

@@ -7,6 +7,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
 
+use socket2::{Domain, SockAddr, Socket, Type};
+
 use crate::sys::{self, SocketInfo};
 
 /// The kinds of socket exuvia hands over.
@@ -147,42 +149,65 @@ impl BindOptions {
     }
 }
 
-fn inet_socket(addr: &SocketAddr, ty: libc::c_int, opts: &BindOptions) -> io::Result<OwnedFd> {
-    let domain = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    let fd = sys::new_socket(domain, ty)?;
+/// A new close-on-exec socket (socket2 creates them with `SOCK_CLOEXEC`).
+fn inet_socket(addr: &SocketAddr, ty: Type, opts: &BindOptions) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(*addr), ty, None)?;
     if opts.reuse_address {
-        sys::set_int_option(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        socket.set_reuse_address(true)?;
     }
     if let Some(f) = &opts.configure {
-        f(fd.as_fd())?;
+        f(socket.as_fd())?;
     }
-    sys::bind_inet(fd.as_fd(), addr)?;
-    Ok(fd)
+    socket.bind(&SockAddr::from(*addr))?;
+    Ok(socket)
 }
 
 pub(crate) fn bind_tcp(addr: &SocketAddr, opts: &BindOptions) -> io::Result<OwnedFd> {
-    let fd = inet_socket(addr, libc::SOCK_STREAM, opts)?;
-    sys::listen(fd.as_fd(), opts.backlog)?;
-    Ok(fd)
+    let socket = inet_socket(addr, Type::STREAM, opts)?;
+    socket.listen(opts.backlog)?;
+    Ok(socket.into())
 }
 
 pub(crate) fn bind_udp(addr: &SocketAddr, opts: &BindOptions) -> io::Result<OwnedFd> {
-    inet_socket(addr, libc::SOCK_DGRAM, opts)
+    inet_socket(addr, Type::DGRAM, opts).map(OwnedFd::from)
+}
+
+/// The Unix socket types exuvia binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnixType {
+    Stream,
+    Datagram,
+    Seqpacket,
+}
+
+impl UnixType {
+    fn socket2(self) -> Type {
+        match self {
+            UnixType::Stream => Type::STREAM,
+            UnixType::Datagram => Type::DGRAM,
+            UnixType::Seqpacket => Type::from(libc::SOCK_SEQPACKET),
+        }
+    }
 }
 
 /// Binds a Unix socket at `path`. A socket file left by a dead process is replaced; a live one (something
 /// answers on it) or a non-socket file is an error, never silently removed.
 pub(crate) fn bind_unix(
     path: &Path,
-    ty: libc::c_int,
+    ty: UnixType,
     listen: bool,
     opts: &BindOptions,
 ) -> io::Result<OwnedFd> {
     use std::os::unix::fs::FileTypeExt;
+    let address = SockAddr::unix(path).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "unix socket path {} must be 1 to 107 bytes without NUL",
+                path.display()
+            ),
+        )
+    })?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(
@@ -193,8 +218,8 @@ pub(crate) fn bind_unix(
                 ),
             ));
         }
-        let probe = sys::new_socket(libc::AF_UNIX, ty)?;
-        match sys::connect_unix(probe.as_fd(), path) {
+        let probe = Socket::new(Domain::UNIX, ty.socket2(), None)?;
+        match probe.connect(&address) {
             Ok(()) => {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
@@ -208,15 +233,15 @@ pub(crate) fn bind_unix(
             Err(e) => return Err(e),
         }
     }
-    let fd = sys::new_socket(libc::AF_UNIX, ty)?;
+    let socket = Socket::new(Domain::UNIX, ty.socket2(), None)?;
     if let Some(f) = &opts.configure {
-        f(fd.as_fd())?;
+        f(socket.as_fd())?;
     }
-    sys::bind_unix(fd.as_fd(), path)?;
+    socket.bind(&address)?;
     if listen {
-        sys::listen(fd.as_fd(), opts.backlog)?;
+        socket.listen(opts.backlog)?;
     }
-    Ok(fd)
+    Ok(socket.into())
 }
 
 #[cfg(test)]
@@ -242,8 +267,11 @@ mod tests {
     fn options_reach_the_socket_before_bind() {
         let opts = BindOptions::new()
             .backlog(7)
-            .configure(|fd| sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 65536));
+            .configure(|fd| socket2::SockRef::from(&fd).set_recv_buffer_size(65536));
         let fd = bind_tcp(&"127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        // The kernel doubles what it is asked for (socket(7)); the default is smaller.
+        let size = socket2::SockRef::from(&fd).recv_buffer_size().unwrap();
+        assert!(size >= 65536, "SO_RCVBUF is {size}");
         let l = std::net::TcpListener::from(fd);
         assert!(l.local_addr().unwrap().port() != 0);
         let failing = BindOptions::new().configure(|_| Err(io::Error::other("nope")));
@@ -254,16 +282,16 @@ mod tests {
     fn unix_paths_stale_live_and_foreign() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
-        let live = bind_unix(&path, libc::SOCK_STREAM, true, &BindOptions::new()).unwrap();
-        let e = bind_unix(&path, libc::SOCK_STREAM, true, &BindOptions::new()).unwrap_err();
+        let live = bind_unix(&path, UnixType::Stream, true, &BindOptions::new()).unwrap();
+        let e = bind_unix(&path, UnixType::Stream, true, &BindOptions::new()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
         drop(live); // the file stays behind, stale
         assert!(path.exists());
-        let again = bind_unix(&path, libc::SOCK_STREAM, true, &BindOptions::new()).unwrap();
+        let again = bind_unix(&path, UnixType::Stream, true, &BindOptions::new()).unwrap();
         drop(again);
         let file = dir.path().join("plain");
         std::fs::write(&file, b"x").unwrap();
-        let e = bind_unix(&file, libc::SOCK_STREAM, true, &BindOptions::new()).unwrap_err();
+        let e = bind_unix(&file, UnixType::Stream, true, &BindOptions::new()).unwrap_err();
         assert!(e.to_string().contains("not a socket"));
         assert!(file.exists());
     }

@@ -170,7 +170,8 @@ impl Notifier {
                 )))
             }
         };
-        let socket = sys::new_socket(libc::AF_UNIX, libc::SOCK_DGRAM)
+        let socket = std::os::unix::net::UnixDatagram::unbound()
+            .map(OwnedFd::from)
             .map_err(|e| Error::io("cannot create the notification socket", e))?;
         Ok(Notifier { socket, target })
     }
@@ -243,7 +244,6 @@ pub fn monotonic_usec() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsRawFd, FromRawFd};
     use std::os::unix::net::UnixDatagram;
 
     #[test]
@@ -323,64 +323,35 @@ mod tests {
             std::process::id(),
             std::thread::current().id()
         );
-        let fd = sys::new_socket(libc::AF_UNIX, libc::SOCK_DGRAM).unwrap();
+        let sock = UnixDatagram::unbound().unwrap();
         // Bind the receiver through the same address code the sender uses.
         let target = UnixTarget::Abstract(name.as_bytes().to_vec());
-        let (sun, len) = target_for_test(&target);
-        // SAFETY: sun is a valid sockaddr_un of len bytes.
-        assert_eq!(
-            unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&sun as *const libc::sockaddr_un).cast(),
-                    len,
-                )
-            },
-            0
-        );
-        let sock = UnixDatagram::from(fd);
+        rustix::net::bind(&sock, &target.address().unwrap()).unwrap();
         let n = Notifier::new(OsStr::new(&format!("@{name}"))).unwrap();
         n.notify(&[State::Watchdog]).unwrap();
         assert_eq!(recv(&sock), "WATCHDOG=1\n");
     }
 
-    fn target_for_test(t: &UnixTarget) -> (libc::sockaddr_un, libc::socklen_t) {
-        super::sys::tests_support::sockaddr(t)
-    }
-
     /// Receives one datagram and the fds attached to it.
     fn recv_with_fds(sock: &UnixDatagram) -> (String, Vec<OwnedFd>) {
+        use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
         let mut buf = [0u8; 4096];
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let mut control = [0u64; 64];
-        // SAFETY: msghdr is plain data; the pointers below refer to live locals.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control) as _;
-        // SAFETY: recvmsg into the buffers above.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        assert!(n >= 0);
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let got = rustix::net::recvmsg(
+            sock,
+            &mut [std::io::IoSliceMut::new(&mut buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )
+        .unwrap();
         let mut fds = Vec::new();
-        // SAFETY: walking the control buffer the kernel filled, with the CMSG_* macros.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(&msg);
-            while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
-                    let data = libc::CMSG_DATA(c).cast::<i32>();
-                    for i in 0..count {
-                        fds.push(OwnedFd::from_raw_fd(*data.add(i)));
-                    }
-                }
-                c = libc::CMSG_NXTHDR(&msg, c);
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(rights) = message {
+                fds.extend(rights);
             }
         }
-        (String::from_utf8_lossy(&buf[..n as usize]).to_string(), fds)
+        (String::from_utf8_lossy(&buf[..got.bytes]).to_string(), fds)
     }
 
     #[test]

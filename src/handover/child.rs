@@ -237,7 +237,7 @@ fn end_this_process_group(parent_pid: u32, when: &str) -> ! {
     );
     let me = std::process::id() as libc::pid_t;
     if sys::getpgid(0).ok() == Some(me) {
-        let _ = sys::kill(0, libc::SIGKILL);
+        let _ = sys::kill_own_process_group();
     }
     std::process::exit(1)
 }

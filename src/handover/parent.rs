@@ -171,7 +171,7 @@ pub(crate) fn start(
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
         Err(e) => {
-            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::kill_process(pid);
             let _ = sys::waitpid(pid, false);
             return Err(Error::io(
                 "pidfd_open failed (exuvia needs Linux 5.3 or newer to watch the new process)",
@@ -182,7 +182,7 @@ pub(crate) fn start(
     let channel = match Channel::new(ours) {
         Ok(c) => c,
         Err(e) => {
-            let _ = sys::kill(pid, libc::SIGKILL);
+            let _ = sys::kill_process(pid);
             let _ = sys::waitpid(pid, false);
             return Err(e);
         }
@@ -222,8 +222,8 @@ impl PendingChild {
     fn kill_and_reap(&mut self) -> Option<std::process::ExitStatus> {
         self.done = true;
         // The group id is the child's pid, which cannot be reused before the child is reaped below.
-        let _ = sys::kill(-self.pid, libc::SIGKILL);
-        let _ = sys::kill(self.pid, libc::SIGKILL);
+        let _ = sys::kill_process_group(self.pid);
+        let _ = sys::kill_process(self.pid);
         // An error is ECHILD: the application set SIGCHLD to SIG_IGN and the kernel reaped it already.
         sys::waitpid(self.pid, false).unwrap_or_default()
     }

@@ -75,7 +75,7 @@ impl Upgrader {
                 drop(inherited);
                 let fd = self
                     .rebind(REGISTRY_NAME, || {
-                        listen::bind_unix(path, libc::SOCK_STREAM, true, &private)
+                        listen::bind_unix(path, listen::UnixType::Stream, true, &private)
                     })
                     .map_err(|e| {
                         Error::with_io(

@@ -136,7 +136,7 @@ impl Upgrader {
         self.take_or_bind(
             name,
             SocketKind::UnixListener,
-            || listen::bind_unix(path, libc::SOCK_STREAM, true, opts),
+            || listen::bind_unix(path, listen::UnixType::Stream, true, opts),
             path.display(),
         )
         .map(UnixListener::from)
@@ -148,7 +148,7 @@ impl Upgrader {
         self.take_or_bind(
             name,
             SocketKind::UnixDatagram,
-            || listen::bind_unix(path, libc::SOCK_DGRAM, false, &BindOptions::new()),
+            || listen::bind_unix(path, listen::UnixType::Datagram, false, &BindOptions::new()),
             path.display(),
         )
         .map(UnixDatagram::from)
@@ -161,7 +161,7 @@ impl Upgrader {
         self.take_or_bind(
             name,
             SocketKind::UnixSeqpacketListener,
-            || listen::bind_unix(path, libc::SOCK_SEQPACKET, true, &BindOptions::new()),
+            || listen::bind_unix(path, listen::UnixType::Seqpacket, true, &BindOptions::new()),
             path.display(),
         )
     }

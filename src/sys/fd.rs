@@ -1,0 +1,152 @@
+//! Descriptors: adopting inherited ones, close-on-exec and non-blocking flags, pipes, reads, and `poll`.
+
+use std::io;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::io::FdFlags;
+
+/// Takes ownership of a file descriptor that the environment says we inherited, after checking it is open.
+///
+/// The caller must make sure nothing else in the process owns `raw` (the numbers come from `LISTEN_FDS`-style
+/// variables that name fds handed to this process for its exclusive use, and each is adopted once per process:
+/// see `Builder::build`).
+pub(crate) fn adopt_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    if raw < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_GETFD only queries the descriptor table; an invalid number yields EBADF. No ownership is taken.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open (checked above) and, per the function contract, owned by no one else: it was
+    // passed to this process by its parent or service manager and is adopted exactly once.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Sets or clears close-on-exec.
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let flags = rustix::io::fcntl_getfd(fd)?;
+    let new = if on {
+        flags | FdFlags::CLOEXEC
+    } else {
+        flags - FdFlags::CLOEXEC
+    };
+    if new != flags {
+        rustix::io::fcntl_setfd(fd, new)?;
+    }
+    Ok(())
+}
+
+/// Sets or clears O_NONBLOCK. Note that the flag belongs to the open file description, which is shared with
+/// every process holding a copy of the same socket.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    Ok(rustix::io::ioctl_fionbio(fd, on)?)
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
+}
+
+/// One `read`, retried on EINTR.
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    Ok(rustix::io::retry_on_intr(|| {
+        rustix::io::read(fd, &mut *buf)
+    })?)
+}
+
+/// A set of descriptors to wait on with `poll(2)`.
+#[derive(Debug, Default)]
+pub(crate) struct PollSet<'a> {
+    fds: Vec<PollFd<'a>>,
+}
+
+impl<'a> PollSet<'a> {
+    pub(crate) fn new() -> PollSet<'a> {
+        PollSet::default()
+    }
+
+    /// Adds `fd`, returning its index. `events` are `poll(2)`'s (`libc::POLLIN`, ...).
+    pub(crate) fn add(&mut self, fd: BorrowedFd<'a>, events: libc::c_short) -> usize {
+        self.fds.push(PollFd::from_borrowed_fd(
+            fd,
+            PollFlags::from_bits_retain(events as u16),
+        ));
+        self.fds.len() - 1
+    }
+
+    /// Waits until any fd is ready or `deadline` passes (`None`: forever). Returns false on timeout.
+    pub(crate) fn wait(&mut self, deadline: Option<Instant>) -> io::Result<bool> {
+        loop {
+            let timeout = deadline.map(|d| {
+                let left = d.saturating_duration_since(Instant::now());
+                // Round up to the millisecond, so that we never wake before the deadline and spin.
+                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i64;
+                rustix::time::Timespec {
+                    tv_sec: ms / 1000,
+                    tv_nsec: (ms % 1000) * 1_000_000,
+                }
+            });
+            match rustix::event::poll(&mut self.fds, timeout.as_ref()) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(n) if n > 0 => return Ok(true),
+                Ok(_) => {}
+            }
+            if let Some(d) = deadline {
+                if Instant::now() >= d {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
+    /// The events that fired for the fd at `index` in the last [`wait`](Self::wait).
+    pub(crate) fn revents(&self, index: usize) -> libc::c_short {
+        self.fds[index].revents().bits() as libc::c_short
+    }
+}
+
+/// Registers `fd` with the current Tokio reactor for readability.
+#[cfg(feature = "tokio")]
+pub(crate) fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is a valid, open descriptor that stays open, and always reports the same number,
+    // for as long as the AsyncFd owns it, which is the whole contract of register_with_interest.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    #[test]
+    fn adopt_refuses_closed_and_negative_fds() {
+        assert!(adopt_inherited_fd(-1).is_err());
+        // A number far above anything open in a test process.
+        assert!(adopt_inherited_fd(1_000_000).is_err());
+    }
+
+    #[test]
+    fn poll_times_out_then_sees_a_closed_pipe() {
+        let (r, w) = pipe().unwrap();
+        let mut set = PollSet::new();
+        let i = set.add(r.as_fd(), libc::POLLIN);
+        let t = Instant::now();
+        assert!(!set.wait(Some(t + Duration::from_millis(20))).unwrap());
+        assert!(t.elapsed() >= Duration::from_millis(20));
+        drop(w);
+        assert!(set.wait(None).unwrap());
+        assert_ne!(set.revents(i) & (libc::POLLIN | libc::POLLHUP), 0);
+        assert_eq!(read(r.as_fd(), &mut [0u8; 4]).unwrap(), 0);
+        set_cloexec(r.as_fd(), false).unwrap();
+        assert!(!rustix::io::fcntl_getfd(&r)
+            .unwrap()
+            .contains(FdFlags::CLOEXEC));
+        set_nonblocking(r.as_fd(), true).unwrap();
+    }
+}

@@ -1,0 +1,242 @@
+//! Sockets: what a descriptor is, peer credentials, `accept4`, socket file modes, datagrams with descriptors
+//! attached (sd_notify), and shutting down a socket another task owns. Creating, configuring and binding
+//! sockets is socket2's job (in `listen.rs`).
+
+use std::io;
+use std::io::IoSlice;
+use std::mem::MaybeUninit;
+#[cfg(feature = "hyper")]
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+
+use rustix::fs::FileType;
+use rustix::net::{
+    sockopt, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags,
+};
+
+/// What the kernel says a socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SocketInfo {
+    /// `AF_INET`, `AF_INET6`, `AF_UNIX`, ...
+    pub(crate) domain: libc::c_int,
+    /// `SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_SEQPACKET`, ...
+    pub(crate) ty: libc::c_int,
+    /// `SO_ACCEPTCONN`: whether `listen` was called on it.
+    pub(crate) listening: bool,
+}
+
+/// Returns `None` when the fd is not a socket at all.
+pub(crate) fn socket_info(fd: BorrowedFd<'_>) -> io::Result<Option<SocketInfo>> {
+    let st = rustix::fs::fstat(fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        return Ok(None);
+    }
+    Ok(Some(SocketInfo {
+        domain: libc::c_int::from(sockopt::socket_domain(fd)?.as_raw()),
+        ty: sockopt::socket_type(fd)?.as_raw() as libc::c_int,
+        listening: sockopt::socket_acceptconn(fd)?,
+    }))
+}
+
+/// The uid of the process at the other end of a connected Unix socket (`SO_PEERCRED`).
+pub(crate) fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    Ok(sockopt::socket_peercred(fd)?.uid.as_raw())
+}
+
+/// `accept4` with close-on-exec, for socket kinds std has no type for (seqpacket).
+pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    Ok(rustix::io::retry_on_intr(|| {
+        rustix::net::accept_with(fd, SocketFlags::CLOEXEC)
+    })?)
+}
+
+/// Sets the mode of a Unix socket before `bind`: the socket file `bind` creates takes it (minus the umask).
+/// Nothing goes through a path, so no symlink planted there can redirect it.
+pub(crate) fn set_socket_mode(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    Ok(rustix::fs::fchmod(
+        fd,
+        rustix::fs::Mode::from_raw_mode(mode),
+    )?)
+}
+
+/// Where a Unix datagram goes: a filesystem path, or a name in the abstract namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum UnixTarget {
+    Path(PathBuf),
+    Abstract(Vec<u8>),
+}
+
+impl UnixTarget {
+    pub(crate) fn address(&self) -> io::Result<SocketAddrUnix> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        match self {
+            UnixTarget::Path(p) => SocketAddrUnix::new(p.as_path()).map_err(|_| {
+                invalid(format!(
+                    "unix socket path {} must be 1 to 107 bytes without NUL",
+                    p.display()
+                ))
+            }),
+            UnixTarget::Abstract(name) => SocketAddrUnix::new_abstract_name(name)
+                .map_err(|_| invalid("abstract socket name must be 1 to 107 bytes".to_string())),
+        }
+    }
+}
+
+/// Sends one datagram to `target`, with `fds` attached as SCM_RIGHTS when there are any.
+pub(crate) fn send_unix_datagram(
+    fd: BorrowedFd<'_>,
+    target: &UnixTarget,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    let addr = target.address()?;
+    // Room for one SCM_RIGHTS header carrying every descriptor (CMSG_SPACE: header plus aligned payload).
+    let mut space =
+        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other(
+            "the descriptors do not fit the control buffer",
+        ));
+    }
+    let n = rustix::io::retry_on_intr(|| {
+        rustix::net::sendmsg_addr(
+            fd,
+            &addr,
+            &[IoSlice::new(data)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )
+    })?;
+    if n != data.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "datagram was truncated",
+        ));
+    }
+    Ok(())
+}
+
+/// A socket owned by `S` that another task may shut down (`shutdown(2)`, both directions) for as long as `S`
+/// lives, through a [`Cut`] handle: how the HTTP layer closes connections still open at the drain deadline,
+/// including upgraded ones whose stream the application now owns.
+///
+/// The handle keeps the descriptor's number, not a duplicate (a `dup` per connection would double the
+/// process's descriptors). That is sound because the number is only used under the handle's lock, and this
+/// wrapper clears it under the same lock in its `Drop`, which runs before `S` (and its descriptor) is dropped;
+/// `S` cannot be moved out, so nothing else can close the descriptor first.
+#[cfg(feature = "hyper")]
+#[derive(Debug)]
+pub(crate) struct Cuttable<S: AsFd> {
+    io: S,
+    cut: std::sync::Arc<Cut>,
+}
+
+/// The other side of a [`Cuttable`].
+#[cfg(feature = "hyper")]
+#[derive(Debug, Default)]
+pub(crate) struct Cut {
+    fd: std::sync::Mutex<Option<RawFd>>,
+}
+
+#[cfg(feature = "hyper")]
+impl<S: AsFd> Cuttable<S> {
+    pub(crate) fn new(io: S) -> (Cuttable<S>, std::sync::Arc<Cut>) {
+        let cut = std::sync::Arc::new(Cut {
+            fd: std::sync::Mutex::new(Some(io.as_fd().as_raw_fd())),
+        });
+        (
+            Cuttable {
+                io,
+                cut: cut.clone(),
+            },
+            cut,
+        )
+    }
+
+    pub(crate) fn get_mut(&mut self) -> &mut S {
+        &mut self.io
+    }
+
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.io
+    }
+}
+
+#[cfg(feature = "hyper")]
+impl<S: AsFd> Drop for Cuttable<S> {
+    fn drop(&mut self) {
+        // Before `io` is dropped: from here on the number may be reused.
+        *self
+            .cut
+            .fd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+}
+
+#[cfg(feature = "hyper")]
+impl Cut {
+    /// Shuts the socket down in both directions if its owner still lives: every read on it ends (end of file)
+    /// and every write fails, waking whoever waits on it. False if the owner was already gone.
+    pub(crate) fn shutdown(&self) -> bool {
+        let fd = self
+            .fd
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(fd) = *fd else {
+            return false;
+        };
+        // SAFETY: `fd` is open for as long as we hold the lock: the Cuttable that owns it clears this slot under
+        // the same lock before it closes the descriptor. The borrow does not outlive this block.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let _ = rustix::net::shutdown(borrowed, rustix::net::Shutdown::Both);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn socket_info_tells_kinds_apart() {
+        let (r, _w) = super::super::pipe().unwrap();
+        assert_eq!(socket_info(r.as_fd()).unwrap(), None);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let info = socket_info(l.as_fd()).unwrap().unwrap();
+        assert_eq!(
+            (info.domain, info.ty, info.listening),
+            (libc::AF_INET, libc::SOCK_STREAM, true)
+        );
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let info = socket_info(u.as_fd()).unwrap().unwrap();
+        assert_eq!((info.ty, info.listening), (libc::SOCK_DGRAM, false));
+    }
+
+    #[test]
+    fn peer_uid_is_ours_and_a_socket_mode_is_set() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(peer_uid(a.as_fd()).unwrap(), super::super::euid());
+        set_socket_mode(a.as_fd(), 0o600).unwrap();
+    }
+
+    #[test]
+    fn bad_targets_are_refused_with_the_rule() {
+        let long = UnixTarget::Path(PathBuf::from(format!("/{}", "x".repeat(200))));
+        assert!(long
+            .address()
+            .unwrap_err()
+            .to_string()
+            .contains("1 to 107 bytes"));
+        let long = UnixTarget::Abstract(vec![b'x'; 200]);
+        assert!(long
+            .address()
+            .unwrap_err()
+            .to_string()
+            .contains("1 to 107 bytes"));
+        assert!(UnixTarget::Abstract(b"exuvia".to_vec()).address().is_ok());
+    }
+}
