@@ -431,11 +431,12 @@ impl Reply {
 /// ```
 ///
 /// # Errors
-/// [`ErrorKind::Channel`] when the socket cannot be reached, or the service does not answer within `timeout`.
+/// [`ErrorKind::ControlSocket`] when the socket cannot be reached, or the service does not answer within
+/// `timeout`; [`ErrorKind::Protocol`] when the reply is not one.
 pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply> {
     let unreachable = |e: io::Error| {
         Error::with_io(
-            ErrorKind::Channel,
+            ErrorKind::ControlSocket,
             format!(
                 "cannot reach the control socket {} (is the service running?)",
                 path.display()
@@ -456,7 +457,7 @@ pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply
         (Err(e), _) => return Err(unreachable(e)),
         (Ok(()), Err(e)) => {
             return Err(Error::with_io(
-                ErrorKind::Channel,
+                ErrorKind::ControlSocket,
                 format!("no answer from the service within {timeout:?}"),
                 e,
             ))
@@ -469,7 +470,7 @@ pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply
         let mut rest = Vec::new();
         reader.read_to_end(&mut rest).map_err(|e| {
             Error::with_io(
-                ErrorKind::Channel,
+                ErrorKind::ControlSocket,
                 format!("the service did not exit within {timeout:?}"),
                 e,
             )

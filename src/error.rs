@@ -35,6 +35,16 @@ pub enum ErrorKind {
     UpgradeInProgress,
     /// This process has already handed over (or is stopping), so it cannot upgrade again.
     Finishing,
+    /// This process has not reported ready yet ([`Upgrader::ready`](crate::Upgrader::ready)), so it cannot
+    /// upgrade: a process must serve before it can hand over. Retry once it is ready.
+    NotReady,
+    /// Something that exists once per process is already installed (signal handling).
+    AlreadyInstalled,
+    /// The service manager could not be told (an sd_notify datagram could not be sent, or the barrier was not
+    /// answered in time).
+    Systemd,
+    /// The control socket could not be reached, or the service behind it did not answer in time.
+    ControlSocket,
     /// The new binary could not be started (fork failed, or exec failed: missing file, no permission).
     Spawn,
     /// The new process exited or was killed by a signal before it reported ready.

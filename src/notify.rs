@@ -181,7 +181,7 @@ impl Notifier {
     /// # Errors
     /// [`ErrorKind::InvalidNotification`] for a multi-line STATUS or a message over 4096 bytes,
     /// [`ErrorKind::InvalidName`] for a bad FDNAME;
-    /// [`ErrorKind::Io`] if the service manager's socket cannot be reached.
+    /// [`ErrorKind::Systemd`] if the service manager's socket cannot be reached.
     pub fn notify(&self, states: &[State<'_>]) -> Result<()> {
         self.notify_with_fds(states, &[])
     }
@@ -191,7 +191,8 @@ impl Notifier {
         let msg = encode(states)?;
         sys::send_unix_datagram(self.socket.as_fd(), &self.target, msg.as_bytes(), fds).map_err(
             |e| {
-                Error::io(
+                Error::with_io(
+                    ErrorKind::Systemd,
                     format!(
                         "cannot notify the service manager ({})",
                         msg.trim_end().replace('\n', " ")
@@ -209,13 +210,19 @@ impl Notifier {
     /// copy (POLLHUP on the read end).
     ///
     /// # Errors
-    /// [`ErrorKind::Channel`] if the manager has not answered within `timeout`.
+    /// [`ErrorKind::Systemd`] if the manager has not answered within `timeout`.
     pub fn barrier(&self, timeout: Duration) -> Result<()> {
         let (read_end, write_end) =
             sys::pipe().map_err(|e| Error::io("cannot create the barrier pipe", e))?;
         let msg = b"BARRIER=1\n";
         sys::send_unix_datagram(self.socket.as_fd(), &self.target, msg, &[write_end.as_fd()])
-            .map_err(|e| Error::io("cannot send BARRIER=1 to the service manager", e))?;
+            .map_err(|e| {
+                Error::with_io(
+                    ErrorKind::Systemd,
+                    "cannot send BARRIER=1 to the service manager",
+                    e,
+                )
+            })?;
         drop(write_end);
         let deadline = Instant::now() + timeout;
         let mut set = PollSet::new();
@@ -225,7 +232,7 @@ impl Notifier {
             .map_err(|e| Error::io("barrier poll failed", e))?;
         if !done {
             return Err(Error::new(
-                ErrorKind::Channel,
+                ErrorKind::Systemd,
                 format!(
                     "the service manager did not acknowledge BARRIER=1 within {}",
                     crate::error::human_duration(timeout)

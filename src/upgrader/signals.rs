@@ -23,16 +23,23 @@ impl Upgrader {
     /// called, whatever threads exist.
     ///
     /// # Errors
-    /// If signal handling was already installed in this process, or the handler cannot be installed.
+    /// [`ErrorKind::AlreadyInstalled`] if signal handling was already installed in this process;
+    /// [`ErrorKind::Io`] if the handler cannot be installed or its thread cannot start.
     pub fn handle_signals(&self) -> Result<JoinHandle<()>> {
         if self.inner.signals.swap(true, Ordering::SeqCst) {
             return Err(Error::new(
-                ErrorKind::Io,
-                "signal handling is already installed for this upgrader",
+                ErrorKind::AlreadyInstalled,
+                "signal handling is already installed for this upgrader (call handle_signals once)",
             ));
         }
-        let pipe = sys::signal_pipe(&[libc::SIGHUP, libc::SIGTERM, libc::SIGINT])
-            .map_err(|e| Error::io("cannot install signal handlers", e))?;
+        let pipe = sys::signal_pipe(&[libc::SIGHUP, libc::SIGTERM, libc::SIGINT]).map_err(|e| {
+            let kind = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                ErrorKind::AlreadyInstalled
+            } else {
+                ErrorKind::Io
+            };
+            Error::with_io(kind, "cannot install signal handlers", e)
+        })?;
         let me = self.clone();
         std::thread::Builder::new()
             .name("exuvia-signals".into())

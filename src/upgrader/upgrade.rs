@@ -58,6 +58,7 @@ struct Committed {
 pub(super) fn refused(r: Refused) -> Error {
     let kind = match r {
         Refused::UpgradeInProgress => ErrorKind::UpgradeInProgress,
+        Refused::NotReady => ErrorKind::NotReady,
         _ => ErrorKind::Finishing,
     };
     Error::new(kind, r.to_string())
@@ -83,7 +84,7 @@ impl Upgrader {
     ///
     /// # Errors
     /// [`ErrorKind::UpgradeInProgress`] if another upgrade is running; [`ErrorKind::Finishing`] if this process
-    /// already handed over, is stopping, or has not reported ready itself; [`ErrorKind::Spawn`],
+    /// already handed over or is stopping; [`ErrorKind::NotReady`] if it has not reported ready itself; [`ErrorKind::Spawn`],
     /// [`ErrorKind::ChildExited`], [`ErrorKind::ChildFailed`], [`ErrorKind::ReadyTimeout`],
     /// [`ErrorKind::Protocol`], [`ErrorKind::Channel`] when the new process does not come up.
     pub fn upgrade(&self) -> Result<UpgradeReport> {
@@ -330,6 +331,6 @@ mod tests {
         let e = refused(Refused::Finishing(Finish::Upgraded { child_pid: 9 }));
         assert_eq!(e.kind(), ErrorKind::Finishing);
         assert!(e.to_string().contains("pid 9"), "{e}");
-        assert_eq!(refused(Refused::NotReady).kind(), ErrorKind::Finishing);
+        assert_eq!(refused(Refused::NotReady).kind(), ErrorKind::NotReady);
     }
 }
