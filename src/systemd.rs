@@ -138,14 +138,21 @@ impl Manager {
         }
     }
 
-    /// Moves the main pid to `child` and completes the reload, then waits until systemd has processed it.
-    pub(crate) fn hand_over(&self, child: u32, status: &str) {
+    /// Moves the main pid to `child` and completes the reload: one datagram. Anything the new process sends
+    /// afterwards queues behind it on the same socket, so systemd reads it as the main process's.
+    pub(crate) fn announce_main(&self, child: u32, status: &str) {
         let Some(n) = &self.notifier else { return };
         let status = one_line(status);
         if let Err(e) = n.notify(&[State::MainPid(child), State::Ready, State::Status(&status)]) {
             tracing::warn!(error = %e, "sd_notify MAINPID failed; systemd may still consider this process the main one");
-            return;
         }
+    }
+
+    /// Waits until systemd has processed everything sent so far (the barrier): before this process stops
+    /// accepting and may exit, systemd must already know the new main process, or it would take this
+    /// process's exit for the service's.
+    pub(crate) fn confirm_main(&self) {
+        let Some(n) = &self.notifier else { return };
         if let Err(e) = n.barrier(BARRIER_TIMEOUT) {
             tracing::warn!(error = %e, "systemd did not confirm the MAINPID change; handing over anyway");
         }

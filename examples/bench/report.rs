@@ -409,6 +409,40 @@ impl Run<'_> {
                     .map_or("-".into(), |b| format!("{:.1}", mib(*b))),
             );
         }
+        let _ = writeln!(
+            w,
+            "\nwhere a replacement's time goes, ms from the trigger (median over the replacements; from the old \
+             process's log), and the requests started during it split at the SIGHUP's arrival (p50/p99/p999):\n\
+             {:<18} {:>10} {:>10} {:>12} {:>12} {:>20} {:>20}",
+            "scenario", "SIGHUP in", "new ready", "handed over", "new answers", "before the SIGHUP", "from the SIGHUP on"
+        );
+        for (s, out) in self
+            .outcomes
+            .iter()
+            .filter(|(_, o)| o.skipped.is_none() && o.stages.iter().any(Option::is_some))
+        {
+            let stage = |i: usize| {
+                ms(median(
+                    &out.stages
+                        .iter()
+                        .flatten()
+                        .map(|st| st[i])
+                        .collect::<Vec<_>>(),
+                ))
+            };
+            let (before, after) = out.split_at_signal();
+            let _ = writeln!(
+                w,
+                "{:<18} {:>10} {:>10} {:>12} {:>12} {:>20} {:>20}",
+                s.name(),
+                stage(0),
+                stage(1),
+                stage(2),
+                ms(median(&out.to_first_response)),
+                format!("{} ({})", triple(&before), before.len()),
+                format!("{} ({})", triple(&after), after.len()),
+            );
+        }
         if self.options.timeline {
             let _ = writeln!(
                 w,

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::measure::{self, RssSampler};
 use super::support::{self, systemd, Idle, Load, Server, Stats};
@@ -88,9 +88,34 @@ pub struct Outcome {
     pub overhead: Vec<(Duration, Duration)>,
     /// Peak summed resident memory of the old and the new process, per replacement.
     pub peak_rss: Vec<u64>,
+    /// Where each replacement's time went, from the old process's log, measured from the trigger: the
+    /// SIGHUP received, the new process ready, the handover done (the old process stops accepting).
+    /// `None` where the log did not show all three (aligned with `windows`).
+    pub stages: Vec<Option<[Duration; 3]>>,
 }
 
 impl Outcome {
+    /// Latencies of the requests started during the replacements, split at the moment the old process received
+    /// its SIGHUP: (before: the trigger's own cost, e.g. systemctl and systemd at work; from then on).
+    pub fn split_at_signal(&self) -> (Vec<Duration>, Vec<Duration>) {
+        let (mut before, mut after) = (Vec::new(), Vec::new());
+        for ((t0, end), stages) in self.windows.iter().zip(&self.stages) {
+            let Some([signal, ..]) = stages else { continue };
+            for r in self.fresh.latencies.iter().chain(&self.keepalive.latencies) {
+                if r.at >= *t0 && r.at <= *end {
+                    if r.at < *t0 + *signal {
+                        before.push(r.took);
+                    } else {
+                        after.push(r.took);
+                    }
+                }
+            }
+        }
+        before.sort();
+        after.sort();
+        (before, after)
+    }
+
     /// Every mode's requests together: counts and failures (latencies stay per mode).
     pub fn all(&self) -> Stats {
         let mut s = Stats::default();
@@ -141,6 +166,31 @@ fn first_response_from(addr: SocketAddr, pred: impl Fn(u32) -> bool) -> Option<I
 }
 
 /// `(overhead, child init)` from the old process's "child ready" log line.
+/// The wall-clock time of a log line of the examples (its first field: seconds.microseconds since the epoch).
+fn logged_at(line: &str) -> Option<SystemTime> {
+    let t: f64 = line.split_whitespace().next()?.parse().ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs_f64(t))
+}
+
+/// (trigger -> SIGHUP received, -> new process ready, -> handed over), from the old process's log lines.
+fn stages_of(lines: &[String], old: u32, trigger: SystemTime) -> Option<[Duration; 3]> {
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .rev()
+            .find(|l| {
+                l.contains(needle)
+                    && support::field(l, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(old)
+            })
+            .and_then(|l| logged_at(l)?.duration_since(trigger).ok())
+    };
+    Some([
+        at("SIGHUP received")?,
+        at("child ready; handing over")?,
+        at("upgrade: handed over")?,
+    ])
+}
+
 fn overhead_of(lines: &[String], old: u32) -> Option<(Duration, Duration)> {
     let line = lines.iter().rev().find(|l| {
         l.contains("child ready; handing over")
@@ -281,7 +331,20 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
         // the replacement.
         let idle = Idle::open(addr, shape.idle);
         load.wait_progress(between);
+        // Under systemd, finding the main process (nsenter + systemctl show, tens of ms) is bookkeeping, not
+        // part of the trigger: done before the clock starts, so that the window opens at `systemctl reload`.
+        let mut before_reload = match &target {
+            Target::Systemd { sd } => {
+                let old = sd.main_pid("app.service");
+                let old_host = sd.host_pid(old).expect("the main process is visible");
+                let old_fd = support::pidfd(old_host).expect("the main process is alive");
+                let sampler = RssSampler::start(&[old_host], true);
+                Some((old, old_fd, sampler))
+            }
+            Target::Direct { .. } => None,
+        };
         let t0 = Instant::now();
+        let wall0 = SystemTime::now();
         let (new, idle_done) = match &mut target {
             Target::Direct {
                 servers,
@@ -311,9 +374,11 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                         // Idle clients send while the old process drains.
                         let idle_done = idle.finish_paced(shape.pace);
                         support::wait_gone(old, Duration::from_secs(30));
-                        if let Some(o) = overhead_of(&s.log.lines(), old) {
+                        let lines = s.log.lines();
+                        if let Some(o) = overhead_of(&lines, old) {
                             out.overhead.push(o);
                         }
+                        out.stages.push(stages_of(&lines, old, wall0));
                         (new, idle_done)
                     }
                     Scenario::NaiveRestart => {
@@ -345,10 +410,7 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                 r
             }
             Target::Systemd { sd } => {
-                let old = sd.main_pid("app.service");
-                let old_host = sd.host_pid(old).expect("the main process is visible");
-                let old_fd = support::pidfd(old_host).expect("the main process is alive");
-                let sampler = RssSampler::start(&[old_host], true);
+                let (old, old_fd, sampler) = before_reload.take().expect("prepared above");
                 let reload = sd.systemctl(&["reload", "app.service"]);
                 assert!(
                     reload.status.success(),
@@ -365,6 +427,7 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                 if let Some(o) = overhead_of(&lines, old) {
                     out.overhead.push(o);
                 }
+                out.stages.push(stages_of(&lines, old, wall0));
                 (new, idle_done)
             }
         };

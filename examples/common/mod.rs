@@ -105,9 +105,9 @@ impl tracing_subscriber::fmt::time::FormatTime for PidTime {
             .unwrap_or_default();
         write!(
             w,
-            "{}.{:03} pid={}",
+            "{}.{:06} pid={}",
             t.as_secs(),
-            t.subsec_millis(),
+            t.subsec_micros(),
             std::process::id()
         )
     }

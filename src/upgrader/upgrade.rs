@@ -204,9 +204,10 @@ impl Upgrader {
     }
 
     /// Step 4: nobody may finish this process between the new one's ready and the commit, so the lifecycle
-    /// enters `Committing`; then systemd is told (the main pid moves while this process still accepts) and the
-    /// new process confirmed, with no lock held: the barrier can take seconds and nobody reading the
-    /// lifecycle may wait for it.
+    /// enters `Committing`; then, with no lock held, systemd is told (`MAINPID=` + `READY=1`, while this process
+    /// still accepts), the new process confirmed (it serves from then on), and the sd_notify barrier awaited
+    /// before this process stops accepting: systemd must know the new main process before this one may exit.
+    /// The barrier can take seconds and nobody reading the lifecycle waits for it.
     fn commit(&self, child: PendingChild) -> Result<u32> {
         let inner = &self.inner;
         if let Err(r) = inner.lifecycle.step(Step::Commit) {
@@ -225,7 +226,7 @@ impl Upgrader {
         inner
             .lifecycle
             .record(|_, a| a.handed_over_usec = Some(now));
-        inner.manager.hand_over(
+        inner.manager.announce_main(
             pid,
             &format!(
                 "serving (pid {pid}, generation {}); pid {} draining",
@@ -233,6 +234,9 @@ impl Upgrader {
                 std::process::id()
             ),
         );
+        // The new process serves from its Commit on, without waiting for systemd: its own notifications
+        // queue behind MAINPID on the notification socket. This process waits for systemd (the barrier)
+        // after the Commit and before it stops accepting: both serve meanwhile, from the same sockets.
         let child_pid = child.commit()?;
         let (before, _) = inner
             .lifecycle
@@ -243,6 +247,7 @@ impl Upgrader {
                 "stop requested during the handover; this process hands over and drains"
             );
         }
+        inner.manager.confirm_main();
         Ok(child_pid)
     }
 
