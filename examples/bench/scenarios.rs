@@ -116,6 +116,26 @@ impl Outcome {
         (before, after)
     }
 
+    /// Latencies of the requests started within `horizon` of each trigger: the same stretch for every
+    /// scenario and version, whatever the length of its windows (a long window dilutes its p99 with steady
+    /// requests).
+    pub fn first(&self, horizon: Duration) -> Vec<Duration> {
+        let mut v: Vec<Duration> = self
+            .windows
+            .iter()
+            .flat_map(|(t0, _)| {
+                self.fresh
+                    .latencies
+                    .iter()
+                    .chain(&self.keepalive.latencies)
+                    .filter(move |r| r.at >= *t0 && r.at < *t0 + horizon)
+                    .map(|r| r.took)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Every mode's requests together: counts and failures (latencies stay per mode).
     pub fn all(&self) -> Stats {
         let mut s = Stats::default();
