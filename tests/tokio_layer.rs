@@ -92,7 +92,7 @@ async fn accept_loop_ends_when_finishing_and_the_drain_waits() {
 async fn upgrade_async_refuses_before_ready_without_blocking_the_runtime() {
     let upgrader = Upgrader::builder().build().unwrap();
     let e = upgrader.upgrade_async().await.unwrap_err();
-    assert_eq!(e.kind(), exuvia::ErrorKind::Finishing, "{e}");
+    assert_eq!(e.kind(), exuvia::ErrorKind::NotReady, "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
