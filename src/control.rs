@@ -253,6 +253,9 @@ const SIGNAL_LEAD_USEC: u64 = 2_000_000;
 const SIGNAL_GRACE: Duration = Duration::from_secs(1);
 /// The start of an `error` reply that asks the helper to ask again (it then reaches the new process).
 pub const RETRY: &str = "retry:";
+/// The start of an `error` reply for an upgrade that a stop abandoned: the operator asked for the stop, so a
+/// reload helper ends quietly (as it does when systemd's SIGTERM reaches it first).
+pub const STOPPING: &str = "stopping:";
 
 /// Which recorded SIGHUP is the reload's, for a helper that started at `since_usec`: the last one received
 /// from `SIGNAL_LEAD_USEC` before to `SIGNAL_GRACE` after it, and not before this process handed over (systemd
@@ -399,6 +402,11 @@ impl Reply {
         !self.ok && self.text.starts_with(RETRY)
     }
 
+    /// Whether the upgrade asked about was abandoned because the service is stopping.
+    pub fn is_stopping(&self) -> bool {
+        !self.ok && self.text.starts_with(STOPPING)
+    }
+
     /// Reads one reply line: `ok <text>` or `error <text>`.
     ///
     /// # Errors
@@ -505,6 +513,21 @@ mod tests {
             let e = Command::parse(line).unwrap_err();
             assert!(e.contains(why), "{line:?}: {e}");
         }
+    }
+
+    #[test]
+    fn retry_and_stopping_replies_are_told_apart() {
+        let r = Reply::parse(&format!(
+            "error {STOPPING} upgrade abandoned: this process is stopping\n"
+        ))
+        .unwrap();
+        assert!(r.is_stopping() && !r.is_retry() && !r.ok);
+        let r = Reply::parse(&format!("error {RETRY} pid 7 has handed over\n")).unwrap();
+        assert!(r.is_retry() && !r.is_stopping());
+        let r = Reply::parse("ok stopping: is only a marker on errors\n").unwrap();
+        assert!(!r.is_stopping());
+        let r = Reply::parse("error child exited with status 3\n").unwrap();
+        assert!(!r.is_stopping() && !r.is_retry());
     }
 
     #[test]

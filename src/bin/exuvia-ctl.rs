@@ -89,6 +89,15 @@ fn main() -> ExitCode {
             println!("{}", r.text);
             ExitCode::SUCCESS
         }
+        // A stop abandoned the upgrade (systemd's SIGTERM to this helper may still be on its way): the stop is
+        // what the operator asked for, as when the SIGTERM arrives first.
+        Ok(r) if r.is_stopping() => {
+            eprintln!(
+                "exuvia-ctl: the reload was interrupted by a stop ({})",
+                r.text
+            );
+            ExitCode::SUCCESS
+        }
         Ok(r) => {
             eprintln!("exuvia-ctl: {}", r.text);
             ExitCode::from(1)

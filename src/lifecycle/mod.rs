@@ -95,6 +95,11 @@ impl Lifecycle {
         Ok((before, after))
     }
 
+    /// The current state.
+    pub(crate) fn state(&self) -> State {
+        lock(&self.shared.core).state
+    }
+
     /// Reads the state and record together.
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Core) -> T) -> T {
         f(&lock(&self.shared.core))

@@ -26,7 +26,7 @@ impl Actions for Upgrader {
                     r.overhead().as_millis()
                 )
             })
-            .map_err(|e| e.to_string())
+            .map_err(|e| self.verdict_text(&e))
     }
 
     fn stop(&self) {

@@ -133,11 +133,26 @@ impl Upgrader {
         let result = self.upgrade_then(move || me.sighup_handled());
         let verdict = match &result {
             Ok(r) => Ok(format!("upgraded to pid {}", r.child_pid)),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(self.verdict_text(e)),
         };
         self.settle_sighup(id, verdict);
         if let Err(e) = result {
             tracing::warn!(error = %e, "upgrade on SIGHUP did not happen");
+        }
+    }
+
+    /// What a failed upgrade's verdict says to the reload helper: marked [`STOPPING`](crate::control::STOPPING)
+    /// when a stop of this process is what ended it.
+    pub(super) fn verdict_text(&self, e: &Error) -> String {
+        let stopping = e.kind() == ErrorKind::Finishing
+            && matches!(
+                self.inner.lifecycle.state().decided(),
+                Some(crate::Finish::Stopped { .. })
+            );
+        if stopping {
+            format!("{} {e}", crate::control::STOPPING)
+        } else {
+            e.to_string()
         }
     }
 
