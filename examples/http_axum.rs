@@ -66,6 +66,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     common::initialise(&upgrader, &args)?;
     upgrader.ready()?;
+    common::crash_later(&args);
     tracing::info!(%addr, version = %args.version, generation = upgrader.generation(), "serving");
     runtime.block_on(serve(upgrader, listener, args.version))
 }

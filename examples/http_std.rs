@@ -67,6 +67,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     upgrader.handle_signals()?;
     common::initialise(&upgrader, &args)?;
     upgrader.ready()?;
+    common::crash_later(&args);
     tracing::info!(%addr, version = %args.version, generation = upgrader.generation(), "serving");
 
     let acceptor = {
@@ -184,7 +185,7 @@ fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str) -> io::Result<()
         let http10 = proto != "HTTP/1.1";
         // Once this process is finishing, every response is its connection's last: keep-alive clients move
         // to the new process with their next request.
-        let close = asked_close || (http10 && !asked_keep_alive) || upgrader.finishing().is_some();
+        let close = asked_close || (http10 && !asked_keep_alive) || upgrader.closing();
         let (status, body) = match (method, path) {
             ("GET", "/") | ("HEAD", "/") => ("200 OK", format!("pid={pid} version={version}\n")),
             ("GET", "/env") => ("200 OK", common::fd_passing_env()),

@@ -84,9 +84,13 @@ impl<L: Accept> Iterator for Incoming<L> {
         loop {
             let listener = self.listener.as_ref()?;
             let stop = self.finishing.fd();
+            // On probation the gate is shut: the listener stays open but is not polled (the new process takes
+            // the connections); after a rollback it opens again and the same kernel socket is accepted from.
+            let gate = self.finishing.gate();
             let mut set = PollSet::new();
             let s = set.add(stop, libc::POLLIN);
-            let l = set.add(listener.as_fd(), libc::POLLIN);
+            let g = set.add(gate.changed_fd(), libc::POLLIN);
+            let l = gate.open.then(|| set.add(listener.as_fd(), libc::POLLIN));
             if let Err(e) = set.wait(None) {
                 return Some(Err(e));
             }
@@ -95,7 +99,10 @@ impl<L: Accept> Iterator for Incoming<L> {
                 self.listener = None;
                 return None;
             }
-            if set.revents(l) == 0 {
+            if set.revents(g) != 0 {
+                continue; // the gate changed: look again
+            }
+            if !l.is_some_and(|l| set.revents(l) != 0) {
                 continue;
             }
             if !self.nonblocking {

@@ -51,6 +51,9 @@ pub enum ErrorKind {
     ChildExited,
     /// The new process reported that its initialisation failed.
     ChildFailed,
+    /// The new process died within its probation window (see
+    /// [`Builder::probation`](crate::Builder::probation)); this process took the service back and serves on.
+    RolledBack,
     /// The new process did not report ready before the deadline and was killed.
     ReadyTimeout,
     /// The application state to hand over is larger than the protocol allows.
@@ -198,6 +201,16 @@ pub(crate) fn human_duration(d: Duration) -> String {
         format!("{} ms", d.as_millis())
     } else {
         format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// How a process ended, for messages: "exited with status 3", "was killed by signal SIGSEGV".
+pub(crate) fn exit_description(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => format!("was killed by signal {}", signal_name(sig)),
+        _ => format!("ended ({status})"),
     }
 }
 

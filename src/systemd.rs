@@ -158,6 +158,15 @@ impl Manager {
         }
     }
 
+    /// Takes the service back after a rollback: this process is the main one again.
+    pub(crate) fn take_back(&self, status: &str) {
+        self.send(&[
+            State::MainPid(std::process::id()),
+            State::Ready,
+            State::Status(&one_line(status)),
+        ]);
+    }
+
     pub(crate) fn failed(&self, status: &str) {
         self.send(&[State::Ready, State::Status(&one_line(status))]);
     }

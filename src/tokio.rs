@@ -47,8 +47,9 @@ use ::tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use ::tokio::signal::unix::{signal, SignalKind};
 
 use crate::error::{Error, Result};
-use crate::lifecycle::Finishing;
+use crate::lifecycle::{Finishing, Gate};
 use crate::{DrainReport, Event, Finish, UpgradeReport, Upgrader};
+use std::sync::Arc;
 
 /// Runs blocking `f` on a new thread and waits for it without blocking the runtime. Unlike Tokio's
 /// `spawn_blocking`, which panics when the OS refuses a thread, a refusal is an error here.
@@ -94,11 +95,8 @@ impl TcpIncoming {
     /// The next connection, or `None` once this process hands over or stops (then drop this value).
     /// Connections still queued then are left to the process that carries on.
     pub async fn accept(&mut self) -> Option<io::Result<(TcpStream, SocketAddr)>> {
-        ::tokio::select! {
-            biased;
-            _ = self.finishing.wait() => None,
-            r = self.listener.accept() => Some(r),
-        }
+        let listener = &self.listener;
+        self.finishing.accept(|| listener.accept()).await
     }
 
     /// The local address of the listener.
@@ -133,19 +131,18 @@ impl UnixIncoming {
     pub async fn accept(
         &mut self,
     ) -> Option<io::Result<(UnixStream, ::tokio::net::unix::SocketAddr)>> {
-        ::tokio::select! {
-            biased;
-            _ = self.finishing.wait() => None,
-            r = self.listener.accept() => Some(r),
-        }
+        let listener = &self.listener;
+        self.finishing.accept(|| listener.accept()).await
     }
 }
 
-/// The finishing signal as an async readiness source.
+/// The finishing signal as an async readiness source, and the accept gate (shut on probation).
 #[derive(Debug)]
 struct AsyncFinishing {
     fd: AsyncFd<OwnedFd>,
     finishing: Finishing,
+    /// The gate this loop last saw, with its change signal registered with the reactor.
+    gate: Option<(Arc<Gate>, AsyncFd<OwnedFd>)>,
 }
 
 impl AsyncFinishing {
@@ -157,7 +154,59 @@ impl AsyncFinishing {
         Ok(AsyncFinishing {
             fd: crate::sys::async_readable(fd)?,
             finishing,
+            gate: None,
         })
+    }
+
+    /// Whether the accept gate is open now; registers its change signal when the gate is new.
+    fn gate_open(&mut self) -> io::Result<bool> {
+        let current = self.finishing.gate();
+        if !matches!(&self.gate, Some((g, _)) if Arc::ptr_eq(g, &current)) {
+            let fd = current.changed_fd().try_clone_to_owned()?;
+            crate::sys::set_nonblocking(std::os::fd::AsFd::as_fd(&fd), true)?;
+            let open = current.open;
+            self.gate = Some((current, crate::sys::async_readable(fd)?));
+            return Ok(open);
+        }
+        Ok(current.open)
+    }
+
+    /// Resolves once the gate last seen by [`gate_open`](Self::gate_open) is replaced.
+    async fn gate_changed(&self) {
+        match &self.gate {
+            Some((_, fd)) => {
+                let _ = fd.readable().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The next accepted connection from `accept`, while the gate is open; `None` once finishing. On
+    /// probation the listener is left alone (the new process takes the connections) until the gate opens
+    /// again after a rollback, or the finish ends the loop.
+    async fn accept<T, F, Fut>(&mut self, mut accept: F) -> Option<io::Result<T>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = io::Result<T>>,
+    {
+        loop {
+            // No descriptor to watch the gate with: accept as before rather than stop serving.
+            let open = self.gate_open().unwrap_or(true);
+            if open {
+                ::tokio::select! {
+                    biased;
+                    _ = self.wait() => return None,
+                    _ = self.gate_changed() => continue,
+                    r = accept() => return Some(r),
+                }
+            } else {
+                ::tokio::select! {
+                    biased;
+                    _ = self.wait() => return None,
+                    _ = self.gate_changed() => continue,
+                }
+            }
+        }
     }
 
     async fn wait(&self) -> Finish {

@@ -31,6 +31,8 @@ pub struct Args {
     pub extra_listeners: usize,
     pub ballast_mib: usize,
     pub background_init: bool,
+    pub probation: Duration,
+    pub crash_fault: Option<String>,
 }
 
 pub fn parse_args() -> Result<Args, String> {
@@ -47,6 +49,8 @@ pub fn parse_args() -> Result<Args, String> {
         extra_listeners: 0,
         ballast_mib: 0,
         background_init: false,
+        probation: Duration::ZERO,
+        crash_fault: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -72,6 +76,8 @@ pub fn parse_args() -> Result<Args, String> {
             "--control-socket" => a.control_socket = Some(value()?),
             "--reuseport" => a.reuseport = true,
             "--background-init" => a.background_init = true,
+            "--probation" => a.probation = secs(value()?)?,
+            "--crash-fault" => a.crash_fault = Some(value()?),
             "--ballast-mib" => {
                 let v = value()?;
                 a.ballast_mib = v
@@ -87,7 +93,8 @@ pub fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
                             [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
-                            [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N] [--background-init]"
+                            [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N] [--background-init] \
+                            [--probation SECS] [--crash-fault FILE]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -224,7 +231,8 @@ pub fn builder(args: &Args) -> exuvia::Builder {
     let mut builder = Upgrader::builder()
         .ready_timeout(args.ready_timeout)
         .drain_timeout(args.drain_timeout)
-        .background_initialisation(args.background_init);
+        .background_initialisation(args.background_init)
+        .probation(args.probation);
     if let Some(path) = &args.control_socket {
         builder = builder.control_socket(path);
     }
@@ -293,4 +301,43 @@ pub fn hold_open(path: &str) -> io::Result<std::fs::File> {
         "holding a file open without close-on-exec"
     );
     Ok(f)
+}
+
+/// Fault injection for rollback tests (`--crash-fault FILE`): a process that finds FILE once it serves (after
+/// `ready()`) removes it, so that only that generation crashes, and crashes as it says: `panic MS` (a panic,
+/// the process ends with status 101 as a panicking `main` does), `abort MS` (SIGABRT), `exit MS` (status 1),
+/// `hang MS` (never crashes: stays alive; for "after the window" cases the test kills it itself).
+pub fn crash_later(args: &Args) {
+    let Some(path) = &args.crash_fault else {
+        return;
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let _ = std::fs::remove_file(path);
+    let mut words = text.split_whitespace();
+    let (how, ms) = (
+        words.next().unwrap_or("exit").to_string(),
+        words
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0),
+    );
+    tracing::warn!(how, ms, "crash fault armed");
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(ms));
+        tracing::warn!(how, "crashing now (fault)");
+        match how.as_str() {
+            "panic" => {
+                std::panic::set_hook(Box::new(|info| {
+                    eprintln!("{info}");
+                    std::process::exit(101);
+                }));
+                panic!("injected crash");
+            }
+            "abort" => std::process::abort(),
+            "exit" => std::process::exit(1),
+            _ => {}
+        }
+    });
 }

@@ -323,8 +323,8 @@ impl PendingChild {
     }
 
     /// Tells the child it is now the main process. After this the child is on its own: it is no longer killed
-    /// when this value is dropped.
-    pub(crate) fn commit(mut self) -> Result<u32> {
+    /// when this value is dropped. The returned handle watches it during a probation window.
+    pub(crate) fn commit(mut self) -> Result<CommittedChild> {
         let deadline = Instant::now() + Duration::from_secs(5);
         if let Err(e) = self.channel.send(&Message::Commit, deadline) {
             return Err(self.fail_with(e));
@@ -345,7 +345,14 @@ impl PendingChild {
             });
         }
         self.done = true;
-        Ok(self.pid as u32)
+        let pidfd = self
+            .pidfd
+            .try_clone()
+            .map_err(|e| Error::io("cannot keep a handle on the new process", e))?;
+        Ok(CommittedChild {
+            pid: self.pid,
+            pidfd,
+        })
     }
 
     /// Abandons the handover: kills and reaps the child.
@@ -371,6 +378,58 @@ impl PendingChild {
         };
         self.kill_and_reap();
         Err(Error::new(ErrorKind::ChildFailed, verdict))
+    }
+}
+
+/// A committed child: the main process now. This process watches it only during a probation window.
+#[derive(Debug)]
+pub(crate) struct CommittedChild {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+}
+
+/// How a probation window ended for the committed child.
+#[derive(Debug)]
+pub(crate) enum Watched {
+    /// The window passed with the child alive.
+    Passed,
+    /// The child ended within the window (reaped): how.
+    Exited(std::process::ExitStatus),
+    /// `stop` turned readable first.
+    Stopped,
+}
+
+impl CommittedChild {
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
+    /// Watches the child until `deadline`, its exit (reaped then), or `stop` turning readable.
+    pub(crate) fn watch(&self, deadline: Instant, stop: BorrowedFd<'_>) -> Watched {
+        let mut set = PollSet::new();
+        let exit = set.add(self.pidfd.as_fd(), libc::POLLIN);
+        let stopped = set.add(stop, libc::POLLIN);
+        match set.wait(Some(deadline)) {
+            Ok(false) => Watched::Passed,
+            Ok(true) if set.revents(stopped) != 0 => Watched::Stopped,
+            Ok(true) if set.revents(exit) != 0 => match sys::waitpid(self.pid, false) {
+                Ok(Some(status)) => Watched::Exited(status),
+                // Reaped by someone else (SIGCHLD set to SIG_IGN): it is gone all the same.
+                _ => Watched::Exited(std::process::ExitStatus::default()),
+            },
+            Ok(true) => Watched::Passed,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the new process during its probation; ending it");
+                Watched::Passed
+            }
+        }
+    }
+
+    /// Asks the child to stop (SIGTERM: it drains as on `systemctl stop`).
+    pub(crate) fn terminate(&self) {
+        if let Err(e) = sys::terminate_process(self.pid) {
+            tracing::warn!(error = %e, pid = self.pid, "cannot ask the new process to stop");
+        }
     }
 }
 

@@ -30,6 +30,9 @@ pub(crate) struct Attempts {
     pub(crate) handed_over_usec: Option<u64>,
     /// Failed upgrades so far, for [`Upgrader::wait_event`](crate::Upgrader::wait_event).
     pub(crate) failures: u64,
+    /// Of those, rollbacks after a probation (the last failure's kind tells the event apart).
+    pub(crate) rollbacks: u64,
+    pub(crate) last_rolled_back: bool,
 }
 
 /// One SIGHUP and what came of it.
@@ -71,7 +74,15 @@ impl Attempts {
         if verdict.is_err() {
             self.failures += 1;
         }
+        self.last_rolled_back = false;
         self.last = Some((started_usec, verdict));
+    }
+
+    /// Records the end of an upgrade whose new process died on probation (this process serves again).
+    pub(crate) fn rolled_back(&mut self, started_usec: u64, why: String) {
+        self.ended(started_usec, Err(why));
+        self.rollbacks += 1;
+        self.last_rolled_back = true;
     }
 }
 

@@ -37,11 +37,39 @@ struct Shared {
     events: ::tokio::sync::Notify,
     /// The published finish, read without a lock.
     published: OnceLock<Finish>,
-    /// True once the finish is published: for code that checks on every request (the HTTP layer).
+    /// True while connections should be let go (on probation, once finishing): for code that checks on every
+    /// request (the HTTP layer, `Upgrader::closing`). Revocable: a rollback clears it.
     flag: Arc<AtomicBool>,
     /// Readable (end of file) once the finish is published: every accept loop polls it.
     stop_read: OwnedFd,
     stop_write: Mutex<Option<OwnedFd>>,
+    /// Whether accept loops take connections now, and the signal that this changed (see [`Gate`]).
+    gate: Mutex<Arc<Gate>>,
+}
+
+/// Whether accept loops take connections (they pause on probation and resume after a rollback), with a
+/// descriptor that turns readable, for good, once that changes: then the loop asks for the current gate.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    pub(crate) open: bool,
+    changed_read: OwnedFd,
+    changed_write: Mutex<Option<OwnedFd>>,
+}
+
+impl Gate {
+    fn new(open: bool) -> std::io::Result<Gate> {
+        let (changed_read, changed_write) = sys::pipe()?;
+        Ok(Gate {
+            open,
+            changed_read,
+            changed_write: Mutex::new(Some(changed_write)),
+        })
+    }
+
+    /// Readable once this gate is replaced.
+    pub(crate) fn changed_fd(&self) -> BorrowedFd<'_> {
+        self.changed_read.as_fd()
+    }
 }
 
 /// The shared lifecycle: cheap to clone, every clone the same.
@@ -71,6 +99,7 @@ impl Lifecycle {
                 flag: Arc::new(AtomicBool::new(false)),
                 stop_read,
                 stop_write: Mutex::new(Some(stop_write)),
+                gate: Mutex::new(Arc::new(Gate::new(true)?)),
             }),
         })
     }
@@ -85,12 +114,16 @@ impl Lifecycle {
         let mut closing = None;
         if let (None, Some(f)) = (before.published(), after.published()) {
             let _ = self.shared.published.set(f);
-            self.shared.flag.store(true, Ordering::Release);
             closing = lock(&self.shared.stop_write).take();
         }
+        // Revocable (a rollback clears it): let connections go on probation and once finishing.
+        self.shared.flag.store(after.closing(), Ordering::Release);
         drop(core);
         // Closing the write end (outside the lock) makes the read end readable for good.
         drop(closing);
+        if before.accepting() != after.accepting() {
+            self.sync_gate();
+        }
         self.changed();
         Ok((before, after))
     }
@@ -98,6 +131,34 @@ impl Lifecycle {
     /// The current state.
     pub(crate) fn state(&self) -> State {
         lock(&self.shared.core).state
+    }
+
+    /// The current gate of the accept loops.
+    pub(crate) fn gate(&self) -> Arc<Gate> {
+        lock(&self.shared.gate).clone()
+    }
+
+    /// Makes the gate follow the state: a new gate, then the old one's signal. Under the gate's lock, reading
+    /// the state there, so that concurrent steps converge on the latest state whatever their order.
+    fn sync_gate(&self) {
+        let mut gate = lock(&self.shared.gate);
+        let open = lock(&self.shared.core).state.accepting();
+        if gate.open == open {
+            return;
+        }
+        match Gate::new(open) {
+            Ok(new) => {
+                let old = std::mem::replace(&mut *gate, Arc::new(new));
+                drop(gate);
+                // Wakes every loop waiting on the old gate.
+                drop(lock(&old.changed_write).take());
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                open,
+                "cannot signal the accept loops (no descriptor for a pipe); they keep their current mode"
+            ),
+        }
     }
 
     /// Reads the state and record together.
@@ -167,6 +228,11 @@ impl Lifecycle {
         self.shared.stop_read.as_fd()
     }
 
+    /// Whether connections should be let go now (on probation, once finishing). Lock-free.
+    pub(crate) fn closing(&self) -> bool {
+        self.shared.flag.load(Ordering::Acquire)
+    }
+
     /// The read-only handle for code that only waits for the finish.
     pub(crate) fn handle(&self) -> Finishing {
         Finishing {
@@ -193,10 +259,16 @@ impl Finishing {
         self.lifecycle.finishing_fd()
     }
 
-    /// True once the finish is published, for checks on every request.
+    /// True while this process lets its connections go (on probation, and once finishing), for checks on
+    /// every request. Revocable: a rollback clears it.
     #[cfg(feature = "hyper")]
     pub(crate) fn flag(&self) -> Arc<AtomicBool> {
         self.lifecycle.shared.flag.clone()
+    }
+
+    /// The accept loops' current gate.
+    pub(crate) fn gate(&self) -> Arc<Gate> {
+        self.lifecycle.gate()
     }
 
     /// Blocks until the finish is published.

@@ -68,6 +68,14 @@ pub(crate) enum State {
         /// The first stop that arrived meanwhile.
         stop: Option<StopCause>,
     },
+    /// Committed with a probation window: the new process serves, this one has stopped accepting and lets its
+    /// connections go, but keeps the sockets and watches the new process. If it dies within the window this
+    /// process takes the service back (`RolledBack`); otherwise it finishes as upgraded (`ProbationPassed`).
+    /// A stop now stops both.
+    Probation {
+        /// The new process.
+        child_pid: u32,
+    },
     /// Finishing, decided but not yet published.
     Deciding {
         /// Why.
@@ -98,6 +106,15 @@ pub(crate) enum Step {
         /// The new process.
         child_pid: u32,
     },
+    /// systemd and the new process have been told, and a probation window starts.
+    CommittedOnProbation {
+        /// The new process.
+        child_pid: u32,
+    },
+    /// The probation window ended with the new process alive.
+    ProbationPassed,
+    /// The new process died within the probation window: this process serves again.
+    RolledBack,
     /// The upgrade is over without a handover (failed, or abandoned for a stop).
     UpgradeEnded,
     /// A stop was requested.
@@ -172,6 +189,19 @@ impl State {
                 })
             }
 
+            (Committing { .. }, CommittedOnProbation { child_pid }) => Ok(Probation { child_pid }),
+            (Probation { child_pid }, ProbationPassed) => Ok(Deciding {
+                finish: Finish::Upgraded { child_pid },
+                upgrade: false,
+            }),
+            (Probation { .. }, RolledBack) => Ok(Serving),
+            (Probation { .. }, Stop(by)) => Ok(Deciding {
+                finish: Finish::Stopped { by },
+                upgrade: true,
+            }),
+            (Probation { .. }, BeginUpgrade) => Err(Refused::UpgradeInProgress),
+            (Probation { .. }, Ready) => Err(Refused::AlreadyReady),
+
             (Upgrading, UpgradeEnded) => Ok(Serving),
             (Committing { stop: None }, UpgradeEnded) => Ok(Serving),
             (Committing { stop: Some(by) }, UpgradeEnded) => Ok(Deciding {
@@ -218,7 +248,16 @@ impl State {
                 BeginUpgrade | Commit | Stop(_),
             ) => Err(Refused::Finishing(finish)),
 
-            (_, Commit | Committed { .. } | UpgradeEnded | Publish) => Err(Refused::OutOfSequence),
+            (
+                _,
+                Commit
+                | Committed { .. }
+                | CommittedOnProbation { .. }
+                | ProbationPassed
+                | RolledBack
+                | UpgradeEnded
+                | Publish,
+            ) => Err(Refused::OutOfSequence),
         }
     }
 
@@ -241,10 +280,28 @@ impl State {
     /// Whether an upgrade is running in this state (initialising its new process, or committing).
     pub(crate) fn upgrade_running(self) -> bool {
         match self {
-            State::Upgrading | State::Committing { .. } => true,
+            State::Upgrading | State::Committing { .. } | State::Probation { .. } => true,
             State::Deciding { upgrade, .. } | State::Finished { upgrade, .. } => upgrade,
             State::Starting | State::Serving => false,
         }
+    }
+
+    /// Whether this process takes new connections in this state: not before it has reported ready (its
+    /// accept loops start after `ready()` anyway), not on probation, not once finishing.
+    pub(crate) fn accepting(self) -> bool {
+        !matches!(
+            self,
+            State::Probation { .. } | State::Deciding { .. } | State::Finished { .. }
+        )
+    }
+
+    /// Whether this process's connections should be let go (HTTP `Connection: close`, HTTP/2 GOAWAY): on
+    /// probation and once finishing. Revocable: a rollback makes it false again.
+    pub(crate) fn closing(self) -> bool {
+        matches!(
+            self,
+            State::Probation { .. } | State::Deciding { .. } | State::Finished { .. }
+        )
     }
 
     /// Whether the process has reported ready (a finishing process counts as not ready if it never did;
@@ -272,6 +329,7 @@ mod tests {
             Upgrading,
             Committing { stop: None },
             Committing { stop: Some(BY) },
+            Probation { child_pid: 7 },
         ];
         for finish in [UP, STOP] {
             for upgrade in [false, true] {
@@ -289,6 +347,9 @@ mod tests {
             BeginUpgrade,
             Commit,
             Committed { child_pid: 7 },
+            CommittedOnProbation { child_pid: 7 },
+            ProbationPassed,
+            RolledBack,
             UpgradeEnded,
             Stop(OTHER),
             Publish,
@@ -307,6 +368,18 @@ mod tests {
             (Committing { .. }, Committed { child_pid: 7 }) => Deciding {
                 finish: UP,
                 upgrade: false,
+            },
+            (Committing { .. }, CommittedOnProbation { child_pid: 7 }) => {
+                Probation { child_pid: 7 }
+            }
+            (Probation { child_pid: 7 }, ProbationPassed) => Deciding {
+                finish: UP,
+                upgrade: false,
+            },
+            (Probation { .. }, RolledBack) => Serving,
+            (Probation { .. }, Stop(OTHER)) => Deciding {
+                finish: Finish::Stopped { by: OTHER },
+                upgrade: true,
             },
             (Upgrading, UpgradeEnded) => Serving,
             (Committing { stop: None }, UpgradeEnded) => Serving,
@@ -364,7 +437,7 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 13 * 7);
+        assert_eq!(checked, 14 * 10);
     }
 
     #[test]
@@ -395,6 +468,28 @@ mod tests {
         assert_eq!(Serving.next(Publish), Err(Refused::OutOfSequence));
         assert_eq!(Serving.next(Commit), Err(Refused::OutOfSequence));
         assert!(Refused::Finishing(UP).to_string().contains("pid 7"));
+    }
+
+    #[test]
+    fn probation_ends_by_passing_by_rolling_back_or_by_a_stop_of_both() {
+        let committing = State::Upgrading.next(Step::Commit).unwrap();
+        let p = committing
+            .next(Step::CommittedOnProbation { child_pid: 7 })
+            .unwrap();
+        assert!(!p.accepting() && p.closing() && p.upgrade_running());
+        assert_eq!(p.decided(), None, "nothing is final on probation");
+        assert_eq!(p.next(Step::BeginUpgrade), Err(Refused::UpgradeInProgress));
+        let back = p.next(Step::RolledBack).unwrap();
+        assert_eq!(back, State::Serving);
+        assert!(back.accepting() && !back.closing());
+        let passed = p.next(Step::ProbationPassed).unwrap();
+        assert_eq!(passed.decided(), Some(UP));
+        let stopped = p.next(Step::Stop(BY)).unwrap();
+        assert_eq!(stopped.decided(), Some(STOP));
+        assert!(
+            stopped.upgrade_running(),
+            "the probation's thread still has to stop the new process"
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub(crate) use net::{
 pub(crate) use net::{Cut, Cuttable};
 pub(crate) use process::{
     euid, exec_filename, getpgid, join_process_group, kill_own_process_group, kill_process,
-    kill_process_group, monotonic_usec, pidfd_open, thread_count, waitpid,
+    kill_process_group, monotonic_usec, pidfd_open, terminate_process, thread_count, waitpid,
 };
 pub(crate) use scheduling::{
     may_return_to, return_to_normal_scheduling, scheduling, thread_policies,

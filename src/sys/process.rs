@@ -40,6 +40,11 @@ pub(crate) fn kill_process(raw: libc::pid_t) -> io::Result<()> {
     Ok(rustix::process::kill_process(pid(raw)?, Signal::KILL)?)
 }
 
+/// SIGTERM to one process.
+pub(crate) fn terminate_process(raw: libc::pid_t) -> io::Result<()> {
+    Ok(rustix::process::kill_process(pid(raw)?, Signal::TERM)?)
+}
+
 /// SIGKILL to every process of a process group.
 pub(crate) fn kill_process_group(pgid: libc::pid_t) -> io::Result<()> {
     Ok(rustix::process::kill_process_group(

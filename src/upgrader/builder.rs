@@ -31,6 +31,7 @@ pub struct Builder {
     notify: bool,
     control_socket: Option<PathBuf>,
     background_init: bool,
+    probation: Duration,
 }
 
 impl fmt::Debug for Builder {
@@ -45,6 +46,7 @@ impl fmt::Debug for Builder {
             .field("notify", &self.notify)
             .field("control_socket", &self.control_socket)
             .field("background_init", &self.background_init)
+            .field("probation", &self.probation)
             .finish()
     }
 }
@@ -61,6 +63,7 @@ impl Builder {
             notify: true,
             control_socket: None,
             background_init: false,
+            probation: Duration::ZERO,
         }
     }
 
@@ -90,6 +93,23 @@ impl Builder {
     /// [`ready_timeout`](Self::ready_timeout).
     pub fn background_initialisation(mut self, on: bool) -> Builder {
         self.background_init = on;
+        self
+    }
+
+    /// A probation window after each handover (default none). For `window` after the commit this process
+    /// stops accepting and lets its connections go as usual, but keeps the listening sockets and watches the
+    /// new process; if the new process dies within the window (a crash, an exit, a signal, the OOM killer),
+    /// this process takes the service back: it accepts again on the same kernel sockets (connections queued
+    /// meanwhile are served), becomes systemd's main process again, and [`Upgrader::upgrade`] returns
+    /// [`ErrorKind::RolledBack`](crate::ErrorKind::RolledBack). Only when the window has passed does this
+    /// process finish ([`Finish::Upgraded`](crate::Finish::Upgraded)) and exit.
+    ///
+    /// Off by default because it changes what an upgrade costs and when it ends: the old process and its
+    /// memory stay for the window, a second upgrade waits for it, and `upgrade()` (with it the reload verdict)
+    /// returns only at its end. A few seconds cover the crashes that come with the first real requests; the
+    /// connections the new process had accepted when it died are lost either way.
+    pub fn probation(mut self, window: Duration) -> Builder {
+        self.probation = window;
         self
     }
 
@@ -247,6 +267,7 @@ impl Builder {
                 ready_timeout: self.ready_timeout,
                 drain_timeout: self.drain_timeout,
                 background_init: self.background_init,
+                probation: self.probation,
                 state: self.state,
                 registry: Mutex::new(Registry::with_inherited(inherited)),
                 parent: Mutex::new(parent),

@@ -80,8 +80,16 @@ impl Upgrader {
         self.inner.lifecycle.read(|c| event_after(c, seen))
     }
 
+    /// Whether this process should let its connections go now: true while a new process serves on probation
+    /// (see [`Builder::probation`](crate::Builder::probation)) and once this process is finishing; a rollback
+    /// makes it false again. Never blocks, takes no lock: ask it on every response to decide on
+    /// `Connection: close` (the HTTP layer does).
+    pub fn closing(&self) -> bool {
+        self.inner.lifecycle.closing()
+    }
+
     /// Whether this process is finishing, and why. Never blocks, takes no lock (it is meant for every
-    /// request).
+    /// request). On probation this is still `None`: the finish is decided when the window ends.
     pub fn finishing(&self) -> Option<Finish> {
         self.inner.lifecycle.finishing()
     }
@@ -181,9 +189,14 @@ fn event_after(c: &Core, seen: u64) -> Option<Event> {
         return Some(Event::Finishing(f));
     }
     (c.attempts.failures > seen).then(|| {
-        Event::UpgradeFailed(match &c.attempts.last {
+        let why = match &c.attempts.last {
             Some((_, Err(e))) => e.clone(),
             _ => "upgrade failed".to_string(),
-        })
+        };
+        if c.attempts.last_rolled_back {
+            Event::RolledBack(why)
+        } else {
+            Event::UpgradeFailed(why)
+        }
     })
 }

@@ -51,6 +51,9 @@ pub enum Event {
     Finishing(Finish),
     /// An upgrade failed; this process keeps serving. The text says why (as the error did).
     UpgradeFailed(String),
+    /// The new process died within its probation window and this process took the service back: it serves
+    /// again. The text says how the new process ended.
+    RolledBack(String),
 }
 
 /// What every clone of an [`Upgrader`] shares: configuration (fixed at `build`), the sockets, the lifecycle.
@@ -61,6 +64,8 @@ struct Inner {
     ready_timeout: Duration,
     drain_timeout: Duration,
     background_init: bool,
+    /// The probation window after a commit (zero: none).
+    probation: Duration,
     state: Option<StateFn>,
     registry: Mutex<Registry>,
     /// The link to the old process, until this one has reported ready.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{lock, micros, Upgrader};
 use crate::error::{Error, ErrorKind, Result};
-use crate::handover::parent::{self, PendingChild};
+use crate::handover::parent::{self, CommittedChild, PendingChild, Watched};
 use crate::lifecycle::{Refused, State, Step};
 use crate::sys;
 
@@ -26,6 +26,8 @@ pub struct UpgradeReport {
     pub child_init: Duration,
     /// Sockets passed on.
     pub sockets: usize,
+    /// The probation window the new process served through before this process finished (zero: none).
+    pub probation: Duration,
 }
 
 impl UpgradeReport {
@@ -141,7 +143,11 @@ impl Upgrader {
             overhead_us = micros(ready_after.saturating_sub(child_init)),
             "upgrade: child ready; handing over"
         );
-        let child_pid = self.commit(child)?;
+        let child = self.commit(child)?;
+        let child_pid = child.pid();
+        if !inner.probation.is_zero() {
+            self.probation(&child)?;
+        }
         Ok(Committed {
             child_pid,
             sockets,
@@ -208,7 +214,7 @@ impl Upgrader {
     /// still accepts), the new process confirmed (it serves from then on), and the sd_notify barrier awaited
     /// before this process stops accepting: systemd must know the new main process before this one may exit.
     /// The barrier can take seconds and nobody reading the lifecycle waits for it.
-    fn commit(&self, child: PendingChild) -> Result<u32> {
+    fn commit(&self, child: PendingChild) -> Result<CommittedChild> {
         let inner = &self.inner;
         if let Err(r) = inner.lifecycle.step(Step::Commit) {
             child.abort();
@@ -237,18 +243,83 @@ impl Upgrader {
         // The new process serves from its Commit on, without waiting for systemd: its own notifications
         // queue behind MAINPID on the notification socket. This process waits for systemd (the barrier)
         // after the Commit and before it stops accepting: both serve meanwhile, from the same sockets.
-        let child_pid = child.commit()?;
-        let (before, _) = inner
-            .lifecycle
-            .step(Step::Committed { child_pid })
-            .map_err(refused)?;
+        let child = child.commit()?;
+        let child_pid = child.pid();
+        let step = if inner.probation.is_zero() {
+            Step::Committed { child_pid }
+        } else {
+            Step::CommittedOnProbation { child_pid }
+        };
+        let (before, _) = inner.lifecycle.step(step).map_err(refused)?;
         if matches!(before, State::Committing { stop: Some(_) }) {
             tracing::info!(
                 "stop requested during the handover; this process hands over and drains"
             );
         }
         inner.manager.confirm_main();
-        Ok(child_pid)
+        Ok(child)
+    }
+
+    /// Step 4b, with a probation window: this process has stopped accepting (the gate is shut) and lets its
+    /// connections go, but keeps the sockets and watches the new process until the window ends. If the new
+    /// process dies first, this process takes the service back; a stop meanwhile stops both.
+    fn probation(&self, child: &CommittedChild) -> Result<()> {
+        let inner = &self.inner;
+        let window = inner.probation;
+        let started = Instant::now();
+        let child_pid = child.pid();
+        tracing::info!(
+            child_pid,
+            window_ms = window.as_millis() as u64,
+            "upgrade: the new process serves on probation; this process stands by with the sockets"
+        );
+        match child.watch(started + window, inner.lifecycle.finishing_fd()) {
+            Watched::Passed => match inner.lifecycle.step(Step::ProbationPassed) {
+                Ok(_) => {
+                    tracing::info!(child_pid, "upgrade: probation passed");
+                    Ok(())
+                }
+                Err(r) => {
+                    // A stop came as the window ended: it stops both.
+                    child.terminate();
+                    Err(refused(r))
+                }
+            },
+            Watched::Stopped => {
+                tracing::info!(
+                    child_pid,
+                    "stop during the probation: asking the new process to stop too"
+                );
+                child.terminate();
+                Err(Error::new(
+                    ErrorKind::Finishing,
+                    format!("stopped during the probation of pid {child_pid}, which was asked to stop too"),
+                ))
+            }
+            Watched::Exited(status) => {
+                let after = started.elapsed();
+                let how = crate::error::exit_description(status);
+                let why = format!(
+                    "rolled back: the new process (pid {child_pid}) {how} {} ms into its {} ms probation",
+                    after.as_millis(),
+                    window.as_millis()
+                );
+                match inner.lifecycle.step(Step::RolledBack) {
+                    Ok(_) => {
+                        // The gate is open again: the accept loops take the queued connections now.
+                        tracing::error!(child_pid, %how, after_ms = after.as_millis() as u64, "{why}; this process serves again");
+                        inner.manager.take_back(&format!(
+                            "{why}; serving again (pid {}, generation {})",
+                            std::process::id(),
+                            inner.generation
+                        ));
+                        Err(Error::new(ErrorKind::RolledBack, why))
+                    }
+                    // A stop came first: nothing to take back.
+                    Err(r) => Err(refused(r)),
+                }
+            }
+        }
     }
 
     /// Step 5: records the verdict; after a handover, closes this process's sockets and publishes the finish
@@ -260,9 +331,11 @@ impl Upgrader {
             .as_ref()
             .map(|c| c.child_pid)
             .map_err(|e| e.to_string());
-        inner
-            .lifecycle
-            .record(|_, a| a.ended(attempt.started_usec, verdict));
+        let rolled_back = matches!(&result, Err(e) if e.kind() == ErrorKind::RolledBack);
+        inner.lifecycle.record(|_, a| match verdict {
+            Err(why) if rolled_back => a.rolled_back(attempt.started_usec, why),
+            verdict => a.ended(attempt.started_usec, verdict),
+        });
         match result {
             Ok(c) => {
                 let closed = lock(&inner.registry).close_all();
@@ -279,6 +352,7 @@ impl Upgrader {
                     ready_after: c.ready_after,
                     child_init: c.child_init,
                     sockets: c.sockets,
+                    probation: inner.probation,
                 })
             }
             Err(e) => {
@@ -289,11 +363,14 @@ impl Upgrader {
                     // The stop that arrived during the commit applies now that there is no handover.
                     self.stopping();
                 }
-                inner.manager.failed(&format!(
-                    "upgrade failed: {e}; still serving (pid {}, generation {})",
-                    std::process::id(),
-                    inner.generation
-                ));
+                if !rolled_back {
+                    // (A rollback told systemd itself, with MAINPID= back to this process.)
+                    inner.manager.failed(&format!(
+                        "upgrade failed: {e}; still serving (pid {}, generation {})",
+                        std::process::id(),
+                        inner.generation
+                    ));
+                }
                 Err(e)
             }
         }

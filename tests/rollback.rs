@@ -1,0 +1,230 @@
+//! Probation and rollback: a new process that dies within its probation window hands the service back to the
+//! old one, which accepts again on the same kernel sockets; one that survives the window takes over as usual.
+//! Real processes under load (new-connection and keep-alive clients, idle connections opened before each
+//! upgrade).
+
+#[macro_use]
+mod support;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use support::*;
+
+for_each_example!(
+    a_crash_on_probation_is_rolled_back_under_load,
+    a_stop_during_probation_stops_both,
+);
+
+const WINDOW: &str = "5";
+
+/// Whether a log line is from `pid` (a crashing process may print lines of its own, without a pid).
+fn from(line: &str, pid: u32) -> bool {
+    field(line, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(pid)
+}
+
+/// The wall-clock time of a log line (its first field: seconds.microseconds since the epoch).
+fn logged_at(line: &str) -> SystemTime {
+    let t: f64 = line.split_whitespace().next().unwrap().parse().unwrap();
+    SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t)
+}
+
+fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("crash");
+    let fault_arg = fault.display().to_string();
+    let mut s = Server::start(
+        &example(server),
+        &[
+            "--probation",
+            WINDOW,
+            "--crash-fault",
+            &fault_arg,
+            "--drain-timeout",
+            "5",
+        ],
+    );
+    let old = s.current();
+    let load = Load::start_modes(
+        s.addr,
+        &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)],
+        Duration::from_millis(2),
+    );
+    // Instants of the load's samples against the wall clock of the log lines.
+    let (base_instant, base_wall) = (Instant::now(), SystemTime::now());
+    let at = |wall: SystemTime| base_instant + wall.duration_since(base_wall).unwrap_or_default();
+    load.wait_progress(200);
+    let mut crashes = Vec::new();
+    let mut idle_stats = Stats::default();
+    for (how, ms) in [
+        ("exit", 100),
+        ("panic", 500),
+        ("abort", 2000),
+        ("kill", 100),
+    ] {
+        let fault_text = if how == "kill" {
+            format!("hang {ms}")
+        } else {
+            format!("{how} {ms}")
+        };
+        std::fs::write(&fault, fault_text).unwrap();
+        let idle = Idle::open(s.addr, 4);
+        load.wait_progress(100);
+        let mark = s.log.len();
+        assert!(signal(old, libc::SIGHUP));
+        let (_, line) = s
+            .log
+            .wait_for(mark, Duration::from_secs(30), |l| {
+                from(l, old) && l.contains("serves on probation")
+            })
+            .unwrap_or_else(|| panic!("no probation started:\n{}", s.log.dump()));
+        let child: u32 = field(&line, "child_pid").unwrap().parse().unwrap();
+        let crash_wall = if how == "kill" {
+            // SIGKILL from outside, `ms` after the new process armed its (harmless) fault.
+            let (_, armed) = s
+                .log
+                .wait_for(mark, Duration::from_secs(30), |l| {
+                    from(l, child) && l.contains("crash fault armed")
+                })
+                .unwrap();
+            let due = logged_at(&armed) + Duration::from_millis(ms);
+            if let Ok(wait) = due.duration_since(SystemTime::now()) {
+                std::thread::sleep(wait); // the scenario's timing, not a readiness check
+            }
+            let t = SystemTime::now();
+            assert!(signal(child, libc::SIGKILL));
+            t
+        } else {
+            let (_, crashing) = s
+                .log
+                .wait_for(mark, Duration::from_secs(30), |l| {
+                    from(l, child) && l.contains("crashing now")
+                })
+                .unwrap_or_else(|| panic!("{child} never crashed:\n{}", s.log.dump()));
+            logged_at(&crashing)
+        };
+        let (_, rolled) = s
+            .log
+            .wait_for(mark, Duration::from_secs(30), |l| {
+                from(l, old) && l.contains("rolled back")
+            })
+            .unwrap_or_else(|| panic!("no rollback:\n{}", s.log.dump()));
+        assert!(
+            wait_gone(child, Duration::from_secs(10)),
+            "{child} still there"
+        );
+        // The old process serves again: wait for answers from it to requests sent after the crash.
+        let crash = at(crash_wall);
+        load.wait_progress(300);
+        idle_stats.merge(idle.finish());
+        crashes.push((how, ms, child, crash, rolled));
+    }
+    // One more upgrade, to a process that survives its window: it takes over once the window has passed.
+    let mark = s.log.len();
+    let t0 = Instant::now();
+    let new = s.upgrade_started().expect("an upgrade after the rollbacks");
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(5),
+        "the old process finished before the window: {took:?}"
+    );
+    assert!(wait_gone(old, Duration::from_secs(30)));
+    load.wait_progress(200);
+    let stats = load.stop();
+    let answered_by = |pid: u32, after: Instant| {
+        stats
+            .latencies
+            .iter()
+            .filter(|r| r.pid == pid && r.at >= after)
+            .map(|r| r.at + r.took)
+            .min()
+    };
+    let mut gaps = Vec::new();
+    for (how, ms, child, crash, rolled) in &crashes {
+        let first =
+            answered_by(old, *crash).expect("no answer from the old process after the crash");
+        let gap = first.saturating_duration_since(*crash);
+        eprintln!(
+            "{server}: new process {child} crashed by {how} {ms} ms into a {WINDOW} s probation; the old \
+             process {old} answered {gap:?} later ({})",
+            rolled.split("INFO").last().unwrap_or(rolled).trim()
+        );
+        gaps.push(gap);
+    }
+    gaps.sort();
+    let refused = stats
+        .failures
+        .iter()
+        .filter(|(k, _)| *k == FailKind::Refused)
+        .count();
+    eprintln!(
+        "{server}: crash -> first answer from the old process: median {:?}, max {:?}; load: {}; idle: {}; \
+         failures at the crashes: {:?}",
+        gaps[gaps.len() / 2],
+        gaps.last().unwrap(),
+        stats.summary(),
+        idle_stats.summary(),
+        stats.failures
+    );
+    assert_eq!(refused, 0, "refused connections: {}", stats.summary());
+    // Failures only where a connection the crashed process held died with it: right at a crash.
+    for t in &stats.failed_at {
+        assert!(
+            crashes.iter().any(
+                |(_, _, _, crash, _)| *t + Duration::from_millis(50) >= *crash
+                    && *t <= *crash + Duration::from_secs(1)
+            ),
+            "a failure away from any crash: {}",
+            stats.summary()
+        );
+    }
+    assert!(gaps.iter().all(|g| *g < Duration::from_secs(1)), "{gaps:?}");
+    assert!(idle_stats.failures.is_empty(), "{}", idle_stats.summary());
+    assert!(s
+        .log
+        .lines()
+        .iter()
+        .skip(mark)
+        .any(|l| from(l, old) && l.contains("probation passed")));
+    assert_ne!(new, old);
+    s.stop();
+}
+
+fn a_stop_during_probation_stops_both(server: &str) {
+    let mut s = Server::start(
+        &example(server),
+        &["--probation", WINDOW, "--drain-timeout", "5"],
+    );
+    let old = s.current();
+    let mark = s.log.len();
+    assert!(signal(old, libc::SIGHUP));
+    let (_, line) = s
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            from(l, old) && l.contains("serves on probation")
+        })
+        .unwrap_or_else(|| panic!("no probation started:\n{}", s.log.dump()));
+    let child: u32 = field(&line, "child_pid").unwrap().parse().unwrap();
+    // A second upgrade is refused while the probation runs.
+    assert!(signal(old, libc::SIGHUP));
+    s.log
+        .wait_for(mark, Duration::from_secs(10), |l| {
+            from(l, old) && l.contains("in flight; refused")
+        })
+        .unwrap_or_else(|| panic!("a second upgrade was not refused:\n{}", s.log.dump()));
+    let t0 = Instant::now();
+    assert!(signal(old, libc::SIGTERM));
+    assert!(
+        wait_gone(old, Duration::from_secs(10)),
+        "old process still there"
+    );
+    assert!(
+        wait_gone(child, Duration::from_secs(10)),
+        "new process still there"
+    );
+    eprintln!(
+        "{server}: stop during probation: both gone after {:?}",
+        t0.elapsed()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    s.generations.push(child);
+}
