@@ -74,6 +74,9 @@ pub(crate) struct Served {
     pub(crate) generation: u32,
     /// How long a `verdict` request waits for an upgrade to end.
     pub(crate) verdict_wait: Duration,
+    /// When the probation window this process serves through ends (it was started with one): a verdict on
+    /// the upgrade that created it is given only then (if it dies first, the old process gives it).
+    pub(crate) probation_ends: Option<std::time::Instant>,
     pub(crate) actions: std::sync::Arc<dyn Actions>,
 }
 
@@ -217,9 +220,16 @@ fn handle(
             // The drain also counts the control socket's own loop and requests (this one included): leave
             // them out of what an operator calls in flight.
             let control = control_requests.load(std::sync::atomic::Ordering::Acquire) + 1;
+            let (state, rollbacks, last) = served.finishing.lifecycle().read(|c| {
+                let last = match (&c.attempts.last, c.attempts.last_rolled_back) {
+                    (Some((_, Err(why))), true) => format!("; last upgrade: {why}"),
+                    _ => String::new(),
+                };
+                (c.state.name(), c.attempts.rollbacks, last)
+            });
             Ok(format!(
-                "pid={} generation={} connections={} (tracked client connections open now; control requests \
-                 not counted)",
+                "pid={} generation={} connections={} state={state} rollbacks={rollbacks} (tracked client \
+                 connections open now; control requests not counted{last})",
                 std::process::id(),
                 served.generation,
                 served.tracker.open().saturating_sub(control)
@@ -300,6 +310,12 @@ fn verdict(served: &Served, since_usec: u64) -> std::result::Result<String, Stri
         Some(a.born_of.is_some_and(|b| b >= earliest))
     }) == Some(true)
     {
+        if let Some(end) = served.probation_ends {
+            // Waiting for a moment in time, not for an event: the window is a length of time. If this process
+            // dies first, the helper's connection ends with it and it asks the old process.
+            std::thread::sleep(end.saturating_duration_since(std::time::Instant::now()));
+            return Ok(format!("upgraded to pid {me} (its probation passed)"));
+        }
         return Ok(format!("upgraded to pid {me}"));
     }
     // The signal may still be on its way to this process's signal thread.

@@ -32,6 +32,8 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
     let dir = tempfile::tempdir().unwrap();
     let fault = dir.path().join("crash");
     let fault_arg = fault.display().to_string();
+    let control = dir.path().join("control.sock");
+    let control_arg = control.display().to_string();
     let mut s = Server::start(
         &example(server),
         &[
@@ -41,6 +43,8 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
             &fault_arg,
             "--drain-timeout",
             "5",
+            "--control-socket",
+            &control_arg,
         ],
     );
     let old = s.current();
@@ -118,6 +122,22 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
         idle_stats.merge(idle.finish());
         crashes.push((how, ms, child, crash, rolled));
     }
+    // The operator's view after the rollbacks.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
+        .args(["--socket", &control_arg, "status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    eprintln!(
+        "{server}: exuvia-ctl status after the rollbacks: {}",
+        status.trim()
+    );
+    assert!(
+        status.contains(&format!("pid={old} "))
+            && status.contains("state=serving rollbacks=4")
+            && status.contains("rolled back: the new process"),
+        "{status}"
+    );
     // One more upgrade, to a process that survives its window: it takes over once the window has passed.
     let mark = s.log.len();
     let t0 = Instant::now();
@@ -186,6 +206,10 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
         .skip(mark)
         .any(|l| from(l, old) && l.contains("probation passed")));
     assert_ne!(new, old);
+    // And the chain goes on: the new generation, past its own probation, upgrades in turn.
+    let newer = s.upgrade_started().expect("the next generation's upgrade");
+    assert!(wait_gone(new, Duration::from_secs(30)));
+    assert_ne!(newer, new);
     s.stop();
 }
 

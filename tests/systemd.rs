@@ -12,6 +12,7 @@ use support::systemd::{boot, Shape, Systemd};
 use support::*;
 
 for_each_example!(
+    a_crash_on_probation_is_rolled_back_under_systemd,
     socket_activation_then_ten_reloads_under_load_then_stop,
     a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on,
     portable_template_with_hardening_reloads_fails_and_stops,
@@ -410,11 +411,12 @@ fn systemd_analyze_verifies_the_templates() {
     }
 }
 
-/// NotifyAccess=all works too; an activated socket the program never takes is still passed to every new
-/// generation (so a later version can take it); each generation gets WATCHDOG_PID = its own pid.
+/// NotifyAccess=exec (the templates say `all`, for rollbacks) works too without a probation window; an
+/// activated socket the program never takes is still passed to every new generation (so a later version can
+/// take it); each generation gets WATCHDOG_PID = its own pid.
 #[test]
-fn notify_access_all_unclaimed_sockets_and_watchdog_pid() {
-    let Some(sd) = boot("notifyall") else { return };
+fn notify_access_exec_unclaimed_sockets_and_watchdog_pid() {
+    let Some(sd) = boot("notifyexec") else { return };
     let extra_port = free_port();
     sd.install(
         "exuvia-app.socket",
@@ -430,7 +432,7 @@ fn notify_access_all_unclaimed_sockets_and_watchdog_pid() {
         "http_std",
         free_port(),
         "--drain-timeout 10",
-        &[("NotifyAccess", "all"), ("WatchdogSec", "5")],
+        &[("NotifyAccess", "exec"), ("WatchdogSec", "5")],
     );
     // Both sockets go to the service (and the extra socket names it as its service).
     let extra = sd.dir.join("units/extra.socket");
@@ -451,7 +453,7 @@ fn notify_access_all_unclaimed_sockets_and_watchdog_pid() {
         &sd,
     );
     ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
-    assert_eq!(sd.show("app.service", "NotifyAccess"), "all");
+    assert_eq!(sd.show("app.service", "NotifyAccess"), "exec");
     let mut main = sd.main_pid("app.service");
     for i in 0..3 {
         ok(
@@ -700,4 +702,81 @@ fn a_reload_during_an_upgrade_started_another_way_reports_its_own_verdict(server
     );
     assert!(served_by(addr, newest, Duration::from_secs(10)));
     assert!(!log.contains("refused"), "{log}");
+}
+
+/// Probation under the shipped template: a new version that crashes 300 ms after taking over is rolled back;
+/// systemd shows the old process as the main one, active; the reload of the crashing version fails; the next
+/// reload, to a good version, succeeds (after its window); the stop drains.
+fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
+    let Some(sd) = boot("rollback") else {
+        return;
+    };
+    let fault = sd.dir.join("crash");
+    let args = format!(
+        "--probation 3 --crash-fault {} --drain-timeout 10",
+        fault.display()
+    );
+    let addr = install(&sd, server, free_port(), &args, &[]);
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    let main = sd.main_pid("app.service");
+    assert!(served_by(addr, main, Duration::from_secs(5)));
+    let load = Load::start(addr, 2, 2, Duration::from_millis(2));
+    load.wait_progress(200);
+    std::fs::write(&fault, "exit 300").unwrap();
+    let t0 = Instant::now();
+    let reload = sd.systemctl(&["reload", "app.service"]);
+    let took = t0.elapsed();
+    let rolled = wait_log(&sd, Duration::from_secs(10), |l| {
+        l.contains("rolled back") && field(l, "pid").as_deref() == Some(&main.to_string())
+    })
+    .unwrap_or_else(|| panic!("no rollback:\n{}", sd.status_text("app.service")));
+    eprintln!(
+        "systemctl reload of a version that crashes 300 ms after taking over: exit {:?} after {took:?}: {}",
+        reload.status.code(),
+        String::from_utf8_lossy(&reload.stderr).trim()
+    );
+    eprintln!("{rolled}");
+    assert!(
+        !reload.status.success(),
+        "the reload of the crashing version succeeded"
+    );
+    assert_eq!(
+        sd.show("app.service", "ActiveState"),
+        "active",
+        "{}",
+        sd.status_text("app.service")
+    );
+    assert_eq!(
+        sd.main_pid("app.service"),
+        main,
+        "{}",
+        sd.status_text("app.service")
+    );
+    assert!(served_by(addr, main, Duration::from_secs(5)));
+    let status = sd.show("app.service", "StatusText");
+    assert!(status.contains("rolled back"), "{status}");
+    // The next reload, to a version that does not crash, succeeds once its window has passed.
+    let t0 = Instant::now();
+    ok(sd.systemctl(&["reload", "app.service"]), "reload", &sd);
+    let took = t0.elapsed();
+    let new = sd.main_pid("app.service");
+    assert_ne!(new, main);
+    assert!(
+        took >= Duration::from_secs(3),
+        "the reload returned before the window: {took:?}"
+    );
+    assert!(served_by(addr, new, Duration::from_secs(5)));
+    load.wait_progress(200);
+    let st = load.stop();
+    eprintln!(
+        "load across the rollback and the good reload: {}",
+        st.summary()
+    );
+    assert!(
+        !st.failures.iter().any(|(k, _)| *k == FailKind::Refused),
+        "{}",
+        st.summary()
+    );
+    ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+    assert_eq!(sd.show("app.service", "ActiveState"), "inactive");
 }

@@ -79,7 +79,25 @@ fn main() -> ExitCode {
     let mut reply = exuvia::control::request(&path, request, timeout);
     // The old process answers "retry" once it has handed over: the reload signal went to the new one, which
     // accepts on the same socket from now on.
-    while matches!(&reply, Ok(r) if r.is_retry()) && std::time::Instant::now() < deadline {
+    // A verdict request (it starts nothing, so asking twice is harmless) whose connection ended without an
+    // answer is asked again for a second: the process that had it may have died on probation, and the old
+    // process, which took the service back, answers on the same socket.
+    let mut lost = 0;
+    while std::time::Instant::now() < deadline {
+        let again = match &reply {
+            Ok(r) => r.is_retry(),
+            Err(e) => {
+                matches!(request, Command::Verdict { .. })
+                    && e.kind() == exuvia::ErrorKind::ControlSocket
+                    && {
+                        lost += 1;
+                        lost <= 50
+                    }
+            }
+        };
+        if !again {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(20));
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         reply = exuvia::control::request(&path, request, left.max(Duration::from_millis(1)));

@@ -77,6 +77,20 @@ pub(crate) fn parse_nice(v: Option<&OsStr>) -> Result<Option<i32>> {
         })
 }
 
+/// Reads the probation variable: `Ok(None)` when it is absent.
+pub(crate) fn parse_probation(v: Option<&OsStr>) -> Result<Option<Duration>> {
+    let Some(v) = v else { return Ok(None) };
+    v.to_str()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(|ms| Some(Duration::from_millis(ms)))
+        .ok_or_else(|| {
+            Error::env(format!(
+                "{}={v:?} is not a number of milliseconds",
+                super::VAR_PROBATION
+            ))
+        })
+}
+
 /// Adopts the channel at `raw` and reads `Hello`. Returns the link and the application state.
 pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
     let fd: OwnedFd = sys::adopt_inherited_fd(raw).map_err(|e| {

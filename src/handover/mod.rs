@@ -25,5 +25,8 @@ pub(crate) const VAR_PID: &str = "EXUVIA_HANDOVER_PID";
 /// Set when the old process started this one at `SCHED_IDLE` (background initialisation): the nice value to
 /// return to, at `SCHED_OTHER`, before reporting ready.
 pub(crate) const VAR_NICE: &str = "EXUVIA_HANDOVER_NICE";
+/// Set when the old process watches this one through a probation window: its length in milliseconds. The new
+/// process then answers a reload helper's verdict only once the window has passed.
+pub(crate) const VAR_PROBATION: &str = "EXUVIA_HANDOVER_PROBATION_MS";
 /// Every variable of this library starts with this; none is passed on to a child except the ones set anew.
 pub(crate) const VAR_PREFIX: &str = "EXUVIA_";

@@ -29,6 +29,8 @@ pub(crate) struct Launch<'a> {
     /// Background initialisation: start the child at `SCHED_IDLE`, to return to `SCHED_OTHER` at this nice
     /// value before it reports ready.
     pub(crate) background: Option<i32>,
+    /// The probation window after the commit (zero: none), told to the new process.
+    pub(crate) probation: Duration,
 }
 
 /// A started child that has not yet been committed. Dropping it kills and reaps the child, so no error path
@@ -94,6 +96,13 @@ fn plan(launch: &Launch<'_>, names: &[&str]) -> Result<SpawnPlan> {
     plan.env_child_pid(super::VAR_PID.as_bytes());
     if launch.watchdog {
         plan.env_child_pid(crate::systemd::VAR_WATCHDOG_PID.as_bytes());
+    }
+    if !launch.probation.is_zero() {
+        plan.env(
+            super::VAR_PROBATION.as_bytes(),
+            launch.probation.as_millis().to_string().as_bytes(),
+        )
+        .map_err(bad)?;
     }
     if let Some(nice) = launch.background {
         plan.env(super::VAR_NICE.as_bytes(), nice.to_string().as_bytes())

@@ -261,6 +261,17 @@ impl State {
         }
     }
 
+    /// A word for operators (`exuvia-ctl status`).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Serving => "serving",
+            State::Upgrading | State::Committing { .. } => "upgrading",
+            State::Probation { .. } => "probation",
+            State::Deciding { .. } | State::Finished { .. } => "finishing",
+        }
+    }
+
     /// The finish, once decided (published or not).
     pub(crate) fn decided(self) -> Option<Finish> {
         match self {

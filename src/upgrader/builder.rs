@@ -213,11 +213,14 @@ impl Builder {
                 ));
             }
         }
-        let restore_nice = match channel_fd {
-            Some(_) => {
-                handover::child::parse_nice(std::env::var_os(handover::VAR_NICE).as_deref())?
-            }
-            None => None,
+        let (restore_nice, on_probation) = match channel_fd {
+            Some(_) => (
+                handover::child::parse_nice(std::env::var_os(handover::VAR_NICE).as_deref())?,
+                handover::child::parse_probation(
+                    std::env::var_os(handover::VAR_PROBATION).as_deref(),
+                )?,
+            ),
+            None => (None, None),
         };
         scrub_environment();
 
@@ -268,6 +271,8 @@ impl Builder {
                 drain_timeout: self.drain_timeout,
                 background_init: self.background_init,
                 probation: self.probation,
+                on_probation,
+                probation_ends: std::sync::OnceLock::new(),
                 state: self.state,
                 registry: Mutex::new(Registry::with_inherited(inherited)),
                 parent: Mutex::new(parent),
@@ -329,6 +334,7 @@ fn scrub_environment() {
         handover::VAR_FD,
         handover::VAR_PID,
         handover::VAR_NICE,
+        handover::VAR_PROBATION,
     ];
     if !vars.iter().any(|v| std::env::var_os(v).is_some()) {
         return;

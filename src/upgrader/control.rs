@@ -42,6 +42,7 @@ impl Upgrader {
             tracker: self.inner.tracker.clone(),
             generation: self.inner.generation,
             verdict_wait: self.inner.ready_timeout + Duration::from_secs(30),
+            probation_ends: self.inner.probation_ends.get().copied(),
             actions: Arc::new(self.clone()),
         };
         control::serve(served, listener);

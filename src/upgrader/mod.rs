@@ -66,6 +66,10 @@ struct Inner {
     background_init: bool,
     /// The probation window after a commit (zero: none).
     probation: Duration,
+    /// The window the old process watches this one through, when it started this one with a probation.
+    on_probation: Option<Duration>,
+    /// When that window ends (set once the handover is confirmed).
+    probation_ends: std::sync::OnceLock<std::time::Instant>,
     state: Option<StateFn>,
     registry: Mutex<Registry>,
     /// The link to the old process, until this one has reported ready.

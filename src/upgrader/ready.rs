@@ -39,6 +39,12 @@ impl Upgrader {
             let parent_pid = link.parent_pid;
             // On failure the old process has given up on this one, which should exit: ready() is not retried.
             link.ready(COMMIT_TIMEOUT)?;
+            if let Some(window) = self.inner.on_probation {
+                let _ = self
+                    .inner
+                    .probation_ends
+                    .set(std::time::Instant::now() + window);
+            }
             tracing::info!(
                 generation = self.inner.generation,
                 "handover confirmed; this process is now the main one"

@@ -184,6 +184,7 @@ impl Upgrader {
             watchdog: inner.manager.watchdog().is_some(),
             started_usec: attempt.started_usec,
             background: self.background_nice(),
+            probation: inner.probation,
         };
         let child = parent::start(&launch, &set, state, attempt.started + inner.ready_timeout)?;
         Ok((child, set.len(), launch.background.is_some()))
