@@ -494,6 +494,7 @@ mod tests {
             watchdog: false,
             started_usec: 0,
             background,
+            probation: Duration::ZERO,
         };
         start(
             &launch,
