@@ -486,7 +486,12 @@ pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply
                 e,
             ))
         }
-        (Ok(()), Ok(_)) => {}
+        (Ok(()), Ok(_)) => {
+            return Err(Error::new(
+                ErrorKind::ControlSocket,
+                "the service closed the connection without answering (it ended, or is not an exuvia service)",
+            ))
+        }
     }
     let Reply { ok, text } = Reply::parse(&line)?;
     if ok && command == Command::Stop {

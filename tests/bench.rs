@@ -57,6 +57,14 @@ fn a_short_benchmark_run_completes_with_zero_exuvia_failures() {
         let failed: u64 = row.split_whitespace().nth(5).unwrap().parse().unwrap();
         assert_eq!(failed, 0, "{row}");
     }
+    // The rollback scenario: new processes that crash on probation are rolled back; nothing is refused.
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("exuvia-rollback "))
+        .unwrap_or_else(|| panic!("no exuvia-rollback row:\n{table}"));
+    let refused: u64 = row.split_whitespace().nth(6).unwrap().parse().unwrap();
+    assert_eq!(refused, 0, "{row}");
+    assert!(table.contains("each rolled back"), "{table}");
     assert!(table.contains("bench: no process left behind"), "{table}");
     for part in [
         "naive-restart",

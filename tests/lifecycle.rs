@@ -79,6 +79,7 @@ fn responses_do_not_wait_for_a_slow_barrier(server: &str) {
     // while the old process waits for the barrier.
     let addr = server.addr;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
     let client = {
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -93,6 +94,9 @@ fn responses_do_not_wait_for_a_slow_barrier(server: &str) {
                 if r.pid == old {
                     by_old += 1;
                 }
+                if answered == 1 {
+                    let _ = first_tx.send(());
+                }
                 if r.close {
                     conn = connect(addr).unwrap();
                 }
@@ -100,6 +104,10 @@ fn responses_do_not_wait_for_a_slow_barrier(server: &str) {
             (worst, answered, by_old)
         })
     };
+    // The client is served before the upgrade starts (by the old process).
+    first_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the client got no answer");
     let t0 = Instant::now();
     let new = server.upgrade_started().unwrap();
     let handover = t0.elapsed();

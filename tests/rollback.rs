@@ -22,6 +22,18 @@ fn from(line: &str, pid: u32) -> bool {
     field(line, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(pid)
 }
 
+/// SIGHUP to `old`; returns the new process once it serves on probation (log lines from `mark` on).
+fn upgrade_onto_probation(s: &Server, old: u32, mark: usize) -> u32 {
+    assert!(signal(old, libc::SIGHUP));
+    let (_, line) = s
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            from(l, old) && l.contains("serves on probation")
+        })
+        .unwrap_or_else(|| panic!("no probation started:\n{}", s.log.dump()));
+    field(&line, "child_pid").unwrap().parse().unwrap()
+}
+
 /// The wall-clock time of a log line (its first field: seconds.microseconds since the epoch).
 fn logged_at(line: &str) -> SystemTime {
     let t: f64 = line.split_whitespace().next().unwrap().parse().unwrap();
@@ -74,14 +86,7 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
         let idle = Idle::open(s.addr, 4);
         load.wait_progress(100);
         let mark = s.log.len();
-        assert!(signal(old, libc::SIGHUP));
-        let (_, line) = s
-            .log
-            .wait_for(mark, Duration::from_secs(30), |l| {
-                from(l, old) && l.contains("serves on probation")
-            })
-            .unwrap_or_else(|| panic!("no probation started:\n{}", s.log.dump()));
-        let child: u32 = field(&line, "child_pid").unwrap().parse().unwrap();
+        let child = upgrade_onto_probation(&s, old, mark);
         let crash_wall = if how == "kill" {
             // SIGKILL from outside, `ms` after the new process armed its (harmless) fault.
             let (_, armed) = s
@@ -220,14 +225,7 @@ fn a_stop_during_probation_stops_both(server: &str) {
     );
     let old = s.current();
     let mark = s.log.len();
-    assert!(signal(old, libc::SIGHUP));
-    let (_, line) = s
-        .log
-        .wait_for(mark, Duration::from_secs(30), |l| {
-            from(l, old) && l.contains("serves on probation")
-        })
-        .unwrap_or_else(|| panic!("no probation started:\n{}", s.log.dump()));
-    let child: u32 = field(&line, "child_pid").unwrap().parse().unwrap();
+    let child = upgrade_onto_probation(&s, old, mark);
     // A second upgrade is refused while the probation runs.
     assert!(signal(old, libc::SIGHUP));
     s.log

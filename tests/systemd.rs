@@ -736,6 +736,13 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
         String::from_utf8_lossy(&reload.stderr).trim()
     );
     eprintln!("{rolled}");
+    // The helper's stderr goes to the service log too (StandardError= holds for every command of the unit).
+    let helper = wait_log(&sd, Duration::from_secs(10), |l| {
+        l.starts_with("exuvia-ctl: ")
+    })
+    .unwrap_or_default();
+    eprintln!("the reload helper said: {helper}");
+    assert!(helper.contains("rolled back: the new process"), "{helper}");
     assert!(
         !reload.status.success(),
         "the reload of the crashing version succeeded"
@@ -777,6 +784,42 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
         "{}",
         st.summary()
     );
+    // A crash after the window is not rolled back: the old process is gone, and the unit restarts as it
+    // would without exuvia (Restart=on-failure).
+    let t0 = Instant::now();
+    while sd.host_pid(main).is_some() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the old process outlived its window and drain"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // polling /proc: no event for another namespace's exit
+    }
+    let new_host = sd.host_pid(new).expect("the new main process is visible");
+    assert!(signal(new_host, libc::SIGKILL));
+    let t0 = Instant::now();
+    let restarted = loop {
+        let pid = sd.main_pid("app.service");
+        if pid != 0 && pid != new && served_by(addr, pid, Duration::from_secs(1)) {
+            break pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "not restarted:\n{}",
+            sd.status_text("app.service")
+        );
+        std::thread::sleep(Duration::from_millis(50)); // polling systemd's state, which has no event here
+    };
+    let rollbacks = std::fs::read_to_string(sd.service_log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("ERROR rolled back"))
+        .count();
+    eprintln!(
+        "a crash after the window: restarted by systemd as pid {restarted} after {:?}; rollbacks in the log: \
+         {rollbacks}",
+        t0.elapsed()
+    );
+    assert_eq!(rollbacks, 1, "a crash after the window was rolled back");
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
     assert_eq!(sd.show("app.service", "ActiveState"), "inactive");
 }

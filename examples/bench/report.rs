@@ -409,6 +409,32 @@ impl Run<'_> {
                     .map_or("-".into(), |b| format!("{:.1}", mib(*b))),
             );
         }
+        for (s, out) in self
+            .outcomes
+            .iter()
+            .filter(|(_, o)| o.skipped.is_none() && !o.takeback.is_empty())
+        {
+            let mut gaps = out.takeback.clone();
+            gaps.sort();
+            let all = out.all();
+            let refused = all
+                .failures
+                .iter()
+                .filter(|(k, _)| *k == super::support::FailKind::Refused)
+                .count();
+            let _ = writeln!(
+                w,
+                "\n{}: {} new processes exited 200 ms into a 5 s probation, each rolled back; from the crash to the \
+                 old process's first answer: median {} ms, max {} ms; {} failed (refused {refused}; the rest \
+                 were in flight on the crashed process), {:.1} per crash",
+                s.name(),
+                gaps.len(),
+                ms(percentile(&gaps, 0.5)),
+                ms(gaps.last().copied()),
+                all.failures.len(),
+                all.failures.len() as f64 / gaps.len().max(1) as f64,
+            );
+        }
         let _ = writeln!(
             w,
             "\nwhere a replacement's time goes, ms from the trigger (median over the replacements; from the old \

@@ -15,16 +15,18 @@ pub enum Scenario {
     ExuviaSystemctl,
     NaiveRestart,
     ReuseportOverlap,
+    ExuviaRollback,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Control,
         Scenario::ExuviaSighup,
         Scenario::ExuviaSighupBackground,
         Scenario::ExuviaSystemctl,
         Scenario::NaiveRestart,
         Scenario::ReuseportOverlap,
+        Scenario::ExuviaRollback,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +37,7 @@ impl Scenario {
             Scenario::ExuviaSystemctl => "exuvia-systemctl",
             Scenario::NaiveRestart => "naive-restart",
             Scenario::ReuseportOverlap => "reuseport-overlap",
+            Scenario::ExuviaRollback => "exuvia-rollback",
         }
     }
 
@@ -92,6 +95,9 @@ pub struct Outcome {
     /// SIGHUP received, the new process ready, the handover done (the old process stops accepting).
     /// `None` where the log did not show all three (aligned with `windows`).
     pub stages: Vec<Option<[Duration; 3]>>,
+    /// `exuvia-rollback`: from each crash of a new process on probation to the old process's first answer
+    /// to a request sent after the crash.
+    pub takeback: Vec<Duration>,
 }
 
 impl Outcome {
@@ -302,6 +308,13 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
     if scenario == Scenario::ExuviaSighupBackground {
         args.push("--background-init".into());
     }
+    // exuvia-rollback: every new process exits 200 ms into a 5 s probation; the old one takes the service back.
+    let fault = std::env::temp_dir().join(format!("exuvia-bench-crash-{}", std::process::id()));
+    if scenario == Scenario::ExuviaRollback {
+        args.extend(["--probation".into(), "5".into(), "--crash-fault".into()]);
+        args.push(fault.display().to_string());
+    }
+    let mut crashes: Vec<(Instant, u32)> = Vec::new();
     let mut target = if scenario == Scenario::ExuviaSystemctl {
         if let Some(why) = systemd::unavailable() {
             return Outcome {
@@ -424,6 +437,37 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
                         support::wait_gone(old, Duration::from_secs(30));
                         (new, idle_done)
                     }
+                    Scenario::ExuviaRollback => {
+                        let s = servers.last_mut().unwrap();
+                        std::fs::write(&fault, "exit 200").unwrap();
+                        let mark = s.log.len();
+                        assert!(support::signal(old, libc::SIGHUP));
+                        let from = |l: &str, pid: u32| {
+                            support::field(l, "pid").and_then(|p| p.parse::<u32>().ok())
+                                == Some(pid)
+                        };
+                        let (_, rolled) = s
+                            .log
+                            .wait_for(mark, Duration::from_secs(30), |l| {
+                                from(l, old) && l.contains("rolled back")
+                            })
+                            .unwrap_or_else(|| panic!("no rollback:\n{}", s.log.dump()));
+                        let child: u32 = support::field(&rolled, "child_pid")
+                            .and_then(|p| p.parse().ok())
+                            .expect("the rollback names the new process");
+                        let crash = s
+                            .log
+                            .lines()
+                            .iter()
+                            .skip(mark)
+                            .find(|l| from(l, child) && l.contains("crashing now"))
+                            .and_then(|l| logged_at(l))
+                            .expect("the new process logged its crash");
+                        crashes.push((t0 + crash.duration_since(wall0).unwrap_or_default(), old));
+                        let idle_done = idle.finish_paced(shape.pace);
+                        support::wait_gone(child, Duration::from_secs(30));
+                        (old, idle_done)
+                    }
                     Scenario::ExuviaSystemctl => unreachable!(),
                 };
                 out.peak_rss.push(sampler.stop());
@@ -465,7 +509,8 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
     // Time to the first response from the new process, from the load's own requests (the benchmark sends
     // nothing extra to find out).
     // (The control scenario has no new process.)
-    let replaced = if scenario == Scenario::Control {
+    // (The control scenario has no new process; in the rollback scenario the old process serves on.)
+    let replaced = if matches!(scenario, Scenario::Control | Scenario::ExuviaRollback) {
         &[][..]
     } else {
         &out.new_pids[..]
@@ -482,6 +527,19 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
             out.to_first_response.push(at - *t0);
         }
     }
+    for (crash, pid) in &crashes {
+        let first = fresh
+            .latencies
+            .iter()
+            .chain(&keepalive.latencies)
+            .filter(|r| r.pid == *pid && r.at >= *crash)
+            .map(|r| r.at + r.took)
+            .min();
+        if let Some(at) = first {
+            out.takeback.push(at - *crash);
+        }
+    }
+    let _ = std::fs::remove_file(&fault);
     out.fresh = fresh;
     out.keepalive = keepalive;
     match target {

@@ -17,9 +17,10 @@
 //! finishes at once and the upgrade, still running, abandons its new process; `upgrade` says so until the
 //! upgrade's thread reports `UpgradeEnded`, and a drain waits for that so no process outlives this one.
 //!
-//! Room for later states: a post-commit state (the new process serving on probation while this one still
-//! holds what it needs to roll back) fits between `Committing` and `Deciding(Upgraded)` as one more variant
-//! with its own steps, without touching the others.
+//! With a probation window the commit goes to `Probation` instead (`CommittedOnProbation`): the new process
+//! serves while this one stands by with the sockets; `ProbationPassed` leads to `Deciding(Upgraded)`,
+//! `RolledBack` back to `Serving`, and a stop to `Deciding(Stopped)` with the probation's thread still to
+//! stop the new process.
 
 use std::fmt;
 

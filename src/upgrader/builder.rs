@@ -108,6 +108,18 @@ impl Builder {
     /// memory stay for the window, a second upgrade waits for it, and `upgrade()` (with it the reload verdict)
     /// returns only at its end. A few seconds cover the crashes that come with the first real requests; the
     /// connections the new process had accepted when it died are lost either way.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// let upgrader = exuvia::Upgrader::builder()
+    ///     .probation(Duration::from_secs(5))
+    ///     .build()?;
+    /// # let _ = upgrader;
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
+    ///
+    /// Under systemd the unit needs `NotifyAccess=all` (the templates in `units/` say so): the old process,
+    /// no longer the main one, must be able to tell systemd `MAINPID=<itself>` when it takes the service back.
     pub fn probation(mut self, window: Duration) -> Builder {
         self.probation = window;
         self

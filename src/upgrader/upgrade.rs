@@ -307,6 +307,9 @@ impl Upgrader {
                 );
                 match inner.lifecycle.step(Step::RolledBack) {
                     Ok(_) => {
+                        // The handover is undone: signals for this service come here again, so a reload
+                        // helper's question about the SIGHUP that started this upgrade is answered here.
+                        inner.lifecycle.record(|_, a| a.handed_over_usec = None);
                         // The gate is open again: the accept loops take the queued connections now.
                         tracing::error!(child_pid, %how, after_ms = after.as_millis() as u64, "{why}; this process serves again");
                         inner.manager.take_back(&format!(
