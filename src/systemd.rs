@@ -158,6 +158,29 @@ impl Manager {
         }
     }
 
+    /// Keeps `fd` in systemd's file-descriptor store under `name` (`FDSTORE=1`, `FDNAME=`, `FDPOLL=0`): it
+    /// outlives a crash or a restart of the service and comes back in `LISTEN_FDS` under that name.
+    pub(crate) fn store_fd(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
+        let Some(n) = &self.notifier else { return };
+        match n.notify_with_fds(
+            &[State::FdStore, State::FdName(name), State::FdPollDisabled],
+            &[fd],
+        ) {
+            Ok(()) => tracing::info!(name, "socket kept in systemd's file-descriptor store"),
+            Err(e) => tracing::warn!(
+                name,
+                error = %e,
+                "cannot keep the socket in systemd's file-descriptor store (FileDescriptorStoreMax= in the unit?)"
+            ),
+        }
+    }
+
+    /// Drops whatever systemd's file-descriptor store holds under `name` (`FDSTOREREMOVE=1`), before a socket
+    /// of that name is stored anew: two stored sockets of one name would make the next start refuse both.
+    pub(crate) fn unstore_fd(&self, name: &str) {
+        self.send(&[State::FdStoreRemove, State::FdName(name)]);
+    }
+
     /// Takes the service back after a rollback: this process is the main one again.
     pub(crate) fn take_back(&self, status: &str) {
         self.send(&[

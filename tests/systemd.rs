@@ -13,6 +13,7 @@ use support::*;
 
 for_each_example!(
     a_crash_on_probation_is_rolled_back_under_systemd,
+    the_fd_store_keeps_self_bound_sockets_across_a_crash_and_a_restart,
     socket_activation_then_ten_reloads_under_load_then_stop,
     a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on,
     portable_template_with_hardening_reloads_fails_and_stops,
@@ -797,18 +798,7 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
     let new_host = sd.host_pid(new).expect("the new main process is visible");
     assert!(signal(new_host, libc::SIGKILL));
     let t0 = Instant::now();
-    let restarted = loop {
-        let pid = sd.main_pid("app.service");
-        if pid != 0 && pid != new && served_by(addr, pid, Duration::from_secs(1)) {
-            break pid;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "not restarted:\n{}",
-            sd.status_text("app.service")
-        );
-        std::thread::sleep(Duration::from_millis(50)); // polling systemd's state, which has no event here
-    };
+    let restarted = wait_new_main(&sd, addr, new);
     let rollbacks = std::fs::read_to_string(sd.service_log())
         .unwrap_or_default()
         .lines()
@@ -822,4 +812,101 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
     assert_eq!(rollbacks, 1, "a crash after the window was rolled back");
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
     assert_eq!(sd.show("app.service", "ActiveState"), "inactive");
+}
+
+/// A service without a socket unit that binds its own socket: with the fd store on (`--fd-store`,
+/// `FileDescriptorStoreMax=`, `FileDescriptorStorePreserve=yes`) it refuses nothing across `kill -9` (restarted by
+/// `Restart=`) and `systemctl restart`; without it, the same test sees refused connections.
+fn the_fd_store_keeps_self_bound_sockets_across_a_crash_and_a_restart(server: &str) {
+    let Some(sd) = boot("fdstore") else {
+        return;
+    };
+    let mut refused = Vec::new();
+    for store in [true, false] {
+        let port = free_port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let bin = sd.stage(&example(server));
+        let ctl = sd.stage(Path::new(env!("CARGO_BIN_EXE_exuvia-ctl")));
+        let exec_start = format!(
+            "{} --listen {addr} --drain-timeout 5{}",
+            bin.display(),
+            if store { " --fd-store" } else { "" }
+        );
+        let (reload, stop) = (
+            format!("{} reload-verdict", ctl.display()),
+            format!("{} stop", ctl.display()),
+        );
+        let stderr = format!("StandardError=append:{}", sd.service_log().display());
+        let mut extra = vec![stderr.as_str()];
+        if store {
+            extra.extend([
+                "FileDescriptorStoreMax=8",
+                "FileDescriptorStorePreserve=yes",
+            ]);
+        }
+        sd.install(
+            "exuvia-app.service",
+            "app.service",
+            &[
+                ("ExecStart", exec_start.as_str()),
+                ("Requires", ""),
+                ("After", ""),
+                ("ExecReload", reload.as_str()),
+                ("ExecStop", stop.as_str()),
+            ],
+            &extra,
+        );
+        ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+        let first = sd.main_pid("app.service");
+        assert!(served_by(addr, first, Duration::from_secs(5)));
+        let load = Load::start_modes(addr, &[(Mode::Fresh, 4)], Duration::from_millis(5));
+        load.wait_progress(100);
+        // A crash: systemd restarts the service after RestartSec=1.
+        let t0 = Instant::now();
+        assert!(signal(sd.host_pid(first).unwrap(), libc::SIGKILL));
+        let second = wait_new_main(&sd, addr, first);
+        let after_crash = t0.elapsed();
+        load.wait_progress(100);
+        let t0 = Instant::now();
+        ok(sd.systemctl(&["restart", "app.service"]), "restart", &sd);
+        let third = wait_new_main(&sd, addr, second);
+        let after_restart = t0.elapsed();
+        load.wait_progress(100);
+        let st = load.stop();
+        let n = st
+            .failures
+            .iter()
+            .filter(|(k, _)| *k == FailKind::Refused)
+            .count();
+        eprintln!(
+            "{server}, fd store {}: answered again {after_crash:?} after kill -9 (pid {second}), {after_restart:?} \
+             after systemctl restart (pid {third}); {}",
+            if store { "on" } else { "off" },
+            st.summary()
+        );
+        refused.push(n);
+        ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+    }
+    assert_eq!(refused[0], 0, "refused with the fd store");
+    assert!(
+        refused[1] > 0,
+        "the test saw nothing refused even without the fd store"
+    );
+}
+
+/// Waits until systemd has a main process other than `old` and it answers.
+fn wait_new_main(sd: &Systemd, addr: std::net::SocketAddr, old: u32) -> u32 {
+    let t0 = Instant::now();
+    loop {
+        let pid = sd.main_pid("app.service");
+        if pid != 0 && pid != old && served_by(addr, pid, Duration::from_secs(1)) {
+            return pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no new main process:\n{}",
+            sd.status_text("app.service")
+        );
+        std::thread::sleep(Duration::from_millis(20)); // polling systemd's state, which has no event here
+    }
 }

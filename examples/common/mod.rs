@@ -33,6 +33,7 @@ pub struct Args {
     pub background_init: bool,
     pub probation: Duration,
     pub crash_fault: Option<String>,
+    pub fd_store: bool,
 }
 
 pub fn parse_args() -> Result<Args, String> {
@@ -51,6 +52,7 @@ pub fn parse_args() -> Result<Args, String> {
         background_init: false,
         probation: Duration::ZERO,
         crash_fault: None,
+        fd_store: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +80,7 @@ pub fn parse_args() -> Result<Args, String> {
             "--background-init" => a.background_init = true,
             "--probation" => a.probation = secs(value()?)?,
             "--crash-fault" => a.crash_fault = Some(value()?),
+            "--fd-store" => a.fd_store = true,
             "--ballast-mib" => {
                 let v = value()?;
                 a.ballast_mib = v
@@ -94,7 +97,7 @@ pub fn parse_args() -> Result<Args, String> {
                 return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
                             [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
                             [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N] [--background-init] \
-                            [--probation SECS] [--crash-fault FILE]"
+                            [--probation SECS] [--crash-fault FILE] [--fd-store]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -232,7 +235,8 @@ pub fn builder(args: &Args) -> exuvia::Builder {
         .ready_timeout(args.ready_timeout)
         .drain_timeout(args.drain_timeout)
         .background_initialisation(args.background_init)
-        .probation(args.probation);
+        .probation(args.probation)
+        .fd_store(args.fd_store);
     if let Some(path) = &args.control_socket {
         builder = builder.control_socket(path);
     }

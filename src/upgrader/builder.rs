@@ -32,6 +32,7 @@ pub struct Builder {
     control_socket: Option<PathBuf>,
     background_init: bool,
     probation: Duration,
+    fd_store: bool,
 }
 
 impl fmt::Debug for Builder {
@@ -47,6 +48,7 @@ impl fmt::Debug for Builder {
             .field("control_socket", &self.control_socket)
             .field("background_init", &self.background_init)
             .field("probation", &self.probation)
+            .field("fd_store", &self.fd_store)
             .finish()
     }
 }
@@ -64,7 +66,26 @@ impl Builder {
             control_socket: None,
             background_init: false,
             probation: Duration::ZERO,
+            fd_store: false,
         }
+    }
+
+    /// Keeps every socket this process binds itself (and the control socket) in systemd's file-descriptor
+    /// store (default off): a crash, an OOM kill or a `systemctl restart` then loses no listening socket, and
+    /// clients wait in the kernel's queue until the restarted service takes them (it gets the sockets back by
+    /// name in `LISTEN_FDS`). For services without a `.socket` unit (which remains the simplest way) or with
+    /// listeners they create at run time. The unit needs `FileDescriptorStoreMax=` (at least the number of
+    /// sockets) and, to survive `systemctl restart`, `FileDescriptorStorePreserve=yes` (systemd 254+).
+    ///
+    /// ```no_run
+    /// let upgrader = exuvia::Upgrader::builder().fd_store(true).build()?;
+    /// let http = upgrader.listen_tcp("http", "0.0.0.0:8080")?; // stored once bound; adopted after a restart
+    /// # let _ = http;
+    /// # Ok::<(), exuvia::Error>(())
+    /// ```
+    pub fn fd_store(mut self, on: bool) -> Builder {
+        self.fd_store = on;
+        self
     }
 
     /// Whether to speak sd_notify when `NOTIFY_SOCKET` is set (default true). Turn it off only if the
@@ -283,6 +304,7 @@ impl Builder {
                 drain_timeout: self.drain_timeout,
                 background_init: self.background_init,
                 probation: self.probation,
+                fd_store: self.fd_store,
                 on_probation,
                 probation_ends: std::sync::OnceLock::new(),
                 state: self.state,

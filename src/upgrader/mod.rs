@@ -66,6 +66,8 @@ struct Inner {
     background_init: bool,
     /// The probation window after a commit (zero: none).
     probation: Duration,
+    /// Whether fresh binds go to systemd's file-descriptor store.
+    fd_store: bool,
     /// The window the old process watches this one through, when it started this one with a probation.
     on_probation: Option<Duration>,
     /// When that window ends (set once the handover is confirmed).

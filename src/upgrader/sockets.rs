@@ -45,7 +45,13 @@ impl Upgrader {
             .try_clone()
             .map_err(|e| Error::io(format!("cannot duplicate socket {name:?}"), e))?;
         reg.add_bound(name, keep);
+        drop(reg);
         tracing::info!(name, on = %what, "bound new socket");
+        if self.inner.fd_store {
+            self.inner
+                .manager
+                .store_fd(name, std::os::fd::AsFd::as_fd(&fd));
+        }
         Ok(fd)
     }
 
@@ -199,6 +205,12 @@ impl Upgrader {
         let fd = bind()?;
         let keep = fd.try_clone()?;
         lock(&self.inner.registry).replace(name, keep);
+        if self.inner.fd_store {
+            self.inner.manager.unstore_fd(name);
+            self.inner
+                .manager
+                .store_fd(name, std::os::fd::AsFd::as_fd(&fd));
+        }
         Ok(fd)
     }
 
