@@ -63,6 +63,8 @@ pub(crate) trait Actions: Send + Sync + 'static {
     fn run_upgrade(&self) -> std::result::Result<String, String>;
     /// Asks the process to stop.
     fn stop(&self);
+    /// The process's own settings, as the `config` command answers them.
+    fn config(&self) -> String;
 }
 
 /// What the control server knows of the process it serves: its finishing handle, its connection count, and
@@ -236,6 +238,7 @@ fn handle(
             ))
         }
         Command::Upgrade => served.actions.run_upgrade(),
+        Command::Config => Ok(served.actions.config()),
         Command::Verdict { since_usec } => verdict(served, since_usec),
         Command::Stop => {
             let _ = conn.write_all(format!("ok stopping pid {}\n", std::process::id()).as_bytes());
@@ -354,6 +357,9 @@ pub enum Command {
     },
     /// `stop`: stop gracefully; the connection stays open until the service has exited.
     Stop,
+    /// `config`: the service's own settings, for `exuvia-ctl check`: `drain_ms= ready_ms= probation_ms=
+    /// fd_store= taken= unclaimed=` (socket names separated by `:`, which a name cannot contain).
+    Config,
 }
 
 impl Command {
@@ -376,10 +382,11 @@ impl Command {
                 None => return Err("verdict needs the helper's start time".to_string()),
             },
             "stop" => Command::Stop,
+            "config" => Command::Config,
             other => {
                 let other: String = other.chars().take(32).collect();
                 return Err(format!(
-                    "unknown command {other:?}: use status, upgrade, verdict or stop"
+                    "unknown command {other:?}: use status, upgrade, verdict, stop or config"
                 ));
             }
         };
@@ -398,6 +405,7 @@ impl fmt::Display for Command {
             Command::Upgrade => f.write_str("upgrade"),
             Command::Verdict { since_usec } => write!(f, "verdict {since_usec}"),
             Command::Stop => f.write_str("stop"),
+            Command::Config => f.write_str("config"),
         }
     }
 }

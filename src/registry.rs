@@ -144,6 +144,17 @@ impl Registry {
             .collect()
     }
 
+    /// The names of the sockets taken (or bound) in this process, and of those inherited and never taken.
+    pub(crate) fn names(&self) -> (Vec<String>, Vec<String>) {
+        let (taken, unclaimed): (Vec<&Entry>, Vec<&Entry>) =
+            self.entries.iter().partition(|e| e.claimed);
+        let name = |e: &&Entry| e.name.clone();
+        (
+            taken.iter().map(name).collect(),
+            unclaimed.iter().map(name).collect(),
+        )
+    }
+
     /// Names of inherited sockets nobody took (they are passed on all the same).
     pub(crate) fn unclaimed(&self) -> Vec<&str> {
         self.entries

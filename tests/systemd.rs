@@ -910,3 +910,109 @@ fn wait_new_main(sd: &Systemd, addr: std::net::SocketAddr, old: u32) -> u32 {
         std::thread::sleep(Duration::from_millis(20)); // polling systemd's state, which has no event here
     }
 }
+
+/// `exuvia-ctl check`: the shipped templates pass clean; each misconfiguration gets its finding and exit code.
+#[test]
+fn exuvia_ctl_check_finds_each_misconfiguration() {
+    let Some(sd) = boot("check") else { return };
+    let ctl = sd.stage(Path::new(env!("CARGO_BIN_EXE_exuvia-ctl")));
+    let check = |sd: &Systemd| {
+        let out = sd.run(&[ctl.to_str().unwrap(), "check", "app.service"]);
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    // (template lines replaced, service arguments, extra unit lines, expected exit, expected finding)
+    type Case<'a> = (
+        &'a [(&'a str, &'a str)],
+        &'a str,
+        &'a [&'a str],
+        i32,
+        &'a str,
+    );
+    let cases: &[Case] = &[
+        (&[], "--drain-timeout 10", &[], 0, ""),
+        // systemd runs a notify unit with NotifyAccess=none as `main` (what `systemctl show` reports).
+        (&[("NotifyAccess", "none")], "", &[], 1, "NotifyAccess=main"),
+        (&[("KillMode", "process")], "", &[], 1, "KillMode=process"),
+        (&[("Type", "simple")], "", &[], 2, "Type=simple"),
+        (
+            &[("NotifyAccess", "exec")],
+            "--probation 3",
+            &[],
+            2,
+            "probation window",
+        ),
+        (
+            &[("TimeoutStopSec", "5")],
+            "--drain-timeout 10",
+            &[],
+            1,
+            "TimeoutStopSec",
+        ),
+        (
+            &[("RuntimeDirectory", "")],
+            "",
+            &[],
+            2,
+            "no RuntimeDirectory=",
+        ),
+        (&[("ReloadSignal", "SIGUSR1")], "", &[], 2, "ReloadSignal="),
+        (&[("ExecReload", "")], "", &[], 1, "no ExecReload="),
+        (&[("ExecStop", "")], "", &[], 1, "no ExecStop="),
+        (&[], "--fd-store", &[], 2, "FileDescriptorStoreMax=0"),
+        (
+            &[],
+            "--fd-store",
+            &[
+                "FileDescriptorStoreMax=8",
+                "FileDescriptorStorePreserve=yes",
+            ],
+            0,
+            "",
+        ),
+    ];
+    for (replace, args, extra, want, finding) in cases {
+        let addr = install(&sd, "http_std", free_port(), args, replace);
+        if !extra.is_empty() {
+            let path = sd.dir.join("units/app.service");
+            let unit = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("[Service]\n", &format!("[Service]\n{}\n", extra.join("\n")));
+            std::fs::write(&path, unit).unwrap();
+            ok(sd.systemctl(&["daemon-reload"]), "daemon-reload", &sd);
+        }
+        let started = sd.systemctl(&["start", "app.service"]);
+        if started.status.success() {
+            let _ = served_by(addr, sd.main_pid("app.service"), Duration::from_secs(5));
+        }
+        let (code, text) = check(&sd);
+        eprintln!("--- {replace:?} {args:?} {extra:?}: exit {code}\n{text}");
+        assert_eq!(code, *want, "{replace:?} {args:?}: {text}");
+        assert!(
+            text.contains(finding),
+            "{replace:?}: no {finding:?} in:\n{text}"
+        );
+        let _ = sd.systemctl(&["stop", "app.service", "app.socket"]);
+        let _ = sd.systemctl(&["reset-failed", "app.service"]);
+    }
+    // The portable template passes clean too.
+    install_shape(
+        &sd,
+        Shape::Portable,
+        "http_std",
+        free_port(),
+        "--drain-timeout 10",
+        &[],
+    );
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    let (code, text) = check(&sd);
+    eprintln!("--- portable: exit {code}\n{text}");
+    assert_eq!(code, 0, "{text}");
+    let _ = sd.systemctl(&["stop", "app.service", "app.socket"]);
+}

@@ -290,6 +290,14 @@ impl Builder {
         let control_path = self
             .control_socket
             .or_else(crate::control::default_socket_path);
+        if manager.enabled() && control_path.is_none() {
+            tracing::warn!(
+                "running under systemd without RuntimeDirectory= (and no control socket set): the \
+                 ExecReload=/ExecStop= helpers cannot reach this service, so a reload cannot report its verdict \
+                 and a stop does not wait for the drain; add RuntimeDirectory=%N (exuvia-ctl check UNIT lists \
+                 what else to fix)"
+            );
+        }
         let lifecycle = Lifecycle::new(Attempts {
             born_of,
             ..Attempts::default()

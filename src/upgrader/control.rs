@@ -32,6 +32,19 @@ impl Actions for Upgrader {
     fn stop(&self) {
         self.shutdown_by(StopCause::ControlSocket);
     }
+
+    fn config(&self) -> String {
+        let (taken, unclaimed) = lock(&self.inner.registry).names();
+        format!(
+            "drain_ms={} ready_ms={} probation_ms={} fd_store={} taken={} unclaimed={}",
+            self.inner.drain_timeout.as_millis(),
+            self.inner.ready_timeout.as_millis(),
+            self.inner.probation.as_millis(),
+            self.inner.fd_store,
+            taken.join(":"),
+            unclaimed.join(":")
+        )
+    }
 }
 
 impl Upgrader {

@@ -236,14 +236,15 @@ impl Systemd {
         let exec_start = format!("{} {args}", server.display());
         let exec_reload = format!("{} {reload}", ctl.display());
         let exec_stop = format!("{} stop", ctl.display());
-        let mut replace = vec![
+        // `more` first: a test's own value for a line wins over these.
+        let mut replace = more.to_vec();
+        replace.extend_from_slice(&[
             ("ExecStart", exec_start.as_str()),
             ("Requires", "app.socket"),
             ("After", "app.socket"),
             ("ExecReload", exec_reload.as_str()),
             ("ExecStop", exec_stop.as_str()),
-        ];
-        replace.extend_from_slice(more);
+        ]);
         self.install(template, "app.service", &replace, &[stderr.as_str()]);
         format!("127.0.0.1:{port}").parse().unwrap()
     }

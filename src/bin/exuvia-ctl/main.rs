@@ -2,7 +2,8 @@
 //! `ExecStop=` (see `units/`), and for operators.
 //!
 //! ```text
-//! exuvia-ctl [--socket PATH] [--timeout SECS] status|upgrade|reload-verdict|stop
+//! exuvia-ctl [--socket PATH] [--timeout SECS] status|upgrade|reload-verdict|stop|config
+//! exuvia-ctl [--socket PATH] check UNIT
 //! ```
 //!
 //! - `upgrade`: start an upgrade now and exit with its verdict (0: the new process serves; 1: it failed and the
@@ -12,6 +13,9 @@
 //! - `stop`: stop gracefully (no longer accept, drain) and wait until the service has exited. For
 //!   `ExecStop=`.
 //! - `status`: pid, generation and connections in flight.
+//! - `config`: the service's own settings (timeouts, probation, fd store, socket names).
+//! - `check UNIT`: the unit's settings as systemd has them, and the service's own, against what an upgrade
+//!   needs; each finding with its fix. Exit 0 clean, 1 warnings, 2 errors: a deploy pipeline can gate on it.
 //!
 //! The socket defaults to `$RUNTIME_DIRECTORY/exuvia-control.sock`, which systemd sets for the service and its
 //! helpers alike when the unit has `RuntimeDirectory=`. Exit status: 0 ok, 1 the service said no, 2 usage or
@@ -19,13 +23,16 @@
 #![deny(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod check;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: exuvia-ctl [--socket PATH] [--timeout SECS] status|upgrade|reload-verdict|stop"
+        "usage: exuvia-ctl [--socket PATH] [--timeout SECS] status|upgrade|reload-verdict|stop|config\n       \
+         exuvia-ctl [--socket PATH] check UNIT"
     );
     ExitCode::from(2)
 }
@@ -36,6 +43,7 @@ fn main() -> ExitCode {
     let mut socket: Option<PathBuf> = None;
     let mut timeout = Duration::from_secs(120);
     let mut command: Option<String> = None;
+    let mut unit: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -53,6 +61,9 @@ fn main() -> ExitCode {
             },
             "-h" | "--help" => return usage(),
             c if command.is_none() => command = Some(c.to_string()),
+            c if command.as_deref() == Some("check") && unit.is_none() => {
+                unit = Some(c.to_string())
+            }
             _ => return usage(),
         }
     }
@@ -64,6 +75,13 @@ fn main() -> ExitCode {
             since_usec: started,
         },
         Some("stop") => Command::Stop,
+        Some("config") => Command::Config,
+        Some("check") => {
+            return match unit {
+                Some(unit) => check::run(&unit, socket, timeout.min(Duration::from_secs(10))),
+                None => usage(),
+            }
+        }
         _ => return usage(),
     };
     if matches!(command.as_deref(), Some("reload-verdict" | "upgrade")) {

@@ -1,0 +1,443 @@
+//! `exuvia-ctl check UNIT`: the unit's effective settings, as the running systemd has them (`systemctl show`:
+//! the same values systemd acts on, drop-ins included, and no D-Bus client needed), and the service's own
+//! settings over the control socket (`config`), checked against what an upgrade needs. Every finding says what
+//! to change. Exit status: 0 clean, 1 warnings, 2 errors.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Level {
+    Ok,
+    Note,
+    Warning,
+    Error,
+}
+
+struct Findings(Vec<(Level, String)>);
+
+impl Findings {
+    fn add(&mut self, level: Level, text: impl Into<String>) {
+        self.0.push((level, text.into()));
+    }
+}
+
+const PROPERTIES: &str = "LoadState,ActiveState,Type,NotifyAccess,ReloadSignal,ExecReload,ExecStop,KillMode,\
+TimeoutStopUSec,TimeoutStartUSec,WatchdogUSec,RuntimeDirectory,FileDescriptorStoreMax,FileDescriptorStorePreserve";
+
+pub(crate) fn run(unit: &str, socket: Option<PathBuf>, timeout: Duration) -> ExitCode {
+    let props = match systemctl_show(unit) {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("exuvia-ctl check: {why}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut f = Findings(Vec::new());
+    if props.get("LoadState").map(String::as_str) != Some("loaded") {
+        eprintln!(
+            "exuvia-ctl check: systemd has no unit {unit:?} loaded (LoadState={}); check the name, or run \
+             systemctl daemon-reload",
+            props.get("LoadState").map_or("?", String::as_str)
+        );
+        return ExitCode::from(2);
+    }
+    let version = systemd_version();
+    check_unit(&props, version, &mut f);
+    let config = service_config(&props, socket, timeout);
+    check_service(&props, config.as_ref(), &mut f);
+    let worst = f.0.iter().map(|(l, _)| *l).max().unwrap_or(Level::Ok);
+    for (level, text) in &f.0 {
+        let tag = match level {
+            Level::Ok => "ok",
+            Level::Note => "note",
+            Level::Warning => "warning",
+            Level::Error => "error",
+        };
+        println!("{tag}: {text}");
+    }
+    match worst {
+        Level::Error => ExitCode::from(2),
+        Level::Warning => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    }
+}
+
+fn systemctl_show(unit: &str) -> Result<HashMap<String, String>, String> {
+    let out = std::process::Command::new("systemctl")
+        .args(["show", unit, &format!("--property={PROPERTIES}")])
+        .output()
+        .map_err(|e| format!("cannot run systemctl: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "systemctl show {unit} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+/// The running systemd's version (`systemctl --version`: "systemd 254 (254.5-1~bpo12+3)").
+fn systemd_version() -> Option<u32> {
+    let out = std::process::Command::new("systemctl")
+        .arg("--version")
+        .output()
+        .ok()?;
+    parse_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_version(text: &str) -> Option<u32> {
+    text.lines()
+        .next()?
+        .strip_prefix("systemd ")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A systemd time span as `systemctl show` prints it ("1min 30s", "500ms", "infinity"); `None` for infinity.
+fn parse_span(text: &str) -> Option<Duration> {
+    if text.trim() == "infinity" {
+        return None;
+    }
+    let mut total = Duration::ZERO;
+    for word in text.split_whitespace() {
+        let split = word
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(word.len());
+        let (n, unit) = word.split_at(split);
+        let n: f64 = n.parse().ok()?;
+        let secs = match unit {
+            "us" | "usec" => n / 1e6,
+            "ms" | "msec" => n / 1e3,
+            "" | "s" | "sec" => n,
+            "min" | "m" => n * 60.0,
+            "h" | "hr" => n * 3600.0,
+            "d" => n * 86400.0,
+            _ => return None,
+        };
+        total += Duration::from_secs_f64(secs);
+    }
+    Some(total)
+}
+
+/// The `argv[]=` of an `Exec*=` property (`{ path=... ; argv[]=/usr/bin/exuvia-ctl stop ; ... }`), empty when
+/// the unit has none.
+fn exec_argv(value: &str) -> Vec<String> {
+    value
+        .split(" ; ")
+        .find_map(|part| part.trim().trim_start_matches("{ ").strip_prefix("argv[]="))
+        .map(|argv| argv.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Whether an `Exec*=` command is `exuvia-ctl <verb>` with a program that exists and is executable.
+fn helper(props: &HashMap<String, String>, key: &str, verb: &str, f: &mut Findings) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let argv = exec_argv(props.get(key).map_or("", String::as_str));
+    let Some(program) = argv.first() else {
+        return false;
+    };
+    if argv.get(1).map(String::as_str) != Some(verb) {
+        f.add(
+            Level::Warning,
+            format!(
+                "{key}={} is not `exuvia-ctl {verb}`; fix: {key}=/usr/local/bin/exuvia-ctl {verb}",
+                argv.join(" ")
+            ),
+        );
+        return true;
+    }
+    match std::fs::metadata(program) {
+        Ok(m) if m.permissions().mode() & 0o111 != 0 => {
+            f.add(Level::Ok, format!("{key}={}", argv.join(" ")))
+        }
+        _ => f.add(
+            Level::Error,
+            format!(
+                "{key}= names {program}, which is not an executable file; fix: install exuvia-ctl there \
+                 (cargo install --path . --bin exuvia-ctl --root /usr/local) or change the path"
+            ),
+        ),
+    }
+    true
+}
+
+fn check_unit(props: &HashMap<String, String>, version: Option<u32>, f: &mut Findings) {
+    let get = |k: &str| props.get(k).map_or("", String::as_str);
+    let v = version.map_or("an unknown version".to_string(), |v| format!("systemd {v}"));
+    match get("Type") {
+        "notify-reload" => {
+            if version.is_some_and(|v| v < 253) {
+                f.add(
+                    Level::Error,
+                    format!(
+                        "Type=notify-reload needs systemd 253 or newer, this is {v}; fix: use \
+                         units/exuvia-app-portable.service (Type=notify + ExecReload=exuvia-ctl upgrade)"
+                    ),
+                );
+            } else {
+                f.add(Level::Ok, format!("Type=notify-reload ({v})"));
+            }
+            if get("ReloadSignal") != "1" {
+                f.add(
+                    Level::Error,
+                    format!(
+                        "ReloadSignal= is signal {}, but exuvia upgrades on SIGHUP; fix: ReloadSignal=SIGHUP",
+                        get("ReloadSignal")
+                    ),
+                );
+            }
+            if !helper(props, "ExecReload", "reload-verdict", f) {
+                f.add(
+                    Level::Warning,
+                    "no ExecReload=: `systemctl reload` reports success even when the upgrade fails; fix: \
+                     ExecReload=/usr/local/bin/exuvia-ctl reload-verdict",
+                );
+            }
+        }
+        "notify" => {
+            f.add(
+                Level::Ok,
+                format!("Type=notify ({v}; the portable shape: reloads go through ExecReload=)"),
+            );
+            if !helper(props, "ExecReload", "upgrade", f) {
+                f.add(
+                    Level::Error,
+                    "Type=notify without ExecReload=: `systemctl reload` does nothing; fix: \
+                     ExecReload=/usr/local/bin/exuvia-ctl upgrade",
+                );
+            }
+        }
+        other => f.add(
+            Level::Error,
+            format!(
+                "Type={other}: systemd would not follow the main process across an upgrade; fix: \
+                 Type=notify-reload (systemd 253+) or Type=notify with ExecReload=exuvia-ctl upgrade"
+            ),
+        ),
+    }
+    match get("NotifyAccess") {
+        "all" => f.add(Level::Ok, "NotifyAccess=all"),
+        "exec" => f.add(
+            Level::Note,
+            "NotifyAccess=exec: fine without a probation window; a rollback needs NotifyAccess=all",
+        ),
+        "main" => f.add(
+            Level::Warning,
+            "NotifyAccess=main: the reload helper cannot end a reload whose main process died, and a rollback \
+             cannot hand the service back; fix: NotifyAccess=all",
+        ),
+        other => f.add(
+            Level::Error,
+            format!(
+                "NotifyAccess={other}: systemd ignores the service's notifications (READY=1, MAINPID=); fix: \
+                 NotifyAccess=all"
+            ),
+        ),
+    }
+    if !helper(props, "ExecStop", "stop", f) {
+        f.add(
+            Level::Warning,
+            "no ExecStop=: after an upgrade the main process is not systemd's child, and a stop sends SIGTERM \
+             then SIGKILL without waiting for the drain; fix: ExecStop=/usr/local/bin/exuvia-ctl stop",
+        );
+    }
+    match get("KillMode") {
+        "control-group" | "mixed" => f.add(Level::Ok, format!("KillMode={}", get("KillMode"))),
+        other => f.add(
+            Level::Warning,
+            format!(
+                "KillMode={other}: a stop leaves other processes of the unit (an old process still draining, a \
+                 new one's children) running; fix: KillMode=control-group"
+            ),
+        ),
+    }
+    if get("RuntimeDirectory").is_empty() {
+        f.add(
+            Level::Error,
+            "no RuntimeDirectory=: the service has no control socket, so ExecReload=/ExecStop= helpers cannot \
+             reach it; fix: RuntimeDirectory=%N",
+        );
+    } else {
+        f.add(
+            Level::Ok,
+            format!("RuntimeDirectory={}", get("RuntimeDirectory")),
+        );
+    }
+    if let Some(w) = parse_span(get("WatchdogUSec")).filter(|w| !w.is_zero()) {
+        f.add(
+            Level::Ok,
+            format!("WatchdogSec={w:?}: fed by whichever process is the main one, across upgrades"),
+        );
+    }
+}
+
+/// The service's own settings, from its control socket.
+struct Config(HashMap<String, String>);
+
+impl Config {
+    fn ms(&self, key: &str) -> Option<Duration> {
+        self.0
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    }
+
+    fn names(&self, key: &str) -> Vec<String> {
+        self.0
+            .get(key)
+            .map(|v| {
+                v.split(':')
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn service_config(
+    props: &HashMap<String, String>,
+    socket: Option<PathBuf>,
+    timeout: Duration,
+) -> Option<Config> {
+    let path = socket.or_else(|| {
+        let dir = props
+            .get("RuntimeDirectory")?
+            .split_whitespace()
+            .next()?
+            .to_string();
+        Some(
+            PathBuf::from("/run")
+                .join(dir)
+                .join(exuvia::control::SOCKET_NAME),
+        )
+    })?;
+    let reply = exuvia::control::request(&path, exuvia::control::Command::Config, timeout).ok()?;
+    reply.ok.then(|| {
+        Config(
+            reply
+                .text
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    })
+}
+
+fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &mut Findings) {
+    let get = |k: &str| props.get(k).map_or("", String::as_str);
+    let Some(config) = config else {
+        f.add(
+            Level::Note,
+            format!(
+                "the service's own settings were not checked: its control socket did not answer (ActiveState={})",
+                get("ActiveState")
+            ),
+        );
+        return;
+    };
+    if let (Some(drain), stop) = (config.ms("drain_ms"), parse_span(get("TimeoutStopUSec"))) {
+        match stop {
+            Some(stop) if stop < drain + Duration::from_secs(5) => f.add(
+                Level::Warning,
+                format!(
+                    "TimeoutStopSec={stop:?} leaves no room for the service's drain timeout of {drain:?}: systemd \
+                     kills it mid-drain; fix: TimeoutStopSec={}",
+                    drain.as_secs() + 15
+                ),
+            ),
+            _ => f.add(
+                Level::Ok,
+                format!("TimeoutStopSec covers the drain timeout ({drain:?})"),
+            ),
+        }
+    }
+    if let (Some(ready), Some(start)) = (config.ms("ready_ms"), parse_span(get("TimeoutStartUSec")))
+    {
+        if start < ready {
+            f.add(
+                Level::Warning,
+                format!(
+                    "TimeoutStartSec={start:?} is shorter than the service's ready timeout of {ready:?}: a first \
+                     start that initialises slowly fails before the service gives up itself; fix: \
+                     TimeoutStartSec={}",
+                    ready.as_secs() + 15
+                ),
+            );
+        }
+    }
+    for name in config.names("unclaimed") {
+        f.add(
+            Level::Warning,
+            format!(
+                "the socket {name:?} is passed to the service but never taken (it is handed on to each new \
+                 process unused); fix: take it under that name, or match FileDescriptorName= to the name the \
+                 program asks for"
+            ),
+        );
+    }
+    if config.0.get("fd_store").map(String::as_str) == Some("true") {
+        let max: u64 = get("FileDescriptorStoreMax").parse().unwrap_or(0);
+        let needed = config.names("taken").len() as u64;
+        if max < needed.max(1) {
+            f.add(
+                Level::Error,
+                format!(
+                    "the service keeps its sockets in the fd store, but FileDescriptorStoreMax={max} (it has \
+                     {needed}); fix: FileDescriptorStoreMax={}",
+                    needed.max(1) + 4
+                ),
+            );
+        } else {
+            f.add(Level::Ok, format!("FileDescriptorStoreMax={max}"));
+        }
+        if get("FileDescriptorStorePreserve") != "yes" {
+            f.add(
+                Level::Warning,
+                "the fd store is flushed at `systemctl restart`; fix: FileDescriptorStorePreserve=yes \
+                 (systemd 254+)",
+            );
+        }
+    }
+    if !config.ms("probation_ms").unwrap_or_default().is_zero() && get("NotifyAccess") != "all" {
+        f.add(
+            Level::Error,
+            "the service has a probation window, but a rollback cannot hand the service back without \
+             NotifyAccess=all; fix: NotifyAccess=all",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_values_are_read_as_systemctl_prints_them() {
+        assert_eq!(
+            parse_version("systemd 254 (254.5-1~bpo12+3)\n+PAM +AUDIT"),
+            Some(254)
+        );
+        assert_eq!(parse_version("something else"), None);
+        assert_eq!(parse_span("1min 30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_span("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_span("infinity"), None);
+        assert_eq!(parse_span("45s"), Some(Duration::from_secs(45)));
+        assert_eq!(
+            exec_argv("{ path=/usr/local/bin/exuvia-ctl ; argv[]=/usr/local/bin/exuvia-ctl stop ; ignore_errors=no ; start_time=[n/a] }"),
+            vec!["/usr/local/bin/exuvia-ctl".to_string(), "stop".to_string()]
+        );
+        assert!(exec_argv("").is_empty());
+    }
+}
