@@ -8,6 +8,7 @@
 //! -> exuvia-ctl/1 upgrade           <- ok upgraded to pid 1240 in 104 ms (its own initialisation 100 ms, handover overhead 3 ms)  |  error child exited with status 3 ...
 //! -> exuvia-ctl/1 verdict <usec>    <- the verdict of the upgrade the reload signal started (see below)
 //! -> exuvia-ctl/1 stop              <- ok stopping pid 1240; the connection then stays open until it exits
+//! -> exuvia-ctl/1 config            <- ok drain_ms=30000 ready_ms=30000 probation_ms=0 fd_store=false taken=http:exuvia-control unclaimed=
 //! ```
 //!
 //! `verdict` serves `Type=notify-reload` units, where systemd both sends the reload signal and runs
