@@ -215,6 +215,15 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
     let newer = s.upgrade_started().expect("the next generation's upgrade");
     assert!(wait_gone(new, Duration::from_secs(30)));
     assert_ne!(newer, new);
+    // Every line says which process and which generation wrote it (one stderr for all of them).
+    assert!(
+        s.log
+            .lines()
+            .iter()
+            .any(|l| from(l, newer) && l.contains(&format!("pid={newer} gen=2 "))),
+        "no line of {newer} says gen=2:\n{}",
+        s.log.dump()
+    );
     s.stop();
 }
 

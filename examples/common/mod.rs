@@ -106,7 +106,16 @@ pub fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Logs carry the pid: old and new processes share one stderr.
+/// This process's generation once the upgrader is built (`u32::MAX` before), for the log lines.
+static GENERATION: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// Records the generation for the log lines (call it right after `build()`).
+pub fn set_generation(g: u32) {
+    GENERATION.store(g, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Logs carry the pid and the generation: old and new processes share one stderr (under systemd, one journal
+/// stream, which journald attributes to the process that opened it: the first one).
 struct PidTime;
 impl tracing_subscriber::fmt::time::FormatTime for PidTime {
     fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
@@ -119,7 +128,11 @@ impl tracing_subscriber::fmt::time::FormatTime for PidTime {
             t.as_secs(),
             t.subsec_micros(),
             std::process::id()
-        )
+        )?;
+        match GENERATION.load(std::sync::atomic::Ordering::Relaxed) {
+            u32::MAX => Ok(()),
+            g => write!(w, " gen={g}"),
+        }
     }
 }
 
