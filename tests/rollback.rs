@@ -258,4 +258,34 @@ fn a_stop_during_probation_stops_both(server: &str) {
     );
     assert!(t0.elapsed() < Duration::from_secs(5));
     s.generations.push(child);
+
+    // A stop that reaches the new process instead (`exuvia-ctl stop` on the shared control socket, or a SIGTERM
+    // to it): it exits cleanly, and that is a stop of both, not a crash to roll back.
+    let mut s = Server::start(
+        &example(server),
+        &["--probation", WINDOW, "--drain-timeout", "5"],
+    );
+    let old = s.current();
+    let mark = s.log.len();
+    let child = upgrade_onto_probation(&s, old, mark);
+    s.log
+        .wait_for(mark, Duration::from_secs(10), |l| {
+            from(l, child) && l.contains(" serving ")
+        })
+        .unwrap_or_else(|| panic!("{child} never served:\n{}", s.log.dump()));
+    assert!(signal(child, libc::SIGTERM));
+    assert!(
+        wait_gone(child, Duration::from_secs(10)),
+        "new process still there"
+    );
+    assert!(
+        wait_gone(old, Duration::from_secs(10)),
+        "old process still there"
+    );
+    assert!(
+        !s.log.lines().iter().any(|l| l.contains("rolled back")),
+        "a clean stop of the new process was rolled back:\n{}",
+        s.log.dump()
+    );
+    s.generations.push(child);
 }

@@ -51,6 +51,9 @@ pub enum StopCause {
     ControlSocket,
     /// The application called [`Upgrader::shutdown`](crate::Upgrader::shutdown).
     Api,
+    /// The new process exited cleanly (status 0) during its probation window: it was stopped (`exuvia-ctl
+    /// stop` reached it, or a SIGTERM), so this process stops too instead of taking the service back.
+    Successor,
 }
 
 /// Where a process is in its life.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::{lock, micros, Upgrader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::handover::parent::{self, CommittedChild, PendingChild, Watched};
-use crate::lifecycle::{Refused, State, Step};
+use crate::lifecycle::{Refused, State, Step, StopCause};
 use crate::sys;
 
 /// What a successful upgrade did.
@@ -295,6 +295,22 @@ impl Upgrader {
                 Err(Error::new(
                     ErrorKind::Finishing,
                     format!("stopped during the probation of pid {child_pid}, which was asked to stop too"),
+                ))
+            }
+            Watched::Exited(status) if status.success() => {
+                // Not a crash: the new process was stopped (a stop request reaches it, not this process, whose
+                // accept loops pause on probation). Stop both, as a stop during the probation does.
+                tracing::info!(
+                    child_pid,
+                    "the new process exited with status 0 during its probation (it was stopped): stopping this \
+                     one too"
+                );
+                self.shutdown_by(StopCause::Successor);
+                Err(Error::new(
+                    ErrorKind::Finishing,
+                    format!(
+                        "pid {child_pid} was stopped during its probation; this process stops too"
+                    ),
                 ))
             }
             Watched::Exited(status) => {
