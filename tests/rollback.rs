@@ -228,64 +228,53 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
 }
 
 fn a_stop_during_probation_stops_both(server: &str) {
-    let mut s = Server::start(
-        &example(server),
-        &["--probation", WINDOW, "--drain-timeout", "5"],
-    );
-    let old = s.current();
-    let mark = s.log.len();
-    let child = upgrade_onto_probation(&s, old, mark);
-    // A second upgrade is refused while the probation runs.
-    assert!(signal(old, libc::SIGHUP));
-    s.log
-        .wait_for(mark, Duration::from_secs(10), |l| {
-            from(l, old) && l.contains("in flight; refused")
-        })
-        .unwrap_or_else(|| panic!("a second upgrade was not refused:\n{}", s.log.dump()));
-    let t0 = Instant::now();
-    assert!(signal(old, libc::SIGTERM));
-    assert!(
-        wait_gone(old, Duration::from_secs(10)),
-        "old process still there"
-    );
-    assert!(
-        wait_gone(child, Duration::from_secs(10)),
-        "new process still there"
-    );
-    eprintln!(
-        "{server}: stop during probation: both gone after {:?}",
-        t0.elapsed()
-    );
-    assert!(t0.elapsed() < Duration::from_secs(5));
-    s.generations.push(child);
-
-    // A stop that reaches the new process instead (`exuvia-ctl stop` on the shared control socket, or a SIGTERM
-    // to it): it exits cleanly, and that is a stop of both, not a crash to roll back.
-    let mut s = Server::start(
-        &example(server),
-        &["--probation", WINDOW, "--drain-timeout", "5"],
-    );
-    let old = s.current();
-    let mark = s.log.len();
-    let child = upgrade_onto_probation(&s, old, mark);
-    s.log
-        .wait_for(mark, Duration::from_secs(10), |l| {
-            from(l, child) && l.contains(" serving ")
-        })
-        .unwrap_or_else(|| panic!("{child} never served:\n{}", s.log.dump()));
-    assert!(signal(child, libc::SIGTERM));
-    assert!(
-        wait_gone(child, Duration::from_secs(10)),
-        "new process still there"
-    );
-    assert!(
-        wait_gone(old, Duration::from_secs(10)),
-        "old process still there"
-    );
-    assert!(
-        !s.log.lines().iter().any(|l| l.contains("rolled back")),
-        "a clean stop of the new process was rolled back:\n{}",
-        s.log.dump()
-    );
-    s.generations.push(child);
+    // A stop that reaches the old process (SIGTERM, or its control socket before the commit): it asks the new
+    // one to stop too. One that reaches the new process (`exuvia-ctl stop` on the shared control socket, or a
+    // SIGTERM to it): it exits cleanly, and that is a stop of both, not a crash to roll back.
+    for to_new in [false, true] {
+        let mut s = Server::start(
+            &example(server),
+            &["--probation", WINDOW, "--drain-timeout", "5"],
+        );
+        let old = s.current();
+        let mark = s.log.len();
+        let child = upgrade_onto_probation(&s, old, mark);
+        s.generations.push(child);
+        let target = if to_new {
+            s.log
+                .wait_for(mark, Duration::from_secs(10), |l| {
+                    from(l, child) && l.contains(" serving ")
+                })
+                .unwrap_or_else(|| panic!("{child} never served:\n{}", s.log.dump()));
+            child
+        } else {
+            // A second upgrade is refused while the probation runs.
+            assert!(signal(old, libc::SIGHUP));
+            s.log
+                .wait_for(mark, Duration::from_secs(10), |l| {
+                    from(l, old) && l.contains("in flight; refused")
+                })
+                .unwrap_or_else(|| panic!("a second upgrade was not refused:\n{}", s.log.dump()));
+            old
+        };
+        let t0 = Instant::now();
+        assert!(signal(target, libc::SIGTERM));
+        for (pid, which) in [(old, "old"), (child, "new")] {
+            assert!(
+                wait_gone(pid, Duration::from_secs(10)),
+                "{which} process still there"
+            );
+        }
+        let took = t0.elapsed();
+        eprintln!(
+            "{server}: SIGTERM to the {} process during probation: both gone after {took:?}",
+            if to_new { "new" } else { "old" }
+        );
+        assert!(took < Duration::from_secs(5));
+        assert!(
+            !s.log.lines().iter().any(|l| l.contains("rolled back")),
+            "a stop during probation was rolled back:\n{}",
+            s.log.dump()
+        );
+    }
 }
