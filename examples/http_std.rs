@@ -53,7 +53,6 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let upgrader = common::builder(&args).build()?;
-    common::set_generation(upgrader.generation());
     let listener =
         upgrader.listen_tcp_with("http", args.listen.as_str(), &common::bind_options(&args))?;
     let addr = listener.local_addr()?;

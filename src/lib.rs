@@ -67,7 +67,7 @@
 //!
 //! The sockets sit at fds 3, 4, ... with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` set to the new
 //! process's own pid, so any `sd_listen_fds`-compatible code works in it. The private handover channel comes
-//! right after them; it and its two `EXUVIA_HANDOVER_*` variables are the only additions. Every other
+//! right after them; it and its `EXUVIA_HANDOVER_*` variables are the only additions. Every other
 //! descriptor is closed on exec, whatever flags it was opened with.
 //!
 //! The program executed is, by default, the path this process was started from (as `execve` saw it, made
@@ -110,6 +110,7 @@ mod handover;
 pub mod hyper;
 mod lifecycle;
 mod listen;
+pub mod logging;
 pub mod notify;
 mod registry;
 #[allow(unsafe_code)]

@@ -20,6 +20,7 @@ for_each_example!(
     the_old_process_killed_during_a_reload_recovers_through_restart,
     systemctl_stop_during_a_hanging_reload_is_prompt,
     a_reload_during_an_upgrade_started_another_way_reports_its_own_verdict,
+    journald_attributes_each_generations_lines_to_its_own_process,
 );
 
 /// Installs the notify-reload templates as app.socket + app.service running `server` with `args`, with
@@ -1015,4 +1016,140 @@ fn exuvia_ctl_check_finds_each_misconfiguration() {
     eprintln!("--- portable: exit {code}\n{text}");
     assert_eq!(code, 0, "{text}");
     let _ = sd.systemctl(&["stop", "app.service", "app.socket"]);
+}
+
+#[test]
+fn journal_json_lines_are_read() {
+    let m = support::systemd::json_strings(
+        r#"{"_PID":"12","MESSAGE":"a \"b\"\n\u00e9","BIN":[1,2,3],"N":null,"X":"y"}"#,
+    )
+    .unwrap();
+    assert_eq!(m["_PID"], "12");
+    assert_eq!(m["MESSAGE"], "a \"b\"\né");
+    assert_eq!(m["X"], "y");
+    assert!(!m.contains_key("BIN"));
+}
+
+/// Logs under systemd (systemd#13708): with a journald in the test systemd, the examples log natively when
+/// stderr is the journal, and every entry across two upgrades carries its own process's `_PID` and
+/// `EXUVIA_GENERATION`. The same service logging to the inherited stderr stream: each line says its pid and
+/// generation in its text, and this journald stores it under the pid that wrote it too (journald 246 and
+/// newer read the sender's credentials with every read of the stream; older ones gave every line the pid
+/// that opened the stream, the bug the native protocol avoids on any version).
+fn journald_attributes_each_generations_lines_to_its_own_process(server: &str) {
+    let Some(sd) = boot("journald") else { return };
+    sd.start_journald();
+    let name = Path::new(server).file_name().unwrap().to_str().unwrap();
+    for (log, upgrades) in [("auto", 2), ("stderr", 1)] {
+        let addr = install(
+            &sd,
+            server,
+            free_port(),
+            &format!("--drain-timeout 10 --log {log}"),
+            &[],
+        );
+        // The harness sends stderr to a file; this unit sends it where a real one does.
+        sd.install_dropin_text(
+            "app.service",
+            "zz-journal.conf",
+            "[Service]\nStandardError=journal\n",
+        );
+        let cursor = sd
+            .journal(&["-n", "1"])
+            .pop()
+            .and_then(|e| e.get("__CURSOR").cloned());
+        ok(sd.systemctl(&["start", "app.socket"]), "start socket", &sd);
+        let (first, _) = get(addr, "/").expect("socket activation");
+        let mut pids = vec![first.pid];
+        for _ in 0..upgrades {
+            ok(sd.systemctl(&["reload", "app.service"]), "reload", &sd);
+            let new = sd.main_pid("app.service");
+            assert!(served_by(addr, new, Duration::from_secs(5)));
+            pids.push(new);
+        }
+        ok(
+            sd.systemctl(&["stop", "app.service", "app.socket"]),
+            "stop",
+            &sd,
+        );
+        // Every process logged "drain finished" on its way out (the last one at the stop): wait until journald has
+        // them all, then read this round's entries.
+        let mut args = vec!["_SYSTEMD_UNIT=app.service".to_string()];
+        if let Some(c) = &cursor {
+            args.push(format!("--after-cursor={c}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t0 = Instant::now();
+        let entries = loop {
+            let entries = sd.journal(&args);
+            let drained = entries
+                .iter()
+                .filter(|e| {
+                    e.get("MESSAGE")
+                        .is_some_and(|m| m.contains("drain finished"))
+                })
+                .count();
+            if drained >= pids.len() || t0.elapsed() > Duration::from_secs(10) {
+                break entries;
+            }
+            std::thread::sleep(Duration::from_millis(50)); // journald has no event to wait on from here
+        };
+        let text = entries
+            .iter()
+            .map(|e| {
+                format!(
+                    "_PID={} EXUVIA_GENERATION={} {}",
+                    e.get("_PID").map_or("-", String::as_str),
+                    e.get("EXUVIA_GENERATION").map_or("-", String::as_str),
+                    e.get("MESSAGE").map_or("", String::as_str)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        eprintln!("--- {server} --log {log}, pids {pids:?}:\n{text}");
+        let short = sd.run(&[
+            "journalctl",
+            "--no-pager",
+            "-u",
+            "app.service",
+            "-o",
+            "short-precise",
+        ]);
+        eprintln!("{}", String::from_utf8_lossy(&short.stdout));
+        for (generation, pid) in pids.iter().enumerate() {
+            let pid = pid.to_string();
+            if log == "auto" {
+                // Natively logged: each generation's entries, and only they, carry its pid.
+                let mine: Vec<_> = entries
+                    .iter()
+                    .filter(|e| e.get("EXUVIA_GENERATION") == Some(&generation.to_string()))
+                    .collect();
+                assert!(
+                    mine.iter().any(|e| e
+                        .get("MESSAGE")
+                        .is_some_and(|m| m.contains("drain finished"))),
+                    "generation {generation} ({pid}) logged nothing to journald:\n{text}"
+                );
+                assert!(
+                    mine.iter().all(|e| e.get("_PID") == Some(&pid)
+                        && e.get("SYSLOG_IDENTIFIER").map(String::as_str) == Some(name)),
+                    "generation {generation}'s entries are not all from pid {pid}:\n{text}"
+                );
+            } else {
+                // Through the inherited stream: journald (246 and newer) takes each read's sender credentials,
+                // so the lines are stored under the pid that wrote them as well; the line's own text says the
+                // generation, which journald cannot know.
+                let tag = format!("pid={pid} gen={generation} ");
+                let lines: Vec<_> = entries
+                    .iter()
+                    .filter(|e| e.get("MESSAGE").is_some_and(|m| m.contains(&tag)))
+                    .collect();
+                assert!(!lines.is_empty(), "no line says {tag:?}:\n{text}");
+                assert!(
+                    lines.iter().all(|e| e.get("_PID") == Some(&pid)),
+                    "stream lines of {pid} stored under another pid:\n{text}"
+                );
+            }
+        }
+    }
 }

@@ -34,6 +34,17 @@ pub struct Args {
     pub probation: Duration,
     pub crash_fault: Option<String>,
     pub fd_store: bool,
+    pub log: LogTo,
+}
+
+/// Where log lines go (`--log`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTo {
+    /// journald's native protocol when stderr is the journal (each line carries its own process's `_PID`),
+    /// stderr otherwise.
+    Auto,
+    Journal,
+    Stderr,
 }
 
 pub fn parse_args() -> Result<Args, String> {
@@ -53,6 +64,7 @@ pub fn parse_args() -> Result<Args, String> {
         probation: Duration::ZERO,
         crash_fault: None,
         fd_store: false,
+        log: LogTo::Auto,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -81,6 +93,14 @@ pub fn parse_args() -> Result<Args, String> {
             "--probation" => a.probation = secs(value()?)?,
             "--crash-fault" => a.crash_fault = Some(value()?),
             "--fd-store" => a.fd_store = true,
+            "--log" => {
+                a.log = match value()?.as_str() {
+                    "auto" => LogTo::Auto,
+                    "journal" => LogTo::Journal,
+                    "stderr" => LogTo::Stderr,
+                    v => return Err(format!("--log: {v:?} is not auto, journal or stderr")),
+                }
+            }
             "--ballast-mib" => {
                 let v = value()?;
                 a.ballast_mib = v
@@ -97,21 +117,13 @@ pub fn parse_args() -> Result<Args, String> {
                 return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
                             [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
                             [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N] [--background-init] \
-                            [--probation SECS] [--crash-fault FILE] [--fd-store]"
+                            [--probation SECS] [--crash-fault FILE] [--fd-store] [--log auto|journal|stderr]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
     Ok(a)
-}
-
-/// This process's generation once the upgrader is built (`u32::MAX` before), for the log lines.
-static GENERATION: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
-
-/// Records the generation for the log lines (call it right after `build()`).
-pub fn set_generation(g: u32) {
-    GENERATION.store(g, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Logs carry the pid and the generation: old and new processes share one stderr (under systemd, one journal
@@ -129,10 +141,7 @@ impl tracing_subscriber::fmt::time::FormatTime for PidTime {
             t.subsec_micros(),
             std::process::id()
         )?;
-        match GENERATION.load(std::sync::atomic::Ordering::Relaxed) {
-            u32::MAX => Ok(()),
-            g => write!(w, " gen={g}"),
-        }
+        write!(w, " gen={}", exuvia::logging::generation())
     }
 }
 
@@ -157,7 +166,7 @@ pub fn main(
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging();
+    init_logging(name, args.log);
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -167,10 +176,37 @@ pub fn main(
     }
 }
 
-/// Logging to stderr with the pid in each line.
-pub fn init_logging() {
+/// Logging as `--log` says (see `exuvia::logging`): natively to journald, where every entry carries its own
+/// process's `_PID` and `EXUVIA_GENERATION`, or to stderr with the pid and generation in each line.
+pub fn init_logging(name: &str, to: LogTo) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let level = tracing_subscriber::filter::LevelFilter::from_level(log_level());
+    let journal = match to {
+        LogTo::Auto => exuvia::logging::stderr_is_journal(),
+        LogTo::Journal => true,
+        LogTo::Stderr => false,
+    };
+    if journal {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let layer = layer
+                    .with_syslog_identifier(name.to_string())
+                    .with_custom_fields([(
+                        "EXUVIA_GENERATION",
+                        exuvia::logging::generation().to_string(),
+                    )]);
+                tracing_subscriber::registry()
+                    .with(layer.with_filter(level))
+                    .init();
+                return;
+            }
+            Err(e) => eprintln!("{name}: cannot log to journald ({e}); logging to stderr"),
+        }
+    }
     tracing_subscriber::fmt()
-        .with_max_level(log_level())
+        .with_max_level(level)
         .with_timer(PidTime)
         .with_ansi(io::IsTerminal::is_terminal(&io::stderr()))
         .with_target(false)

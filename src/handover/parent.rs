@@ -94,6 +94,11 @@ fn plan(launch: &Launch<'_>, names: &[&str]) -> Result<SpawnPlan> {
     plan.env(super::VAR_FD.as_bytes(), channel_fd.to_string().as_bytes())
         .map_err(bad)?;
     plan.env_child_pid(super::VAR_PID.as_bytes());
+    plan.env(
+        super::VAR_GENERATION.as_bytes(),
+        launch.generation.to_string().as_bytes(),
+    )
+    .map_err(bad)?;
     if launch.watchdog {
         plan.env_child_pid(crate::systemd::VAR_WATCHDOG_PID.as_bytes());
     }

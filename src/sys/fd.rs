@@ -118,6 +118,13 @@ pub(crate) fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd
         .map_err(|e| e.into_parts().1)
 }
 
+/// A descriptor's file identity, `(st_dev, st_ino)`: what `JOURNAL_STREAM` names.
+#[allow(clippy::unnecessary_cast)] // dev_t and ino_t are u64 on Linux x86-64, not on every target
+pub(crate) fn file_identity(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev as u64, st.st_ino as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -255,6 +255,8 @@ impl Builder {
             ),
             None => (None, None),
         };
+        // Read before the variables go: logging set up later still learns this process's generation.
+        let _ = crate::logging::generation();
         scrub_environment();
 
         let inherited = match listen_names {
@@ -377,6 +379,7 @@ fn scrub_environment() {
         handover::VAR_PID,
         handover::VAR_NICE,
         handover::VAR_PROBATION,
+        handover::VAR_GENERATION,
     ];
     if !vars.iter().any(|v| std::env::var_os(v).is_some()) {
         return;

@@ -85,9 +85,43 @@ fn remove_stale(base: &Path) {
     }
 }
 
+/// Which systemd a test boots.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Version {
+    /// The machine's (253+: scripts/install-systemd installs 254 on Debian 12).
+    Installed,
+    /// Debian 12's own systemd 252, unpacked by scripts/install-systemd beside the installed one: its manager,
+    /// systemctl, journald and libraries are bind-mounted over the installed ones inside the namespace only.
+    Debian12,
+}
+
+/// Where scripts/install-systemd unpacks Debian 12's systemd 252.
+const DEBIAN12_ROOT: &str = "/var/lib/exuvia-systemd-252/root";
+
+/// The multiarch directory (`x86_64-linux-gnu`, ...) that holds systemd's private libraries.
+fn multiarch() -> String {
+    std::fs::read_dir(Path::new(DEBIAN12_ROOT).join("usr/lib"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.contains("-linux-") && Path::new(&format!("/usr/lib/{n}/systemd")).is_dir())
+        .expect("systemd 252's libraries: no usr/lib/<multiarch>/systemd (rerun scripts/install-systemd)")
+}
+
 /// Boots a private systemd for `test`, or returns `None` after saying loudly why it cannot (a failure under CI).
 pub fn boot(test: &str) -> Option<Systemd> {
-    if let Some(why) = unavailable() {
+    boot_version(test, Version::Installed)
+}
+
+/// [`boot`], choosing the systemd.
+pub fn boot_version(test: &str, version: Version) -> Option<Systemd> {
+    let why = unavailable().or_else(|| {
+        let manager = Path::new(DEBIAN12_ROOT).join("lib/systemd/systemd");
+        (version == Version::Debian12 && !manager.exists())
+            .then(|| format!("Debian 12's systemd 252 is not unpacked at {DEBIAN12_ROOT}"))
+    });
+    if let Some(why) = why {
         super::skip(
             &format!("real-systemd test {test}"),
             &format!("{why}; run scripts/install-systemd as root (CI does)"),
@@ -114,6 +148,21 @@ pub fn boot(test: &str) -> Option<Systemd> {
     let console = dir.join("console.log");
     std::fs::write(&console, "").unwrap();
     let boot_log = dir.join("boot.log");
+    // systemd 252: its binaries over the installed ones, its libraries overlaid on theirs (the installed tools
+    // the tests also run, ps and the like, keep what they link), in this mount namespace only.
+    let debian12 = match version {
+        Version::Installed => String::new(),
+        Version::Debian12 => format!(
+            "mount --bind '{r}/lib/systemd/systemd' /usr/lib/systemd/systemd\n\
+             mount --bind '{r}/lib/systemd/systemd-journald' /usr/lib/systemd/systemd-journald\n\
+             mount --bind '{r}/bin/systemctl' /usr/bin/systemctl\n\
+             mount --bind '{r}/bin/journalctl' /usr/bin/journalctl\n\
+             mount -t overlay overlay -o 'lowerdir={r}/usr/lib/{multiarch}/systemd:/usr/lib/{multiarch}/systemd' \
+             /usr/lib/{multiarch}/systemd\n",
+            r = DEBIAN12_ROOT,
+            multiarch = multiarch(),
+        ),
+    };
     let script = format!(
         "exec 2>>'{boot_log}'\n\
          set -ex\n\
@@ -122,6 +171,7 @@ pub fn boot(test: &str) -> Option<Systemd> {
          mount -t tmpfs tmpfs /tmp\n\
          mkdir -p /run/systemd/system\n\
          mount --bind '{console}' /dev/console\n\
+         {debian12}\
          SYSTEMD_UNIT_PATH='{units}' exec /usr/lib/systemd/systemd --system --log-target=${{EXUVIA_SYSTEMD_LOG_TARGET:-console}} \
          --log-level=${{EXUVIA_SYSTEMD_LOG_LEVEL:-info}} --unit=test.target >>'{console}' 2>&1\n",
         console = console.display(),
@@ -394,6 +444,53 @@ impl Systemd {
         );
     }
 
+    /// Starts a journald in this systemd (units written here: the machine's carry settings a test namespace
+    /// does not need), keeping its journal in the namespace's /run only: `Storage=volatile`, never the
+    /// machine's /var/log/journal. Services started afterwards log to it by default.
+    pub fn start_journald(&self) {
+        let units = self.dir.join("units");
+        std::fs::write(
+            units.join("systemd-journald.socket"),
+            "[Unit]\nDefaultDependencies=no\n[Socket]\nListenStream=/run/systemd/journal/stdout\n\
+             ListenDatagram=/run/systemd/journal/socket\nSocketMode=0666\nPassCredentials=yes\n\
+             PassSecurity=yes\nReceiveBuffer=8M\nService=systemd-journald.service\n",
+        )
+        .unwrap();
+        std::fs::write(
+            units.join("systemd-journald.service"),
+            "[Unit]\nDefaultDependencies=no\nRequires=systemd-journald.socket\nAfter=systemd-journald.socket\n\
+             [Service]\nType=notify\nExecStart=/usr/lib/systemd/systemd-journald\n\
+             Sockets=systemd-journald.socket\nStandardOutput=null\nRuntimeDirectory=systemd/journal\n\
+             RuntimeDirectoryPreserve=yes\n",
+        )
+        .unwrap();
+        let conf = "mkdir -p /run/systemd/journald.conf.d && \
+                    printf '[Journal]\\nStorage=volatile\\nRateLimitBurst=0\\n' \
+                    > /run/systemd/journald.conf.d/exuvia-test.conf";
+        let out = self.run(&["sh", "-c", conf]);
+        assert!(out.status.success(), "journald.conf: {out:?}");
+        let r = self.systemctl(&["daemon-reload"]);
+        assert!(r.status.success(), "daemon-reload: {r:?}");
+        let r = self.systemctl(&["start", "systemd-journald.service"]);
+        assert!(
+            r.status.success(),
+            "journald did not start: {}\n{}",
+            String::from_utf8_lossy(&r.stderr),
+            self.console()
+        );
+    }
+
+    /// `journalctl -o json` of `args` (a unit, matches), one map per entry; text fields only.
+    pub fn journal(&self, args: &[&str]) -> Vec<std::collections::HashMap<String, String>> {
+        let mut argv = vec!["journalctl", "--no-pager", "-o", "json"];
+        argv.extend_from_slice(args);
+        let out = self.run(&argv);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(json_strings)
+            .collect()
+    }
+
     pub fn console(&self) -> String {
         std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
     }
@@ -425,5 +522,61 @@ impl Drop for Systemd {
         super::wait_gone(self.pid, Duration::from_secs(10));
         super::wait_gone(self.unshare_pid, Duration::from_secs(10));
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The string fields of one line of `journalctl -o json` (a flat object; binary fields, arrays of bytes, are
+/// skipped): enough of JSON for what journald writes, without a JSON crate for the tests.
+pub fn json_strings(line: &str) -> Option<std::collections::HashMap<String, String>> {
+    let body = line.trim().strip_prefix('{')?.strip_suffix('}')?;
+    let mut map = std::collections::HashMap::new();
+    let mut chars = body.chars().peekable();
+    let string = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| -> Option<String> {
+        let mut s = String::new();
+        loop {
+            match chars.next()? {
+                '"' => return Some(s),
+                '\\' => match chars.next()? {
+                    'n' => s.push('\n'),
+                    't' => s.push('\t'),
+                    'u' => {
+                        let hex: String = (0..4).filter_map(|_| chars.next()).collect();
+                        s.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?).unwrap_or('?'));
+                    }
+                    c => s.push(c),
+                },
+                c => s.push(c),
+            }
+        }
+    };
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        match chars.next() {
+            None => return Some(map),
+            Some('"') => {}
+            Some(_) => return None,
+        }
+        let key = string(&mut chars)?;
+        while chars.peek().is_some_and(|c| *c == ':' || c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            map.insert(key, string(&mut chars)?);
+        } else {
+            // A number array (binary field) or null: skip to the next top-level comma.
+            let mut depth = 0;
+            while let Some(&c) = chars.peek() {
+                match c {
+                    '[' => depth += 1,
+                    ']' => depth -= 1,
+                    ',' if depth == 0 => break,
+                    _ => {}
+                }
+                chars.next();
+            }
+        }
     }
 }
