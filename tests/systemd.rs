@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::systemd::{boot, Shape, Systemd};
+use support::systemd::{boot, boot_version, Shape, Systemd, Version};
 use support::*;
 
 for_each_example!(
@@ -17,6 +17,7 @@ for_each_example!(
     socket_activation_then_ten_reloads_under_load_then_stop,
     a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on,
     portable_template_with_hardening_reloads_fails_and_stops,
+    debian12_systemd_252_runs_the_portable_template,
     the_old_process_killed_during_a_reload_recovers_through_restart,
     systemctl_stop_during_a_hanging_reload_is_prompt,
     a_reload_during_an_upgrade_started_another_way_reports_its_own_verdict,
@@ -278,6 +279,60 @@ fn watchdog_of_two_seconds_survives_ten_reloads() {
 /// failing generation, stop.
 fn portable_template_with_hardening_reloads_fails_and_stops(server: &str) {
     let Some(sd) = boot("portable") else { return };
+    portable_scenario(&sd, server);
+}
+
+/// The portable template on the systemd it exists for: Debian 12's own 252 (no `Type=notify-reload`, no
+/// `MONOTONIC_USEC`), booted in the namespace instead of the installed one. The same scenario as on the
+/// installed systemd, then `exuvia-ctl check`'s verdict on this version: the portable unit is right, the
+/// notify-reload one is not.
+fn debian12_systemd_252_runs_the_portable_template(server: &str) {
+    let Some(sd) = boot_version("debian12", Version::Debian12) else {
+        return;
+    };
+    let version = sd.manager("Version");
+    assert!(version.starts_with("252"), "booted systemd {version:?}");
+    portable_scenario(&sd, server);
+    // exuvia-ctl check on 252: the portable unit passes; the notify-reload one is refused with the fix.
+    let ctl = sd.stage(Path::new(env!("CARGO_BIN_EXE_exuvia-ctl")));
+    let check = |sd: &Systemd| {
+        let out = sd.run(&[ctl.to_str().unwrap(), "check", "app.service"]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!(
+            "--- check on {version}: exit {:?}\n{text}",
+            out.status.code()
+        );
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let _ = sd.systemctl(&["stop", "app.socket"]);
+    let addr = install_portable(&sd, server, free_port(), "--drain-timeout 10");
+    ok(
+        sd.systemctl(&["start", "app.service"]),
+        "start portable",
+        &sd,
+    );
+    assert!(served_by(
+        addr,
+        sd.main_pid("app.service"),
+        Duration::from_secs(5)
+    ));
+    let (code, text) = check(&sd);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("Type=notify (systemd 252"), "{text}");
+    let _ = sd.systemctl(&["stop", "app.service", "app.socket"]);
+    install(&sd, server, free_port(), "--drain-timeout 10", &[]);
+    let _ = sd.systemctl(&["start", "app.service"]);
+    let (code, text) = check(&sd);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("does not know (253+)"), "{text}");
+    let _ = sd.systemctl(&["stop", "app.service", "app.socket"]);
+}
+
+fn portable_scenario(sd: &Systemd, server: &str) {
     let port = free_port();
     let fault = sd.dir.join("fault");
     let addr = install_portable(
@@ -1036,13 +1091,28 @@ fn journal_json_lines_are_read() {
 /// generation in its text, and this journald stores it under the pid that wrote it too (journald 246 and
 /// newer read the sender's credentials with every read of the stream; older ones gave every line the pid
 /// that opened the stream, the bug the native protocol avoids on any version).
+/// Both on the installed systemd (notify-reload template) and on Debian 12's 252 (portable template).
 fn journald_attributes_each_generations_lines_to_its_own_process(server: &str) {
-    let Some(sd) = boot("journald") else { return };
+    for (version, shape) in [
+        (Version::Installed, Shape::NotifyReload),
+        (Version::Debian12, Shape::Portable),
+    ] {
+        // One at a time: each systemd is gone before the next boots.
+        let Some(sd) = boot_version("journald", version) else {
+            return;
+        };
+        journald_scenario(&sd, server, shape);
+    }
+}
+
+fn journald_scenario(sd: &Systemd, server: &str, shape: Shape) {
     sd.start_journald();
     let name = Path::new(server).file_name().unwrap().to_str().unwrap();
+    let version = sd.manager("Version");
     for (log, upgrades) in [("auto", 2), ("stderr", 1)] {
-        let addr = install(
-            &sd,
+        let addr = install_shape(
+            sd,
+            shape,
             server,
             free_port(),
             &format!("--drain-timeout 10 --log {log}"),
@@ -1106,7 +1176,7 @@ fn journald_attributes_each_generations_lines_to_its_own_process(server: &str) {
             })
             .collect::<Vec<_>>()
             .join("\n");
-        eprintln!("--- {server} --log {log}, pids {pids:?}:\n{text}");
+        eprintln!("--- systemd {version}, {server} --log {log}, pids {pids:?}:\n{text}");
         let short = sd.run(&[
             "journalctl",
             "--no-pager",

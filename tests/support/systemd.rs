@@ -367,6 +367,12 @@ impl Systemd {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// The manager's own property `prop` (`systemctl show -p PROP --value`), e.g. `Version`.
+    pub fn manager(&self, prop: &str) -> String {
+        let out = self.systemctl(&["show", "-p", prop, "--value"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     pub fn main_pid(&self, unit: &str) -> u32 {
         self.show(unit, "MainPID").parse().unwrap_or(0)
     }

@@ -26,7 +26,8 @@ impl Findings {
 }
 
 const PROPERTIES: &str = "LoadState,ActiveState,Type,NotifyAccess,ReloadSignal,ExecReload,ExecStop,KillMode,\
-TimeoutStopUSec,TimeoutStartUSec,WatchdogUSec,RuntimeDirectory,FileDescriptorStoreMax,FileDescriptorStorePreserve";
+TimeoutStopUSec,TimeoutStartUSec,WatchdogUSec,RuntimeDirectory,FileDescriptorStoreMax,FileDescriptorStorePreserve,\
+FragmentPath,DropInPaths";
 
 pub(crate) fn run(unit: &str, socket: Option<PathBuf>, timeout: Duration) -> ExitCode {
     let props = match systemctl_show(unit) {
@@ -84,23 +85,52 @@ fn systemctl_show(unit: &str) -> Result<HashMap<String, String>, String> {
         .collect())
 }
 
-/// The running systemd's version (`systemctl --version`: "systemd 254 (254.5-1~bpo12+3)").
+/// The running manager's version (its `Version` property: "252.39-1~deb12u2"), which is what decides what a
+/// unit may say; `systemctl --version` (the client's: "systemd 254 (254.5-1~bpo12+3)") if that is unreadable.
 fn systemd_version() -> Option<u32> {
-    let out = std::process::Command::new("systemctl")
-        .arg("--version")
-        .output()
-        .ok()?;
-    parse_version(&String::from_utf8_lossy(&out.stdout))
+    let run = |args: &[&str]| {
+        std::process::Command::new("systemctl")
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    run(&["show", "-p", "Version", "--value"])
+        .and_then(|v| parse_version(&v))
+        .or_else(|| parse_version(&run(&["--version"])?))
 }
 
+/// The major version in "252.39-1~deb12u2" or in "systemd 254 (254.5-1~bpo12+3)".
 fn parse_version(text: &str) -> Option<u32> {
-    text.lines()
-        .next()?
-        .strip_prefix("systemd ")?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    let line = text.lines().next()?.trim();
+    let line = line.strip_prefix("systemd ").unwrap_or(line);
+    let digits: String = line.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The last `Type=` the unit's files say (the fragment, then its drop-ins), as written: a systemd that does not
+/// know the value ignores the line, and `systemctl show` then reports its default instead.
+fn written_type(props: &HashMap<String, String>) -> Option<String> {
+    let get = |k: &str| props.get(k).map_or("", String::as_str);
+    let files = std::iter::once(get("FragmentPath")).chain(get("DropInPaths").split_whitespace());
+    let mut last = None;
+    for file in files.filter(|f| !f.is_empty()) {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        let mut section = "";
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                section = line;
+            } else if let Some(v) = line
+                .strip_prefix("Type=")
+                .filter(|_| section == "[Service]")
+            {
+                last = Some(v.trim().to_string());
+            }
+        }
+    }
+    last
 }
 
 /// A systemd time span as `systemctl show` prints it ("1min 30s", "500ms", "infinity"); `None` for infinity.
@@ -217,6 +247,14 @@ fn check_unit(props: &HashMap<String, String>, version: Option<u32>, f: &mut Fin
                 );
             }
         }
+        other if written_type(props).as_deref() == Some("notify-reload") => f.add(
+            Level::Error,
+            format!(
+                "the unit says Type=notify-reload, which {v} does not know (253+): it ignored the line and runs \
+                 the service as Type={other}, so a reload would not upgrade it; fix: use \
+                 units/exuvia-app-portable.service (Type=notify + ExecReload=exuvia-ctl upgrade)"
+            ),
+        ),
         other => f.add(
             Level::Error,
             format!(
@@ -402,12 +440,18 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
         } else {
             f.add(Level::Ok, format!("FileDescriptorStoreMax={max}"));
         }
-        if get("FileDescriptorStorePreserve") != "yes" {
-            f.add(
+        match get("FileDescriptorStorePreserve") {
+            "yes" => {}
+            // Older managers have no such setting (the property is missing): nothing to fix in the unit.
+            "" => f.add(
+                Level::Note,
+                "this systemd has no FileDescriptorStorePreserve= (254+): the fd store survives crashes and \
+                 Restart=, not `systemctl restart`",
+            ),
+            _ => f.add(
                 Level::Warning,
-                "the fd store is flushed at `systemctl restart`; fix: FileDescriptorStorePreserve=yes \
-                 (systemd 254+)",
-            );
+                "the fd store is flushed at `systemctl restart`; fix: FileDescriptorStorePreserve=yes",
+            ),
         }
     }
     if !config.ms("probation_ms").unwrap_or_default().is_zero() && get("NotifyAccess") != "all" {
@@ -429,7 +473,10 @@ mod tests {
             parse_version("systemd 254 (254.5-1~bpo12+3)\n+PAM +AUDIT"),
             Some(254)
         );
+        assert_eq!(parse_version("252.39-1~deb12u2\n"), Some(252));
+        assert_eq!(parse_version("254"), Some(254));
         assert_eq!(parse_version("something else"), None);
+        assert_eq!(parse_version(""), None);
         assert_eq!(parse_span("1min 30s"), Some(Duration::from_secs(90)));
         assert_eq!(parse_span("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_span("infinity"), None);
@@ -439,5 +486,30 @@ mod tests {
             vec!["/usr/local/bin/exuvia-ctl".to_string(), "stop".to_string()]
         );
         assert!(exec_argv("").is_empty());
+    }
+
+    #[test]
+    fn the_written_type_is_the_last_service_line_across_drop_ins() {
+        let dir = tempfile::tempdir().unwrap();
+        let unit = dir.path().join("a.service");
+        let dropin = dir.path().join("b.conf");
+        std::fs::write(
+            &unit,
+            "[Unit]\nType=x\n[Service]\nType=notify-reload\nExecStart=/bin/true\n",
+        )
+        .unwrap();
+        std::fs::write(&dropin, "[Service]\nType=notify\n").unwrap();
+        let props = |drop_ins: &str| {
+            HashMap::from([
+                ("FragmentPath".to_string(), unit.display().to_string()),
+                ("DropInPaths".to_string(), drop_ins.to_string()),
+            ])
+        };
+        assert_eq!(written_type(&props("")).as_deref(), Some("notify-reload"));
+        assert_eq!(
+            written_type(&props(&dropin.display().to_string())).as_deref(),
+            Some("notify")
+        );
+        assert_eq!(written_type(&HashMap::new()), None);
     }
 }
