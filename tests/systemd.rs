@@ -336,7 +336,7 @@ fn portable_scenario(sd: &Systemd, server: &str) {
     let port = free_port();
     let fault = sd.dir.join("fault");
     let addr = install_portable(
-        &sd,
+        sd,
         server,
         port,
         &format!(
@@ -344,7 +344,7 @@ fn portable_scenario(sd: &Systemd, server: &str) {
             fault.display()
         ),
     );
-    ok(sd.systemctl(&["start", "app.socket"]), "start socket", &sd);
+    ok(sd.systemctl(&["start", "app.socket"]), "start socket", sd);
     let (first, _) = get(addr, "/").expect("socket activation");
     assert_eq!(first.pid, sd.main_pid("app.service"));
     assert_eq!(
@@ -359,7 +359,7 @@ fn portable_scenario(sd: &Systemd, server: &str) {
         ok(
             sd.systemctl(&["reload", "app.service"]),
             &format!("reload {i}"),
-            &sd,
+            sd,
         );
         let new = sd.main_pid("app.service");
         assert_ne!(new, main, "reload {i}");
@@ -396,7 +396,7 @@ fn portable_scenario(sd: &Systemd, server: &str) {
     let stats = load.stop();
     eprintln!("portable: {}", stats.summary());
     assert!(stats.failures.is_empty(), "{}", stats.summary());
-    ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+    ok(sd.systemctl(&["stop", "app.service"]), "stop", sd);
     assert_eq!(sd.show("app.service", "ActiveState"), "inactive");
     assert_eq!(sd.show("app.service", "Result"), "success");
 }
@@ -1128,11 +1128,11 @@ fn journald_scenario(sd: &Systemd, server: &str, shape: Shape) {
             .journal(&["-n", "1"])
             .pop()
             .and_then(|e| e.get("__CURSOR").cloned());
-        ok(sd.systemctl(&["start", "app.socket"]), "start socket", &sd);
+        ok(sd.systemctl(&["start", "app.socket"]), "start socket", sd);
         let (first, _) = get(addr, "/").expect("socket activation");
         let mut pids = vec![first.pid];
         for _ in 0..upgrades {
-            ok(sd.systemctl(&["reload", "app.service"]), "reload", &sd);
+            ok(sd.systemctl(&["reload", "app.service"]), "reload", sd);
             let new = sd.main_pid("app.service");
             assert!(served_by(addr, new, Duration::from_secs(5)));
             pids.push(new);
@@ -1140,7 +1140,7 @@ fn journald_scenario(sd: &Systemd, server: &str, shape: Shape) {
         ok(
             sd.systemctl(&["stop", "app.service", "app.socket"]),
             "stop",
-            &sd,
+            sd,
         );
         // Every process logged "drain finished" on its way out (the last one at the stop): wait until journald has
         // them all, then read this round's entries.
