@@ -20,7 +20,7 @@
 //!
 //! Output that bypasses the logger (a panic message, `eprintln!`) still goes to the inherited stream.
 //!
-//! ```no_run
+//! ```
 //! use tracing_subscriber::layer::SubscriberExt;
 //! use tracing_subscriber::util::SubscriberInitExt;
 //!
@@ -51,7 +51,7 @@
 //! }
 //! ```
 //!
-//! The repository's examples do the same (`examples/common/mod.rs`, `--log journal|stderr|auto`), and the
+//! The repository's examples do the same (`examples/common/mod.rs`, `--log auto|journal|stderr`), and the
 //! README shows `journalctl -u` across two upgrades.
 
 use std::os::fd::AsFd;

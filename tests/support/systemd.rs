@@ -3,7 +3,7 @@
 //! What keeps the machine safe (see the project's systemd notes): the unit path holds ONLY the test's unit
 //! directory; every unit gets `DefaultDependencies=no` (otherwise systemd pulls in sysinit.target and
 //! systemd-tmpfiles would clean the machine's /tmp); /run and /tmp are fresh tmpfs inside the namespace; and
-//! all test files live under `target/`, never in /tmp.
+//! all test files live under /var/lib/exuvia-tests, never in /tmp or the checkout.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
