@@ -13,7 +13,7 @@ use support::*;
 
 for_each_example!(
     a_crash_on_probation_is_rolled_back_under_systemd,
-    the_fd_store_keeps_self_bound_sockets_across_a_crash_and_a_restart,
+    the_fd_store_keeps_self_bound_sockets_across_a_crash_a_restart_and_an_oom_kill,
     socket_activation_then_ten_reloads_under_load_then_stop,
     a_failing_or_hanging_generation_fails_the_reload_promptly_and_the_old_one_serves_on,
     portable_template_with_hardening_reloads_fails_and_stops,
@@ -872,8 +872,9 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
 
 /// A service without a socket unit that binds its own socket: with the fd store on (`--fd-store`,
 /// `FileDescriptorStoreMax=`, `FileDescriptorStorePreserve=yes`) it refuses nothing across `kill -9` (restarted by
-/// `Restart=`) and `systemctl restart`; without it, the same test sees refused connections.
-fn the_fd_store_keeps_self_bound_sockets_across_a_crash_and_a_restart(server: &str) {
+/// `Restart=`), `systemctl restart`, and the OOM killer (a generation that allocates past the unit's `MemoryMax=`;
+/// the kernel log says it killed that pid); without it, the same test sees refused connections.
+fn the_fd_store_keeps_self_bound_sockets_across_a_crash_a_restart_and_an_oom_kill(server: &str) {
     let Some(sd) = boot("fdstore") else {
         return;
     };
@@ -883,9 +884,11 @@ fn the_fd_store_keeps_self_bound_sockets_across_a_crash_and_a_restart(server: &s
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let bin = sd.stage(&example(server));
         let ctl = sd.stage(Path::new(env!("CARGO_BIN_EXE_exuvia-ctl")));
+        let fault = sd.dir.join("oom-fault");
         let exec_start = format!(
-            "{} --listen {addr} --drain-timeout 5{}",
+            "{} --listen {addr} --drain-timeout 5 --crash-fault {}{}",
             bin.display(),
+            fault.display(),
             if store { " --fd-store" } else { "" }
         );
         let (reload, stop) = (
@@ -893,7 +896,8 @@ fn the_fd_store_keeps_self_bound_sockets_across_a_crash_and_a_restart(server: &s
             format!("{} stop", ctl.display()),
         );
         let stderr = format!("StandardError=append:{}", sd.service_log().display());
-        let mut extra = vec![stderr.as_str()];
+        // A memory limit for the OOM case below (none of the processes needs 128 MiB otherwise).
+        let mut extra = vec![stderr.as_str(), "MemoryMax=128M"];
         if store {
             extra.extend([
                 "FileDescriptorStoreMax=8",
@@ -928,6 +932,29 @@ fn the_fd_store_keeps_self_bound_sockets_across_a_crash_and_a_restart(server: &s
         let third = wait_new_main(&sd, addr, second);
         let after_restart = t0.elapsed();
         load.wait_progress(100);
+        // The OOM killer: the next process to start (after a reload) finds the fault file and allocates until
+        // the kernel kills it at the unit's MemoryMax=; systemd restarts the unit.
+        std::fs::write(&fault, "oom 200").unwrap();
+        ok(sd.systemctl(&["reload", "app.service"]), "reload", &sd);
+        let fourth = wait_new_main(&sd, addr, third);
+        let host = sd.host_pid(fourth).unwrap();
+        assert!(
+            wait_gone(host, Duration::from_secs(20)),
+            "the OOM fault did not end pid {fourth}"
+        );
+        let t0 = Instant::now();
+        let fifth = wait_new_main(&sd, addr, fourth);
+        let after_oom = t0.elapsed();
+        let kernel = std::process::Command::new("dmesg")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        assert!(
+            kernel.contains(&format!("Killed process {host} ")),
+            "the kernel log does not say the OOM killer ended pid {host}:\n{}",
+            kernel.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+        );
+        load.wait_progress(100);
         let st = load.stop();
         let n = st
             .failures
@@ -936,7 +963,7 @@ fn the_fd_store_keeps_self_bound_sockets_across_a_crash_and_a_restart(server: &s
             .count();
         eprintln!(
             "{server}, fd store {}: answered again {after_crash:?} after kill -9 (pid {second}), {after_restart:?} \
-             after systemctl restart (pid {third}); {}",
+             after systemctl restart (pid {third}), {after_oom:?} after the OOM kill (pid {fifth}); {}",
             if store { "on" } else { "off" },
             st.summary()
         );

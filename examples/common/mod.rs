@@ -359,7 +359,9 @@ pub fn hold_open(path: &str) -> io::Result<std::fs::File> {
 /// Fault injection for rollback tests (`--crash-fault FILE`): a process that finds FILE once it serves (after
 /// `ready()`) removes it, so that only that generation crashes, and crashes as it says: `panic MS` (a panic,
 /// the process ends with status 101 as a panicking `main` does), `abort MS` (SIGABRT), `exit MS` (status 1),
-/// `hang MS` (never crashes: stays alive; for "after the window" cases the test kills it itself).
+/// `hang MS` (never crashes: stays alive; for "after the window" cases the test kills it itself), `oom MS`
+/// (allocates and touches memory until the kernel's OOM killer ends it: run it under a memory limit; it stops
+/// at 2 GiB and says so, rather than press the whole machine).
 pub fn crash_later(args: &Args) {
     let Some(path) = &args.crash_fault else {
         return;
@@ -390,6 +392,17 @@ pub fn crash_later(args: &Args) {
             }
             "abort" => std::process::abort(),
             "exit" => std::process::exit(1),
+            "oom" => {
+                let mut held: Vec<Vec<u8>> = Vec::new();
+                while held.len() < 2048 {
+                    held.push(vec![1u8; 1 << 20]); // written, so resident
+                }
+                tracing::error!(
+                    mib = held.len(),
+                    "oom fault: still alive after 2 GiB; is there a memory limit?"
+                );
+                std::thread::sleep(Duration::from_secs(3600));
+            }
             _ => {}
         }
     });
