@@ -176,11 +176,7 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
         gaps.push(gap);
     }
     gaps.sort();
-    let refused = stats
-        .failures
-        .iter()
-        .filter(|(k, _)| *k == FailKind::Refused)
-        .count();
+    let refused = stats.count(FailKind::Refused);
     eprintln!(
         "{server}: crash -> first answer from the old process: median {:?}, max {:?}; load: {}; idle: {}; \
          failures at the crashes: {:?}",

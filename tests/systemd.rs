@@ -677,11 +677,7 @@ fn the_old_process_killed_during_a_reload_recovers_through_restart(server: &str)
     let st = load.stop();
     eprintln!("load: {}", st.summary());
     // Connections the killed process held die with it; nobody is refused (systemd holds the socket).
-    assert!(
-        !st.failures.iter().any(|(k, _)| *k == FailKind::Refused),
-        "{}",
-        st.summary()
-    );
+    assert!(st.count(FailKind::Refused) == 0, "{}", st.summary());
 }
 
 fn systemctl_stop_during_a_hanging_reload_is_prompt(server: &str) {
@@ -836,11 +832,7 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
         "load across the rollback and the good reload: {}",
         st.summary()
     );
-    assert!(
-        !st.failures.iter().any(|(k, _)| *k == FailKind::Refused),
-        "{}",
-        st.summary()
-    );
+    assert!(st.count(FailKind::Refused) == 0, "{}", st.summary());
     // A crash after the window is not rolled back: the old process is gone, and the unit restarts as it
     // would without exuvia (Restart=on-failure).
     let t0 = Instant::now();
@@ -956,11 +948,7 @@ fn the_fd_store_keeps_self_bound_sockets_across_a_crash_a_restart_and_an_oom_kil
         );
         load.wait_progress(100);
         let st = load.stop();
-        let n = st
-            .failures
-            .iter()
-            .filter(|(k, _)| *k == FailKind::Refused)
-            .count();
+        let n = st.count(FailKind::Refused);
         eprintln!(
             "{server}, fd store {}: answered again {after_crash:?} after kill -9 (pid {second}), {after_restart:?} \
              after systemctl restart (pid {third}), {after_oom:?} after the OOM kill (pid {fifth}); {}",

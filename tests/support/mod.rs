@@ -708,6 +708,11 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// How many requests failed this way.
+    pub fn count(&self, kind: FailKind) -> usize {
+        self.failures.iter().filter(|(k, _)| *k == kind).count()
+    }
+
     fn record_timed(&mut self, started: Instant, r: Result<Response, (FailKind, String)>) -> bool {
         match &r {
             Ok(resp) => self.latencies.push(Sample {
