@@ -1139,13 +1139,13 @@ fn journald_scenario(sd: &Systemd, server: &str, shape: Shape) {
             "zz-journal.conf",
             "[Service]\nStandardError=journal\n",
         );
-        let cursor = sd
-            .journal(&["-n", "1"])
-            .pop()
-            .and_then(|e| e.get("__CURSOR").cloned());
         ok(sd.systemctl(&["start", "app.socket"]), "start socket", sd);
         let (first, _) = get(addr, "/").expect("socket activation");
         let mut pids = vec![first.pid];
+        // This round's entries: one activation of the unit, whatever process of it logged (journald takes the
+        // invocation id from the sender's cgroup).
+        let invocation = sd.show("app.service", "InvocationID");
+        assert!(!invocation.is_empty());
         for _ in 0..upgrades {
             ok(sd.systemctl(&["reload", "app.service"]), "reload", sd);
             let new = sd.main_pid("app.service");
@@ -1159,11 +1159,8 @@ fn journald_scenario(sd: &Systemd, server: &str, shape: Shape) {
         );
         // Every process logged "drain finished" on its way out (the last one at the stop): wait until journald has
         // them all, then read this round's entries.
-        let mut args = vec!["_SYSTEMD_UNIT=app.service".to_string()];
-        if let Some(c) = &cursor {
-            args.push(format!("--after-cursor={c}"));
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let matches = format!("_SYSTEMD_INVOCATION_ID={invocation}");
+        let args = ["_SYSTEMD_UNIT=app.service", matches.as_str()];
         let t0 = Instant::now();
         let entries = loop {
             let entries = sd.journal(&args);
