@@ -67,7 +67,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     upgrader.handle_signals()?;
     common::initialise(&upgrader, &args)?;
     upgrader.ready()?;
-    common::crash_later(&args);
+    if common::crash_later(&args) == common::Fault::Deaf {
+        drop(listener);
+        tracing::info!(finish = ?upgrader.wait(), "finishing (deaf)");
+        return Ok(());
+    }
     tracing::info!(%addr, version = %args.version, generation = upgrader.generation(), "serving");
 
     let acceptor = {

@@ -35,6 +35,8 @@ pub struct Args {
     pub crash_fault: Option<String>,
     pub fd_store: bool,
     pub log: LogTo,
+    pub sigchld_ignore: bool,
+    pub own_reaper: bool,
 }
 
 /// Where log lines go (`--log`).
@@ -65,6 +67,8 @@ pub fn parse_args() -> Result<Args, String> {
         crash_fault: None,
         fd_store: false,
         log: LogTo::Auto,
+        sigchld_ignore: false,
+        own_reaper: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -93,6 +97,8 @@ pub fn parse_args() -> Result<Args, String> {
             "--probation" => a.probation = secs(value()?)?,
             "--crash-fault" => a.crash_fault = Some(value()?),
             "--fd-store" => a.fd_store = true,
+            "--sigchld-ignore" => a.sigchld_ignore = true,
+            "--own-reaper" => a.own_reaper = true,
             "--log" => {
                 a.log = match value()?.as_str() {
                     "auto" => LogTo::Auto,
@@ -117,7 +123,8 @@ pub fn parse_args() -> Result<Args, String> {
                 return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
                             [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
                             [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N] [--background-init] \
-                            [--probation SECS] [--crash-fault FILE] [--fd-store] [--log auto|journal|stderr]"
+                            [--probation SECS] [--crash-fault FILE] [--fd-store] [--log auto|journal|stderr] \
+                            [--sigchld-ignore] [--own-reaper]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -167,12 +174,37 @@ pub fn main(
         }
     };
     init_logging(name, args.log);
+    children_as_the_application_says(&args);
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// `--sigchld-ignore`: `SIGCHLD` set to `SIG_IGN`, as daemons that spawn helpers often do (the kernel then
+/// reaps every child at once, so nobody can read an exit status). `--own-reaper`: a thread that reaps every
+/// child with `waitpid(-1)` as it ends, as applications with their own process supervision do. Either way
+/// exuvia cannot read its new process's exit status; the rollback tests check it still knows a crash.
+fn children_as_the_application_says(args: &Args) {
+    if args.sigchld_ignore {
+        // SAFETY: installs SIG_IGN for SIGCHLD, no handler code; done before any thread of ours exists.
+        unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    }
+    if args.own_reaper {
+        std::thread::spawn(|| loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a pointer to a live c_int.
+            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if pid > 0 {
+                tracing::info!(pid, status, "own reaper: reaped a child");
+            } else {
+                // No children now (ECHILD): look again soon.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
     }
 }
 
@@ -361,13 +393,15 @@ pub fn hold_open(path: &str) -> io::Result<std::fs::File> {
 /// the process ends with status 101 as a panicking `main` does), `abort MS` (SIGABRT), `exit MS` (status 1),
 /// `hang MS` (never crashes: stays alive; for "after the window" cases the test kills it itself), `oom MS`
 /// (allocates and touches memory until the kernel's OOM killer ends it: run it under a memory limit; it stops
-/// at 2 GiB and says so, rather than press the whole machine).
-pub fn crash_later(args: &Args) {
+/// at 2 GiB and says so, rather than press the whole machine), `exit0 MS` (exits with status 0 on its own: a
+/// `main` that returned `Ok` because its accept loop ended), `deaf` (returns [`Fault::Deaf`]: the example then
+/// closes its listener and never accepts, alive but not serving).
+pub fn crash_later(args: &Args) -> Fault {
     let Some(path) = &args.crash_fault else {
-        return;
+        return Fault::None;
     };
     let Ok(text) = std::fs::read_to_string(path) else {
-        return;
+        return Fault::None;
     };
     let _ = std::fs::remove_file(path);
     let mut words = text.split_whitespace();
@@ -379,6 +413,10 @@ pub fn crash_later(args: &Args) {
             .unwrap_or(0),
     );
     tracing::warn!(how, ms, "crash fault armed");
+    if how == "deaf" {
+        tracing::warn!("deaf fault: closing the listener; this process will never accept");
+        return Fault::Deaf;
+    }
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(ms));
         tracing::warn!(how, "crashing now (fault)");
@@ -392,6 +430,7 @@ pub fn crash_later(args: &Args) {
             }
             "abort" => std::process::abort(),
             "exit" => std::process::exit(1),
+            "exit0" => std::process::exit(0),
             "oom" => {
                 let mut held: Vec<Vec<u8>> = Vec::new();
                 while held.len() < 2048 {
@@ -406,4 +445,13 @@ pub fn crash_later(args: &Args) {
             _ => {}
         }
     });
+    Fault::None
+}
+
+/// What [`crash_later`] leaves to the example.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// Close the listener and never accept.
+    Deaf,
 }

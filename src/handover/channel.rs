@@ -48,6 +48,19 @@ impl Channel {
             .map_err(|e| Error::io("handover channel: cannot duplicate its descriptor", e))
     }
 
+    /// A second channel over the same socket (a duplicated descriptor): one thread reads while another may
+    /// send. Each keeps its own buffer, so only one of them may read.
+    pub(crate) fn duplicate(&self) -> Result<Channel> {
+        let stream = self
+            .stream
+            .try_clone()
+            .map_err(|e| Error::io("handover channel: cannot duplicate its descriptor", e))?;
+        Ok(Channel {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
     /// Sends one message, waiting for room until `deadline`.
     pub(crate) fn send(&mut self, msg: &Message, deadline: Instant) -> Result<()> {
         let frame = msg.encode()?;

@@ -165,7 +165,9 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
 
 impl ParentLink {
     /// Reports ready and waits for the parent to commit (or to vanish, which leaves this process in charge).
-    pub(crate) fn ready(mut self, commit_timeout: Duration) -> Result<()> {
+    /// With `keep` (the parent watches this process through a probation window) the channel is returned after
+    /// the commit, to tell the parent of a stop and to hear that the window passed.
+    pub(crate) fn ready(mut self, commit_timeout: Duration, keep: bool) -> Result<Option<Channel>> {
         let init_usec = u64::try_from(self.greeted.elapsed().as_micros()).unwrap_or(u64::MAX);
         let deadline = Instant::now() + commit_timeout;
         if let Some(nice) = self.restore_nice {
@@ -192,7 +194,7 @@ impl ParentLink {
             Event::Message(Message::Commit) => {
                 self.watch.stop();
                 self.after_commit();
-                Ok(())
+                Ok(keep.then_some(self.channel))
             }
             Event::Closed => {
                 // The old process died between our ready and its commit. It never handed over: this process

@@ -15,6 +15,7 @@
 pub(crate) mod channel;
 pub(crate) mod child;
 pub(crate) mod parent;
+pub(crate) mod probation;
 pub(crate) mod protocol;
 
 /// The variable that names the channel's fd in the child.

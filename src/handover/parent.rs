@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::channel::{Channel, Event};
+use super::probation::{self, QueueWatch, Stalled};
 use super::protocol::Message;
 use crate::activation;
 use crate::error::{Error, ErrorKind, Result};
@@ -359,13 +360,18 @@ impl PendingChild {
             });
         }
         self.done = true;
-        let pidfd = self
-            .pidfd
-            .try_clone()
-            .map_err(|e| Error::io("cannot keep a handle on the new process", e))?;
+        let keep = || -> Result<(OwnedFd, Channel)> {
+            let pidfd = self
+                .pidfd
+                .try_clone()
+                .map_err(|e| Error::io("cannot keep a handle on the new process", e))?;
+            Ok((pidfd, self.channel.duplicate()?))
+        };
+        let (pidfd, channel) = keep()?;
         Ok(CommittedChild {
             pid: self.pid,
             pidfd,
+            channel,
         })
     }
 
@@ -395,21 +401,30 @@ impl PendingChild {
     }
 }
 
-/// A committed child: the main process now. This process watches it only during a probation window.
+/// A committed child: the main process now. This process watches it only during a probation window, over
+/// the channel (kept open for that: the child says `Stopping` on it before a stop can end it) and its pidfd.
 #[derive(Debug)]
 pub(crate) struct CommittedChild {
     pid: libc::pid_t,
     pidfd: OwnedFd,
+    channel: Channel,
 }
 
 /// How a probation window ended for the committed child.
 #[derive(Debug)]
 pub(crate) enum Watched {
-    /// The window passed with the child alive.
+    /// The window passed with the child alive (it has been told).
     Passed,
-    /// The child ended within the window (reaped): how.
-    Exited(std::process::ExitStatus),
-    /// `stop` turned readable first.
+    /// The child ended within the window without having said it was stopping: a crash, whatever its status.
+    Crashed {
+        /// How, for the logs and the verdict ("exited with status 0", "was killed by SIGKILL", ...).
+        how: String,
+    },
+    /// The child stopped accepting: a listener's queue was held for the stall time. It has been killed.
+    Stalled(Stalled),
+    /// The child said a stop reached it (`exuvia-ctl stop`, a SIGTERM): this process stops too.
+    SuccessorStopping,
+    /// `stop` turned readable first: this process is stopping.
     Stopped,
 }
 
@@ -418,25 +433,91 @@ impl CommittedChild {
         self.pid as u32
     }
 
-    /// Watches the child until `deadline`, its exit (reaped then), or `stop` turning readable.
-    pub(crate) fn watch(&self, deadline: Instant, stop: BorrowedFd<'_>) -> Watched {
-        let mut set = PollSet::new();
-        let exit = set.add(self.pidfd.as_fd(), libc::POLLIN);
-        let stopped = set.add(stop, libc::POLLIN);
-        match set.wait(Some(deadline)) {
-            Ok(false) => Watched::Passed,
-            Ok(true) if set.revents(stopped) != 0 => Watched::Stopped,
-            Ok(true) if set.revents(exit) != 0 => match sys::waitpid(self.pid, false) {
-                Ok(Some(status)) => Watched::Exited(status),
-                // Reaped by someone else (SIGCHLD set to SIG_IGN): it is gone all the same.
-                _ => Watched::Exited(std::process::ExitStatus::default()),
-            },
-            Ok(true) => Watched::Passed,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the new process during its probation; ending it");
-                Watched::Passed
+    /// Watches the child until `deadline`, its end (reaped then, if this process still can), its `Stopping`
+    /// message, `stop` turning readable, or a listener of `queues` held for the stall time (the child is then
+    /// killed and reaped).
+    pub(crate) fn watch(
+        &mut self,
+        deadline: Instant,
+        stop: BorrowedFd<'_>,
+        queues: &mut QueueWatch,
+    ) -> Watched {
+        let mut channel_open = true;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                let _ = self
+                    .channel
+                    .send(&Message::Passed, now + Duration::from_secs(1));
+                return Watched::Passed;
+            }
+            if let Some(stalled) = queues.sample(now) {
+                self.kill_and_reap();
+                return Watched::Stalled(stalled);
+            }
+            let next = if queues.is_empty() {
+                deadline
+            } else {
+                (now + probation::SAMPLE_EVERY).min(deadline)
+            };
+            let watched = [self.pidfd.as_fd(), stop];
+            let event = if channel_open {
+                self.channel.recv(Some(next), &watched)
+            } else {
+                let mut set = PollSet::new();
+                set.add(self.pidfd.as_fd(), libc::POLLIN);
+                set.add(stop, libc::POLLIN);
+                match set.wait(Some(next)) {
+                    Ok(false) => Ok(Event::Timeout),
+                    Ok(true) if set.revents(1) != 0 => Ok(Event::Extra(1)),
+                    Ok(true) => Ok(Event::Extra(0)),
+                    Err(e) => Err(Error::io("poll failed", e)),
+                }
+            };
+            match event {
+                Ok(Event::Timeout) => {}
+                Ok(Event::Message(Message::Stopping)) => return Watched::SuccessorStopping,
+                Ok(Event::Message(m)) => {
+                    tracing::warn!(
+                        child_pid = self.pid,
+                        message = m.name(),
+                        "unexpected message from the new process during its probation; ignored"
+                    );
+                }
+                // The child closed its end (it exited, or a build that keeps no channel): its pidfd decides.
+                Ok(Event::Closed) => channel_open = false,
+                Ok(Event::Extra(1)) => return Watched::Stopped,
+                Ok(Event::Extra(_)) => {
+                    return Watched::Crashed {
+                        how: self.reap_ended(),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(child_pid = self.pid, error = %e, "the handover channel failed during the probation; watching the new process's pid only");
+                    channel_open = false;
+                }
             }
         }
+    }
+
+    /// Reaps the child, which has ended; how it ended, in words.
+    fn reap_ended(&self) -> String {
+        match sys::waitpid(self.pid, false) {
+            Ok(Some(status)) => crate::error::exit_description(status),
+            // Reaped by someone else: the application set SIGCHLD to SIG_IGN, or runs its own reaper. Ended
+            // all the same (its pidfd says so), without having said it was stopping.
+            Ok(None) | Err(_) => {
+                "ended (its exit status was not ours to read: SIGCHLD ignored, or another \
+                                  reaper in this process)"
+                    .to_string()
+            }
+        }
+    }
+
+    /// Kills the child (only the child: after the commit it joined this process's process group) and reaps it.
+    fn kill_and_reap(&self) {
+        let _ = sys::kill_process(self.pid);
+        let _ = sys::waitpid(self.pid, false);
     }
 
     /// Asks the child to stop (SIGTERM: it drains as on `systemctl stop`).

@@ -16,6 +16,11 @@
 //! | 2 `Ready` | child → parent | the child's own initialisation time (u64 LE, µs: from reading `Hello` to reporting ready) |
 //! | 3 `Failed` | child → parent | reason, UTF-8, ≤ 4 KiB |
 //! | 4 `Commit` | parent → child | empty: the child is now the main process |
+//! | 5 `Stopping` | child → parent | empty: during a probation window, a stop reached the child; sent before it can exit |
+//! | 6 `Passed` | parent → child | empty: the probation window passed; the parent finishes and can no longer roll back |
+//!
+//! Kinds 5 and 6 travel only during a probation window, on the channel both sides keep open after `Commit`. A
+//! build that predates them closes the channel at the commit and never reads them.
 //!
 //! The header layout never changes; a peer that sees another version fails the handover with a typed error
 //! rather than guessing. File descriptors never travel inside a payload: they sit at fixed positions (3..)
@@ -42,6 +47,8 @@ const KIND_READY: u8 = 2;
 const READY_LEN: usize = 8;
 const KIND_FAILED: u8 = 3;
 const KIND_COMMIT: u8 = 4;
+const KIND_STOPPING: u8 = 5;
+const KIND_PASSED: u8 = 6;
 
 /// One message on the handover channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +68,10 @@ pub(crate) enum Message {
     },
     Failed(String),
     Commit,
+    /// A stop reached the child during its probation window: its coming exit is not a crash.
+    Stopping,
+    /// The probation window passed: the parent finishes, and nothing can be rolled back any more.
+    Passed,
 }
 
 impl Message {
@@ -70,6 +81,8 @@ impl Message {
             Message::Ready { .. } => KIND_READY,
             Message::Failed(_) => KIND_FAILED,
             Message::Commit => KIND_COMMIT,
+            Message::Stopping => KIND_STOPPING,
+            Message::Passed => KIND_PASSED,
         }
     }
 
@@ -79,6 +92,8 @@ impl Message {
             Message::Ready { .. } => "ready",
             Message::Failed(_) => "failed",
             Message::Commit => "commit",
+            Message::Stopping => "stopping",
+            Message::Passed => "passed",
         }
     }
 
@@ -117,7 +132,7 @@ impl Message {
                 payload.extend_from_slice(&reason.as_bytes()[..end]);
             }
             Message::Ready { init_usec } => payload.extend_from_slice(&init_usec.to_le_bytes()),
-            Message::Commit => {}
+            Message::Commit | Message::Stopping | Message::Passed => {}
         }
         let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
         frame.extend_from_slice(&MAGIC);
@@ -134,7 +149,7 @@ fn max_payload(kind: u8) -> Option<usize> {
     match kind {
         KIND_HELLO => Some(HELLO_FIXED + MAX_STATE_LEN),
         KIND_READY => Some(READY_LEN),
-        KIND_COMMIT => Some(0),
+        KIND_COMMIT | KIND_STOPPING | KIND_PASSED => Some(0),
         KIND_FAILED => Some(MAX_REASON_LEN),
         _ => None,
     }
@@ -210,6 +225,8 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>> {
             }
         }
         KIND_COMMIT => Message::Commit,
+        KIND_STOPPING => Message::Stopping,
+        KIND_PASSED => Message::Passed,
         KIND_FAILED => {
             Message::Failed(String::from_utf8(payload.to_vec()).map_err(|_| {
                 Error::protocol("handover channel: failure reason is not valid UTF-8")
@@ -245,6 +262,8 @@ mod tests {
             init_usec: u64::MAX,
         });
         roundtrip(Message::Commit);
+        roundtrip(Message::Stopping);
+        roundtrip(Message::Passed);
         roundtrip(Message::Failed("config: no such file".into()));
         roundtrip(Message::Hello {
             parent_pid: 42,

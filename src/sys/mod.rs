@@ -27,7 +27,8 @@ pub(crate) use fd::{
     adopt_inherited_fd, file_identity, pipe, read, set_cloexec, set_nonblocking, PollSet,
 };
 pub(crate) use net::{
-    accept, peer_uid, send_unix_datagram, set_socket_mode, socket_info, SocketInfo, UnixTarget,
+    accept, accept_queue, peer_uid, send_unix_datagram, set_socket_mode, socket_info, SocketInfo,
+    UnixTarget,
 };
 #[cfg(feature = "hyper")]
 pub(crate) use net::{Cut, Cuttable};

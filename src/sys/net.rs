@@ -60,6 +60,57 @@ pub(crate) fn set_socket_mode(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     )?)
 }
 
+/// How many connections wait in a listening socket's accept queue, as the kernel counts them: for TCP, the
+/// exact number (`TCP_INFO` on a listener reports the queue in `tcpi_unacked`); for a Unix stream listener
+/// only whether any waits (`poll`: 0 or 1; the kernel gives no count for those). `None` for anything else.
+pub(crate) fn accept_queue(fd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    let Some(info) = socket_info(fd)? else {
+        return Ok(None);
+    };
+    if !info.listening || info.ty != libc::SOCK_STREAM {
+        return Ok(None);
+    }
+    match info.domain {
+        libc::AF_INET | libc::AF_INET6 => tcp_listen_queue(fd).map(Some),
+        libc::AF_UNIX => {
+            let mut fds = [rustix::event::PollFd::new(
+                &fd,
+                rustix::event::PollFlags::IN,
+            )];
+            let n = rustix::event::poll(&mut fds, Some(&rustix::time::Timespec::default()))?;
+            Ok(Some(u32::from(
+                n > 0 && fds[0].revents().contains(rustix::event::PollFlags::IN),
+            )))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `tcpi_unacked` of `TCP_INFO` on a TCP listener: the connections waiting for `accept`. Neither rustix nor
+/// socket2 reads `TCP_INFO`, hence this one `getsockopt` by hand.
+fn tcp_listen_queue(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, a zeroed buffer of exactly that size that
+    // lives across the call; the descriptor is borrowed, hence open.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised, and every field is a plain integer, so any bytes the kernel wrote are valid.
+    let info = unsafe { info.assume_init() };
+    Ok(info.tcpi_unacked)
+}
+
 /// Where a Unix datagram goes: a filesystem path, or a name in the abstract namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum UnixTarget {

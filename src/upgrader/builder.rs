@@ -18,6 +18,9 @@ use crate::registry::Registry;
 use crate::sys;
 use crate::systemd::Manager;
 
+/// The default of [`Builder::probation_stall`].
+const DEFAULT_PROBATION_STALL: Duration = Duration::from_secs(3);
+
 /// Configures and creates the process's [`Upgrader`]. Call [`build`](Builder::build) first thing in `main`,
 /// before threads start: it reads and removes the variables that carry inherited sockets.
 #[must_use]
@@ -32,6 +35,7 @@ pub struct Builder {
     control_socket: Option<PathBuf>,
     background_init: bool,
     probation: Duration,
+    probation_stall: Duration,
     fd_store: bool,
 }
 
@@ -48,6 +52,7 @@ impl fmt::Debug for Builder {
             .field("control_socket", &self.control_socket)
             .field("background_init", &self.background_init)
             .field("probation", &self.probation)
+            .field("probation_stall", &self.probation_stall)
             .field("fd_store", &self.fd_store)
             .finish()
     }
@@ -66,6 +71,7 @@ impl Builder {
             control_socket: None,
             background_init: false,
             probation: Duration::ZERO,
+            probation_stall: DEFAULT_PROBATION_STALL,
             fd_store: false,
         }
     }
@@ -141,8 +147,34 @@ impl Builder {
     ///
     /// Under systemd the unit needs `NotifyAccess=all` (the templates in `units/` say so): the old process,
     /// no longer the main one, must be able to tell systemd `MAINPID=<itself>` when it takes the service back.
+    ///
+    /// What ends a window early, and how each end is told apart (docs/DESIGN.md has why none can be mistaken):
+    /// - the new process ends for any reason it did not announce as a stop (exit status 0 included, and an
+    ///   exit status this process cannot read because the application ignores `SIGCHLD` or reaps children
+    ///   itself): rolled back;
+    /// - it stops accepting: see [`probation_stall`](Self::probation_stall); killed and rolled back;
+    /// - a stop reaches the new process (`exuvia-ctl stop`, a SIGTERM): it tells this process before it can
+    ///   exit, and both stop; a stop that reaches this process stops both too.
+    ///
+    /// During the window the new process refuses to start an upgrade of its own (SIGHUP, the control socket,
+    /// [`Upgrader::upgrade`]): at once, with [`ErrorKind::UpgradeInProgress`](crate::ErrorKind::UpgradeInProgress)
+    /// and a reason that says how long the window still runs, so that one upgrade at a time holds across
+    /// generations (a reload during the window fails; reload again after it).
     pub fn probation(mut self, window: Duration) -> Builder {
         self.probation = window;
+        self
+    }
+
+    /// During a [`probation`](Self::probation) window, how long connections may wait in a listening socket's
+    /// accept queue with none accepted before the new process counts as not serving (default 3 s; zero: only
+    /// whether it lives is watched). The old process reads the kernel's figures for the sockets it still
+    /// holds: a TCP listener's queue length (`TCP_INFO`), a Unix stream listener's "any waiting" (`poll`).
+    /// The time runs from the first waiting connection and starts again whenever the queue shrinks: only an
+    /// `accept` shrinks it, so a process that accepts at all, however busy, is never taken for a stalled one.
+    /// A stalled new process is killed and the old one serves the waiting connections. The control socket is
+    /// not watched; an idle service gives no evidence either way.
+    pub fn probation_stall(mut self, after: Duration) -> Builder {
+        self.probation_stall = after;
         self
     }
 
@@ -314,6 +346,9 @@ impl Builder {
                 drain_timeout: self.drain_timeout,
                 background_init: self.background_init,
                 probation: self.probation,
+                probation_stall: self.probation_stall,
+                predecessor: Mutex::new(None),
+                predecessor_watching: AtomicBool::new(false),
                 fd_store: self.fd_store,
                 on_probation,
                 probation_ends: std::sync::OnceLock::new(),

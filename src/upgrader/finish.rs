@@ -29,6 +29,7 @@ impl Upgrader {
     /// The bookkeeping of a decided stop, then its publication.
     pub(super) fn stopping(&self) {
         tracing::info!("stop requested; no longer accepting");
+        self.tell_predecessor_stopping();
         self.inner
             .manager
             .stopping("stopping: no longer accepting, draining");

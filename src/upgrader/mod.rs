@@ -36,6 +36,7 @@ pub use sockets::accept_seqpacket;
 pub use upgrade::UpgradeReport;
 
 use crate::drain::Tracker;
+use crate::handover::channel::Channel;
 use crate::handover::child::ParentLink;
 use crate::lifecycle::{Finish, Finishing, Lifecycle};
 use crate::registry::Registry;
@@ -66,6 +67,14 @@ struct Inner {
     background_init: bool,
     /// The probation window after a commit (zero: none).
     probation: Duration,
+    /// How long an accept queue may be held during that window before the new process counts as stalled.
+    probation_stall: Duration,
+    /// While the old process watches this one through its probation window: the channel to tell it that a
+    /// stop reached this process (taken, then written outside the lock, by the stop's bookkeeping).
+    predecessor: Mutex<Option<Channel>>,
+    /// True from the commit until the old process says the window passed (or is gone): no upgrade of this
+    /// process's own meanwhile.
+    predecessor_watching: AtomicBool,
     /// Whether fresh binds go to systemd's file-descriptor store.
     fd_store: bool,
     /// The window the old process watches this one through, when it started this one with a probation.

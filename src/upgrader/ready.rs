@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use super::{lock, Upgrader};
 use crate::error::Result;
+use crate::handover::channel::{Channel, Event};
+use crate::handover::protocol::Message;
 use crate::lifecycle::{Finish, Step};
 use crate::sys;
 
@@ -38,12 +40,15 @@ impl Upgrader {
             // The old process tells systemd (MAINPID, READY) before it confirms: nothing to send here.
             let parent_pid = link.parent_pid;
             // On failure the old process has given up on this one, which should exit: ready() is not retried.
-            link.ready(COMMIT_TIMEOUT)?;
+            let kept = link.ready(COMMIT_TIMEOUT, self.inner.on_probation.is_some())?;
             if let Some(window) = self.inner.on_probation {
                 let _ = self
                     .inner
                     .probation_ends
                     .set(std::time::Instant::now() + window);
+            }
+            if let Some(channel) = kept {
+                self.watch_predecessor(channel, parent_pid);
             }
             tracing::info!(
                 generation = self.inner.generation,
@@ -65,6 +70,80 @@ impl Upgrader {
         }
         self.run_deferred_sighup();
         Ok(())
+    }
+
+    /// On probation: keeps a sender for the stop's bookkeeping ([`tell_predecessor_stopping`]) and listens on
+    /// a thread for the end of the window (`Passed`, or the old process gone). Until then this process
+    /// refuses upgrades of its own.
+    ///
+    /// [`tell_predecessor_stopping`]: Self::tell_predecessor_stopping
+    fn watch_predecessor(&self, mut channel: Channel, parent_pid: u32) {
+        let sender = match channel.duplicate() {
+            Ok(c) => c,
+            Err(e) => {
+                // Without it a stop of this process would read as a crash to the old one: say so loudly.
+                tracing::error!(error = %e, "cannot keep the channel to the old process; a stop during the probation window will be taken for a crash");
+                return;
+            }
+        };
+        *lock(&self.inner.predecessor) = Some(sender);
+        self.inner
+            .predecessor_watching
+            .store(true, Ordering::SeqCst);
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("exuvia-probation".into())
+            .spawn(move || {
+                let why = loop {
+                    match channel.recv(None, &[]) {
+                        Ok(Event::Message(Message::Passed)) => break "its probation window passed",
+                        Ok(Event::Closed) => break "the old process is gone",
+                        Ok(Event::Message(m)) => {
+                            tracing::debug!(
+                                message = m.name(),
+                                "unexpected message from the old process; ignored"
+                            )
+                        }
+                        Ok(Event::Timeout | Event::Extra(_)) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the channel to the old process failed");
+                            break "the channel to the old process failed";
+                        }
+                    }
+                };
+                me.inner.predecessor_watching.store(false, Ordering::SeqCst);
+                drop(lock(&me.inner.predecessor).take());
+                tracing::info!(
+                    parent_pid,
+                    "{why}: this process no longer can be rolled back, and may upgrade"
+                );
+            });
+        if let Err(e) = spawned {
+            // Nobody would ever clear the flag: rather allow upgrades than refuse them for good.
+            tracing::warn!(error = %e, "cannot start the thread that listens to the old process");
+            self.inner
+                .predecessor_watching
+                .store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// The stop's bookkeeping, on probation: tells the old process that this process is stopping, before the
+    /// finish is published and so before this process can exit (its exit is then not taken for a crash).
+    pub(super) fn tell_predecessor_stopping(&self) {
+        let sender = lock(&self.inner.predecessor).take();
+        let Some(mut sender) = sender else { return };
+        if !self.inner.predecessor_watching.load(Ordering::SeqCst) {
+            return;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        match sender.send(&Message::Stopping, deadline) {
+            Ok(()) => tracing::info!(
+                "told the old process, which watches this one on probation, that this is a stop"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell the old process that this is a stop; it may take this exit for a crash")
+            }
+        }
     }
 
     /// The old process said "pid P draining" in `STATUS=` at the handover: say what is true once it has exited.

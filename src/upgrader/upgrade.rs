@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::{lock, micros, Upgrader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::handover::parent::{self, CommittedChild, PendingChild, Watched};
+use crate::handover::probation::QueueWatch;
 use crate::lifecycle::{Refused, State, Step, StopCause};
 use crate::sys;
 
@@ -104,6 +105,25 @@ impl Upgrader {
 
     /// Step 1: claims the one upgrade slot (refused unless serving) and records the attempt.
     fn begin(&self) -> Result<Attempt> {
+        if self
+            .inner
+            .predecessor_watching
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let left = self
+                .inner
+                .probation_ends
+                .get()
+                .map(|end| end.saturating_duration_since(Instant::now()))
+                .unwrap_or_default();
+            let why = format!(
+                "this process is on probation: the old process can still roll back to itself for about {} ms; \
+                 one upgrade at a time, so upgrade again after the window",
+                left.as_millis()
+            );
+            tracing::info!("upgrade requested during this process's probation window; refused");
+            return Err(Error::new(ErrorKind::UpgradeInProgress, why));
+        }
         if let Err(r) = self.inner.lifecycle.step(Step::BeginUpgrade) {
             if r == Refused::UpgradeInProgress {
                 tracing::info!("upgrade requested while one is in flight; refused");
@@ -143,10 +163,10 @@ impl Upgrader {
             overhead_us = micros(ready_after.saturating_sub(child_init)),
             "upgrade: child ready; handing over"
         );
-        let child = self.commit(child)?;
+        let mut child = self.commit(child)?;
         let child_pid = child.pid();
         if !inner.probation.is_zero() {
-            self.probation(&child)?;
+            self.probation(&mut child)?;
         }
         Ok(Committed {
             child_pid,
@@ -263,8 +283,9 @@ impl Upgrader {
 
     /// Step 4b, with a probation window: this process has stopped accepting (the gate is shut) and lets its
     /// connections go, but keeps the sockets and watches the new process until the window ends. If the new
-    /// process dies first, this process takes the service back; a stop meanwhile stops both.
-    fn probation(&self, child: &CommittedChild) -> Result<()> {
+    /// process dies first, for whatever reason it did not announce as a stop, or stops accepting, this process
+    /// takes the service back; a stop meanwhile, reaching either process, stops both.
+    fn probation(&self, child: &mut CommittedChild) -> Result<()> {
         let inner = &self.inner;
         let window = inner.probation;
         let started = Instant::now();
@@ -274,71 +295,81 @@ impl Upgrader {
             window_ms = window.as_millis() as u64,
             "upgrade: the new process serves on probation; this process stands by with the sockets"
         );
-        match child.watch(started + window, inner.lifecycle.finishing_fd()) {
-            Watched::Passed => match inner.lifecycle.step(Step::ProbationPassed) {
-                Ok(_) => {
-                    tracing::info!(child_pid, "upgrade: probation passed");
-                    Ok(())
+        let sockets: Vec<_> = lock(&inner.registry)
+            .handover_shared()
+            .into_iter()
+            .filter(|(name, _)| name != crate::control::REGISTRY_NAME)
+            .collect();
+        let mut queues = QueueWatch::new(sockets, inner.probation_stall);
+        let why = match child.watch(started + window, inner.lifecycle.finishing_fd(), &mut queues) {
+            Watched::Passed => {
+                return match inner.lifecycle.step(Step::ProbationPassed) {
+                    Ok(_) => {
+                        tracing::info!(child_pid, "upgrade: probation passed");
+                        Ok(())
+                    }
+                    Err(r) => {
+                        // A stop came as the window ended: it stops both.
+                        child.terminate();
+                        Err(refused(r))
+                    }
                 }
-                Err(r) => {
-                    // A stop came as the window ended: it stops both.
-                    child.terminate();
-                    Err(refused(r))
-                }
-            },
+            }
             Watched::Stopped => {
                 tracing::info!(
                     child_pid,
                     "stop during the probation: asking the new process to stop too"
                 );
                 child.terminate();
-                Err(Error::new(
+                return Err(Error::new(
                     ErrorKind::Finishing,
                     format!("stopped during the probation of pid {child_pid}, which was asked to stop too"),
-                ))
+                ));
             }
-            Watched::Exited(status) if status.success() => {
-                // Not a crash: the new process was stopped (a stop request reaches it, not this process, whose
-                // accept loops pause on probation). Stop both, as a stop during the probation does.
+            Watched::SuccessorStopping => {
+                // The new process said, before it could exit, that a stop reached it (a stop request on the
+                // shared control socket, or a SIGTERM): a stop of the service, not a crash to roll back.
                 tracing::info!(
                     child_pid,
-                    "the new process exited with status 0 during its probation (it was stopped): stopping this \
-                     one too"
+                    "the new process is stopping during its probation (a stop reached it): stopping this one too"
                 );
                 self.shutdown_by(StopCause::Successor);
-                Err(Error::new(
+                return Err(Error::new(
                     ErrorKind::Finishing,
-                    format!(
-                        "pid {child_pid} was stopped during its probation; this process stops too"
-                    ),
-                ))
+                    format!("pid {child_pid} was stopped during its probation; this process stops too"),
+                ));
             }
-            Watched::Exited(status) => {
-                let after = started.elapsed();
-                let how = crate::error::exit_description(status);
-                let why = format!(
-                    "rolled back: the new process (pid {child_pid}) {how} {} ms into its {} ms probation",
-                    after.as_millis(),
-                    window.as_millis()
-                );
-                match inner.lifecycle.step(Step::RolledBack) {
-                    Ok(_) => {
-                        // The handover is undone: signals for this service come here again, so a reload
-                        // helper's question about the SIGHUP that started this upgrade is answered here.
-                        inner.lifecycle.record(|_, a| a.handed_over_usec = None);
-                        // The gate is open again: the accept loops take the queued connections now.
-                        tracing::error!(child_pid, %how, after_ms = after.as_millis() as u64, "{why}; this process serves again");
-                        inner.manager.take_back(&format!(
-                            "{why}; serving again (pid {}, generation {})",
-                            std::process::id(),
-                            inner.generation
-                        ));
-                        Err(Error::new(ErrorKind::RolledBack, why))
-                    }
-                    // A stop came first: nothing to take back.
-                    Err(r) => Err(refused(r)),
-                }
+            Watched::Crashed { how } => format!(
+                "rolled back: the new process (pid {child_pid}) {how} {} ms into its {} ms probation",
+                started.elapsed().as_millis(),
+                window.as_millis()
+            ),
+            Watched::Stalled(s) => format!(
+                "rolled back: the new process (pid {child_pid}) stopped accepting: {} connection(s) waited on \
+                 '{}' for {} ms with none accepted, {} ms into its {} ms probation; it was killed",
+                s.queued,
+                s.name,
+                s.held.as_millis(),
+                started.elapsed().as_millis(),
+                window.as_millis()
+            ),
+        };
+        match inner.lifecycle.step(Step::RolledBack) {
+            Ok(_) => {
+                // The handover is undone: signals for this service come here again, so a reload helper's
+                // question about the SIGHUP that started this upgrade is answered here.
+                inner.lifecycle.record(|_, a| a.handed_over_usec = None);
+                // The gate is open again: the accept loops take the queued connections now.
+                tracing::error!(child_pid, "{why}; this process serves again");
+                inner.manager.take_back(&format!(
+                    "{why}; serving again (pid {}, generation {})",
+                    std::process::id(),
+                    inner.generation
+                ));
+                Err(Error::new(ErrorKind::RolledBack, why))
             }
+            // A stop came first: nothing to take back.
+            Err(r) => Err(refused(r)),
         }
     }
 
