@@ -24,13 +24,12 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::accept::Incoming;
 use crate::drain::{ConnectionGuard, Tracker};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle::{Attempts, Finish, Finishing};
-use crate::sys;
+use crate::sys::{self, PollSet};
 
 /// The first word of every request: the protocol and its version.
 pub const PROTOCOL: &str = "exuvia-ctl/1";
@@ -51,8 +50,14 @@ pub fn default_socket_path() -> Option<PathBuf> {
     Some(first.join(SOCKET_NAME))
 }
 
-/// At most this many requests are served at once; more are refused with a reason (each takes a thread).
-const MAX_CLIENTS: usize = 16;
+/// At most this many connections wait for their request line at once, all read by the control thread's one
+/// `poll` (no thread each): a newcomer beyond it pushes out the one that has waited longest. A helper sends its
+/// line as soon as it connects, so it is read in the next round, however many idle or slow connections wait.
+const MAX_PENDING: usize = 64;
+/// At most this many requests run at once on threads of their own (`upgrade`, `verdict`, `stop`: the ones that
+/// wait); more are answered [`BUSY`], which `exuvia-ctl` asks again on. `status` and `config` are answered by
+/// the control thread itself and are never busy.
+const MAX_RUNNING: usize = 16;
 /// The whole request line must arrive within this (a client trickling bytes cannot hold a drain or a stop).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// The longest reply `request` reads.
@@ -64,6 +69,8 @@ pub(crate) trait Actions: Send + Sync + 'static {
     fn run_upgrade(&self) -> std::result::Result<String, String>;
     /// Asks the process to stop.
     fn stop(&self);
+    /// The old process that stops with this one (it watches this one through a probation window), if any.
+    fn standby(&self) -> Option<u32>;
     /// The process's own settings, as the `config` command answers them.
     fn config(&self) -> String;
 }
@@ -96,7 +103,58 @@ impl Served {
     }
 }
 
-/// Serves the control socket on a thread of its own until this process is finishing.
+/// A connection whose request line is still being read.
+struct Pending {
+    conn: UnixStream,
+    line: Vec<u8>,
+    deadline: Instant,
+}
+
+/// What reading a pending connection gave.
+enum Got {
+    /// Not the whole line yet.
+    More,
+    /// The request line.
+    Line(String),
+    /// The client closed, sent too much or something that is not text: answered and dropped.
+    Bad(&'static str),
+}
+
+impl Pending {
+    /// Reads what has arrived, without blocking.
+    fn read_some(&mut self) -> Got {
+        let mut buf = [0u8; 256];
+        loop {
+            let want = (MAX_REQUEST as usize)
+                .saturating_sub(self.line.len())
+                .min(buf.len());
+            if want == 0 {
+                return Got::Bad("malformed request: send one line of at most 256 bytes");
+            }
+            match (&self.conn).read(&mut buf[..want]) {
+                Ok(0) => {
+                    return Got::Bad("malformed request: the connection ended before a whole line")
+                }
+                Ok(n) => {
+                    self.line.extend_from_slice(&buf[..n]);
+                    if let Some(end) = self.line.iter().position(|b| *b == b'\n') {
+                        self.line.truncate(end + 1);
+                        return match String::from_utf8(std::mem::take(&mut self.line)) {
+                            Ok(l) => Got::Line(l),
+                            Err(_) => Got::Bad("malformed request: not UTF-8"),
+                        };
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Got::More,
+                Err(_) => return Got::Bad("malformed request: cannot read it"),
+            }
+        }
+    }
+}
+
+/// Serves the control socket on a thread of its own until this process is finishing (and every connection
+/// that had begun its request by then has its answer).
 pub(crate) fn serve(served: Served, listener: UnixListener) {
     // The loop itself counts as in flight until it has ended: a request accepted in the instant before this
     // process started finishing must get its guard before the drain can find nothing to wait for (the drain
@@ -105,42 +163,179 @@ pub(crate) fn serve(served: Served, listener: UnixListener) {
     let spawned = std::thread::Builder::new()
         .name("exuvia-control".into())
         .spawn(move || {
-            let active = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            for conn in Incoming::new(listener, served.finishing.clone()) {
-                let conn = match conn {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of descriptors (or memory): accepting again at once would spin.
-                        tracing::warn!(error = %e, "control socket: accept failed; retrying in 100 ms");
+            if let Err(e) = listener.set_nonblocking(true) {
+                tracing::warn!(error = %e, "control socket: cannot make it non-blocking; not serving it");
+                return;
+            }
+            let running = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut pending: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
+            loop {
+                let finishing = served.finishing.get().is_some();
+                if finishing && pending.is_empty() {
+                    break;
+                }
+                let gate = served.finishing.gate();
+                let (stop, changed, accept, ready) = {
+                    let mut set = PollSet::new();
+                    let stop = (!finishing).then(|| set.add(served.finishing.fd(), libc::POLLIN));
+                    let changed = (!finishing).then(|| set.add(gate.changed_fd(), libc::POLLIN));
+                    // On probation the gate is shut: the new process serves the socket meanwhile.
+                    let accept = (!finishing && gate.open).then(|| set.add(listener.as_fd(), libc::POLLIN));
+                    let conns: Vec<usize> =
+                        pending.iter().map(|p| set.add(p.conn.as_fd(), libc::POLLIN)).collect();
+                    let until = pending.iter().map(|p| p.deadline).min();
+                    if let Err(e) = set.wait(until) {
+                        tracing::warn!(error = %e, "control socket: poll failed; retrying in 100 ms");
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
+                    let on = |i: Option<usize>| i.is_some_and(|i| set.revents(i) != 0);
+                    let ready: Vec<bool> = conns.iter().map(|i| set.revents(*i) != 0).collect();
+                    (on(stop), on(changed), on(accept), ready)
                 };
-                if active.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_CLIENTS {
-                    active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                    refuse(conn, "busy: too many control requests at once; try again");
-                    continue;
+                let _ = (stop, changed); // both only wake the loop: it looks at the state again
+                let now = Instant::now();
+                // Once finishing, nothing waits for a line still on its way: this process may be about to exit
+                // (and must not be held by a client that never finishes its line).
+                let finishing = served.finishing.get();
+                let mut kept = std::collections::VecDeque::with_capacity(pending.len());
+                for (mut p, readable) in pending.drain(..).zip(ready) {
+                    let read = if readable || finishing.is_some() { p.read_some() } else { Got::More };
+                    match read {
+                        Got::Line(line) => dispatch(&served, p.conn, &line, &running),
+                        Got::Bad(why) => answer(&p.conn, &format!("error {why}\n")),
+                        Got::More if finishing.is_some() => answer(&p.conn, &finishing_reply(finishing)),
+                        Got::More if now >= p.deadline => answer(
+                            &p.conn,
+                            "error malformed request: send one line, 'exuvia-ctl/1 <command>', within 2 s\n",
+                        ),
+                        Got::More => kept.push_back(p),
+                    }
                 }
-                // Counted like a client connection, so that this process does not exit (after an upgrade it
-                // just ran, say) before the reply is written.
-                let guard = served.tracker.guard();
-                let u = served.clone();
-                let done = Done(active.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("exuvia-control-conn".into())
-                    .spawn(move || {
-                        let active = done.0.clone();
-                        let _done = done;
-                        handle(&u, conn, guard, &active)
-                    });
-                if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "control socket: cannot start a thread for a request");
+                pending = kept;
+                if accept {
+                    accept_all(&listener, &mut pending);
                 }
             }
             drop(loop_guard);
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the control socket thread");
+    }
+}
+
+/// The answer to a request still incomplete when this process started finishing.
+fn finishing_reply(finishing: Option<Finish>) -> String {
+    let me = std::process::id();
+    match finishing {
+        Some(Finish::Upgraded { child_pid }) => format!(
+            "error {RETRY} pid {me} has handed over to pid {child_pid}, which answers on the same socket: ask again\n"
+        ),
+        _ => format!("error pid {me} is stopping\n"),
+    }
+}
+
+/// Accepts every connection waiting, into `pending`; when that is full the one that has waited longest is
+/// told so and dropped.
+fn accept_all(listener: &UnixListener, pending: &mut std::collections::VecDeque<Pending>) {
+    loop {
+        let conn = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::ConnectionAborted =>
+            {
+                continue
+            }
+            Err(e) => {
+                // Out of descriptors (or memory): the next round tries again; do not spin meanwhile.
+                tracing::warn!(error = %e, "control socket: accept failed; retrying in 100 ms");
+                std::thread::sleep(Duration::from_millis(100));
+                return;
+            }
+        };
+        if conn.set_nonblocking(true).is_err() {
+            continue;
+        }
+        if pending.len() >= MAX_PENDING {
+            if let Some(oldest) = pending.pop_front() {
+                answer(&oldest.conn, &format!("error {BUSY} too many control connections waiting for their request; this one waited longest\n"));
+            }
+        }
+        pending.push_back(Pending {
+            conn,
+            line: Vec::new(),
+            deadline: Instant::now() + REQUEST_DEADLINE,
+        });
+    }
+}
+
+/// Writes a short answer without blocking (it fits a fresh connection's socket buffer) and drops the
+/// connection.
+fn answer(conn: &UnixStream, text: &str) {
+    let _ = conn.set_nonblocking(true);
+    let _ = (&*conn).write_all(text.as_bytes());
+}
+
+/// Serves one whole request: the quick ones on this thread, the waiting ones on a thread each.
+fn dispatch(
+    served: &Served,
+    conn: UnixStream,
+    line: &str,
+    running: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    match sys::peer_uid(conn.as_fd()) {
+        Ok(uid) if uid == 0 || uid == sys::euid() => {}
+        Ok(uid) => {
+            tracing::warn!(uid, "control socket: refused a request from another user");
+            answer(
+                &conn,
+                "error permission denied: only the service's user may control it\n",
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "control socket: cannot read the peer's credentials");
+            return;
+        }
+    }
+    let command = match Command::parse(line) {
+        Ok(c) => c,
+        Err(why) => return answer(&conn, &format!("error {why}\n")),
+    };
+    tracing::info!(%command, "control socket request");
+    match command {
+        Command::Status => {
+            // The drain also counts the control socket's own loop and running requests: leave them out of
+            // what an operator calls in flight.
+            let control = running.load(Ordering::Acquire) + 1;
+            return answer(&conn, &reply_line(Ok(status(served, control))));
+        }
+        Command::Config => return answer(&conn, &reply_line(Ok(served.actions.config()))),
+        Command::Upgrade | Command::Verdict { .. } | Command::Stop => {}
+    }
+    if running.fetch_add(1, Ordering::AcqRel) >= MAX_RUNNING {
+        running.fetch_sub(1, Ordering::AcqRel);
+        return answer(
+            &conn,
+            &format!("error {BUSY} {MAX_RUNNING} control requests are running; ask again\n"),
+        );
+    }
+    // Counted like a client connection, so that this process does not exit (after an upgrade it just ran,
+    // say) before the reply is written.
+    let guard = served.tracker.guard();
+    let u = served.clone();
+    let done = Done(running.clone());
+    let spawned = std::thread::Builder::new()
+        .name("exuvia-control-conn".into())
+        .spawn(move || {
+            let _done = done;
+            run(&u, conn, command, guard)
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "control socket: cannot start a thread for a request");
     }
 }
 
@@ -153,110 +348,64 @@ impl Drop for Done {
     }
 }
 
-/// Answers `error <why>` without reading the request (never blocks: the reply fits a socket buffer).
-fn refuse(mut conn: UnixStream, why: &str) {
-    let _ = conn.set_nonblocking(true);
-    let _ = conn.write_all(format!("error {why}\n").as_bytes());
+/// The reply line for a result.
+fn reply_line(reply: std::result::Result<String, String>) -> String {
+    match reply {
+        Ok(t) => format!("ok {t}\n"),
+        Err(t) => format!("error {}\n", t.replace('\n', " ")),
+    }
 }
 
-/// Reads one request line of at most `MAX_REQUEST` bytes, all of it within `REQUEST_DEADLINE`.
-fn read_request(conn: &UnixStream) -> Option<String> {
-    let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 64];
-    while !line.ends_with(b"\n") {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() || line.len() as u64 >= MAX_REQUEST {
-            return None;
-        }
-        conn.set_read_timeout(Some(left)).ok()?;
-        let want = (MAX_REQUEST as usize - line.len()).min(byte.len());
-        match (&*conn).read(&mut byte[..want]) {
-            Ok(0) => return None,
-            Ok(n) => line.extend_from_slice(&byte[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-    String::from_utf8(line).ok()
+/// The `status` text; `control` is how many of the tracked connections are the control socket's own.
+fn status(served: &Served, control: usize) -> String {
+    let (state, rollbacks, last) = served.finishing.lifecycle().read(|c| {
+        let last = match (&c.attempts.last, c.attempts.last_rolled_back) {
+            (Some((_, Err(why))), true) => format!("; last upgrade: {why}"),
+            _ => String::new(),
+        };
+        (c.state.name(), c.attempts.rollbacks, last)
+    });
+    format!(
+        "pid={} generation={} connections={} state={state} rollbacks={rollbacks} (tracked client \
+         connections open now; control requests not counted{last})",
+        std::process::id(),
+        served.generation,
+        served.tracker.open().saturating_sub(control)
+    )
 }
 
-fn handle(
-    served: &Served,
-    mut conn: UnixStream,
-    guard: ConnectionGuard,
-    control_requests: &std::sync::atomic::AtomicUsize,
-) {
-    // Read the request before anything else, refusals included: closing on a client that is still writing
-    // would turn the answer into a broken pipe on its side.
-    let line = read_request(&conn);
-    match sys::peer_uid(conn.as_fd()) {
-        Ok(uid) if uid == 0 || uid == sys::euid() => {}
-        Ok(uid) => {
-            tracing::warn!(uid, "control socket: refused a request from another user");
-            let _ = conn
-                .write_all(b"error permission denied: only the service's user may control it\n");
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "control socket: cannot read the peer's credentials");
-            return;
-        }
-    }
+/// Runs a request that waits (`upgrade`, `verdict`, `stop`) and answers it.
+fn run(served: &Served, mut conn: UnixStream, command: Command, guard: ConnectionGuard) {
+    let _ = conn.set_nonblocking(false);
     let _ = conn.set_write_timeout(Some(REQUEST_DEADLINE));
-    let Some(line) = line else {
-        let _ = conn.write_all(
-            b"error malformed request: send one line, 'exuvia-ctl/1 <command>', within 2 s\n",
-        );
-        return;
-    };
-    let command = match Command::parse(&line) {
-        Ok(c) => c,
-        Err(why) => {
-            let _ = conn.write_all(format!("error {why}\n").as_bytes());
-            return;
-        }
-    };
-    tracing::info!(%command, "control socket request");
     let reply = match command {
-        Command::Status => {
-            // The drain also counts the control socket's own loop and requests (this one included): leave
-            // them out of what an operator calls in flight.
-            let control = control_requests.load(std::sync::atomic::Ordering::Acquire) + 1;
-            let (state, rollbacks, last) = served.finishing.lifecycle().read(|c| {
-                let last = match (&c.attempts.last, c.attempts.last_rolled_back) {
-                    (Some((_, Err(why))), true) => format!("; last upgrade: {why}"),
-                    _ => String::new(),
-                };
-                (c.state.name(), c.attempts.rollbacks, last)
-            });
-            Ok(format!(
-                "pid={} generation={} connections={} state={state} rollbacks={rollbacks} (tracked client \
-                 connections open now; control requests not counted{last})",
-                std::process::id(),
-                served.generation,
-                served.tracker.open().saturating_sub(control)
-            ))
-        }
         Command::Upgrade => served.actions.run_upgrade(),
-        Command::Config => Ok(served.actions.config()),
         Command::Verdict { since_usec } => verdict(served, since_usec),
         Command::Stop => {
-            let _ = conn.write_all(format!("ok stopping pid {}\n", std::process::id()).as_bytes());
+            // The answer first: once the stop is taken, this process may exit at any moment.
+            let others: String = served
+                .actions
+                .standby()
+                .map(|p| format!(" and pid {p} (on standby through its probation window)"))
+                .unwrap_or_default();
+            let _ = conn
+                .write_all(format!("ok stopping pid {}{others}\n", std::process::id()).as_bytes());
             // From here the connection must not hold up the drain: it waits for this process to exit.
             drop(guard);
             served.actions.stop();
-            // Hold the connection: it closes when this process exits, which is what the helper waits for.
+            // Hold the connection: it closes when this process exits, which is what the helper waits for
+            // (then it waits for every pid named above too).
             let _ = conn.set_read_timeout(None);
-            let _ = conn.read(&mut [0u8; 1]);
-            return;
+            loop {
+                match conn.read(&mut [0u8; 1]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    _ => return,
+                }
+            }
         }
+        Command::Status | Command::Config => return,
     };
-    let text = match reply {
-        Ok(t) => format!("ok {t}\n"),
-        Err(t) => format!("error {}\n", t.replace('\n', " ")),
-    };
-    let _ = conn.write_all(text.as_bytes());
+    let _ = conn.write_all(reply_line(reply).as_bytes());
     drop(guard);
 }
 
@@ -267,6 +416,8 @@ const SIGNAL_LEAD_USEC: u64 = 2_000_000;
 const SIGNAL_GRACE: Duration = Duration::from_secs(1);
 /// The start of an `error` reply that asks the helper to ask again (it then reaches the new process).
 pub const RETRY: &str = "retry:";
+/// The start of an `error` reply from a control socket that has too many requests at once: ask again.
+pub const BUSY: &str = "busy:";
 /// The start of an `error` reply for an upgrade that a stop abandoned: the operator asked for the stop, so a
 /// reload helper ends quietly (as it does when systemd's SIGTERM reaches it first).
 pub const STOPPING: &str = "stopping:";
@@ -427,6 +578,22 @@ impl Reply {
         !self.ok && self.text.starts_with(RETRY)
     }
 
+    /// Whether the service had too many control requests at once: asking again (soon) is the answer.
+    pub fn is_busy(&self) -> bool {
+        !self.ok && self.text.starts_with(BUSY)
+    }
+
+    /// The pids a `stop` reply names (`stopping pid 1240 and pid 1236 ...`): every process that exits
+    /// because of it.
+    pub fn pids(&self) -> Vec<u32> {
+        let words: Vec<&str> = self.text.split_whitespace().collect();
+        words
+            .windows(2)
+            .filter(|w| w[0] == "pid")
+            .filter_map(|w| w[1].trim_end_matches([',', ';']).parse().ok())
+            .collect()
+    }
+
     /// Whether the upgrade asked about was abandoned because the service is stopping.
     pub fn is_stopping(&self) -> bool {
         !self.ok && self.text.starts_with(STOPPING)
@@ -502,9 +669,22 @@ pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply
             ))
         }
     }
-    let Reply { ok, text } = Reply::parse(&line)?;
-    if ok && command == Command::Stop {
-        // The service holds the connection until it exits.
+    if !line.ends_with('\n') {
+        return Err(Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "the reply was cut off after {} bytes (no end of line): a reply is one line of at most {} KiB; \
+                 is something other than an exuvia service listening at {}?",
+                line.len(),
+                MAX_REPLY / 1024,
+                path.display()
+            ),
+        ));
+    }
+    let reply = Reply::parse(&line)?;
+    if reply.ok && command == Command::Stop {
+        // The service holds the connection until it exits; then every process the reply named must be gone.
+        let deadline = Instant::now() + timeout;
         let mut rest = Vec::new();
         reader.read_to_end(&mut rest).map_err(|e| {
             Error::with_io(
@@ -513,8 +693,46 @@ pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply
                 e,
             )
         })?;
+        for pid in reply.pids() {
+            if !wait_exited(pid, deadline) {
+                return Err(Error::new(
+                    ErrorKind::ControlSocket,
+                    format!("pid {pid} of the service did not exit within {timeout:?}"),
+                ));
+            }
+        }
     }
-    Ok(Reply { ok, text })
+    Ok(reply)
+}
+
+/// Waits until process `pid` has exited (a zombie counts: it serves nothing), up to `deadline`.
+fn wait_exited(pid: u32, deadline: Instant) -> bool {
+    let Ok(raw) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    match sys::pidfd_open(raw) {
+        Ok(fd) => {
+            let mut set = PollSet::new();
+            set.add(fd.as_fd(), libc::POLLIN);
+            set.wait(Some(deadline)).unwrap_or(false)
+        }
+        // No such process: gone (and reaped) already.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => true,
+        Err(_) => loop {
+            // No pidfd here (an old kernel, a seccomp filter): look at /proc.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().chars().next());
+            if !matches!(state, Some(Some(c)) if c != 'Z' && c != 'X') {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        },
+    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,11 @@ impl Actions for Upgrader {
         self.shutdown_by(StopCause::ControlSocket);
     }
 
+    fn standby(&self) -> Option<u32> {
+        // On probation the old process stops with this one (told before this one can exit).
+        self.predecessor_pid()
+    }
+
     fn config(&self) -> String {
         let (taken, unclaimed) = lock(&self.inner.registry).names();
         format!(

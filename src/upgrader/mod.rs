@@ -75,6 +75,8 @@ struct Inner {
     /// True from the commit until the old process says the window passed (or is gone): no upgrade of this
     /// process's own meanwhile.
     predecessor_watching: AtomicBool,
+    /// The old process watching this one (0: none).
+    predecessor_pid: std::sync::atomic::AtomicU32,
     /// Whether fresh binds go to systemd's file-descriptor store.
     fd_store: bool,
     /// The window the old process watches this one through, when it started this one with a probation.

@@ -88,6 +88,9 @@ impl Upgrader {
         };
         *lock(&self.inner.predecessor) = Some(sender);
         self.inner
+            .predecessor_pid
+            .store(parent_pid, Ordering::SeqCst);
+        self.inner
             .predecessor_watching
             .store(true, Ordering::SeqCst);
         let me = self.clone();
@@ -125,6 +128,14 @@ impl Upgrader {
                 .predecessor_watching
                 .store(false, Ordering::SeqCst);
         }
+    }
+
+    /// The old process, while it watches this one through its probation window.
+    pub(super) fn predecessor_pid(&self) -> Option<u32> {
+        if !self.inner.predecessor_watching.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(self.inner.predecessor_pid.load(Ordering::SeqCst)).filter(|p| *p != 0)
     }
 
     /// The stop's bookkeeping, on probation: tells the old process that this process is stopping, before the

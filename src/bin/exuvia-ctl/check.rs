@@ -29,7 +29,75 @@ const PROPERTIES: &str = "LoadState,ActiveState,Type,NotifyAccess,ReloadSignal,E
 TimeoutStopUSec,TimeoutStartUSec,WatchdogUSec,RuntimeDirectory,FileDescriptorStoreMax,FileDescriptorStorePreserve,\
 FragmentPath,DropInPaths";
 
+/// The longest unit name systemd accepts (`UNIT_NAME_MAX` less the NUL).
+const UNIT_NAME_MAX: usize = 255;
+/// The unit types a name may end in.
+const UNIT_TYPES: &[&str] = &[
+    "service",
+    "socket",
+    "target",
+    "device",
+    "mount",
+    "automount",
+    "swap",
+    "timer",
+    "path",
+    "slice",
+    "scope",
+];
+
+/// Checks `name` as systemd's `unit_name_is_valid` would, before it goes anywhere near a command line: the
+/// characters `[A-Za-z0-9:_.\@-]`, not starting with `-` or `.`, at most 255 bytes, with a known type
+/// suffix; a name without a suffix is taken as `.service`, as systemctl does. Returns the name to use.
+pub(crate) fn unit_name(name: &str) -> Result<String, String> {
+    let shown: String = name.chars().take(64).collect();
+    let bad = |why: &str| Err(format!("{shown:?} is not a unit name: {why}"));
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.starts_with('-') {
+        return bad("it starts with '-' (options go before the unit name; put the name after --)");
+    }
+    if name.starts_with('.') {
+        return bad("it starts with '.'");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || ":-_.\\@".contains(*c)))
+    {
+        return bad(&format!(
+            "{c:?} is not allowed in a unit name (letters, digits and :-_.\\@ only; no globs)"
+        ));
+    }
+    let full = match name.rsplit_once('.') {
+        Some((_, ty)) if UNIT_TYPES.contains(&ty) => name.to_string(),
+        _ => format!("{name}.service"),
+    };
+    if full.len() > UNIT_NAME_MAX {
+        return bad("it is longer than 255 bytes");
+    }
+    let (stem, _) = full.rsplit_once('.').unwrap_or((&full, ""));
+    match stem.split_once('@') {
+        Some((prefix, instance)) if prefix.is_empty() || instance.contains('@') => {
+            bad("a template name is PREFIX@INSTANCE")
+        }
+        Some((_, "")) => {
+            bad("a template (PREFIX@.service) is not a running unit; name an instance")
+        }
+        _ if stem.is_empty() => bad("it has no name before the type"),
+        _ => Ok(full),
+    }
+}
+
 pub(crate) fn run(unit: &str, socket: Option<PathBuf>, timeout: Duration) -> ExitCode {
+    let unit = match unit_name(unit) {
+        Ok(u) => u,
+        Err(why) => {
+            eprintln!("exuvia-ctl check: {why}");
+            return ExitCode::from(2);
+        }
+    };
+    let unit = unit.as_str();
     let props = match systemctl_show(unit) {
         Ok(p) => p,
         Err(why) => {
@@ -69,7 +137,8 @@ pub(crate) fn run(unit: &str, socket: Option<PathBuf>, timeout: Duration) -> Exi
 
 fn systemctl_show(unit: &str) -> Result<HashMap<String, String>, String> {
     let out = std::process::Command::new("systemctl")
-        .args(["show", unit, &format!("--property={PROPERTIES}")])
+        // The name after `--`: never read as an option, whatever it is (it was validated all the same).
+        .args(["show", &format!("--property={PROPERTIES}"), "--", unit])
         .output()
         .map_err(|e| format!("cannot run systemctl: {e}"))?;
     if !out.status.success() {
@@ -466,6 +535,39 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unit_names_are_checked_as_systemd_does() {
+        for (name, full) in [
+            ("app", "app.service"),
+            ("app.service", "app.service"),
+            ("app@blue.service", "app@blue.service"),
+            ("app@blue", "app@blue.service"),
+            ("a-b_c:d\\x2d.socket", "a-b_c:d\\x2d.socket"),
+            ("my.app", "my.app.service"),
+        ] {
+            assert_eq!(unit_name(name).as_deref(), Ok(full), "{name}");
+        }
+        for (name, why) in [
+            ("", "empty"),
+            ("-H", "starts with '-'"),
+            ("--user", "starts with '-'"),
+            ("-M.host", "starts with '-'"),
+            ("--version", "starts with '-'"),
+            ("*", "not allowed"),
+            ("app?.service", "not allowed"),
+            ("app[1]", "not allowed"),
+            ("a b", "not allowed"),
+            ("host:/x", "not allowed"),
+            (".service", "starts with '.'"),
+            ("app@.service", "name an instance"),
+            ("@x.service", "PREFIX@INSTANCE"),
+        ] {
+            let e = unit_name(name).unwrap_err();
+            assert!(e.contains(why), "{name:?}: {e}");
+        }
+        assert!(unit_name(&"a".repeat(250)).unwrap_err().contains("255"));
+    }
 
     #[test]
     fn systemd_values_are_read_as_systemctl_prints_them() {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! exuvia-ctl [--socket PATH] [--timeout SECS] status|upgrade|reload-verdict|stop|config
-//! exuvia-ctl [--socket PATH] check UNIT
+//! exuvia-ctl [--socket PATH] check [--] UNIT
 //! ```
 //!
 //! - `upgrade`: start an upgrade now and exit with its verdict (0: the new process serves; 1: it failed and the
@@ -32,7 +32,7 @@ use std::time::Duration;
 fn usage() -> ExitCode {
     eprintln!(
         "usage: exuvia-ctl [--socket PATH] [--timeout SECS] status|upgrade|reload-verdict|stop|config\n       \
-         exuvia-ctl [--socket PATH] check UNIT"
+         exuvia-ctl [--socket PATH] check [--] UNIT"
     );
     ExitCode::from(2)
 }
@@ -45,8 +45,17 @@ fn main() -> ExitCode {
     let mut command: Option<String> = None;
     let mut unit: Option<String> = None;
     let mut args = std::env::args().skip(1);
+    let mut positional_only = false;
     while let Some(a) = args.next() {
+        if positional_only {
+            if command.as_deref() == Some("check") && unit.is_none() {
+                unit = Some(a);
+                continue;
+            }
+            return usage();
+        }
         match a.as_str() {
+            "--" => positional_only = true,
             "--socket" => match args.next() {
                 Some(p) => socket = Some(p.into()),
                 None => return usage(),
@@ -61,6 +70,7 @@ fn main() -> ExitCode {
             },
             "-h" | "--help" => return usage(),
             c if command.is_none() => command = Some(c.to_string()),
+            // An option-like word is refused by the unit name check, with the reason.
             c if command.as_deref() == Some("check") && unit.is_none() => {
                 unit = Some(c.to_string())
             }
@@ -103,7 +113,8 @@ fn main() -> ExitCode {
     let mut lost = 0;
     while std::time::Instant::now() < deadline {
         let again = match &reply {
-            Ok(r) => r.is_retry(),
+            // Busy: the service had too many control requests at once; it frees up within seconds.
+            Ok(r) => r.is_retry() || r.is_busy(),
             Err(e) => {
                 matches!(request, Command::Verdict { .. })
                     && e.kind() == exuvia::ErrorKind::ControlSocket
