@@ -13,6 +13,9 @@ use support::*;
 for_each_example!(
     a_crash_on_probation_is_rolled_back_under_load,
     a_stop_during_probation_stops_both,
+    an_unannounced_end_is_a_crash_whoever_reaps_it,
+    a_new_process_that_stops_accepting_is_rolled_back,
+    no_second_upgrade_during_the_window,
 );
 
 const WINDOW: &str = "5";
@@ -273,4 +276,252 @@ fn a_stop_during_probation_stops_both(server: &str) {
             s.log.dump()
         );
     }
+}
+
+/// `exuvia-ctl status` on `sock` until `pred` holds for its answer (which either process may give).
+fn status_until(sock: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
+            .args(["--socket", sock, "--timeout", "5", "status"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        if pred(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never matched; last: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Cases 1-3 of the probation's faults: a new process that exits with status 0 on its own, and one killed
+/// while the application ignores SIGCHLD or reaps children itself (so nobody can read its exit status). None
+/// announced a stop: each is a crash, rolled back under load with nothing refused, the old process serving.
+fn an_unannounced_end_is_a_crash_whoever_reaps_it(server: &str) {
+    for (children, rounds) in [("", 2), ("--sigchld-ignore", 3), ("--own-reaper", 5)] {
+        let dir = tempfile::tempdir().unwrap();
+        let fault = dir.path().join("crash");
+        let control = dir.path().join("control.sock");
+        let (fault_arg, control_arg) = (fault.display().to_string(), control.display().to_string());
+        let mut args = vec![
+            "--probation",
+            "10",
+            "--crash-fault",
+            &fault_arg,
+            "--drain-timeout",
+            "5",
+            "--control-socket",
+            &control_arg,
+        ];
+        if !children.is_empty() {
+            args.push(children);
+        }
+        let s = Server::start(&example(server), &args);
+        let old = s.current();
+        let load = Load::start_modes(
+            s.addr,
+            &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)],
+            Duration::from_millis(3),
+        );
+        load.wait_progress(100);
+        let mut ends = Vec::new();
+        let mut rolled_back_at = Instant::now();
+        for round in 0..rounds {
+            // Without a way to read exit statuses the crash is a SIGKILL from outside; with one, alternate
+            // with a clean exit 0 of the new process's own.
+            let exit0 = children.is_empty() || round % 2 == 1;
+            std::fs::write(&fault, if exit0 { "exit0 300" } else { "hang 0" }).unwrap();
+            let mark = s.log.len();
+            let child = upgrade_onto_probation(&s, old, mark);
+            load.wait_progress(50);
+            if !exit0 {
+                assert!(signal(child, libc::SIGKILL));
+            }
+            let status = status_until(&control_arg, Duration::from_secs(20), |t| {
+                t.contains(&format!("pid={old} "))
+                    && t.contains(&format!("rollbacks={} ", round + 1))
+            });
+            rolled_back_at = Instant::now();
+            assert!(status.contains("state=serving"), "{status}");
+            assert!(
+                wait_gone(child, Duration::from_secs(10)),
+                "{child} still there"
+            );
+            // Who read the exit status: this library (it says how), nobody (SIGCHLD ignored: the kernel reaped
+            // it), or the application's reaper (a race with this library's waitpid: either may win).
+            let how: &[&str] = match (children, exit0) {
+                ("", _) => &["exited with status 0"],
+                ("--sigchld-ignore", _) => &["not ours to read"],
+                (_, true) => &["not ours to read", "exited with status 0"],
+                (_, false) => &["not ours to read", "SIGKILL"],
+            };
+            assert!(
+                how.iter().any(|h| status.contains(h)),
+                "round {round}: {status}"
+            );
+            ends.push(if exit0 { "exit 0" } else { "SIGKILL" });
+            load.wait_progress(100);
+        }
+        let stats = load.stop();
+        let refused = stats.count(FailKind::Refused);
+        let after: Vec<u32> = stats
+            .latencies
+            .iter()
+            .filter(|r| r.at >= rolled_back_at)
+            .map(|r| r.pid)
+            .collect();
+        let after_last = !after.is_empty() && after.iter().all(|p| *p == old);
+        eprintln!(
+            "{server} {children:?}: {} rolled back ({ends:?}); load: {}",
+            ends.len(),
+            stats.summary()
+        );
+        assert_eq!(refused, 0, "{}", stats.summary());
+        assert!(
+            after_last,
+            "the last answers did not all come from the old process {old}"
+        );
+        assert!(signal(old, 0), "the old process is gone");
+        s.stop();
+    }
+}
+
+/// Case 5: a new process that never accepts (it closed its listener) is rolled back within the stall time
+/// (3 s by default) of the first connection it left waiting; the waiting connections are served by the old
+/// process, none refused.
+fn a_new_process_that_stops_accepting_is_rolled_back(server: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("crash");
+    let control = dir.path().join("control.sock");
+    let (fault_arg, control_arg) = (fault.display().to_string(), control.display().to_string());
+    let s = Server::start(
+        &example(server),
+        &[
+            "--probation",
+            "20",
+            "--crash-fault",
+            &fault_arg,
+            "--drain-timeout",
+            "5",
+            "--control-socket",
+            &control_arg,
+        ],
+    );
+    let old = s.current();
+    let load = Load::start_modes(
+        s.addr,
+        &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)],
+        Duration::from_millis(3),
+    );
+    load.wait_progress(100);
+    std::fs::write(&fault, "deaf").unwrap();
+    let mark = s.log.len();
+    let t0 = Instant::now();
+    let child = upgrade_onto_probation(&s, old, mark);
+    let status = status_until(&control_arg, Duration::from_secs(20), |t| {
+        t.contains(&format!("pid={old} ")) && t.contains("rollbacks=1 ")
+    });
+    let took = t0.elapsed();
+    assert!(status.contains("stopped accepting"), "{status}");
+    assert!(wait_gone(child, Duration::from_secs(10)));
+    load.wait_progress(200);
+    let stats = load.stop();
+    eprintln!(
+        "{server}: a new process that never accepts: rolled back {took:?} after the upgrade (stall time 3 s, \
+         window 20 s); load: {}",
+        stats.summary()
+    );
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    assert_eq!(stats.count(FailKind::Refused), 0, "{}", stats.summary());
+    assert_eq!(stats.count(FailKind::Timeout), 0, "{}", stats.summary());
+    s.stop();
+}
+
+/// Case 4: the new process refuses an upgrade of its own during its window (a reload gets that verdict at
+/// once); when it then crashes, the old process rolls back and is the only generation alive.
+fn no_second_upgrade_during_the_window(server: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("crash");
+    let control = dir.path().join("control.sock");
+    let (fault_arg, control_arg) = (fault.display().to_string(), control.display().to_string());
+    let mut s = Server::start(
+        &example(server),
+        &[
+            "--probation",
+            "10",
+            "--crash-fault",
+            &fault_arg,
+            "--drain-timeout",
+            "5",
+            "--control-socket",
+            &control_arg,
+        ],
+    );
+    let old = s.current();
+    let load = Load::start_modes(
+        s.addr,
+        &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)],
+        Duration::from_millis(3),
+    );
+    load.wait_progress(100);
+    std::fs::write(&fault, "hang 0").unwrap();
+    let mark = s.log.len();
+    let child = upgrade_onto_probation(&s, old, mark);
+    // The reload of a Type=notify-reload unit: the signal to the main process (the new one), then the helper.
+    assert!(signal(child, libc::SIGHUP));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
+        .args(["--socket", &control_arg, "reload-verdict"])
+        .output()
+        .unwrap();
+    let verdict = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{verdict}");
+    assert!(verdict.contains("on probation"), "{verdict}");
+    // And through the control socket (ExecReload= of a Type=notify unit).
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
+        .args(["--socket", &control_arg, "upgrade"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("on probation"));
+    // Nothing was started by either.
+    let children_of = |pid: u32| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    assert!(children_of(child).is_empty(), "{:?}", children_of(child));
+    assert!(signal(child, libc::SIGKILL));
+    status_until(&control_arg, Duration::from_secs(20), |t| {
+        t.contains(&format!("pid={old} ")) && t.contains("rollbacks=1 ")
+    });
+    let rolled_back_at = Instant::now();
+    assert!(wait_gone(child, Duration::from_secs(10)));
+    load.wait_progress(200);
+    let stats = load.stop();
+    let late: Vec<u32> = stats
+        .latencies
+        .iter()
+        .filter(|r| r.at >= rolled_back_at)
+        .map(|r| r.pid)
+        .collect();
+    assert!(!late.is_empty(), "no answer after the rollback");
+    eprintln!(
+        "{server}: a second upgrade refused during the window; after the rollback: {}",
+        stats.summary()
+    );
+    assert!(
+        late.iter().all(|p| *p == old),
+        "answers from others after the rollback: {late:?}"
+    );
+    assert_eq!(stats.count(FailKind::Refused), 0, "{}", stats.summary());
+    // Once the window has passed, the new generation may upgrade: prove the refusal was only the window's.
+    let newer = s.upgrade_started().expect("an upgrade after the rollback");
+    assert_ne!(newer, old);
+    s.stop();
 }

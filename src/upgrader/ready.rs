@@ -118,7 +118,7 @@ impl Upgrader {
                 drop(lock(&me.inner.predecessor).take());
                 tracing::info!(
                     parent_pid,
-                    "{why}: this process no longer can be rolled back, and may upgrade"
+                    "{why}: this process is on its own, and may upgrade"
                 );
             });
         if let Err(e) = spawned {
