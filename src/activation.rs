@@ -123,6 +123,17 @@ pub(crate) fn adopt(names: Vec<String>) -> Result<Vec<(String, OwnedFd)>> {
         })?;
         sys::set_cloexec(fd.as_fd(), true)
             .map_err(|e| Error::io(format!("cannot set close-on-exec on inherited fd {raw}"), e))?;
+        // A named descriptor may be anything the fd store holds for this service (a memfd of state, say); an
+        // unnamed one can only be meant as a socket. Anything else is closed here, never handed on.
+        if name == UNKNOWN_NAME && !matches!(sys::socket_info(fd.as_fd()), Ok(Some(_))) {
+            tracing::warn!(
+                fd = raw,
+                what = %crate::listen::describe(fd.as_fd()),
+                "{VAR_FDS} passed descriptor {raw} without a name ({VAR_NAMES} unset) and it is not a socket: \
+                 closed, not handed on (name it in {VAR_NAMES} if it is meant for this service)"
+            );
+            continue;
+        }
         tracing::debug!(fd = raw, name = %name, "adopted inherited descriptor");
         out.push((name, fd));
     }

@@ -514,3 +514,70 @@ fn sixteen_half_open_and_twenty_idle_connections_cannot_jam_the_helper() {
         took.last().unwrap()
     );
 }
+
+#[test]
+fn check_refuses_hostile_unit_names_and_starts_nothing_for_them() {
+    // A systemctl of our own first in PATH records every call: a hostile name must not reach any command,
+    // and a good one reaches `systemctl show` only after `--`.
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    script(
+        &dir.path().join("systemctl"),
+        &format!(
+            "printf '%s\\n' \"$*\" >> '{}'\necho LoadState=not-found\n",
+            calls.display()
+        ),
+    );
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let check = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
+            .arg("check")
+            .args(args)
+            .env("PATH", &path)
+            .output()
+            .unwrap()
+    };
+    for name in [
+        "-H",
+        "--user",
+        "-M.host",
+        "--version",
+        "*",
+        "app?",
+        "a b",
+        "",
+        "app@.service",
+    ] {
+        for args in [vec![name], vec!["--", name]] {
+            let o = check(&args);
+            assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+            assert!(
+                text(&o).contains("is not a unit name"),
+                "{args:?}: {}",
+                text(&o)
+            );
+        }
+    }
+    assert!(
+        !calls.exists(),
+        "a hostile name reached systemctl: {}",
+        std::fs::read_to_string(&calls).unwrap_or_default()
+    );
+    let o = check(&["--", "app"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("no unit \"app.service\" loaded"),
+        "{}",
+        text(&o)
+    );
+    let recorded = std::fs::read_to_string(&calls).unwrap();
+    let first = recorded.lines().next().unwrap();
+    assert!(
+        first.starts_with("show --property=") && first.ends_with(" -- app.service"),
+        "{recorded}"
+    );
+}

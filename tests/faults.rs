@@ -20,6 +20,7 @@ for_each_example!(
     memory_pressure_during_an_upgrade_costs_the_upgrade_not_the_service,
     a_sighup_to_the_new_process_before_it_is_ready_is_applied_after,
     running_out_of_descriptors_while_placing_them_says_so,
+    an_unnamed_inherited_file_is_closed_not_handed_on,
 );
 
 /// A cgroup (v1, one controller) of this test's own, removed on drop after its processes are moved back.
@@ -463,4 +464,44 @@ fn running_out_of_descriptors_while_placing_them_says_so(server: &str) {
     let (r, _) = get(server.addr, "/").unwrap();
     assert_eq!(r.pid, server.current());
     server.stop();
+}
+
+fn an_unnamed_inherited_file_is_closed_not_handed_on(server: &str) {
+    // fd 3 is a regular file and LISTEN_FDS=1 names it without LISTEN_FDNAMES: something in the environment
+    // meant no socket for this service. It is closed at start and never reaches a later generation.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-socket");
+    std::fs::write(&file, "x").unwrap();
+    let wrapped = dir.path().join("wrapped");
+    wrapper(
+        &wrapped,
+        &format!(
+            "if [ -z \"$EXUVIA_HANDOVER_FD\" ]; then export LISTEN_PID=$$ LISTEN_FDS=1; unset LISTEN_FDNAMES; \
+             exec 3<'{}'; fi",
+            file.display()
+        ),
+        &example(server),
+    );
+    let mut s = Server::start(&wrapped, &[]);
+    let first = s.current();
+    let holds = |pid: u32| {
+        open_fds(pid)
+            .iter()
+            .any(|(_, target)| target.contains("not-a-socket"))
+    };
+    assert!(
+        !holds(first),
+        "{first} kept the file: {:?}",
+        open_fds(first)
+    );
+    let new = s.upgrade().expect("an upgrade");
+    assert!(
+        !holds(new),
+        "{new} was handed the file: {:?}",
+        open_fds(new)
+    );
+    // It still serves on its own socket.
+    let (r, _) = get(s.addr, "/").unwrap();
+    assert_eq!(r.pid, new);
+    s.stop();
 }

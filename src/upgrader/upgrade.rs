@@ -57,6 +57,20 @@ struct Committed {
     child_init: Duration,
 }
 
+/// The generation after `g`. It comes from the old process's greeting (or a forged environment): `u32::MAX`
+/// must not wrap to 0, which reads as "fresh start" everywhere.
+fn next_generation(g: u32) -> Result<u32> {
+    g.checked_add(1).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Protocol,
+            format!(
+                "this process is generation {g}, the last one there can be; restart the service to count from 0 \
+                 again"
+            ),
+        )
+    })
+}
+
 /// Error for a step the lifecycle refused.
 pub(super) fn refused(r: Refused) -> Error {
     let kind = match r {
@@ -145,15 +159,15 @@ impl Upgrader {
     fn run(&self, attempt: &Attempt) -> Result<Committed> {
         let inner = &self.inner;
         tracing::info!(program = %inner.program.display(), generation = inner.generation, "upgrade requested");
+        let next = next_generation(inner.generation)?;
         inner.manager.reloading(
             &format!(
-                "upgrading: starting {} (generation {})",
+                "upgrading: starting {} (generation {next})",
                 inner.program.display(),
-                inner.generation + 1
             ),
             attempt.extend,
         );
-        let (child, sockets, background) = self.start_child(attempt)?;
+        let (child, sockets, background) = self.start_child(attempt, next)?;
         let (child, child_init) = self.await_ready(child, attempt, background)?;
         let ready_after = attempt.started.elapsed();
         tracing::info!(
@@ -178,7 +192,11 @@ impl Upgrader {
 
     /// Step 2: starts the program on disk with every socket (listed under the registry's lock, the spawn
     /// itself without it) and greets it with the application state.
-    fn start_child(&self, attempt: &Attempt) -> Result<(PendingChild, usize, bool)> {
+    fn start_child(
+        &self,
+        attempt: &Attempt,
+        generation: u32,
+    ) -> Result<(PendingChild, usize, bool)> {
         let inner = &self.inner;
         let state = inner.state.as_ref().map(|f| f()).unwrap_or_default();
         let shared = {
@@ -200,7 +218,7 @@ impl Upgrader {
             program: &inner.program,
             argv: &inner.argv,
             extra_env: &inner.envs,
-            generation: inner.generation + 1,
+            generation,
             watchdog: inner.manager.watchdog().is_some(),
             started_usec: attempt.started_usec,
             background: self.background_nice(),
@@ -257,7 +275,7 @@ impl Upgrader {
             pid,
             &format!(
                 "serving (pid {pid}, generation {}); pid {} draining",
-                inner.generation + 1,
+                inner.generation.saturating_add(1),
                 std::process::id()
             ),
         );
@@ -454,6 +472,15 @@ impl Upgrader {
 mod tests {
     use super::*;
     use crate::lifecycle::Finish;
+
+    #[test]
+    fn the_last_generation_has_no_successor() {
+        assert_eq!(next_generation(0).unwrap(), 1);
+        assert_eq!(next_generation(u32::MAX - 1).unwrap(), u32::MAX);
+        let e = next_generation(u32::MAX).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains("restart the service"), "{e}");
+    }
 
     #[test]
     fn refusals_map_to_error_kinds() {
