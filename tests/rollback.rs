@@ -16,6 +16,7 @@ for_each_example!(
     an_unannounced_end_is_a_crash_whoever_reaps_it,
     a_new_process_that_stops_accepting_is_rolled_back,
     no_second_upgrade_during_the_window,
+    a_busy_new_process_is_not_taken_for_a_stalled_one,
 );
 
 const WINDOW: &str = "5";
@@ -523,5 +524,97 @@ fn no_second_upgrade_during_the_window(server: &str) {
     // Once the window has passed, the new generation may upgrade: prove the refusal was only the window's.
     let newer = s.upgrade_started().expect("an upgrade after the rollback");
     assert_ne!(newer, old);
+    s.stop();
+}
+
+/// The accept queue of the TCP listener on `port` as the kernel shows it (`/proc/net/tcp`'s rx_queue of a
+/// listening socket is its accept queue).
+fn listen_queue(port: u16) -> Option<u32> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        (local_port == port && f.get(3) == Some(&"0A")).then(|| {
+            let rx = f.get(4)?.split(':').nth(1)?;
+            u32::from_str_radix(rx, 16).ok()
+        })?
+    })
+}
+
+/// The other side of the stall rule: a new process that is busy (two cores saturated by unpaced clients
+/// opening a connection per request, connections waiting in the queue) but accepts is never rolled back, even
+/// with a stall time of 300 ms, a tenth of the default.
+fn a_busy_new_process_is_not_taken_for_a_stalled_one(server: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("control.sock");
+    let control_arg = control.display().to_string();
+    let mut s = Server::start(
+        &example(server),
+        &[
+            "--probation",
+            "6",
+            "--probation-stall",
+            "0.3",
+            "--drain-timeout",
+            "5",
+            "--control-socket",
+            &control_arg,
+        ],
+    );
+    let old = s.current();
+    let load = Load::start_modes(
+        s.addr,
+        &[(Mode::Fresh, 12), (Mode::KeepAlive, 4)],
+        Duration::ZERO,
+    );
+    load.wait_progress(500);
+    let mark = s.log.len();
+    let t0 = Instant::now();
+    let child = upgrade_onto_probation(&s, old, mark);
+    s.generations.push(child);
+    // Through the window: how often connections were waiting, and how many at most.
+    let (mut samples, mut waiting, mut most) = (0, 0, 0);
+    while signal(old, 0)
+        && zombie_state(old) != Some(true)
+        && t0.elapsed() < Duration::from_secs(20)
+    {
+        if let Some(q) = listen_queue(s.addr.port()) {
+            samples += 1;
+            waiting += usize::from(q > 0);
+            most = most.max(q);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let took = t0.elapsed();
+    let stats = load.stop();
+    let status = status_until(&control_arg, Duration::from_secs(10), |t| {
+        t.contains(&format!("pid={child} "))
+    });
+    eprintln!(
+        "{server}: busy new process on probation (stall time 300 ms): the old one finished after {took:?}; \
+         accept queue non-empty in {waiting} of {samples} samples, at most {most}; load: {}; {status}",
+        stats.summary()
+    );
+    assert!(
+        took >= Duration::from_secs(6),
+        "the old process ended before the window: {took:?}"
+    );
+    assert!(
+        status.contains("rollbacks=0") || !status.contains("rolled back"),
+        "{status}"
+    );
+    assert!(
+        !s.log
+            .lines()
+            .iter()
+            .any(|l| l.contains("rolled back")),
+        "{}",
+        s.log.dump()
+    );
+    assert!(
+        waiting > 0,
+        "the queue never held a connection: not a busy process"
+    );
+    assert_eq!(stats.count(FailKind::Refused), 0, "{}", stats.summary());
     s.stop();
 }

@@ -32,6 +32,7 @@ pub struct Args {
     pub ballast_mib: usize,
     pub background_init: bool,
     pub probation: Duration,
+    pub probation_stall: Option<Duration>,
     pub crash_fault: Option<String>,
     pub fd_store: bool,
     pub log: LogTo,
@@ -64,6 +65,7 @@ pub fn parse_args() -> Result<Args, String> {
         ballast_mib: 0,
         background_init: false,
         probation: Duration::ZERO,
+        probation_stall: None,
         crash_fault: None,
         fd_store: false,
         log: LogTo::Auto,
@@ -95,6 +97,7 @@ pub fn parse_args() -> Result<Args, String> {
             "--reuseport" => a.reuseport = true,
             "--background-init" => a.background_init = true,
             "--probation" => a.probation = secs(value()?)?,
+            "--probation-stall" => a.probation_stall = Some(secs(value()?)?),
             "--crash-fault" => a.crash_fault = Some(value()?),
             "--fd-store" => a.fd_store = true,
             "--sigchld-ignore" => a.sigchld_ignore = true,
@@ -123,7 +126,7 @@ pub fn parse_args() -> Result<Args, String> {
                 return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
                             [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
                             [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N] [--background-init] \
-                            [--probation SECS] [--crash-fault FILE] [--fd-store] [--log auto|journal|stderr] \
+                            [--probation SECS] [--probation-stall SECS] [--crash-fault FILE] [--fd-store] [--log auto|journal|stderr] \
                             [--sigchld-ignore] [--own-reaper]"
                     .into())
             }
@@ -320,6 +323,9 @@ pub fn builder(args: &Args) -> exuvia::Builder {
         .fd_store(args.fd_store);
     if let Some(path) = &args.control_socket {
         builder = builder.control_socket(path);
+    }
+    if let Some(stall) = args.probation_stall {
+        builder = builder.probation_stall(stall);
     }
     builder
 }
