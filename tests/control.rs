@@ -391,47 +391,6 @@ fn pid_after(o: &Output) -> u32 {
         .unwrap_or_else(|| panic!("no pid in {}", text(o)))
 }
 
-/// Keeps `half_open` connections that sent half a request line and `idle` ones that sent nothing open on
-/// `sock`, opening a new one whenever the service closes one, until `stop` is set. Returns how many it opened.
-fn jam(
-    sock: std::path::PathBuf,
-    half_open: usize,
-    idle: usize,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<usize> {
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
-    std::thread::spawn(move || {
-        let open = |half: bool| -> Option<UnixStream> {
-            let mut c = UnixStream::connect(&sock).ok()?;
-            if half {
-                c.write_all(b"exuvia-ctl/1 sta").ok()?;
-            }
-            c.set_nonblocking(true).ok()?;
-            Some(c)
-        };
-        let mut conns: Vec<(bool, Option<UnixStream>)> = (0..half_open)
-            .map(|_| (true, None))
-            .chain((0..idle).map(|_| (false, None)))
-            .collect();
-        let mut opened = 0;
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            for (half, c) in &mut conns {
-                let closed = match c {
-                    None => true,
-                    Some(s) => s.read(&mut [0u8; 256]).is_ok(),
-                };
-                if closed {
-                    *c = open(*half);
-                    opened += usize::from(c.is_some());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        opened
-    })
-}
-
 #[test]
 fn sixteen_half_open_and_twenty_idle_connections_cannot_jam_the_helper() {
     // What a buggy or hostile process of the service's own user can do to the control socket: hold 16

@@ -604,10 +604,7 @@ fn a_busy_new_process_is_not_taken_for_a_stalled_one(server: &str) {
         "{status}"
     );
     assert!(
-        !s.log
-            .lines()
-            .iter()
-            .any(|l| l.contains("rolled back")),
+        !s.log.lines().iter().any(|l| l.contains("rolled back")),
         "{}",
         s.log.dump()
     );

@@ -22,6 +22,7 @@ for_each_example!(
     systemctl_stop_during_a_hanging_reload_is_prompt,
     a_reload_during_an_upgrade_started_another_way_reports_its_own_verdict,
     journald_attributes_each_generations_lines_to_its_own_process,
+    a_jammed_control_socket_cannot_fail_a_reload_or_a_stop,
 );
 
 /// Installs the notify-reload templates as app.socket + app.service running `server` with `args`, with
@@ -1233,5 +1234,73 @@ fn journald_scenario(sd: &Systemd, server: &str, shape: Shape) {
                 );
             }
         }
+    }
+}
+
+/// The control socket held by 16 connections that sent half a request and 20 that sent nothing, all of the
+/// service's own user and re-opened as the service closes them: `systemctl reload` (the helper's verdict or
+/// upgrade) and `systemctl stop` (ExecStop=) still succeed, with both templates.
+fn a_jammed_control_socket_cannot_fail_a_reload_or_a_stop(server: &str) {
+    for shape in [Shape::NotifyReload, Shape::Portable] {
+        let Some(sd) = boot("jam") else {
+            return;
+        };
+        let addr = install_shape(&sd, shape, server, free_port(), "--drain-timeout 10", &[]);
+        ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+        let main = sd.main_pid("app.service");
+        assert!(served_by(addr, main, Duration::from_secs(5)));
+        // The socket inside the test systemd's mount namespace, reached through its root.
+        let sock =
+            std::path::PathBuf::from(format!("/proc/{}/root/run/app/exuvia-control.sock", sd.pid));
+        assert!(sock.exists(), "no control socket at {}", sock.display());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let jammer = jam(sock, 16, 20, stop.clone());
+        let host = sd.host_pid(main).expect("the main process is visible");
+        let t0 = Instant::now();
+        while std::fs::read_dir(format!("/proc/{host}/fd")).map_or(0, |d| d.count()) < 36 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the jam never took hold"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let load = Load::start(addr, 2, 2, Duration::from_millis(3));
+        load.wait_progress(100);
+        let mut mains = vec![main];
+        let mut took = Vec::new();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            ok(
+                sd.systemctl(&["reload", "app.service"]),
+                "reload under the jam",
+                &sd,
+            );
+            took.push(t0.elapsed());
+            let new = sd.main_pid("app.service");
+            assert!(
+                !mains.contains(&new),
+                "reload did not change the main pid: {new}"
+            );
+            mains.push(new);
+        }
+        load.wait_progress(100);
+        let st = load.stop();
+        let t0 = Instant::now();
+        ok(
+            sd.systemctl(&["stop", "app.service"]),
+            "stop under the jam",
+            &sd,
+        );
+        let stop_took = t0.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let opened = jammer.join().unwrap();
+        eprintln!(
+            "{server} {shape:?}: under a jam of 16 half-open + 20 idle control connections ({opened} opened): 5 \
+             reloads took {took:?}, the stop {stop_took:?}; load: {}",
+            st.summary()
+        );
+        assert_eq!(sd.show("app.service", "ActiveState"), "inactive");
+        assert_eq!(sd.show("app.service", "Result"), "success");
+        assert_eq!(st.count(FailKind::Refused), 0, "{}", st.summary());
     }
 }

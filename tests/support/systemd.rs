@@ -252,7 +252,7 @@ pub fn boot_version(test: &str, version: Version) -> Option<Systemd> {
 }
 
 /// Which service template, and the `exuvia-ctl` command its `ExecReload=` runs.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub enum Shape {
     NotifyReload,
     Portable,
