@@ -563,12 +563,17 @@ fn verify(sd: &Systemd, unit: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// The first line of the service log that `pred` accepts, waiting for it.
-fn wait_log(sd: &Systemd, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+/// Like [`wait_log`], skipping the first `skip` lines that match.
+fn wait_log_from(
+    sd: &Systemd,
+    timeout: Duration,
+    skip: usize,
+    pred: impl Fn(&str) -> bool,
+) -> Option<String> {
     let deadline = Instant::now() + timeout;
     loop {
         let log = std::fs::read_to_string(sd.service_log()).unwrap_or_default();
-        if let Some(l) = log.lines().find(|l| pred(l)) {
+        if let Some(l) = log.lines().filter(|l| pred(l)).nth(skip) {
             return Some(l.to_string());
         }
         if Instant::now() >= deadline {
@@ -576,6 +581,11 @@ fn wait_log(sd: &Systemd, timeout: Duration, pred: impl Fn(&str) -> bool) -> Opt
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// The first line of the service log that `pred` accepts, waiting for it.
+fn wait_log(sd: &Systemd, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+    wait_log_from(sd, timeout, 0, pred)
 }
 
 /// A running app whose next generation hangs in its initialisation, and a `systemctl reload` blocked on it:
@@ -776,46 +786,58 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
     assert!(served_by(addr, main, Duration::from_secs(5)));
     let load = Load::start(addr, 2, 2, Duration::from_millis(2));
     load.wait_progress(200);
-    std::fs::write(&fault, "exit 300").unwrap();
-    let t0 = Instant::now();
-    let reload = sd.systemctl(&["reload", "app.service"]);
-    let took = t0.elapsed();
-    let rolled = wait_log(&sd, Duration::from_secs(10), |l| {
-        l.contains("rolled back") && field(l, "pid").as_deref() == Some(&main.to_string())
-    })
-    .unwrap_or_else(|| panic!("no rollback:\n{}", sd.status_text("app.service")));
-    eprintln!(
+    // A crash, and an exit with status 0 of the new process's own (its accept loop ended and main returned
+    // Ok): neither was a stop, both roll back.
+    for (round, crash) in ["exit 300", "exit0 300"].into_iter().enumerate() {
+        std::fs::write(&fault, crash).unwrap();
+        let t0 = Instant::now();
+        let reload = sd.systemctl(&["reload", "app.service"]);
+        let took = t0.elapsed();
+        let rolled = wait_log_from(&sd, Duration::from_secs(10), round, |l| {
+            l.contains("ERROR rolled back") && field(l, "pid").as_deref() == Some(&main.to_string())
+        })
+        .unwrap_or_else(|| panic!("no rollback:\n{}", sd.status_text("app.service")));
+        eprintln!(
         "systemctl reload of a version that crashes 300 ms after taking over: exit {:?} after {took:?}: {}",
         reload.status.code(),
         String::from_utf8_lossy(&reload.stderr).trim()
     );
-    eprintln!("{rolled}");
-    // The helper's stderr goes to the service log too (StandardError= holds for every command of the unit).
-    let helper = wait_log(&sd, Duration::from_secs(10), |l| {
-        l.starts_with("exuvia-ctl: ")
-    })
-    .unwrap_or_default();
-    eprintln!("the reload helper said: {helper}");
-    assert!(helper.contains("rolled back: the new process"), "{helper}");
-    assert!(
-        !reload.status.success(),
-        "the reload of the crashing version succeeded"
-    );
-    assert_eq!(
-        sd.show("app.service", "ActiveState"),
-        "active",
-        "{}",
-        sd.status_text("app.service")
-    );
-    assert_eq!(
-        sd.main_pid("app.service"),
-        main,
-        "{}",
-        sd.status_text("app.service")
-    );
-    assert!(served_by(addr, main, Duration::from_secs(5)));
-    let status = sd.show("app.service", "StatusText");
-    assert!(status.contains("rolled back"), "{status}");
+        eprintln!("{rolled}");
+        // The helper's stderr goes to the service log too (StandardError= holds for every command of the unit).
+        let helper = wait_log_from(&sd, Duration::from_secs(10), round, |l| {
+            l.starts_with("exuvia-ctl: ")
+        })
+        .unwrap_or_default();
+        eprintln!("the reload helper said: {helper}");
+        assert!(helper.contains("rolled back: the new process"), "{helper}");
+        assert!(
+            !reload.status.success(),
+            "the reload of the crashing version succeeded"
+        );
+        assert_eq!(
+            sd.show("app.service", "ActiveState"),
+            "active",
+            "{}",
+            sd.status_text("app.service")
+        );
+        assert_eq!(
+            sd.main_pid("app.service"),
+            main,
+            "{}",
+            sd.status_text("app.service")
+        );
+        assert!(served_by(addr, main, Duration::from_secs(5)));
+        let status = sd.show("app.service", "StatusText");
+        assert!(status.contains("rolled back"), "{status}");
+        assert!(
+            status.contains(if crash.starts_with("exit0") {
+                "exited with status 0"
+            } else {
+                "exited with status 1"
+            }),
+            "{status}"
+        );
+    }
     // The next reload, to a version that does not crash, succeeds once its window has passed.
     let t0 = Instant::now();
     ok(sd.systemctl(&["reload", "app.service"]), "reload", &sd);
@@ -858,7 +880,7 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
          {rollbacks}",
         t0.elapsed()
     );
-    assert_eq!(rollbacks, 1, "a crash after the window was rolled back");
+    assert_eq!(rollbacks, 2, "a crash after the window was rolled back");
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
     assert_eq!(sd.show("app.service", "ActiveState"), "inactive");
 }
