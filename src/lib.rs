@@ -129,3 +129,32 @@ pub use lifecycle::{Finish, StopCause};
 pub use listen::{BindOptions, SocketKind};
 pub use notify::{Notifier, State};
 pub use upgrader::{accept_seqpacket, Builder, Event, UpgradeReport, Upgrader};
+
+/// Every environment variable that carries descriptors or the handover to a process: `LISTEN_*` and
+/// `EXUVIA_HANDOVER_*`. [`Builder::build`] removes them from the environment when it runs before any other
+/// thread exists (as it should: first thing in `main`). Once other threads run, removing them is unsound (a
+/// thread may read the environment meanwhile), so they stay, and every program this process starts inherits
+/// them; they name this process's pid, so a well-behaved reader ignores them, but remove them from the
+/// commands you start:
+///
+/// ```
+/// let mut helper = std::process::Command::new("true");
+/// for name in exuvia::HANDOVER_VARIABLES {
+///     helper.env_remove(name);
+/// }
+/// assert!(helper.status()?.success());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// (The new process of an upgrade never inherits them: exuvia sets its own.)
+pub const HANDOVER_VARIABLES: &[&str] = &[
+    activation::VAR_PID,
+    activation::VAR_FDS,
+    activation::VAR_NAMES,
+    activation::VAR_PIDFDID,
+    handover::VAR_FD,
+    handover::VAR_PID,
+    handover::VAR_NICE,
+    handover::VAR_PROBATION,
+    handover::VAR_GENERATION,
+];

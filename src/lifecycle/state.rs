@@ -51,8 +51,9 @@ pub enum StopCause {
     ControlSocket,
     /// The application called [`Upgrader::shutdown`](crate::Upgrader::shutdown).
     Api,
-    /// The new process exited cleanly (status 0) during its probation window: it was stopped (`exuvia-ctl
-    /// stop` reached it, or a SIGTERM), so this process stops too instead of taking the service back.
+    /// The new process said, during its probation window, that a stop reached it (`exuvia-ctl stop`, a
+    /// SIGTERM): this process stops too instead of taking the service back. (It says so on the handover
+    /// channel before it can exit; an exit it did not announce, status 0 included, is a crash.)
     Successor,
 }
 

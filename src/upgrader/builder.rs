@@ -406,31 +406,25 @@ fn startup_program() -> Result<PathBuf> {
 /// its own. Environment mutation is only sound while the process has a single thread; otherwise the
 /// variables stay (they name this pid only, and are never passed to our own children) and we say so.
 fn scrub_environment() {
-    let vars = [
-        activation::VAR_PID,
-        activation::VAR_FDS,
-        activation::VAR_NAMES,
-        activation::VAR_PIDFDID,
-        handover::VAR_FD,
-        handover::VAR_PID,
-        handover::VAR_NICE,
-        handover::VAR_PROBATION,
-        handover::VAR_GENERATION,
-    ];
+    let vars = crate::HANDOVER_VARIABLES;
     if !vars.iter().any(|v| std::env::var_os(v).is_some()) {
         return;
     }
-    if sys::thread_count() == Some(1) {
-        for v in vars {
-            // Sound: this process has one thread (checked just above), so nothing can read the environment
-            // concurrently.
-            std::env::remove_var(v);
+    match sys::thread_count() {
+        Some(1) => {
+            for v in vars {
+                // Sound: this process has one thread (checked just above), so nothing can read the environment
+                // concurrently.
+                std::env::remove_var(v);
+            }
         }
-    } else {
-        tracing::debug!(
-            "threads already running: leaving LISTEN_*/EXUVIA_* in the environment (build the Upgrader before \
-             starting threads to have them removed)"
-        );
+        threads => tracing::warn!(
+            threads = threads.unwrap_or(0),
+            "other threads already run: LISTEN_*/EXUVIA_HANDOVER_* stay in this process's environment \
+             (removing them now is unsound), and programs this process starts inherit them; build the Upgrader \
+             first thing in main, before any thread, or env_remove each of exuvia::HANDOVER_VARIABLES from the \
+             commands it starts"
+        ),
     }
 }
 
