@@ -466,10 +466,21 @@ fn verdict(served: &Served, since_usec: u64) -> std::result::Result<String, Stri
     }) == Some(true)
     {
         if let Some(end) = served.probation_ends {
-            // Waiting for a moment in time, not for an event: the window is a length of time. If this process
-            // dies first, the helper's connection ends with it and it asks the old process.
-            std::thread::sleep(end.saturating_duration_since(std::time::Instant::now()));
-            return Ok(format!("upgraded to pid {me} (its probation passed)"));
+            // The verdict waits for the old process to say the window passed (or to be gone), not for this
+            // process's own clock: from then on this process may upgrade, so a reload queued behind this one
+            // (systemd runs them one at a time) finds it free. If this process dies first, the helper's
+            // connection ends with it and it asks the old process.
+            let left = end.saturating_duration_since(Instant::now());
+            let passed = served.attempts(left + wait, |a| {
+                a.on_probation_under.is_none().then_some(())
+            });
+            return match passed {
+                Some(()) => Ok(format!("upgraded to pid {me} (its probation passed)")),
+                None => Err(format!(
+                    "pid {me} was still on probation {} ms after its window should have ended",
+                    wait.as_millis()
+                )),
+            };
         }
         return Ok(format!("upgraded to pid {me}"));
     }

@@ -838,17 +838,55 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
             "{status}"
         );
     }
-    // The next reload, to a version that does not crash, succeeds once its window has passed.
-    let t0 = Instant::now();
-    ok(sd.systemctl(&["reload", "app.service"]), "reload", &sd);
-    let took = t0.elapsed();
+    // The next reload, to a version that does not crash, succeeds once its window has passed. A second
+    // `systemctl reload` sent during that window cannot start a second upgrade beside it: systemd merges it
+    // into the running reload job and runs that job again once it has ended (the first one's helper waits for
+    // the old process to say the window passed, and from then on the new process may upgrade). Both calls
+    // return after the second run.
+    let (first, second, middle) = std::thread::scope(|scope| {
+        let t0 = Instant::now();
+        let sd = &sd;
+        let first = scope.spawn(move || {
+            let out = sd.systemctl(&["reload", "app.service"]);
+            (out, t0.elapsed())
+        });
+        let t1 = Instant::now();
+        while sd.main_pid("app.service") == main {
+            assert!(
+                t1.elapsed() < Duration::from_secs(10),
+                "the first reload never handed over"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let middle = sd.main_pid("app.service");
+        let t2 = Instant::now();
+        let second = sd.systemctl(&["reload", "app.service"]);
+        let second_took = t2.elapsed();
+        (first.join().unwrap(), (second, second_took), middle)
+    });
+    let ((first, took), (second, second_took)) = (first, second);
+    ok(first, "reload", &sd);
+    ok(second, "reload during the first one's window", &sd);
     let new = sd.main_pid("app.service");
-    assert_ne!(new, main);
+    eprintln!(
+        "reload to a good version, and a second reload sent during its 3 s window (merged into the running \
+         job, run again after it): {took:?} and {second_took:?}; main pid {main} -> {middle} -> {new}"
+    );
+    assert_ne!(middle, main);
+    assert_ne!(new, middle, "the second reload did nothing");
     assert!(
         took >= Duration::from_secs(3),
         "the reload returned before the window: {took:?}"
     );
     assert!(served_by(addr, new, Duration::from_secs(5)));
+    let t0 = Instant::now();
+    while sd.host_pid(middle).is_some() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the middle generation outlived its drain"
+        );
+        std::thread::sleep(Duration::from_millis(20)); // polling /proc: no event for another namespace's exit
+    }
     load.wait_progress(200);
     let st = load.stop();
     eprintln!(

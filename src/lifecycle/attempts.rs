@@ -17,6 +17,9 @@ pub(crate) struct Attempts {
     pub(crate) last: Option<(u64, Result<u32, String>)>,
     /// Start of the upgrade that created this process (from the old process's `Hello`).
     pub(crate) born_of: Option<u64>,
+    /// The old process, while it watches this one through its probation window (from the commit until it
+    /// says the window passed, or is gone): no upgrade of this process's own meanwhile.
+    pub(crate) on_probation_under: Option<u32>,
     /// SIGHUPs received and SIGHUPs acted upon (an upgrade started or refused).
     pub(crate) sighup_received: u64,
     pub(crate) sighup_handled: u64,

@@ -348,8 +348,6 @@ impl Builder {
                 probation: self.probation,
                 probation_stall: self.probation_stall,
                 predecessor: Mutex::new(None),
-                predecessor_watching: AtomicBool::new(false),
-                predecessor_pid: std::sync::atomic::AtomicU32::new(0),
                 fd_store: self.fd_store,
                 on_probation,
                 probation_ends: std::sync::OnceLock::new(),

@@ -72,11 +72,6 @@ struct Inner {
     /// While the old process watches this one through its probation window: the channel to tell it that a
     /// stop reached this process (taken, then written outside the lock, by the stop's bookkeeping).
     predecessor: Mutex<Option<Channel>>,
-    /// True from the commit until the old process says the window passed (or is gone): no upgrade of this
-    /// process's own meanwhile.
-    predecessor_watching: AtomicBool,
-    /// The old process watching this one (0: none).
-    predecessor_pid: std::sync::atomic::AtomicU32,
     /// Whether fresh binds go to systemd's file-descriptor store.
     fd_store: bool,
     /// The window the old process watches this one through, when it started this one with a probation.

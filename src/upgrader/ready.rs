@@ -88,11 +88,8 @@ impl Upgrader {
         };
         *lock(&self.inner.predecessor) = Some(sender);
         self.inner
-            .predecessor_pid
-            .store(parent_pid, Ordering::SeqCst);
-        self.inner
-            .predecessor_watching
-            .store(true, Ordering::SeqCst);
+            .lifecycle
+            .record(|_, a| a.on_probation_under = Some(parent_pid));
         let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("exuvia-probation".into())
@@ -114,7 +111,10 @@ impl Upgrader {
                         }
                     }
                 };
-                me.inner.predecessor_watching.store(false, Ordering::SeqCst);
+                // Wakes whoever waits for the window's end (a reload helper's verdict).
+                me.inner
+                    .lifecycle
+                    .record(|_, a| a.on_probation_under = None);
                 drop(lock(&me.inner.predecessor).take());
                 tracing::info!(
                     parent_pid,
@@ -125,17 +125,14 @@ impl Upgrader {
             // Nobody would ever clear the flag: rather allow upgrades than refuse them for good.
             tracing::warn!(error = %e, "cannot start the thread that listens to the old process");
             self.inner
-                .predecessor_watching
-                .store(false, Ordering::SeqCst);
+                .lifecycle
+                .record(|_, a| a.on_probation_under = None);
         }
     }
 
     /// The old process, while it watches this one through its probation window.
     pub(super) fn predecessor_pid(&self) -> Option<u32> {
-        if !self.inner.predecessor_watching.load(Ordering::SeqCst) {
-            return None;
-        }
-        Some(self.inner.predecessor_pid.load(Ordering::SeqCst)).filter(|p| *p != 0)
+        self.inner.lifecycle.read(|c| c.attempts.on_probation_under)
     }
 
     /// The stop's bookkeeping, on probation: tells the old process that this process is stopping, before the
@@ -143,7 +140,7 @@ impl Upgrader {
     pub(super) fn tell_predecessor_stopping(&self) {
         let sender = lock(&self.inner.predecessor).take();
         let Some(mut sender) = sender else { return };
-        if !self.inner.predecessor_watching.load(Ordering::SeqCst) {
+        if self.predecessor_pid().is_none() {
             return;
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(1);

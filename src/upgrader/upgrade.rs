@@ -119,11 +119,7 @@ impl Upgrader {
 
     /// Step 1: claims the one upgrade slot (refused unless serving) and records the attempt.
     fn begin(&self) -> Result<Attempt> {
-        if self
-            .inner
-            .predecessor_watching
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        if self.predecessor_pid().is_some() {
             let left = self
                 .inner
                 .probation_ends
