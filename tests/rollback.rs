@@ -279,6 +279,51 @@ fn a_stop_during_probation_stops_both(server: &str) {
     }
 }
 
+/// A server with a probation window of `window` seconds, a crash-fault file and a control socket (plus
+/// `extra` arguments), under new-connection and keep-alive load that has made progress.
+struct Scene {
+    _dir: tempfile::TempDir,
+    fault: std::path::PathBuf,
+    control: String,
+    s: Server,
+    old: u32,
+    load: Load,
+}
+
+fn scene(server: &str, window: &str, extra: &[&str]) -> Scene {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("crash");
+    let control = dir.path().join("control.sock").display().to_string();
+    let fault_arg = fault.display().to_string();
+    let mut args = vec![
+        "--probation",
+        window,
+        "--crash-fault",
+        &fault_arg,
+        "--drain-timeout",
+        "5",
+        "--control-socket",
+        &control,
+    ];
+    args.extend_from_slice(extra);
+    let s = Server::start(&example(server), &args);
+    let old = s.current();
+    let load = Load::start_modes(
+        s.addr,
+        &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)],
+        Duration::from_millis(3),
+    );
+    load.wait_progress(100);
+    Scene {
+        _dir: dir,
+        fault,
+        control,
+        s,
+        old,
+        load,
+    }
+}
+
 /// `exuvia-ctl status` on `sock` until `pred` holds for its answer (which either process may give).
 fn status_until(sock: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + timeout;
@@ -304,31 +349,19 @@ fn status_until(sock: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> S
 /// announced a stop: each is a crash, rolled back under load with nothing refused, the old process serving.
 fn an_unannounced_end_is_a_crash_whoever_reaps_it(server: &str) {
     for (children, rounds) in [("", 2), ("--sigchld-ignore", 3), ("--own-reaper", 5)] {
-        let dir = tempfile::tempdir().unwrap();
-        let fault = dir.path().join("crash");
-        let control = dir.path().join("control.sock");
-        let (fault_arg, control_arg) = (fault.display().to_string(), control.display().to_string());
-        let mut args = vec![
-            "--probation",
-            "10",
-            "--crash-fault",
-            &fault_arg,
-            "--drain-timeout",
-            "5",
-            "--control-socket",
-            &control_arg,
-        ];
-        if !children.is_empty() {
-            args.push(children);
-        }
-        let s = Server::start(&example(server), &args);
-        let old = s.current();
-        let load = Load::start_modes(
-            s.addr,
-            &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)],
-            Duration::from_millis(3),
-        );
-        load.wait_progress(100);
+        let extra: &[&str] = if children.is_empty() {
+            &[]
+        } else {
+            &[children]
+        };
+        let Scene {
+            fault,
+            control: control_arg,
+            s,
+            old,
+            load,
+            _dir: _keep,
+        } = scene(server, "10", extra);
         let mut ends = Vec::new();
         let mut rolled_back_at = Instant::now();
         for round in 0..rounds {
@@ -395,30 +428,14 @@ fn an_unannounced_end_is_a_crash_whoever_reaps_it(server: &str) {
 /// (3 s by default) of the first connection it left waiting; the waiting connections are served by the old
 /// process, none refused.
 fn a_new_process_that_stops_accepting_is_rolled_back(server: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let fault = dir.path().join("crash");
-    let control = dir.path().join("control.sock");
-    let (fault_arg, control_arg) = (fault.display().to_string(), control.display().to_string());
-    let s = Server::start(
-        &example(server),
-        &[
-            "--probation",
-            "20",
-            "--crash-fault",
-            &fault_arg,
-            "--drain-timeout",
-            "5",
-            "--control-socket",
-            &control_arg,
-        ],
-    );
-    let old = s.current();
-    let load = Load::start_modes(
-        s.addr,
-        &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)],
-        Duration::from_millis(3),
-    );
-    load.wait_progress(100);
+    let Scene {
+        fault,
+        control: control_arg,
+        s,
+        old,
+        load,
+        _dir: _keep,
+    } = scene(server, "20", &[]);
     std::fs::write(&fault, "deaf").unwrap();
     let mark = s.log.len();
     let t0 = Instant::now();
@@ -445,30 +462,14 @@ fn a_new_process_that_stops_accepting_is_rolled_back(server: &str) {
 /// Case 4: the new process refuses an upgrade of its own during its window (a reload gets that verdict at
 /// once); when it then crashes, the old process rolls back and is the only generation alive.
 fn no_second_upgrade_during_the_window(server: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let fault = dir.path().join("crash");
-    let control = dir.path().join("control.sock");
-    let (fault_arg, control_arg) = (fault.display().to_string(), control.display().to_string());
-    let mut s = Server::start(
-        &example(server),
-        &[
-            "--probation",
-            "10",
-            "--crash-fault",
-            &fault_arg,
-            "--drain-timeout",
-            "5",
-            "--control-socket",
-            &control_arg,
-        ],
-    );
-    let old = s.current();
-    let load = Load::start_modes(
-        s.addr,
-        &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)],
-        Duration::from_millis(3),
-    );
-    load.wait_progress(100);
+    let Scene {
+        fault,
+        control: control_arg,
+        mut s,
+        old,
+        load,
+        _dir: _keep,
+    } = scene(server, "10", &[]);
     std::fs::write(&fault, "hang 0").unwrap();
     let mark = s.log.len();
     let child = upgrade_onto_probation(&s, old, mark);
