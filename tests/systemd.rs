@@ -563,6 +563,15 @@ fn verify(sd: &Systemd, unit: &Path) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Waits (15 s at most, else fails with `what`) until the test systemd's process `pid` is gone.
+fn wait_gone_in(sd: &Systemd, pid: u32, what: &str) {
+    let t0 = Instant::now();
+    while sd.host_pid(pid).is_some() {
+        assert!(t0.elapsed() < Duration::from_secs(15), "{what}");
+        std::thread::sleep(Duration::from_millis(20)); // polling /proc: no event for another namespace's exit
+    }
+}
+
 /// Like [`wait_log`], skipping the first `skip` lines that match.
 fn wait_log_from(
     sd: &Systemd,
@@ -879,14 +888,7 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
         "the reload returned before the window: {took:?}"
     );
     assert!(served_by(addr, new, Duration::from_secs(5)));
-    let t0 = Instant::now();
-    while sd.host_pid(middle).is_some() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "the middle generation outlived its drain"
-        );
-        std::thread::sleep(Duration::from_millis(20)); // polling /proc: no event for another namespace's exit
-    }
+    wait_gone_in(&sd, middle, "the middle generation outlived its drain");
     load.wait_progress(200);
     let st = load.stop();
     eprintln!(
@@ -896,14 +898,7 @@ fn a_crash_on_probation_is_rolled_back_under_systemd(server: &str) {
     assert!(st.count(FailKind::Refused) == 0, "{}", st.summary());
     // A crash after the window is not rolled back: the old process is gone, and the unit restarts as it
     // would without exuvia (Restart=on-failure).
-    let t0 = Instant::now();
-    while sd.host_pid(main).is_some() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "the old process outlived its window and drain"
-        );
-        std::thread::sleep(Duration::from_millis(20)); // polling /proc: no event for another namespace's exit
-    }
+    wait_gone_in(&sd, main, "the old process outlived its window and drain");
     let new_host = sd.host_pid(new).expect("the new main process is visible");
     assert!(signal(new_host, libc::SIGKILL));
     let t0 = Instant::now();
