@@ -456,6 +456,13 @@ fn sixteen_half_open_and_twenty_idle_connections_cannot_jam_the_helper() {
         }
         assert!(o.status.success(), "round {round}: stop: {}", text(&o));
         assert!(
+            String::from_utf8_lossy(&o.stdout)
+                .trim_end()
+                .ends_with(": exited"),
+            "round {round}: stop: {}",
+            text(&o)
+        );
+        assert!(
             zombie_state(newest).unwrap_or(true),
             "round {round}: exuvia-ctl stop returned while pid {newest} still runs"
         );

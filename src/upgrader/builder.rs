@@ -173,6 +173,10 @@ impl Builder {
     /// `accept` shrinks it, so a process that accepts at all, however busy, is never taken for a stalled one.
     /// A stalled new process is killed and the old one serves the waiting connections. The control socket is
     /// not watched; an idle service gives no evidence either way.
+    ///
+    /// Keep it well above the longest time a healthy process may go without CPU on the machine: with both
+    /// cores of a 2-core machine oversubscribed, a healthy, busy process was once seen 305 ms without an
+    /// `accept` (and a 300 ms stall time rolled it back); the default has ten times that margin.
     pub fn probation_stall(mut self, after: Duration) -> Builder {
         self.probation_stall = after;
         self

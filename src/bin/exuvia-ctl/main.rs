@@ -10,8 +10,8 @@
 //!   old one serves on). For `Type=notify` units: `ExecReload=/usr/bin/exuvia-ctl upgrade`.
 //! - `reload-verdict`: report on the upgrade the reload signal just started, without starting one. For
 //!   `Type=notify-reload` units, where systemd sends the signal and also runs `ExecReload=`.
-//! - `stop`: stop gracefully (no longer accept, drain) and wait until the service has exited. For
-//!   `ExecStop=`.
+//! - `stop`: stop gracefully (no longer accept, drain) and wait until the service has exited (every process
+//!   of it: on probation, the old process too), then say so (`stopping pid N: exited`). For `ExecStop=`.
 //! - `status`: pid, generation and connections in flight.
 //! - `config`: the service's own settings (timeouts, probation, fd store, socket names).
 //! - `check UNIT`: the unit's settings as systemd has them, and the service's own, against what an upgrade
@@ -132,6 +132,11 @@ fn main() -> ExitCode {
         reply = exuvia::control::request(&path, request, left.max(Duration::from_millis(1)));
     }
     match reply {
+        // A stop's answer is printed once every process it named has exited (`request` waited for them).
+        Ok(r) if r.ok && request == Command::Stop => {
+            println!("{}: exited", r.text);
+            ExitCode::SUCCESS
+        }
         Ok(r) if r.ok => {
             println!("{}", r.text);
             ExitCode::SUCCESS
