@@ -183,6 +183,9 @@ impl ParentLink {
                 return Err(Error::with_io(ErrorKind::Environment, reason, e));
             }
         }
+        // Read now, while the old process certainly lives (it waits for this report): once it has committed it
+        // may exit within a millisecond, before this process gets to read them.
+        let parent_ways = ParentWays::read(self.parent_pid);
         self.watch.reporting();
         self.channel.send(&Message::Ready { init_usec }, deadline).map_err(|e| {
             Error::new(
@@ -193,7 +196,7 @@ impl ParentLink {
         match self.channel.recv(Some(deadline), &[])? {
             Event::Message(Message::Commit) => {
                 self.watch.stop();
-                self.after_commit();
+                parent_ways.adopt();
                 Ok(keep.then_some(self.channel))
             }
             Event::Closed => {
@@ -216,15 +219,39 @@ impl ParentLink {
         }
     }
 
-    /// Once committed: back into the old process's process group (where a terminal's Ctrl-C or a `kill` of
-    /// the group reaches the service as before the upgrade) and to its OOM score.
-    fn after_commit(&self) {
-        let parent = self.parent_pid as libc::pid_t;
-        match sys::getpgid(parent).and_then(sys::join_process_group) {
+    /// Reports that initialisation failed.
+    pub(crate) fn fail(mut self, reason: &str) -> Result<()> {
+        self.channel.send(
+            &Message::Failed(reason.to_string()),
+            Instant::now() + Duration::from_secs(5),
+        )
+    }
+}
+
+/// What a committed new process takes over from the old one: its process group (where a terminal's Ctrl-C or
+/// a `kill` of the group reaches the service as before the upgrade) and its OOM score.
+struct ParentWays {
+    group: std::io::Result<libc::pid_t>,
+    oom_score_adj: std::io::Result<String>,
+}
+
+impl ParentWays {
+    fn read(parent_pid: u32) -> ParentWays {
+        let parent = parent_pid as libc::pid_t;
+        ParentWays {
+            group: sys::getpgid(parent),
+            oom_score_adj: std::fs::read_to_string(format!("/proc/{parent}/oom_score_adj")),
+        }
+    }
+
+    /// Once committed.
+    fn adopt(self) {
+        match self.group.and_then(sys::join_process_group) {
             Ok(()) => {}
             Err(e) => tracing::debug!(error = %e, "staying in this process's own process group"),
         }
-        let score = std::fs::read_to_string(format!("/proc/{parent}/oom_score_adj"))
+        let score = self
+            .oom_score_adj
             .and_then(|s| std::fs::write("/proc/self/oom_score_adj", s.trim()));
         if let Err(e) = score {
             tracing::warn!(
@@ -232,14 +259,6 @@ impl ParentLink {
                 "cannot take the old process's oom_score_adj; this process stays the OOM killer's preferred victim"
             );
         }
-    }
-
-    /// Reports that initialisation failed.
-    pub(crate) fn fail(mut self, reason: &str) -> Result<()> {
-        self.channel.send(
-            &Message::Failed(reason.to_string()),
-            Instant::now() + Duration::from_secs(5),
-        )
     }
 }
 
