@@ -4,7 +4,7 @@
 //! application did with the copy it took. Takes are once per name: a second take yields `None`.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::listen::{describe, SocketKind};
@@ -18,15 +18,27 @@ struct Entry {
     claimed: bool,
 }
 
-/// Name → socket, in the order they will be passed on (fd 3, 4, ...).
+/// Name → socket, in the order they will be passed on (fd 3, 4, ...). Pure bookkeeping, no system call:
+/// [`Sockets`] holds it behind its lock and makes the calls outside.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     entries: Vec<Entry>,
+    /// Names being bound right now (outside the lock): taken, for anyone else.
+    binding: Vec<String>,
+}
+
+/// A socket claimed under the lock, to be checked and copied outside it.
+#[derive(Debug)]
+struct Claimed {
+    index: usize,
+    name: String,
+    fd: Arc<OwnedFd>,
 }
 
 impl Registry {
     pub(crate) fn with_inherited(inherited: Vec<(String, OwnedFd)>) -> Registry {
         Registry {
+            binding: Vec::new(),
             entries: inherited
                 .into_iter()
                 .map(|(name, fd)| Entry {
@@ -59,66 +71,76 @@ impl Registry {
         Ok(first)
     }
 
-    /// Puts `fd` in place of the socket named `name` (same position, claimed), or adds it. For a socket
-    /// re-created in this process (a control socket whose file was deleted).
-    pub(crate) fn replace(&mut self, name: &str, fd: OwnedFd) {
+    /// Puts `fd` in place of the socket named `name` (same position, claimed), or adds it; returns the one it
+    /// replaced, for the caller to close outside the lock. For a socket re-created in this process (a control
+    /// socket whose file was deleted).
+    fn replace(&mut self, name: &str, fd: OwnedFd) -> Option<Arc<OwnedFd>> {
         match self.entries.iter_mut().find(|e| e.name == name) {
             Some(e) => {
-                e.fd = Arc::new(fd);
                 e.claimed = true;
+                Some(std::mem::replace(&mut e.fd, Arc::new(fd)))
             }
-            None => self.add_bound(name, fd),
+            None => {
+                self.add_bound(name, fd);
+                None
+            }
         }
     }
 
     /// Whether any entry has this name.
-    pub(crate) fn contains(&self, name: &str) -> bool {
+    fn contains(&self, name: &str) -> bool {
         self.entries.iter().any(|e| e.name == name)
     }
 
-    /// Takes the socket named `name` if there is one, checking it is of `kind`.
-    pub(crate) fn take(&mut self, name: &str, kind: SocketKind) -> Result<Option<OwnedFd>> {
+    /// Claims the socket named `name` if there is one and nobody took it: the caller checks and copies it
+    /// outside the lock, and gives it back with [`unclaim`](Self::unclaim) if it is not what it asked for.
+    fn claim(&mut self, name: &str) -> Result<Option<Claimed>> {
         match self.index_of(name)? {
             None => Ok(None),
-            Some(i) => self.take_index(i, kind),
+            Some(i) => Ok(self.claim_index(i)),
         }
     }
 
-    /// Takes the `index`th inherited socket (0 is fd 3), checking it is of `kind`.
-    pub(crate) fn take_index(&mut self, index: usize, kind: SocketKind) -> Result<Option<OwnedFd>> {
-        let Some(e) = self.entries.get_mut(index) else {
-            return Ok(None);
-        };
+    /// Claims the `index`th inherited socket (0 is fd 3) if nobody took it.
+    fn claim_index(&mut self, index: usize) -> Option<Claimed> {
+        let e = self.entries.get_mut(index)?;
         if e.claimed {
-            return Ok(None);
+            return None;
         }
-        let ok = match sys::socket_info(e.fd.as_fd()) {
-            Ok(Some(info)) => kind.matches(&info),
-            _ => false,
-        };
-        if !ok {
+        e.claimed = true;
+        Some(Claimed {
+            index,
+            name: e.name.clone(),
+            fd: e.fd.clone(),
+        })
+    }
+
+    /// Gives back a claim whose socket was not of the kind asked for: it stays, takeable as what it is.
+    fn unclaim(&mut self, index: usize) {
+        if let Some(e) = self.entries.get_mut(index) {
+            e.claimed = false;
+        }
+    }
+
+    /// Reserves `name` for a bind about to happen outside the lock.
+    fn reserve(&mut self, name: &str) -> Result<()> {
+        if self.contains(name) || self.binding.iter().any(|n| n == name) {
             return Err(Error::new(
-                ErrorKind::WrongSocketKind,
-                format!(
-                    "inherited socket {:?} is {}, not {kind}; fix the socket unit or the name asked for",
-                    e.name,
-                    describe(e.fd.as_fd())
-                ),
+                ErrorKind::AlreadyTaken,
+                format!("socket {name:?} was already taken in this process; take each name once"),
             ));
         }
-        let copy = e.fd.try_clone().map_err(|err| {
-            Error::io(
-                format!("cannot duplicate inherited socket {:?}", e.name),
-                err,
-            )
-        })?;
-        e.claimed = true;
-        tracing::debug!(name = %e.name, "took inherited socket");
-        Ok(Some(copy))
+        self.binding.push(name.to_string());
+        Ok(())
+    }
+
+    /// Ends a reservation (the bind failed, or its socket was added).
+    fn unreserve(&mut self, name: &str) {
+        self.binding.retain(|n| n != name);
     }
 
     /// Records a socket bound by this process (the registry keeps `fd` for handover).
-    pub(crate) fn add_bound(&mut self, name: &str, fd: OwnedFd) {
+    fn add_bound(&mut self, name: &str, fd: OwnedFd) {
         self.entries.push(Entry {
             name: name.to_string(),
             fd: Arc::new(fd),
@@ -128,7 +150,7 @@ impl Registry {
 
     /// Every socket to pass on, claimed or not, in order.
     #[cfg(test)]
-    pub(crate) fn handover_set(&self) -> Vec<(&str, std::os::fd::BorrowedFd<'_>)> {
+    fn handover_set(&self) -> Vec<(&str, std::os::fd::BorrowedFd<'_>)> {
         self.entries
             .iter()
             .map(|e| (e.name.as_str(), e.fd.as_fd()))
@@ -137,7 +159,7 @@ impl Registry {
 
     /// Every socket to pass on, in order, shared (not duplicated: a process near its descriptor limit can
     /// still upgrade): the new process is started from these without the registry's lock held.
-    pub(crate) fn handover_shared(&self) -> Vec<(String, Arc<OwnedFd>)> {
+    fn handover_shared(&self) -> Vec<(String, Arc<OwnedFd>)> {
         self.entries
             .iter()
             .map(|e| (e.name.clone(), e.fd.clone()))
@@ -145,7 +167,7 @@ impl Registry {
     }
 
     /// The names of the sockets taken (or bound) in this process, and of those inherited and never taken.
-    pub(crate) fn names(&self) -> (Vec<String>, Vec<String>) {
+    fn names(&self) -> (Vec<String>, Vec<String>) {
         let (taken, unclaimed): (Vec<&Entry>, Vec<&Entry>) =
             self.entries.iter().partition(|e| e.claimed);
         let name = |e: &&Entry| e.name.clone();
@@ -156,18 +178,130 @@ impl Registry {
     }
 
     /// Names of inherited sockets nobody took (they are passed on all the same).
-    pub(crate) fn unclaimed(&self) -> Vec<&str> {
+    fn unclaimed(&self) -> Vec<String> {
         self.entries
             .iter()
             .filter(|e| !e.claimed)
-            .map(|e| e.name.as_str())
+            .map(|e| e.name.clone())
             .collect()
     }
+}
 
-    /// Closes this process's copies after a handover.
-    pub(crate) fn close_all(&mut self) -> usize {
-        let n = self.entries.len();
-        self.entries.clear();
+/// Checks outside the lock that a claimed socket is of `kind`, and copies it for the caller (the registry
+/// keeps its own).
+fn copy_checked(c: &Claimed, kind: SocketKind) -> Result<OwnedFd> {
+    let ok = match sys::socket_info(c.fd.as_fd()) {
+        Ok(Some(info)) => kind.matches(&info),
+        _ => false,
+    };
+    if !ok {
+        return Err(Error::new(
+            ErrorKind::WrongSocketKind,
+            format!(
+                "inherited socket {:?} is {}, not {kind}; fix the socket unit or the name asked for",
+                c.name,
+                describe(c.fd.as_fd())
+            ),
+        ));
+    }
+    c.fd.try_clone().map_err(|err| {
+        Error::io(
+            format!("cannot duplicate inherited socket {:?}", c.name),
+            err,
+        )
+    })
+}
+
+/// The registry behind its lock. Every system call (a socket's type check, `dup`, the bind and the
+/// application's `configure` hook, `close`) is made outside the lock: the decision under it, the work after
+/// it, the outcome recorded under it again. So the lock is never held across I/O, and a hook may call back
+/// into the upgrader.
+#[derive(Debug, Default)]
+pub(crate) struct Sockets {
+    registry: Mutex<Registry>,
+}
+
+impl Sockets {
+    pub(crate) fn new(registry: Registry) -> Sockets {
+        Sockets {
+            registry: Mutex::new(registry),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the inherited socket named `name` as `kind`, if there is one and nobody took it.
+    pub(crate) fn take(&self, name: &str, kind: SocketKind) -> Result<Option<OwnedFd>> {
+        let claimed = self.lock().claim(name)?;
+        self.checked(claimed, kind)
+    }
+
+    /// Takes the `index`th inherited socket (0 is fd 3) as `kind`, if nobody took it.
+    pub(crate) fn take_index(&self, index: usize, kind: SocketKind) -> Result<Option<OwnedFd>> {
+        let claimed = self.lock().claim_index(index);
+        self.checked(claimed, kind)
+    }
+
+    fn checked(&self, claimed: Option<Claimed>, kind: SocketKind) -> Result<Option<OwnedFd>> {
+        let Some(c) = claimed else { return Ok(None) };
+        match copy_checked(&c, kind) {
+            Ok(fd) => {
+                tracing::debug!(name = %c.name, "took inherited socket");
+                Ok(Some(fd))
+            }
+            Err(e) => {
+                self.lock().unclaim(c.index);
+                Err(e)
+            }
+        }
+    }
+
+    /// Binds a fresh socket named `name` with `bind` (outside the lock: it may run the application's hook) and
+    /// keeps a copy; `Err` with [`ErrorKind::AlreadyTaken`] if the name exists or is being bound. The bind's
+    /// own error comes back as the inner `io::Error`.
+    pub(crate) fn bind(
+        &self,
+        name: &str,
+        bind: impl FnOnce() -> std::io::Result<OwnedFd>,
+    ) -> Result<std::io::Result<OwnedFd>> {
+        self.lock().reserve(name)?;
+        let bound = bind().and_then(|fd| Ok((fd.try_clone()?, fd)));
+        let mut reg = self.lock();
+        reg.unreserve(name);
+        Ok(bound.map(|(keep, fd)| {
+            reg.add_bound(name, keep);
+            fd
+        }))
+    }
+
+    /// Keeps `fd` under `name` in place of whatever was there (closed outside the lock).
+    pub(crate) fn replace(&self, name: &str, fd: OwnedFd) {
+        let old = self.lock().replace(name, fd);
+        drop(old);
+    }
+
+    /// Every socket to pass on, in order, shared (see [`Registry`]).
+    pub(crate) fn handover_shared(&self) -> Vec<(String, Arc<OwnedFd>)> {
+        self.lock().handover_shared()
+    }
+
+    /// The names taken or bound, and those inherited and never taken.
+    pub(crate) fn names(&self) -> (Vec<String>, Vec<String>) {
+        self.lock().names()
+    }
+
+    /// Names of inherited sockets nobody took.
+    pub(crate) fn unclaimed(&self) -> Vec<String> {
+        self.lock().unclaimed()
+    }
+
+    /// Closes this process's copies after a handover (outside the lock); how many there were.
+    pub(crate) fn close_all(&self) -> usize {
+        let entries = std::mem::take(&mut self.lock().entries);
+        let n = entries.len();
+        drop(entries);
         n
     }
 }
@@ -186,7 +320,10 @@ mod tests {
 
     #[test]
     fn take_once_and_wrong_kind_leaves_the_fd() {
-        let mut r = Registry::with_inherited(vec![("http".into(), tcp()), ("dns".into(), udp())]);
+        let r = Sockets::new(Registry::with_inherited(vec![
+            ("http".into(), tcp()),
+            ("dns".into(), udp()),
+        ]));
         let e = r.take("dns", SocketKind::TcpListener).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::WrongSocketKind);
         assert!(
@@ -199,16 +336,19 @@ mod tests {
         assert!(r.take("http", SocketKind::TcpListener).unwrap().is_none());
         assert!(r.take("absent", SocketKind::TcpListener).unwrap().is_none());
         // The registry keeps its own copy for handover.
-        let set = r.handover_set();
+        let reg = r.lock();
+        let set = reg.handover_set();
         assert_eq!(set.len(), 2);
         assert_ne!(set[0].1.as_raw_fd(), first.as_raw_fd());
-        assert!(r.unclaimed().is_empty());
+        assert!(reg.unclaimed().is_empty());
     }
 
     #[test]
     fn duplicate_names_must_be_taken_by_index() {
-        let mut r =
-            Registry::with_inherited(vec![("unknown".into(), tcp()), ("unknown".into(), tcp())]);
+        let r = Sockets::new(Registry::with_inherited(vec![
+            ("unknown".into(), tcp()),
+            ("unknown".into(), tcp()),
+        ]));
         let e = r.take("unknown", SocketKind::TcpListener).unwrap_err();
         assert!(e.to_string().contains("2 inherited sockets"), "{e}");
         assert!(r.take_index(1, SocketKind::TcpListener).unwrap().is_some());
@@ -220,7 +360,7 @@ mod tests {
     #[test]
     fn a_non_socket_is_refused() {
         let (rd, _wr) = sys::pipe().unwrap();
-        let mut r = Registry::with_inherited(vec![("x".into(), rd)]);
+        let r = Sockets::new(Registry::with_inherited(vec![("x".into(), rd)]));
         let e = r.take("x", SocketKind::UnixListener).unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e}");
     }

@@ -286,8 +286,8 @@ struct ParentWatch {
     /// Closing it (drop) ends the watch.
     stop: Option<OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
-    /// Held while `ready` reports and waits for the commit: the watch then leaves the verdict to it.
-    reporting: std::sync::Arc<std::sync::Mutex<bool>>,
+    /// Set once `ready` reports and waits for the commit: the watch then leaves the verdict to it.
+    reporting: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ParentWatch {
@@ -295,7 +295,7 @@ impl ParentWatch {
         let fd = channel.watch_fd()?;
         let (stop_read, stop_write) =
             sys::pipe().map_err(|e| Error::io("cannot create the parent watch's pipe", e))?;
-        let reporting = std::sync::Arc::new(std::sync::Mutex::new(false));
+        let reporting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let r = reporting.clone();
         let thread = std::thread::Builder::new()
             .name("exuvia-parent-watch".into())
@@ -317,8 +317,7 @@ impl ParentWatch {
                     }
                     if set.revents(channel) != 0 {
                         // `ready` owns the verdict once it reports; before that, nobody would notice.
-                        let reporting = *r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        if !reporting {
+                        if !r.load(std::sync::atomic::Ordering::SeqCst) {
                             end_this_process_group(parent_pid, "while this process was initialising");
                         }
                         return;
@@ -335,10 +334,8 @@ impl ParentWatch {
 
     /// From now on `ready` decides what the channel's end means.
     fn reporting(&self) {
-        *self
-            .reporting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        self.reporting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn stop(&mut self) {

@@ -26,6 +26,10 @@ use crate::sys;
 pub(crate) struct Core {
     pub(crate) state: State,
     pub(crate) attempts: Attempts,
+    /// Whether accept loops take connections now, and the signal that this changed (see [`Gate`]).
+    gate: Arc<Gate>,
+    /// The write end of the finishing pipe, until the finish is published (then closed, outside the lock).
+    stop_write: Option<OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -42,9 +46,6 @@ struct Shared {
     flag: Arc<AtomicBool>,
     /// Readable (end of file) once the finish is published: every accept loop polls it.
     stop_read: OwnedFd,
-    stop_write: Mutex<Option<OwnedFd>>,
-    /// Whether accept loops take connections now, and the signal that this changed (see [`Gate`]).
-    gate: Mutex<Arc<Gate>>,
 }
 
 /// Whether accept loops take connections (they pause on probation and resume after a rollback), with a
@@ -53,6 +54,8 @@ struct Shared {
 pub(crate) struct Gate {
     pub(crate) open: bool,
     changed_read: OwnedFd,
+    /// Taken (under this small lock, which guards nothing else) and closed outside it when the gate is
+    /// replaced: loops still hold the old gate, so its end cannot wait for the last `Arc` to go.
     changed_write: Mutex<Option<OwnedFd>>,
 }
 
@@ -91,6 +94,8 @@ impl Lifecycle {
                 core: Mutex::new(Core {
                     state: State::Starting,
                     attempts,
+                    gate: Arc::new(Gate::new(true)?),
+                    stop_write: Some(stop_write),
                 }),
                 changed: Condvar::new(),
                 #[cfg(feature = "tokio")]
@@ -98,8 +103,6 @@ impl Lifecycle {
                 published: OnceLock::new(),
                 flag: Arc::new(AtomicBool::new(false)),
                 stop_read,
-                stop_write: Mutex::new(Some(stop_write)),
-                gate: Mutex::new(Arc::new(Gate::new(true)?)),
             }),
         })
     }
@@ -114,7 +117,7 @@ impl Lifecycle {
         let mut closing = None;
         if let (None, Some(f)) = (before.published(), after.published()) {
             let _ = self.shared.published.set(f);
-            closing = lock(&self.shared.stop_write).take();
+            closing = core.stop_write.take();
         }
         // Revocable (a rollback clears it): let connections go on probation and once finishing.
         self.shared.flag.store(after.closing(), Ordering::Release);
@@ -135,29 +138,48 @@ impl Lifecycle {
 
     /// The current gate of the accept loops.
     pub(crate) fn gate(&self) -> Arc<Gate> {
-        lock(&self.shared.gate).clone()
+        lock(&self.shared.core).gate.clone()
     }
 
-    /// Makes the gate follow the state: a new gate, then the old one's signal. Under the gate's lock, reading
-    /// the state there, so that concurrent steps converge on the latest state whatever their order.
+    /// Makes the gate follow the state: the new gate's pipe is made with no lock held, installed under the
+    /// lock only if the state still wants it (concurrent steps converge on the latest state, whatever their
+    /// order), and the old gate's signal closed after the lock is released.
     fn sync_gate(&self) {
-        let mut gate = lock(&self.shared.gate);
-        let open = lock(&self.shared.core).state.accepting();
-        if gate.open == open {
+        loop {
+            let want = {
+                let core = lock(&self.shared.core);
+                let open = core.state.accepting();
+                if core.gate.open == open {
+                    return;
+                }
+                open
+            };
+            let new = match Gate::new(want) {
+                Ok(g) => Arc::new(g),
+                Err(e) => {
+                    tracing::error!(
+                        error = %e,
+                        open = want,
+                        "cannot signal the accept loops (no descriptor for a pipe); they keep their current mode"
+                    );
+                    return;
+                }
+            };
+            let old = {
+                let mut core = lock(&self.shared.core);
+                if core.state.accepting() != want || core.gate.open == want {
+                    // The state moved on meanwhile, or another step installed this gate: look again (the
+                    // unused gate is closed after the lock is released).
+                    drop(core);
+                    drop(new);
+                    continue;
+                }
+                std::mem::replace(&mut core.gate, new)
+            };
+            // Wakes every loop waiting on the old gate.
+            let signal = lock(&old.changed_write).take();
+            drop(signal);
             return;
-        }
-        match Gate::new(open) {
-            Ok(new) => {
-                let old = std::mem::replace(&mut *gate, Arc::new(new));
-                drop(gate);
-                // Wakes every loop waiting on the old gate.
-                drop(lock(&old.changed_write).take());
-            }
-            Err(e) => tracing::error!(
-                error = %e,
-                open,
-                "cannot signal the accept loops (no descriptor for a pipe); they keep their current mode"
-            ),
         }
     }
 

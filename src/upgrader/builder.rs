@@ -14,7 +14,7 @@ use crate::drain::Tracker;
 use crate::error::{Error, ErrorKind, Result};
 use crate::handover;
 use crate::lifecycle::{Attempts, Lifecycle};
-use crate::registry::Registry;
+use crate::registry::{Registry, Sockets};
 use crate::sys;
 use crate::systemd::Manager;
 
@@ -356,7 +356,7 @@ impl Builder {
                 on_probation,
                 probation_ends: std::sync::OnceLock::new(),
                 state: self.state,
-                registry: Mutex::new(Registry::with_inherited(inherited)),
+                registry: Sockets::new(Registry::with_inherited(inherited)),
                 parent: Mutex::new(parent),
                 inherited_state: state,
                 generation,

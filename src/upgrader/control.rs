@@ -39,7 +39,7 @@ impl Actions for Upgrader {
     }
 
     fn config(&self) -> String {
-        let (taken, unclaimed) = lock(&self.inner.registry).names();
+        let (taken, unclaimed) = self.inner.registry.names();
         format!(
             "drain_ms={} ready_ms={} probation_ms={} fd_store={} taken={} unclaimed={}",
             self.inner.drain_timeout.as_millis(),

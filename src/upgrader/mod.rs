@@ -39,7 +39,7 @@ use crate::drain::Tracker;
 use crate::handover::channel::Channel;
 use crate::handover::child::ParentLink;
 use crate::lifecycle::{Finish, Finishing, Lifecycle};
-use crate::registry::Registry;
+use crate::registry::Sockets;
 use crate::systemd::Manager;
 
 type StateFn = Box<dyn Fn() -> Vec<u8> + Send + Sync>;
@@ -79,7 +79,7 @@ struct Inner {
     /// When that window ends (set once the handover is confirmed).
     probation_ends: std::sync::OnceLock<std::time::Instant>,
     state: Option<StateFn>,
-    registry: Mutex<Registry>,
+    registry: Sockets,
     /// The link to the old process, until this one has reported ready.
     parent: Mutex<Option<ParentLink>>,
     inherited_state: Option<Vec<u8>>,

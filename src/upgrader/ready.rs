@@ -65,7 +65,9 @@ impl Upgrader {
         // A stopped process stays finishing (the step leaves it as it is); a SIGHUP deferred until now runs.
         let _ = self.inner.lifecycle.step(Step::Ready);
         self.start_watchdog();
-        if let Some(l) = lock(&self.inner.control).take() {
+        // Taken out first: the guard must not live through the spawn of the control thread.
+        let control = lock(&self.inner.control).take();
+        if let Some(l) = control {
             self.serve_control(l);
         }
         self.run_deferred_sighup();
@@ -115,7 +117,8 @@ impl Upgrader {
                 me.inner
                     .lifecycle
                     .record(|_, a| a.on_probation_under = None);
-                drop(lock(&me.inner.predecessor).take());
+                let sender = lock(&me.inner.predecessor).take();
+                drop(sender); // closed outside the lock
                 tracing::info!(
                     parent_pid,
                     "{why}: this process is on its own, and may upgrade"
@@ -220,7 +223,9 @@ impl Upgrader {
     /// Reports that initialisation failed, with a reason the old process logs and returns from its
     /// [`upgrade`](Self::upgrade). The old process keeps serving; this one should exit.
     pub fn fail(&self, reason: &str) -> Result<()> {
-        if let Some(link) = lock(&self.inner.parent).take() {
+        // Taken out first: the guard must not live through the send (up to 5 s).
+        let link = lock(&self.inner.parent).take();
+        if let Some(link) = link {
             link.fail(reason)?;
         }
         Ok(())

@@ -7,7 +7,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::Path;
 
-use super::{lock, Upgrader};
+use super::Upgrader;
 use crate::accept::{Accept, Incoming};
 use crate::activation;
 use crate::error::{Error, ErrorKind, Result};
@@ -23,29 +23,17 @@ impl Upgrader {
         what: impl fmt::Display,
     ) -> Result<OwnedFd> {
         check_name(name)?;
-        let mut reg = lock(&self.inner.registry);
-        if let Some(fd) = reg.take(name, kind)? {
+        if let Some(fd) = self.inner.registry.take(name, kind)? {
             tracing::info!(name, "using inherited socket");
             return Ok(fd);
         }
-        if reg.contains(name) {
-            return Err(Error::new(
-                ErrorKind::AlreadyTaken,
-                format!("socket {name:?} was already taken in this process; take each name once"),
-            ));
-        }
-        let fd = bind().map_err(|e| {
+        let fd = self.inner.registry.bind(name, bind)?.map_err(|e| {
             Error::with_io(
                 ErrorKind::Bind,
                 format!("cannot bind {name:?} on {what}"),
                 e,
             )
         })?;
-        let keep = fd
-            .try_clone()
-            .map_err(|e| Error::io(format!("cannot duplicate socket {name:?}"), e))?;
-        reg.add_bound(name, keep);
-        drop(reg);
         tracing::info!(name, on = %what, "bound new socket");
         if self.inner.fd_store {
             self.inner
@@ -186,14 +174,16 @@ impl Upgrader {
     /// Takes the inherited TCP listener named `name`, if any: no bind. `Ok(None)` when there is none or it
     /// was already taken.
     pub fn take_tcp(&self, name: &str) -> Result<Option<TcpListener>> {
-        Ok(lock(&self.inner.registry)
+        Ok(self
+            .inner
+            .registry
             .take(name, SocketKind::TcpListener)?
             .map(TcpListener::from))
     }
 
     /// Takes the inherited socket named `name` as `kind`, if any, as an owned fd.
     pub fn take(&self, name: &str, kind: SocketKind) -> Result<Option<OwnedFd>> {
-        lock(&self.inner.registry).take(name, kind)
+        self.inner.registry.take(name, kind)
     }
 
     /// Binds a fresh socket with `bind` and keeps it under `name` in place of whatever was there.
@@ -204,7 +194,7 @@ impl Upgrader {
     ) -> std::io::Result<OwnedFd> {
         let fd = bind()?;
         let keep = fd.try_clone()?;
-        lock(&self.inner.registry).replace(name, keep);
+        self.inner.registry.replace(name, keep);
         if self.inner.fd_store {
             self.inner.manager.unstore_fd(name);
             self.inner
@@ -216,7 +206,7 @@ impl Upgrader {
 
     /// Takes the `index`th inherited socket (0 is fd 3) as `kind`: for sockets passed without distinct names.
     pub fn take_index(&self, index: usize, kind: SocketKind) -> Result<Option<OwnedFd>> {
-        lock(&self.inner.registry).take_index(index, kind)
+        self.inner.registry.take_index(index, kind)
     }
 
     /// ```no_run

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{lock, micros, Upgrader};
+use super::{micros, Upgrader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::handover::parent::{self, CommittedChild, PendingChild, Watched};
 use crate::handover::probation::QueueWatch;
@@ -195,17 +195,14 @@ impl Upgrader {
     ) -> Result<(PendingChild, usize, bool)> {
         let inner = &self.inner;
         let state = inner.state.as_ref().map(|f| f()).unwrap_or_default();
-        let shared = {
-            let reg = lock(&inner.registry);
-            let unclaimed = reg.unclaimed();
-            if !unclaimed.is_empty() {
-                tracing::debug!(
-                    ?unclaimed,
-                    "passing on inherited sockets this version did not take"
-                );
-            }
-            reg.handover_shared()
-        };
+        let unclaimed = inner.registry.unclaimed();
+        if !unclaimed.is_empty() {
+            tracing::debug!(
+                ?unclaimed,
+                "passing on inherited sockets this version did not take"
+            );
+        }
+        let shared = inner.registry.handover_shared();
         let set: Vec<_> = shared
             .iter()
             .map(|(name, fd)| (name.as_str(), std::os::fd::AsFd::as_fd(&**fd)))
@@ -309,7 +306,8 @@ impl Upgrader {
             window_ms = window.as_millis() as u64,
             "upgrade: the new process serves on probation; this process stands by with the sockets"
         );
-        let sockets: Vec<_> = lock(&inner.registry)
+        let sockets: Vec<_> = inner
+            .registry
             .handover_shared()
             .into_iter()
             .filter(|(name, _)| name != crate::control::REGISTRY_NAME)
@@ -403,7 +401,7 @@ impl Upgrader {
         });
         match result {
             Ok(c) => {
-                let closed = lock(&inner.registry).close_all();
+                let closed = inner.registry.close_all();
                 tracing::info!(
                     child_pid = c.child_pid,
                     closed,
