@@ -39,6 +39,9 @@ use crate::{DrainReport, Upgrader};
 ///
 /// # Errors
 /// As [`exuvia::hyper::serve`](crate::hyper::serve).
+///
+/// # Cancel safety
+/// As [`exuvia::hyper::serve`](crate::hyper::serve): await it to the end.
 pub async fn serve<L: Listener>(
     upgrader: &Upgrader,
     listener: L,

@@ -4,12 +4,17 @@
 //! One request per connection, one line each way:
 //!
 //! ```text
-//! -> exuvia-ctl/1 status            <- ok pid=1234 generation=3 connections=12 (tracked client connections ...)
+//! -> exuvia-ctl/1 status            <- ok pid=1234 generation=3 connections=12 state=serving rollbacks=0 (tracked client connections ...)
 //! -> exuvia-ctl/1 upgrade           <- ok upgraded to pid 1240 in 104 ms (its own initialisation 100 ms, handover overhead 3 ms)  |  error child exited with status 3 ...
 //! -> exuvia-ctl/1 verdict <usec>    <- the verdict of the upgrade the reload signal started (see below)
-//! -> exuvia-ctl/1 stop              <- ok stopping pid 1240; the connection then stays open until it exits
+//! -> exuvia-ctl/1 stop              <- ok stopping pid 1240 [and pid 1236 (on standby ...)]; the connection then stays open until it exits
 //! -> exuvia-ctl/1 config            <- ok drain_ms=30000 ready_ms=30000 probation_ms=0 fd_store=false taken=http:exuvia-control unclaimed=
 //! ```
+//!
+//! `status`'s `state=` is `starting`, `serving`, `upgrading`, `probation` (a new process serves, this one stands
+//! by) or `finishing`; `rollbacks=` counts the upgrades taken back after a probation window, and the last one's
+//! reason follows in the parenthesis. Any request may be answered `error busy: ...` when 16 requests already run
+//! (`exuvia-ctl` asks again); `error retry: ...` asks the helper to ask again (it then reaches the new process).
 //!
 //! `verdict` serves `Type=notify-reload` units, where systemd both sends the reload signal and runs
 //! `ExecReload=`: the helper must report on the upgrade that signal started, not start another one. `<usec>` is

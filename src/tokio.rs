@@ -94,6 +94,11 @@ impl TcpIncoming {
 
     /// The next connection, or `None` once this process hands over or stops (then drop this value).
     /// Connections still queued then are left to the process that carries on.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropped before it resolves (a `select!` that took another branch), it has accepted
+    /// nothing, so no connection is lost; the next call (or the process that carries on) takes it from the
+    /// kernel's queue.
     pub async fn accept(&mut self) -> Option<io::Result<(TcpStream, SocketAddr)>> {
         let listener = &self.listener;
         self.finishing.accept(|| listener.accept()).await
@@ -128,6 +133,9 @@ impl UnixIncoming {
     }
 
     /// The next connection, or `None` once this process hands over or stops (then drop this value).
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`TcpIncoming::accept`].
     pub async fn accept(
         &mut self,
     ) -> Option<io::Result<(UnixStream, ::tokio::net::unix::SocketAddr)>> {
@@ -256,6 +264,9 @@ impl Upgrader {
     ///
     /// # Panics
     /// Outside a Tokio runtime with IO enabled.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits; a finish is published for good, so a later call sees it.
     pub async fn finished(&self) -> Finish {
         let finishing = self.finishing_handle();
         match AsyncFinishing::new(finishing.clone()) {
@@ -269,6 +280,9 @@ impl Upgrader {
     /// future, so `tokio::spawn(upgrader.next_event())` followed by an upgrade that fails always reports that
     /// failure. It waits without a thread of its own: dropping it (a `select!` that took another branch, a
     /// timeout) leaves nothing behind. It needs no runtime feature beyond `sync`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropped, it has consumed nothing; a later call counts failures from its own start.
     ///
     /// ```no_run
     /// # async fn f(upgrader: exuvia::Upgrader) {
@@ -299,7 +313,8 @@ impl Upgrader {
         }
     }
 
-    /// [`upgrade`](Upgrader::upgrade) on Tokio's blocking pool.
+    /// [`upgrade`](Upgrader::upgrade) on a thread of its own (not Tokio's blocking pool: see the module docs),
+    /// awaited without blocking the runtime.
     ///
     /// ```no_run
     /// # async fn f(upgrader: exuvia::Upgrader) {
@@ -312,6 +327,11 @@ impl Upgrader {
     ///
     /// # Errors
     /// As [`upgrade`](Upgrader::upgrade); also if the OS refuses a thread to run it on.
+    ///
+    /// # Cancel safety
+    /// Dropping the future does not cancel the upgrade: it runs to its verdict on its own thread (an upgrade
+    /// cannot be abandoned half-way without killing the new process); only the report is lost. Ask
+    /// [`finishing`](Upgrader::finishing) or [`next_event`](Upgrader::next_event) for the outcome.
     pub async fn upgrade_async(&self) -> Result<UpgradeReport> {
         let u = self.clone();
         off_the_runtime("upgrade", move || u.upgrade())
@@ -320,6 +340,10 @@ impl Upgrader {
     }
 
     /// [`drain`](Upgrader::drain) on a thread of its own (it waits on a condition variable).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a drain only waits. Dropped, its thread still waits out the drain (at most the drain
+    /// timeout) and then ends; the connections are not touched either way.
     pub async fn drain_async(&self) -> DrainReport {
         let u = self.clone();
         match off_the_runtime("drain", move || u.drain()).await {

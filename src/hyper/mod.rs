@@ -116,6 +116,11 @@ use service::HttpService;
 /// If the listener cannot be registered with the Tokio runtime (called outside one, or without IO enabled).
 /// Accept errors never end it: running out of descriptors is logged and retried after a short pause, a
 /// connection that failed before it was accepted is skipped.
+///
+/// # Cancel safety
+/// Not meant to be cancelled: await it to the end. Dropped early, it stops accepting (no connection is lost
+/// from the kernel's queue: the next accept, or the process that carries on, takes it), but the connections
+/// it serves go on in their own tasks with no drain: no `Connection: close`, no GOAWAY, no deadline.
 pub async fn serve<L, S, B>(upgrader: &Upgrader, listener: L, service: S) -> Result<DrainReport>
 where
     L: Listener,

@@ -12,7 +12,7 @@
 //!   `Type=notify-reload` units, where systemd sends the signal and also runs `ExecReload=`.
 //! - `stop`: stop gracefully (no longer accept, drain) and wait until the service has exited (every process
 //!   of it: on probation, the old process too), then say so (`stopping pid N: exited`). For `ExecStop=`.
-//! - `status`: pid, generation and connections in flight.
+//! - `status`: pid, generation, connections in flight, state (`serving`, `probation`, ...) and rollbacks.
 //! - `config`: the service's own settings (timeouts, probation, fd store, socket names).
 //! - `check UNIT`: the unit's settings as systemd has them, and the service's own, against what an upgrade
 //!   needs; each finding with its fix. Exit 0 clean, 1 warnings, 2 errors: a deploy pipeline can gate on it.
