@@ -147,14 +147,4 @@ pub use upgrader::{accept_seqpacket, Builder, Event, UpgradeReport, Upgrader};
 /// ```
 ///
 /// (The new process of an upgrade never inherits them: exuvia sets its own.)
-pub const HANDOVER_VARIABLES: &[&str] = &[
-    activation::VAR_PID,
-    activation::VAR_FDS,
-    activation::VAR_NAMES,
-    activation::VAR_PIDFDID,
-    handover::VAR_FD,
-    handover::VAR_PID,
-    handover::VAR_NICE,
-    handover::VAR_PROBATION,
-    handover::VAR_GENERATION,
-];
+pub const HANDOVER_VARIABLES: &[&str] = handover::env::ALL;

@@ -71,8 +71,8 @@ pub fn generation() -> u32 {
     static GENERATION: OnceLock<u32> = OnceLock::new();
     *GENERATION.get_or_init(|| {
         parse_generation(
-            std::env::var_os(handover::VAR_GENERATION).as_deref(),
-            std::env::var_os(handover::VAR_PID).as_deref(),
+            std::env::var_os(handover::env::VAR_GENERATION).as_deref(),
+            std::env::var_os(handover::env::VAR_PID).as_deref(),
             std::process::id(),
         )
     })

@@ -1,7 +1,6 @@
 //! The new process's side: find the channel, read `Hello`, later report `Ready` (or `Failed`) and wait for
 //! `Commit`.
 
-use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -29,68 +28,6 @@ pub(crate) struct ParentLink {
     pub(crate) restore_nice: Option<i32>,
 }
 
-/// Reads the two handover variables. `Ok(None)`: this process was not started by an exuvia upgrade (or the
-/// variables were meant for another pid).
-pub(crate) fn parse_vars(
-    fd: Option<&OsStr>,
-    pid: Option<&OsStr>,
-    my_pid: u32,
-) -> Result<Option<RawFd>> {
-    let Some(fd) = fd else { return Ok(None) };
-    let Some(pid) = pid else {
-        return Err(Error::env(format!(
-            "{} is set without {}; the environment was not made by exuvia",
-            super::VAR_FD,
-            super::VAR_PID
-        )));
-    };
-    let num = |name: &str, v: &OsStr| -> Result<u32> {
-        v.to_str()
-            .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| Error::env(format!("{name}={v:?} is not a number")))
-    };
-    if num(super::VAR_PID, pid)? != my_pid {
-        return Ok(None);
-    }
-    let fd = num(super::VAR_FD, fd)?;
-    if !(3..=i32::MAX as u32).contains(&fd) {
-        return Err(Error::env(format!(
-            "{}={fd} is not a valid descriptor",
-            super::VAR_FD
-        )));
-    }
-    Ok(Some(fd as RawFd))
-}
-
-/// Reads the background-initialisation variable: `Ok(None)` when it is absent.
-pub(crate) fn parse_nice(v: Option<&OsStr>) -> Result<Option<i32>> {
-    let Some(v) = v else { return Ok(None) };
-    v.to_str()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-        .filter(|n| (-20..=19).contains(n))
-        .map(Some)
-        .ok_or_else(|| {
-            Error::env(format!(
-                "{}={v:?} is not a nice value (-20 to 19)",
-                super::VAR_NICE
-            ))
-        })
-}
-
-/// Reads the probation variable: `Ok(None)` when it is absent.
-pub(crate) fn parse_probation(v: Option<&OsStr>) -> Result<Option<Duration>> {
-    let Some(v) = v else { return Ok(None) };
-    v.to_str()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(|ms| Some(Duration::from_millis(ms)))
-        .ok_or_else(|| {
-            Error::env(format!(
-                "{}={v:?} is not a number of milliseconds",
-                super::VAR_PROBATION
-            ))
-        })
-}
-
 /// Adopts the channel at `raw` and reads `Hello`. Returns the link and the application state.
 pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
     let fd: OwnedFd = sys::adopt_inherited_fd(raw).map_err(|e| {
@@ -98,7 +35,7 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
             ErrorKind::Environment,
             format!(
                 "{}={raw} names a descriptor that is not open",
-                super::VAR_FD
+                super::env::VAR_FD
             ),
             e,
         )
@@ -108,7 +45,7 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
         _ => {
             return Err(Error::env(format!(
                 "{}={raw} is {}, not the handover channel",
-                super::VAR_FD,
+                super::env::VAR_FD,
                 crate::listen::describe(fd.as_fd())
             )))
         }
@@ -356,31 +293,6 @@ impl Drop for ParentWatch {
 mod tests {
     use super::*;
 
-    fn p(fd: Option<&str>, pid: Option<&str>) -> Result<Option<RawFd>> {
-        parse_vars(fd.map(OsStr::new), pid.map(OsStr::new), 50)
-    }
-
-    #[test]
-    fn vars_for_us_for_others_and_broken() {
-        assert_eq!(p(None, None).unwrap(), None);
-        assert_eq!(p(Some("5"), Some("50")).unwrap(), Some(5));
-        assert_eq!(p(Some("5"), Some("51")).unwrap(), None);
-        for (fd, pid) in [
-            (Some("5"), None),
-            (Some("x"), Some("50")),
-            (Some("5"), Some("")),
-            (Some("1"), Some("50")),
-            (Some("-4"), Some("50")),
-            (Some("99999999999"), Some("50")),
-        ] {
-            assert_eq!(
-                p(fd, pid).unwrap_err().kind(),
-                ErrorKind::Environment,
-                "{fd:?} {pid:?}"
-            );
-        }
-    }
-
     #[test]
     fn connect_refuses_what_is_not_a_channel() {
         let e = connect(1_000_000).unwrap_err();
@@ -389,18 +301,5 @@ mod tests {
         let raw = std::os::fd::IntoRawFd::into_raw_fd(r);
         let e = connect(raw).unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e}");
-    }
-
-    #[test]
-    fn the_nice_variable_is_checked() {
-        use std::ffi::OsStr;
-        assert_eq!(parse_nice(None).unwrap(), None);
-        assert_eq!(parse_nice(Some(OsStr::new("0"))).unwrap(), Some(0));
-        assert_eq!(parse_nice(Some(OsStr::new(" -5 "))).unwrap(), Some(-5));
-        for bad in ["", "x", "20", "-21", "1.5"] {
-            let e = parse_nice(Some(OsStr::new(bad))).unwrap_err();
-            assert_eq!(e.kind(), ErrorKind::Environment, "{bad}");
-            assert!(e.to_string().contains("EXUVIA_HANDOVER_NICE"), "{e}");
-        }
     }
 }

@@ -14,23 +14,7 @@
 
 pub(crate) mod channel;
 pub(crate) mod child;
+pub(crate) mod env;
 pub(crate) mod parent;
 pub(crate) mod probation;
 pub(crate) mod protocol;
-
-/// The variable that names the channel's fd in the child.
-pub(crate) const VAR_FD: &str = "EXUVIA_HANDOVER_FD";
-/// The pid the channel variable is meant for (like `LISTEN_PID`): a grandchild that inherits the environment
-/// by accident ignores it.
-pub(crate) const VAR_PID: &str = "EXUVIA_HANDOVER_PID";
-/// Set when the old process started this one at `SCHED_IDLE` (background initialisation): the nice value to
-/// return to, at `SCHED_OTHER`, before reporting ready.
-pub(crate) const VAR_NICE: &str = "EXUVIA_HANDOVER_NICE";
-/// Set when the old process watches this one through a probation window: its length in milliseconds. The new
-/// process then answers a reload helper's verdict only once the window has passed.
-pub(crate) const VAR_PROBATION: &str = "EXUVIA_HANDOVER_PROBATION_MS";
-/// The new process's generation (how many upgrades led to it), for logging set up before the `Upgrader` is
-/// built ([`crate::logging::generation`]); `Hello` carries the same number for the handover itself.
-pub(crate) const VAR_GENERATION: &str = "EXUVIA_HANDOVER_GENERATION";
-/// Every variable of this library starts with this; none is passed on to a child except the ones set anew.
-pub(crate) const VAR_PREFIX: &str = "EXUVIA_";

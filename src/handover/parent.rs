@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use super::channel::{Channel, Event};
 use super::probation::{self, QueueWatch, Stalled};
 use super::protocol::Message;
-use crate::activation;
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys::{self, PollSet, SpawnPlan};
 
@@ -44,26 +43,13 @@ pub(crate) struct PendingChild {
     done: bool,
 }
 
-fn is_ours(name: &std::ffi::OsStr) -> bool {
-    let b = name.as_bytes();
-    b.starts_with(super::VAR_PREFIX.as_bytes())
-        || [
-            activation::VAR_FDS,
-            activation::VAR_NAMES,
-            activation::VAR_PID,
-            activation::VAR_PIDFDID,
-        ]
-        .iter()
-        .any(|v| b == v.as_bytes())
-}
-
 /// Builds the child's environment: this process's, minus the fd-passing variables, plus `extra_env`, plus
 /// fresh `LISTEN_*` and handover variables whose pids are filled in after fork.
 fn plan(launch: &Launch<'_>, names: &[&str]) -> Result<SpawnPlan> {
     let bad = |e| Error::with_io(ErrorKind::Spawn, "cannot prepare the new process", e);
     let mut plan = SpawnPlan::new(launch.program, launch.argv).map_err(bad)?;
     for (k, v) in std::env::vars_os() {
-        if is_ours(&k) || launch.extra_env.iter().any(|(ek, _)| *ek == k) {
+        if super::env::is_ours(&k) || launch.extra_env.iter().any(|(ek, _)| *ek == k) {
             continue;
         }
         // A watchdog variable names one process; it is set anew below for the child, or not at all.
@@ -75,7 +61,7 @@ fn plan(launch: &Launch<'_>, names: &[&str]) -> Result<SpawnPlan> {
         plan.env(k.as_bytes(), v.as_bytes()).map_err(bad)?;
     }
     for (k, v) in launch.extra_env {
-        if is_ours(k) {
+        if super::env::is_ours(k) {
             return Err(Error::new(
                 ErrorKind::Spawn,
                 format!("{k:?} is managed by exuvia and cannot be set for the new process"),
@@ -83,36 +69,16 @@ fn plan(launch: &Launch<'_>, names: &[&str]) -> Result<SpawnPlan> {
         }
         plan.env(k.as_bytes(), v.as_bytes()).map_err(bad)?;
     }
-    let n = names.len();
-    if n > 0 {
-        plan.env(activation::VAR_FDS.as_bytes(), n.to_string().as_bytes())
-            .map_err(bad)?;
-        plan.env(activation::VAR_NAMES.as_bytes(), names.join(":").as_bytes())
-            .map_err(bad)?;
-        plan.env_child_pid(activation::VAR_PID.as_bytes());
+    super::env::Offer {
+        sockets: names,
+        generation: launch.generation,
+        watchdog: launch.watchdog,
+        probation: launch.probation,
+        nice: launch.background,
     }
-    let channel_fd = activation::LISTEN_FDS_START as usize + n;
-    plan.env(super::VAR_FD.as_bytes(), channel_fd.to_string().as_bytes())
-        .map_err(bad)?;
-    plan.env_child_pid(super::VAR_PID.as_bytes());
-    plan.env(
-        super::VAR_GENERATION.as_bytes(),
-        launch.generation.to_string().as_bytes(),
-    )
+    .write(&mut plan)
     .map_err(bad)?;
-    if launch.watchdog {
-        plan.env_child_pid(crate::systemd::VAR_WATCHDOG_PID.as_bytes());
-    }
-    if !launch.probation.is_zero() {
-        plan.env(
-            super::VAR_PROBATION.as_bytes(),
-            launch.probation.as_millis().to_string().as_bytes(),
-        )
-        .map_err(bad)?;
-    }
-    if let Some(nice) = launch.background {
-        plan.env(super::VAR_NICE.as_bytes(), nice.to_string().as_bytes())
-            .map_err(bad)?;
+    if launch.background.is_some() {
         plan.idle = true;
     }
     Ok(plan)
@@ -550,10 +516,10 @@ mod tests {
             "EXUVIA_HANDOVER_FD",
             "EXUVIA_X",
         ] {
-            assert!(is_ours(std::ffi::OsStr::new(v)), "{v}");
+            assert!(super::super::env::is_ours(std::ffi::OsStr::new(v)), "{v}");
         }
         for v in ["PATH", "LISTEN", "NOTIFY_SOCKET", "LISTEN_FDS_X"] {
-            assert!(!is_ours(std::ffi::OsStr::new(v)), "{v}");
+            assert!(!super::super::env::is_ours(std::ffi::OsStr::new(v)), "{v}");
         }
     }
 

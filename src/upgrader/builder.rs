@@ -13,6 +13,8 @@ use crate::activation;
 use crate::drain::Tracker;
 use crate::error::{Error, ErrorKind, Result};
 use crate::handover;
+use crate::handover::child::ParentLink;
+use crate::handover::env::Handover;
 use crate::lifecycle::{Attempts, Lifecycle};
 use crate::registry::{Registry, Sockets};
 use crate::sys;
@@ -244,86 +246,12 @@ impl Builder {
     /// descriptors (they are adopted once per process; build one `Upgrader` and clone it).
     /// A process that fails here should exit: its parent notices and keeps serving.
     pub fn build(self) -> Result<Upgrader> {
-        let my_pid = std::process::id();
-        let program = match self.program {
-            Some(p) => p,
-            None => startup_program()?,
-        };
-        let mut argv: Vec<OsString> = std::env::args_os().take(1).collect();
-        if argv.is_empty() {
-            argv.push(program.clone().into_os_string());
-        }
-        match self.args {
-            Some(a) => argv.extend(a),
-            None => argv.extend(std::env::args_os().skip(1)),
-        }
-
-        let listen_names = activation::parse(
-            std::env::var_os(activation::VAR_PID).as_deref(),
-            std::env::var_os(activation::VAR_FDS).as_deref(),
-            std::env::var_os(activation::VAR_NAMES).as_deref(),
-            my_pid,
-        )?;
-        let channel_fd = handover::child::parse_vars(
-            std::env::var_os(handover::VAR_FD).as_deref(),
-            std::env::var_os(handover::VAR_PID).as_deref(),
-            my_pid,
-        )?;
-        check_no_overlap(listen_names.as_deref().map_or(0, |n| n.len()), channel_fd)?;
-        if listen_names.is_some() || channel_fd.is_some() {
-            // The variables stay in the environment when threads already run (removing them then is unsound):
-            // a second build() would adopt the same descriptors again, two owners of one fd.
-            static ADOPTED: AtomicBool = AtomicBool::new(false);
-            if ADOPTED.swap(true, Ordering::SeqCst) {
-                return Err(Error::new(
-                    ErrorKind::AlreadyTaken,
-                    "the descriptors this process inherited (LISTEN_FDS, the handover channel) were already \
-                     adopted by an earlier Upgrader::build(); build one Upgrader per process and clone it",
-                ));
-            }
-        }
-        let (restore_nice, on_probation) = match channel_fd {
-            Some(_) => (
-                handover::child::parse_nice(std::env::var_os(handover::VAR_NICE).as_deref())?,
-                handover::child::parse_probation(
-                    std::env::var_os(handover::VAR_PROBATION).as_deref(),
-                )?,
-            ),
-            None => (None, None),
-        };
+        let (program, argv) = program_and_argv(self.program, self.args)?;
+        let found = Inheritance::read(std::process::id())?;
         // Read before the variables go: logging set up later still learns this process's generation.
         let _ = crate::logging::generation();
         scrub_environment();
-
-        let inherited = match listen_names {
-            Some(names) => activation::adopt(names)?,
-            None => Vec::new(),
-        };
-        let (parent, state, generation, born_of) = match channel_fd {
-            Some(fd) => {
-                let (mut link, state) = handover::child::connect(fd)?;
-                link.restore_nice = restore_nice;
-                let generation = link.generation;
-                let born_of = Some(link.started_usec);
-                tracing::info!(
-                    parent_pid = link.parent_pid,
-                    generation,
-                    sockets = inherited.len(),
-                    state_bytes = state.len(),
-                    "started by an upgrade; inherited sockets"
-                );
-                (Some(link), Some(state), generation, born_of)
-            }
-            None => {
-                if !inherited.is_empty() {
-                    tracing::info!(
-                        sockets = inherited.len(),
-                        "adopted sockets passed by the service manager"
-                    );
-                }
-                (None, None, 0, None)
-            }
-        };
+        let origin = found.adopt()?;
         let manager = Manager::from_env(self.notify);
         let control_path = self
             .control_socket
@@ -337,7 +265,7 @@ impl Builder {
             );
         }
         let lifecycle = Lifecycle::new(Attempts {
-            born_of,
+            born_of: origin.born_of,
             ..Attempts::default()
         })
         .map_err(|e| Error::io("cannot create the finishing signal (pipe)", e))?;
@@ -353,13 +281,13 @@ impl Builder {
                 probation_stall: self.probation_stall,
                 predecessor: Mutex::new(None),
                 fd_store: self.fd_store,
-                on_probation,
+                on_probation: origin.probation,
                 probation_ends: std::sync::OnceLock::new(),
                 state: self.state,
-                registry: Sockets::new(Registry::with_inherited(inherited)),
-                parent: Mutex::new(parent),
-                inherited_state: state,
-                generation,
+                registry: Sockets::new(Registry::with_inherited(origin.sockets)),
+                parent: Mutex::new(origin.parent),
+                inherited_state: origin.state,
+                generation: origin.generation,
                 lifecycle,
                 ready_called: AtomicBool::new(false),
                 tracker: Tracker::default(),
@@ -379,6 +307,120 @@ impl Builder {
             }
         }
         Ok(upgrader)
+    }
+}
+
+/// The program an upgrade executes, and its full argv (argv[0] as this process was started, then `args` or
+/// this process's own arguments).
+fn program_and_argv(
+    program: Option<PathBuf>,
+    args: Option<Vec<OsString>>,
+) -> Result<(PathBuf, Vec<OsString>)> {
+    let program = match program {
+        Some(p) => p,
+        None => startup_program()?,
+    };
+    let mut argv: Vec<OsString> = std::env::args_os().take(1).collect();
+    if argv.is_empty() {
+        argv.push(program.clone().into_os_string());
+    }
+    match args {
+        Some(a) => argv.extend(a),
+        None => argv.extend(std::env::args_os().skip(1)),
+    }
+    Ok((program, argv))
+}
+
+/// What the environment says this process inherited: sockets (`LISTEN_*`, from systemd or an old process)
+/// and, when an upgrade started it, the handover.
+struct Inheritance {
+    listen_names: Option<Vec<String>>,
+    handover: Option<Handover>,
+}
+
+/// Where this process comes from, once its inheritance is adopted.
+struct Origin {
+    sockets: Vec<(String, std::os::fd::OwnedFd)>,
+    parent: Option<ParentLink>,
+    state: Option<Vec<u8>>,
+    generation: u32,
+    /// Start of the upgrade that created this process.
+    born_of: Option<u64>,
+    /// The window the old process watches this one through.
+    probation: Option<Duration>,
+}
+
+impl Inheritance {
+    /// Reads (does not adopt) the variables, and claims the process's one adoption.
+    fn read(my_pid: u32) -> Result<Inheritance> {
+        let listen_names = activation::parse(
+            std::env::var_os(activation::VAR_PID).as_deref(),
+            std::env::var_os(activation::VAR_FDS).as_deref(),
+            std::env::var_os(activation::VAR_NAMES).as_deref(),
+            my_pid,
+        )?;
+        let handover = Handover::read(my_pid)?;
+        check_no_overlap(
+            listen_names.as_deref().map_or(0, |n| n.len()),
+            handover.map(|h| h.channel_fd),
+        )?;
+        if listen_names.is_some() || handover.is_some() {
+            // The variables stay in the environment when threads already run (removing them then is unsound):
+            // a second build() would adopt the same descriptors again, two owners of one fd.
+            static ADOPTED: AtomicBool = AtomicBool::new(false);
+            if ADOPTED.swap(true, Ordering::SeqCst) {
+                return Err(Error::new(
+                    ErrorKind::AlreadyTaken,
+                    "the descriptors this process inherited (LISTEN_FDS, the handover channel) were already \
+                     adopted by an earlier Upgrader::build(); build one Upgrader per process and clone it",
+                ));
+            }
+        }
+        Ok(Inheritance {
+            listen_names,
+            handover,
+        })
+    }
+
+    /// Adopts the inherited sockets and, after an upgrade, connects to the old process and reads its greeting.
+    fn adopt(self) -> Result<Origin> {
+        let sockets = match self.listen_names {
+            Some(names) => activation::adopt(names)?,
+            None => Vec::new(),
+        };
+        let Some(handover) = self.handover else {
+            if !sockets.is_empty() {
+                tracing::info!(
+                    sockets = sockets.len(),
+                    "adopted sockets passed by the service manager"
+                );
+            }
+            return Ok(Origin {
+                sockets,
+                parent: None,
+                state: None,
+                generation: 0,
+                born_of: None,
+                probation: None,
+            });
+        };
+        let (mut link, state) = handover::child::connect(handover.channel_fd)?;
+        link.restore_nice = handover.nice;
+        tracing::info!(
+            parent_pid = link.parent_pid,
+            generation = link.generation,
+            sockets = sockets.len(),
+            state_bytes = state.len(),
+            "started by an upgrade; inherited sockets"
+        );
+        Ok(Origin {
+            sockets,
+            generation: link.generation,
+            born_of: Some(link.started_usec),
+            parent: Some(link),
+            state: Some(state),
+            probation: handover.probation,
+        })
     }
 }
 
@@ -408,7 +450,7 @@ fn startup_program() -> Result<PathBuf> {
 /// its own. Environment mutation is only sound while the process has a single thread; otherwise the
 /// variables stay (they name this pid only, and are never passed to our own children) and we say so.
 fn scrub_environment() {
-    let vars = crate::HANDOVER_VARIABLES;
+    let vars = handover::env::ALL;
     if !vars.iter().any(|v| std::env::var_os(v).is_some()) {
         return;
     }
@@ -438,7 +480,7 @@ fn check_no_overlap(sockets: usize, channel_fd: Option<std::os::fd::RawFd>) -> R
         Some(fd) if fd >= first && ((fd - first) as usize) < sockets => Err(Error::env(format!(
             "{}={fd} names one of the {sockets} sockets of {} (descriptors {first} to {}): the environment \
              was not made by exuvia; start the program without these variables",
-            handover::VAR_FD,
+            handover::env::VAR_FD,
             activation::VAR_FDS,
             first as usize + sockets - 1
         ))),
