@@ -18,8 +18,27 @@ pub(crate) enum Event {
     Closed,
     /// The deadline passed.
     Timeout,
-    /// The extra descriptor at this index of those passed to `recv` became readable.
-    Extra(usize),
+    /// [`Also::ended`] turned readable: the other process has ended (its pidfd).
+    Ended,
+    /// [`Also::stop`] turned readable: this process is stopping (its finishing pipe).
+    Stop,
+}
+
+/// What else a [`Channel::recv`] watches besides the channel.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Also<'a> {
+    /// The other process's pidfd: readable once it has ended.
+    pub(crate) ended: Option<BorrowedFd<'a>>,
+    /// This process's finishing pipe: readable once it is stopping.
+    pub(crate) stop: Option<BorrowedFd<'a>>,
+}
+
+impl Also<'_> {
+    /// The channel alone.
+    pub(crate) const NOTHING: Also<'static> = Also {
+        ended: None,
+        stop: None,
+    };
 }
 
 /// One end of the handover channel.
@@ -97,12 +116,8 @@ impl Channel {
         Ok(())
     }
 
-    /// Waits for the next message until `deadline`, or until `extra` (if given) becomes readable.
-    pub(crate) fn recv(
-        &mut self,
-        deadline: Option<Instant>,
-        extra: &[BorrowedFd<'_>],
-    ) -> Result<Event> {
+    /// Waits for the next message until `deadline`, or until one of `also` becomes readable.
+    pub(crate) fn recv(&mut self, deadline: Option<Instant>, also: Also<'_>) -> Result<Event> {
         loop {
             if let Some((msg, used)) = protocol::decode(&self.buf)? {
                 self.buf.drain(..used);
@@ -137,18 +152,22 @@ impl Channel {
             }
             let mut set = PollSet::new();
             let me = set.add(self.stream.as_fd(), libc::POLLIN);
-            let others: Vec<usize> = extra.iter().map(|fd| set.add(*fd, libc::POLLIN)).collect();
+            let ended = also.ended.map(|fd| set.add(fd, libc::POLLIN));
+            let stop = also.stop.map(|fd| set.add(fd, libc::POLLIN));
             if !set
                 .wait(deadline)
                 .map_err(|e| Error::io("handover channel: poll failed", e))?
             {
                 return Ok(Event::Timeout);
             }
-            // Only report an extra fd when the channel itself has nothing: a message that arrived together with
-            // the event (a child that said "failed" and exited) is the better explanation.
+            // Only report the others when the channel itself has nothing: a message that arrived together with
+            // them (a child that said "failed" and exited, or "stopping" and exited) is the better explanation.
             if set.revents(me) == 0 {
-                if let Some(n) = others.iter().position(|&i| set.revents(i) != 0) {
-                    return Ok(Event::Extra(n));
+                if ended.is_some_and(|i| set.revents(i) != 0) {
+                    return Ok(Event::Ended);
+                }
+                if stop.is_some_and(|i| set.revents(i) != 0) {
+                    return Ok(Event::Stop);
                 }
             }
         }
@@ -176,14 +195,17 @@ mod tests {
         a.send(&Message::Ready { init_usec: 7 }, soon()).unwrap();
         a.send(&Message::Failed("why".into()), soon()).unwrap();
         assert!(matches!(
-            b.recv(Some(soon()), &[]).unwrap(),
+            b.recv(Some(soon()), Also::NOTHING).unwrap(),
             Event::Message(Message::Ready { init_usec: 7 })
         ));
         assert!(
-            matches!(b.recv(Some(soon()), &[]).unwrap(), Event::Message(Message::Failed(r)) if r == "why")
+            matches!(b.recv(Some(soon()), Also::NOTHING).unwrap(), Event::Message(Message::Failed(r)) if r == "why")
         );
         drop(a);
-        assert!(matches!(b.recv(Some(soon()), &[]).unwrap(), Event::Closed));
+        assert!(matches!(
+            b.recv(Some(soon()), Also::NOTHING).unwrap(),
+            Event::Closed
+        ));
     }
 
     #[test]
@@ -192,7 +214,7 @@ mod tests {
         let state = vec![7u8; protocol::MAX_STATE_LEN];
         let reader = std::thread::spawn(move || {
             let mut b = Channel::new(b).unwrap();
-            match b.recv(Some(soon()), &[]).unwrap() {
+            match b.recv(Some(soon()), Also::NOTHING).unwrap() {
                 Event::Message(Message::Hello { state, .. }) => state.len(),
                 other => panic!("{other:?}"),
             }
@@ -215,8 +237,11 @@ mod tests {
         let (mut a, mut b) = pair();
         let t0 = Instant::now();
         assert!(matches!(
-            a.recv(Some(Instant::now() + Duration::from_millis(50)), &[])
-                .unwrap(),
+            a.recv(
+                Some(Instant::now() + Duration::from_millis(50)),
+                Also::NOTHING
+            )
+            .unwrap(),
             Event::Timeout
         ));
         assert!(t0.elapsed() >= Duration::from_millis(50));
@@ -224,7 +249,7 @@ mod tests {
         let frame = Message::Failed("truncated".into()).encode().unwrap();
         b.write_all(&frame[..frame.len() - 3]).unwrap();
         drop(b);
-        let e = a.recv(Some(soon()), &[]).unwrap_err();
+        let e = a.recv(Some(soon()), Also::NOTHING).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Protocol);
         assert!(e.to_string().contains("middle of a message"), "{e}");
     }
@@ -234,7 +259,7 @@ mod tests {
         let (mut a, mut b) = pair();
         b.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
         assert_eq!(
-            a.recv(Some(soon()), &[]).unwrap_err().kind(),
+            a.recv(Some(soon()), Also::NOTHING).unwrap_err().kind(),
             ErrorKind::Protocol
         );
     }

@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use super::channel::{Channel, Event};
+use super::channel::{Also, Channel, Event};
 use super::protocol::Message;
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys;
@@ -54,7 +54,7 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
         .map_err(|e| Error::io("cannot set close-on-exec on the channel", e))?;
     let mut channel = Channel::new(UnixStream::from(fd))?;
     let deadline = Instant::now() + HELLO_TIMEOUT;
-    let hello = match channel.recv(Some(deadline), &[]) {
+    let hello = match channel.recv(Some(deadline), Also::NOTHING) {
         Ok(ev) => ev,
         Err(e) => {
             // Tell the parent why, if it can still hear: a version mismatch then reads as such in its logs
@@ -93,7 +93,7 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
             "the old process closed the handover channel before greeting; it has probably given up on this \
              upgrade",
         )),
-        Event::Timeout | Event::Extra(_) => Err(Error::new(
+        Event::Timeout | Event::Ended | Event::Stop => Err(Error::new(
             ErrorKind::Channel,
             "the old process sent nothing on the handover channel within 10 s",
         )),
@@ -130,7 +130,7 @@ impl ParentLink {
                 format!("cannot report ready to the old process (it may have given up on this upgrade): {e}"),
             )
         })?;
-        match self.channel.recv(Some(deadline), &[])? {
+        match self.channel.recv(Some(deadline), Also::NOTHING)? {
             Event::Message(Message::Commit) => {
                 self.watch.stop();
                 parent_ways.adopt();
@@ -146,7 +146,7 @@ impl ParentLink {
                 "handover channel: expected commit from the parent, got {}",
                 m.name()
             ))),
-            Event::Timeout | Event::Extra(_) => Err(Error::new(
+            Event::Timeout | Event::Ended | Event::Stop => Err(Error::new(
                 ErrorKind::Channel,
                 format!(
                     "the old process did not confirm the handover within {}",

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::channel::{Channel, Event};
+use super::channel::{Also, Channel, Event};
 use super::probation::{self, QueueWatch, Stalled};
 use super::protocol::Message;
 use crate::error::{Error, ErrorKind, Result};
@@ -233,11 +233,13 @@ impl PendingChild {
         tick: &mut dyn FnMut(),
     ) -> Result<Duration> {
         let deadline = Instant::now() + timeout;
-        let mut watch = vec![self.pidfd.as_fd()];
-        watch.extend(stop);
         loop {
             let next_tick = (Instant::now() + tick_every).min(deadline);
-            let event = match self.channel.recv(Some(next_tick), &watch) {
+            let also = Also {
+                ended: Some(self.pidfd.as_fd()),
+                stop,
+            };
+            let event = match self.channel.recv(Some(next_tick), also) {
                 Ok(ev) => ev,
                 Err(e) => return Err(self.fail_with(e)),
             };
@@ -259,14 +261,14 @@ impl PendingChild {
                     ));
                     return Err(self.fail_with(e));
                 }
-                Event::Extra(1) => {
+                Event::Stop => {
                     self.kill_and_reap();
                     return Err(Error::new(
                         ErrorKind::Finishing,
                         "upgrade abandoned: this process is stopping (the new process was killed)",
                     ));
                 }
-                Event::Extra(_) => {
+                Event::Ended => {
                     let status = self.kill_and_reap();
                     return Err(match status {
                         Some(s) => Error::child_exited(s),
@@ -426,17 +428,21 @@ impl CommittedChild {
             } else {
                 (now + probation::SAMPLE_EVERY).min(deadline)
             };
-            let watched = [self.pidfd.as_fd(), stop];
             let event = if channel_open {
-                self.channel.recv(Some(next), &watched)
+                let also = Also {
+                    ended: Some(self.pidfd.as_fd()),
+                    stop: Some(stop),
+                };
+                self.channel.recv(Some(next), also)
             } else {
                 let mut set = PollSet::new();
-                set.add(self.pidfd.as_fd(), libc::POLLIN);
-                set.add(stop, libc::POLLIN);
+                let ended = set.add(self.pidfd.as_fd(), libc::POLLIN);
+                let stopped = set.add(stop, libc::POLLIN);
                 match set.wait(Some(next)) {
                     Ok(false) => Ok(Event::Timeout),
-                    Ok(true) if set.revents(1) != 0 => Ok(Event::Extra(1)),
-                    Ok(true) => Ok(Event::Extra(0)),
+                    Ok(true) if set.revents(ended) != 0 => Ok(Event::Ended),
+                    Ok(true) if set.revents(stopped) != 0 => Ok(Event::Stop),
+                    Ok(true) => Ok(Event::Timeout),
                     Err(e) => Err(Error::io("poll failed", e)),
                 }
             };
@@ -452,8 +458,8 @@ impl CommittedChild {
                 }
                 // The child closed its end (it exited, or a build that keeps no channel): its pidfd decides.
                 Ok(Event::Closed) => channel_open = false,
-                Ok(Event::Extra(1)) => return Watched::Stopped,
-                Ok(Event::Extra(_)) => {
+                Ok(Event::Stop) => return Watched::Stopped,
+                Ok(Event::Ended) => {
                     return Watched::Crashed {
                         how: self.reap_ended(),
                     }

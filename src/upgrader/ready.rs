@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{lock, Upgrader};
 use crate::error::Result;
-use crate::handover::channel::{Channel, Event};
+use crate::handover::channel::{Also, Channel, Event};
 use crate::handover::protocol::Message;
 use crate::lifecycle::{Finish, Step};
 use crate::sys;
@@ -97,7 +97,7 @@ impl Upgrader {
             .name("exuvia-probation".into())
             .spawn(move || {
                 let why = loop {
-                    match channel.recv(None, &[]) {
+                    match channel.recv(None, Also::NOTHING) {
                         Ok(Event::Message(Message::Passed)) => break "its probation window passed",
                         Ok(Event::Closed) => break "the old process is gone",
                         Ok(Event::Message(m)) => {
@@ -106,7 +106,7 @@ impl Upgrader {
                                 "unexpected message from the old process; ignored"
                             )
                         }
-                        Ok(Event::Timeout | Event::Extra(_)) => {}
+                        Ok(Event::Timeout | Event::Ended | Event::Stop) => {}
                         Err(e) => {
                             tracing::warn!(error = %e, "the channel to the old process failed");
                             break "the channel to the old process failed";
