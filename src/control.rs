@@ -91,7 +91,7 @@ pub(crate) struct Served {
     pub(crate) verdict_wait: Duration,
     /// When the probation window this process serves through ends (it was started with one): a verdict on
     /// the upgrade that created it is given only then (if it dies first, the old process gives it).
-    pub(crate) probation_ends: Option<std::time::Instant>,
+    pub(crate) own_probation_ends: Option<std::time::Instant>,
     pub(crate) actions: std::sync::Arc<dyn Actions>,
 }
 
@@ -368,7 +368,7 @@ fn status(served: &Served, control: usize) -> String {
             (Some((_, Err(why))), true) => format!("; last upgrade: {why}"),
             _ => String::new(),
         };
-        (c.state.name(), c.attempts.rollbacks, last)
+        (c.phase.name(), c.attempts.rollbacks, last)
     });
     format!(
         "pid={} generation={} connections={} state={state} rollbacks={rollbacks} (tracked client \
@@ -470,7 +470,7 @@ fn verdict(served: &Served, since_usec: u64) -> std::result::Result<String, Stri
         Some(a.born_of.is_some_and(|b| b >= earliest))
     }) == Some(true)
     {
-        if let Some(end) = served.probation_ends {
+        if let Some(end) = served.own_probation_ends {
             // The verdict waits for the old process to say the window passed (or to be gone), not for this
             // process's own clock: from then on this process may upgrade, so a reload queued behind this one
             // (systemd runs them one at a time) finds it free. If this process dies first, the helper's

@@ -1,4 +1,4 @@
-//! One process's lifecycle, shared by its threads: the [`State`] machine and the [`Attempts`] record under one
+//! One process's lifecycle, shared by its threads: the [`Phase`] machine and the [`Attempts`] record under one
 //! lock that is never held across I/O, waiters woken from one place ([`Lifecycle::changed`]), and the
 //! published finish readable without any lock.
 //!
@@ -6,7 +6,7 @@
 //! the HTTP layer, the control server) hold a [`Finishing`] handle, not the whole upgrader.
 
 mod attempts;
-mod state;
+mod phase;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,15 +16,15 @@ use std::time::{Duration, Instant};
 pub(crate) use attempts::Attempts;
 #[cfg(test)]
 pub(crate) use attempts::Sighup;
-pub use state::{Finish, StopCause};
-pub(crate) use state::{Refused, State, Step};
+pub use phase::{Finish, StopCause};
+pub(crate) use phase::{Phase, Refused, Step};
 
 use crate::sys;
 
 /// What the lock guards.
 #[derive(Debug)]
 pub(crate) struct Core {
-    pub(crate) state: State,
+    pub(crate) phase: Phase,
     pub(crate) attempts: Attempts,
     /// Whether accept loops take connections now, and the signal that this changed (see [`Gate`]).
     gate: Arc<Gate>,
@@ -86,13 +86,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Lifecycle {
-    /// A process in [`State::Starting`] with the given record.
+    /// A process in [`Phase::Starting`] with the given record.
     pub(crate) fn new(attempts: Attempts) -> std::io::Result<Lifecycle> {
         let (stop_read, stop_write) = sys::pipe()?;
         Ok(Lifecycle {
             shared: Arc::new(Shared {
                 core: Mutex::new(Core {
-                    state: State::Starting,
+                    phase: Phase::Starting,
                     attempts,
                     gate: Arc::new(Gate::new(true)?),
                     stop_write: Some(stop_write),
@@ -109,11 +109,11 @@ impl Lifecycle {
 
     /// Takes `step`; returns the states before and after it, or why the current state refuses it. Publishing
     /// makes the finish visible to [`finishing`](Self::finishing) and ends every accept loop.
-    pub(crate) fn step(&self, step: Step) -> Result<(State, State), Refused> {
+    pub(crate) fn step(&self, step: Step) -> Result<(Phase, Phase), Refused> {
         let mut core = lock(&self.shared.core);
-        let before = core.state;
+        let before = core.phase;
         let after = before.next(step)?;
-        core.state = after;
+        core.phase = after;
         let mut closing = None;
         if let (None, Some(f)) = (before.published(), after.published()) {
             let _ = self.shared.published.set(f);
@@ -131,9 +131,9 @@ impl Lifecycle {
         Ok((before, after))
     }
 
-    /// The current state.
-    pub(crate) fn state(&self) -> State {
-        lock(&self.shared.core).state
+    /// The current phase.
+    pub(crate) fn phase(&self) -> Phase {
+        lock(&self.shared.core).phase
     }
 
     /// The current gate of the accept loops.
@@ -148,7 +148,7 @@ impl Lifecycle {
         loop {
             let want = {
                 let core = lock(&self.shared.core);
-                let open = core.state.accepting();
+                let open = core.phase.accepting();
                 if core.gate.open == open {
                     return;
                 }
@@ -167,7 +167,7 @@ impl Lifecycle {
             };
             let old = {
                 let mut core = lock(&self.shared.core);
-                if core.state.accepting() != want || core.gate.open == want {
+                if core.phase.accepting() != want || core.gate.open == want {
                     // The state moved on meanwhile, or another step installed this gate: look again (the
                     // unused gate is closed after the lock is released).
                     drop(core);
@@ -189,10 +189,10 @@ impl Lifecycle {
     }
 
     /// Changes the record (seeing the state it is changed in), then wakes every waiter.
-    pub(crate) fn record<T>(&self, f: impl FnOnce(State, &mut Attempts) -> T) -> T {
+    pub(crate) fn record<T>(&self, f: impl FnOnce(Phase, &mut Attempts) -> T) -> T {
         let t = {
             let mut core = lock(&self.shared.core);
-            let state = core.state;
+            let state = core.phase;
             f(state, &mut core.attempts)
         };
         self.changed();
@@ -296,7 +296,7 @@ impl Finishing {
     /// Blocks until the finish is published.
     pub(crate) fn wait(&self) -> Finish {
         self.lifecycle
-            .wait(None, |c| c.state.published())
+            .wait(None, |c| c.phase.published())
             .expect("an unbounded wait returns only with a value")
     }
 

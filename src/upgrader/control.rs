@@ -44,7 +44,7 @@ impl Actions for Upgrader {
             "drain_ms={} ready_ms={} probation_ms={} fd_store={} taken={} unclaimed={}",
             self.inner.drain_timeout.as_millis(),
             self.inner.ready_timeout.as_millis(),
-            self.inner.probation.as_millis(),
+            self.inner.successor_probation.as_millis(),
             self.inner.fd_store,
             taken.join(":"),
             unclaimed.join(":")
@@ -60,7 +60,7 @@ impl Upgrader {
             tracker: self.inner.tracker.clone(),
             generation: self.inner.generation,
             verdict_wait: self.inner.ready_timeout + Duration::from_secs(30),
-            probation_ends: self.inner.probation_ends.get().copied(),
+            own_probation_ends: self.inner.own_probation_ends.get().copied(),
             actions: Arc::new(self.clone()),
         };
         control::serve(served, listener);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{Event, Upgrader};
 use crate::drain::{ConnectionGuard, DrainReport};
-use crate::lifecycle::{Core, Finish, State, Step, StopCause};
+use crate::lifecycle::{Core, Finish, Phase, Step, StopCause};
 
 impl Upgrader {
     /// Marks this process as stopping ([`Finish::Stopped`]): accept loops end; then [`drain`](Self::drain)
@@ -16,7 +16,7 @@ impl Upgrader {
 
     pub(crate) fn shutdown_by(&self, by: StopCause) {
         match self.inner.lifecycle.step(Step::Stop(by)) {
-            Ok((_, State::Deciding { .. })) => self.stopping(),
+            Ok((_, Phase::Deciding { .. })) => self.stopping(),
             // Committing: the stop waits for the commit's outcome (it applies if the commit fails).
             Ok(_) => tracing::info!(
                 "stop requested during the handover; it applies if the handover fails"
@@ -176,7 +176,7 @@ impl Upgrader {
     /// Waits (at most `timeout`) until no upgrade is in flight.
     fn wait_for_upgrade_to_end(&self, timeout: Duration) {
         let ended = self.inner.lifecycle.wait(Some(timeout), |c| {
-            (!c.state.upgrade_running()).then_some(())
+            (!c.phase.upgrade_running()).then_some(())
         });
         if ended.is_none() {
             tracing::warn!("an upgrade is still in flight after {timeout:?}; draining anyway");
@@ -186,7 +186,7 @@ impl Upgrader {
 
 /// The event a waiter that has seen `seen` failures gets now, if any: the finish first.
 fn event_after(c: &Core, seen: u64) -> Option<Event> {
-    if let Some(f) = c.state.published() {
+    if let Some(f) = c.phase.published() {
         return Some(Event::Finishing(f));
     }
     (c.attempts.failures > seen).then(|| {

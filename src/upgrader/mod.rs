@@ -65,8 +65,8 @@ struct Inner {
     ready_timeout: Duration,
     drain_timeout: Duration,
     background_init: bool,
-    /// The probation window after a commit (zero: none).
-    probation: Duration,
+    /// The probation window this process gives each new process after a commit (zero: none).
+    successor_probation: Duration,
     /// How long an accept queue may be held during that window before the new process counts as stalled.
     probation_stall: Duration,
     /// While the old process watches this one through its probation window: the channel to tell it that a
@@ -75,10 +75,11 @@ struct Inner {
     /// Whether fresh binds go to systemd's file-descriptor store.
     fd_store: bool,
     /// The window the old process watches this one through, when it started this one with a probation.
-    on_probation: Option<Duration>,
+    own_probation: Option<Duration>,
     /// When that window ends (set once the handover is confirmed).
-    probation_ends: std::sync::OnceLock<std::time::Instant>,
-    state: Option<StateFn>,
+    own_probation_ends: std::sync::OnceLock<std::time::Instant>,
+    /// The application's state for the next process ([`Builder::state`]).
+    app_state: Option<StateFn>,
     registry: Sockets,
     /// The link to the old process, until this one has reported ready.
     parent: Mutex<Option<ParentLink>>,

@@ -40,11 +40,11 @@ impl Upgrader {
             // The old process tells systemd (MAINPID, READY) before it confirms: nothing to send here.
             let parent_pid = link.parent_pid;
             // On failure the old process has given up on this one, which should exit: ready() is not retried.
-            let kept = link.ready(COMMIT_TIMEOUT, self.inner.on_probation.is_some())?;
-            if let Some(window) = self.inner.on_probation {
+            let kept = link.ready(COMMIT_TIMEOUT, self.inner.own_probation.is_some())?;
+            if let Some(window) = self.inner.own_probation {
                 let _ = self
                     .inner
-                    .probation_ends
+                    .own_probation_ends
                     .set(std::time::Instant::now() + window);
             }
             if let Some(channel) = kept {
@@ -199,7 +199,7 @@ impl Upgrader {
                     .inner
                     .lifecycle
                     .wait(Some(interval / 2), |c| {
-                        matches!(c.state.decided(), Some(Finish::Upgraded { .. })).then_some(())
+                        matches!(c.phase.decided(), Some(Finish::Upgraded { .. })).then_some(())
                     })
                     .is_none()
                 {

@@ -146,7 +146,7 @@ impl Upgrader {
     pub(super) fn verdict_text(&self, e: &Error) -> String {
         let stopping = e.kind() == ErrorKind::Finishing
             && matches!(
-                self.inner.lifecycle.state().decided(),
+                self.inner.lifecycle.phase().decided(),
                 Some(crate::Finish::Stopped { .. })
             );
         if stopping {

@@ -9,7 +9,7 @@ use super::{micros, Upgrader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::handover::parent::{self, CommittedChild, PendingChild, Watched};
 use crate::handover::probation::QueueWatch;
-use crate::lifecycle::{Refused, State, Step, StopCause};
+use crate::lifecycle::{Phase, Refused, Step, StopCause};
 use crate::sys;
 
 /// What a successful upgrade did.
@@ -122,7 +122,7 @@ impl Upgrader {
         if self.predecessor_pid().is_some() {
             let left = self
                 .inner
-                .probation_ends
+                .own_probation_ends
                 .get()
                 .map(|end| end.saturating_duration_since(Instant::now()))
                 .unwrap_or_default();
@@ -175,7 +175,7 @@ impl Upgrader {
         );
         let mut child = self.commit(child)?;
         let child_pid = child.pid();
-        if !inner.probation.is_zero() {
+        if !inner.successor_probation.is_zero() {
             self.probation(&mut child)?;
         }
         Ok(Committed {
@@ -194,7 +194,7 @@ impl Upgrader {
         generation: u32,
     ) -> Result<(PendingChild, usize, bool)> {
         let inner = &self.inner;
-        let state = inner.state.as_ref().map(|f| f()).unwrap_or_default();
+        let state = inner.app_state.as_ref().map(|f| f()).unwrap_or_default();
         let unclaimed = inner.registry.unclaimed();
         if !unclaimed.is_empty() {
             tracing::debug!(
@@ -215,7 +215,7 @@ impl Upgrader {
             watchdog: inner.manager.watchdog().is_some(),
             started_usec: attempt.started_usec,
             background: self.background_nice(),
-            probation: inner.probation,
+            probation: inner.successor_probation,
         };
         let child = parent::start(&launch, &set, state, attempt.started + inner.ready_timeout)?;
         Ok((child, set.len(), launch.background.is_some()))
@@ -277,13 +277,13 @@ impl Upgrader {
         // after the Commit and before it stops accepting: both serve meanwhile, from the same sockets.
         let child = child.commit()?;
         let child_pid = child.pid();
-        let step = if inner.probation.is_zero() {
+        let step = if inner.successor_probation.is_zero() {
             Step::Committed { child_pid }
         } else {
             Step::CommittedOnProbation { child_pid }
         };
         let (before, _) = inner.lifecycle.step(step).map_err(refused)?;
-        if matches!(before, State::Committing { stop: Some(_) }) {
+        if matches!(before, Phase::Committing { stop: Some(_) }) {
             tracing::info!(
                 "stop requested during the handover; this process hands over and drains"
             );
@@ -298,7 +298,7 @@ impl Upgrader {
     /// takes the service back; a stop meanwhile, reaching either process, stops both.
     fn probation(&self, child: &mut CommittedChild) -> Result<()> {
         let inner = &self.inner;
-        let window = inner.probation;
+        let window = inner.successor_probation;
         let started = Instant::now();
         let child_pid = child.pid();
         tracing::info!(
@@ -415,14 +415,14 @@ impl Upgrader {
                     ready_after: c.ready_after,
                     child_init: c.child_init,
                     sockets: c.sockets,
-                    probation: inner.probation,
+                    probation: inner.successor_probation,
                 })
             }
             Err(e) => {
                 // Before the upgrade ends in the lifecycle: a stop's drain waits for that, then may exit.
                 tracing::info!(error = %e, "upgrade failed; this process keeps serving");
                 let ended = inner.lifecycle.step(Step::UpgradeEnded);
-                if let Ok((State::Committing { .. }, State::Deciding { .. })) = ended {
+                if let Ok((Phase::Committing { .. }, Phase::Deciding { .. })) = ended {
                     // The stop that arrived during the commit applies now that there is no handover.
                     self.stopping();
                 }

@@ -1,5 +1,5 @@
-//! The lifecycle of one process as a pure state machine: the states, the steps between them, and which steps
-//! each state refuses. No locks, no I/O, no clock: [`State::next`] is a function, tested below against the whole
+//! The lifecycle of one process as a pure state machine: its phases (the states), the steps between them, and which steps
+//! each state refuses. No locks, no I/O, no clock: [`Phase::next`] is a function, tested below against the whole
 //! table. The shared, locked copy lives in [`Lifecycle`](super::Lifecycle).
 //!
 //! ```text
@@ -59,7 +59,7 @@ pub enum StopCause {
 
 /// Where a process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum State {
+pub(crate) enum Phase {
     /// Built, not yet ready: a new process waiting for its handover to be confirmed, or a fresh one
     /// initialising. It cannot upgrade; a SIGHUP now is deferred until it is ready.
     Starting,
@@ -168,10 +168,10 @@ impl fmt::Display for Refused {
     }
 }
 
-impl State {
+impl Phase {
     /// The state after `step`, or why this state refuses it.
-    pub(crate) fn next(self, step: Step) -> Result<State, Refused> {
-        use State::*;
+    pub(crate) fn next(self, step: Step) -> Result<Phase, Refused> {
+        use Phase::*;
         use Step::*;
         match (self, step) {
             (Starting, Ready) => Ok(Serving),
@@ -269,18 +269,18 @@ impl State {
     /// A word for operators (`exuvia-ctl status`).
     pub(crate) fn name(self) -> &'static str {
         match self {
-            State::Starting => "starting",
-            State::Serving => "serving",
-            State::Upgrading | State::Committing { .. } => "upgrading",
-            State::Probation { .. } => "probation",
-            State::Deciding { .. } | State::Finished { .. } => "finishing",
+            Phase::Starting => "starting",
+            Phase::Serving => "serving",
+            Phase::Upgrading | Phase::Committing { .. } => "upgrading",
+            Phase::Probation { .. } => "probation",
+            Phase::Deciding { .. } | Phase::Finished { .. } => "finishing",
         }
     }
 
     /// The finish, once decided (published or not).
     pub(crate) fn decided(self) -> Option<Finish> {
         match self {
-            State::Deciding { finish, .. } | State::Finished { finish, .. } => Some(finish),
+            Phase::Deciding { finish, .. } | Phase::Finished { finish, .. } => Some(finish),
             _ => None,
         }
     }
@@ -288,7 +288,7 @@ impl State {
     /// The finish, once published.
     pub(crate) fn published(self) -> Option<Finish> {
         match self {
-            State::Finished { finish, .. } => Some(finish),
+            Phase::Finished { finish, .. } => Some(finish),
             _ => None,
         }
     }
@@ -296,9 +296,9 @@ impl State {
     /// Whether an upgrade is running in this state (initialising its new process, or committing).
     pub(crate) fn upgrade_running(self) -> bool {
         match self {
-            State::Upgrading | State::Committing { .. } | State::Probation { .. } => true,
-            State::Deciding { upgrade, .. } | State::Finished { upgrade, .. } => upgrade,
-            State::Starting | State::Serving => false,
+            Phase::Upgrading | Phase::Committing { .. } | Phase::Probation { .. } => true,
+            Phase::Deciding { upgrade, .. } | Phase::Finished { upgrade, .. } => upgrade,
+            Phase::Starting | Phase::Serving => false,
         }
     }
 
@@ -307,7 +307,7 @@ impl State {
     pub(crate) fn accepting(self) -> bool {
         !matches!(
             self,
-            State::Probation { .. } | State::Deciding { .. } | State::Finished { .. }
+            Phase::Probation { .. } | Phase::Deciding { .. } | Phase::Finished { .. }
         )
     }
 
@@ -316,14 +316,14 @@ impl State {
     pub(crate) fn closing(self) -> bool {
         matches!(
             self,
-            State::Probation { .. } | State::Deciding { .. } | State::Finished { .. }
+            Phase::Probation { .. } | Phase::Deciding { .. } | Phase::Finished { .. }
         )
     }
 
     /// Whether the process has reported ready (a finishing process counts as not ready if it never did;
     /// nothing asks then).
     pub(crate) fn is_starting(self) -> bool {
-        self == State::Starting
+        self == Phase::Starting
     }
 }
 
@@ -337,8 +337,8 @@ mod tests {
     const STOP: Finish = Finish::Stopped { by: BY };
 
     /// One representative of every state (and of each variant's interesting fields).
-    fn states() -> Vec<State> {
-        use State::*;
+    fn states() -> Vec<Phase> {
+        use Phase::*;
         let mut v = vec![
             Starting,
             Serving,
@@ -373,8 +373,8 @@ mod tests {
     }
 
     /// The whole table, written out: every allowed step with its result. Anything not listed must be refused.
-    fn allowed(s: State, step: Step) -> Option<State> {
-        use State::*;
+    fn allowed(s: Phase, step: Step) -> Option<Phase> {
+        use Phase::*;
         use Step::*;
         Some(match (s, step) {
             (Starting, Ready) => Serving,
@@ -458,7 +458,7 @@ mod tests {
 
     #[test]
     fn refusals_say_why() {
-        use State::*;
+        use Phase::*;
         use Step::*;
         assert_eq!(Starting.next(BeginUpgrade), Err(Refused::NotReady));
         assert_eq!(
@@ -488,7 +488,7 @@ mod tests {
 
     #[test]
     fn probation_ends_by_passing_by_rolling_back_or_by_a_stop_of_both() {
-        let committing = State::Upgrading.next(Step::Commit).unwrap();
+        let committing = Phase::Upgrading.next(Step::Commit).unwrap();
         let p = committing
             .next(Step::CommittedOnProbation { child_pid: 7 })
             .unwrap();
@@ -496,7 +496,7 @@ mod tests {
         assert_eq!(p.decided(), None, "nothing is final on probation");
         assert_eq!(p.next(Step::BeginUpgrade), Err(Refused::UpgradeInProgress));
         let back = p.next(Step::RolledBack).unwrap();
-        assert_eq!(back, State::Serving);
+        assert_eq!(back, Phase::Serving);
         assert!(back.accepting() && !back.closing());
         let passed = p.next(Step::ProbationPassed).unwrap();
         assert_eq!(passed.decided(), Some(UP));
@@ -510,7 +510,7 @@ mod tests {
 
     #[test]
     fn a_stop_during_an_upgrade_keeps_the_upgrade_visible_until_it_ends() {
-        let s = State::Upgrading.next(Step::Stop(BY)).unwrap();
+        let s = Phase::Upgrading.next(Step::Stop(BY)).unwrap();
         assert!(s.upgrade_running());
         assert_eq!(s.decided(), Some(STOP));
         assert_eq!(s.published(), None);
@@ -524,7 +524,7 @@ mod tests {
 
     #[test]
     fn a_whole_upgrade_and_a_failed_commit_with_a_stop() {
-        let mut s = State::Starting;
+        let mut s = Phase::Starting;
         for step in [Step::Ready, Step::BeginUpgrade, Step::Commit] {
             s = s.next(step).unwrap();
         }
