@@ -15,6 +15,9 @@ pub(crate) struct Attempts {
     pub(crate) current: Option<u64>,
     /// Start and verdict of the last finished upgrade: the new pid, or why it failed.
     pub(crate) last: Option<(u64, Result<u32, String>)>,
+    /// `ready()` was called: its work (reporting to the old process or systemd) runs once. Whether it
+    /// completed is the phase's to say (`Starting` → `Serving`).
+    pub(crate) ready_called: bool,
     /// Start of the upgrade that created this process (from the old process's `Hello`).
     pub(crate) born_of: Option<u64>,
     /// The old process, while it watches this one through its probation window (from the commit until it

@@ -289,7 +289,6 @@ impl Builder {
                 inherited_state: origin.state,
                 generation: origin.generation,
                 lifecycle,
-                ready_called: AtomicBool::new(false),
                 tracker: Tracker::default(),
                 signals: AtomicBool::new(false),
                 manager,

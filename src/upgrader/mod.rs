@@ -87,8 +87,6 @@ struct Inner {
     generation: u32,
     /// States, steps and the attempt record, under one lock; the finish readable without it.
     lifecycle: Lifecycle,
-    /// `ready()` was called (it does its work once).
-    ready_called: AtomicBool,
     tracker: Tracker,
     signals: AtomicBool,
     manager: Manager,

@@ -2,7 +2,6 @@
 //! it (the watchdog, the control socket, a SIGHUP deferred until now). Reporting a failed start.
 
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::{lock, Upgrader};
@@ -28,7 +27,12 @@ impl Upgrader {
     /// [`ErrorKind::Channel`](crate::ErrorKind::Channel) when the old process cannot be reached or does not
     /// confirm in time: it has given up on this upgrade (and will kill this process); exit.
     pub fn ready(&self) -> Result<()> {
-        if self.inner.ready_called.swap(true, Ordering::SeqCst) {
+        // Whether ready() was called is part of the lifecycle's record (the phase says whether it completed).
+        if self
+            .inner
+            .lifecycle
+            .record(|_, a| std::mem::replace(&mut a.ready_called, true))
+        {
             return Ok(());
         }
         let link = lock(&self.inner.parent).take();
