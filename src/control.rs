@@ -55,6 +55,13 @@ pub fn default_socket_path() -> Option<PathBuf> {
     Some(first.join(SOCKET_NAME))
 }
 
+/// Where the control socket of a system service with `RuntimeDirectory=<dir>` is, seen from outside the service
+/// (`exuvia-ctl check`, an operator's shell): systemd creates a system service's runtime directories under
+/// `/run` (a user service's under `$XDG_RUNTIME_DIR`: pass `--socket` for those).
+pub fn socket_path_for_runtime_directory(dir: &str) -> PathBuf {
+    Path::new("/run").join(dir).join(SOCKET_NAME)
+}
+
 /// At most this many connections wait for their request line at once, all read by the control thread's one
 /// `poll` (no thread each): a newcomer beyond it pushes out the one that has waited longest. A helper sends its
 /// line as soon as it connects, so it is read in the next round, however many idle or slow connections wait.
@@ -70,14 +77,14 @@ const MAX_REPLY: u64 = 64 * 1024;
 
 /// What the control server may do to the process it serves (the upgrader does it).
 pub(crate) trait Actions: Send + Sync + 'static {
-    /// Runs an upgrade; the reply text, or why it failed.
-    fn run_upgrade(&self) -> std::result::Result<String, String>;
+    /// Runs an upgrade; the reply.
+    fn run_upgrade(&self) -> Reply;
     /// Asks the process to stop.
     fn stop(&self);
     /// The old process that stops with this one (it watches this one through a probation window), if any.
     fn standby(&self) -> Option<u32>;
     /// The process's own settings, as the `config` command answers them.
-    fn config(&self) -> String;
+    fn config(&self) -> Config;
 }
 
 /// What the control server knows of the process it serves: its finishing handle, its connection count, and
@@ -208,11 +215,13 @@ pub(crate) fn serve(served: Served, listener: UnixListener) {
                     let read = if readable || finishing.is_some() { p.read_some() } else { Got::More };
                     match read {
                         Got::Line(line) => dispatch(&served, p.conn, &line, &running),
-                        Got::Bad(why) => answer(&p.conn, &format!("error {why}\n")),
+                        Got::Bad(why) => answer(&p.conn, &Reply::Failed(why.to_string())),
                         Got::More if finishing.is_some() => answer(&p.conn, &finishing_reply(finishing)),
                         Got::More if now >= p.deadline => answer(
                             &p.conn,
-                            "error malformed request: send one line, 'exuvia-ctl/1 <command>', within 2 s\n",
+                            &Reply::Failed(
+                                "malformed request: send one line, 'exuvia-ctl/1 <command>', within 2 s".into(),
+                            ),
                         ),
                         Got::More => kept.push_back(p),
                     }
@@ -230,13 +239,13 @@ pub(crate) fn serve(served: Served, listener: UnixListener) {
 }
 
 /// The answer to a request still incomplete when this process started finishing.
-fn finishing_reply(finishing: Option<Finish>) -> String {
+fn finishing_reply(finishing: Option<Finish>) -> Reply {
     let me = std::process::id();
     match finishing {
-        Some(Finish::Upgraded { child_pid }) => format!(
-            "error {RETRY} pid {me} has handed over to pid {child_pid}, which answers on the same socket: ask again\n"
-        ),
-        _ => format!("error pid {me} is stopping\n"),
+        Some(Finish::Upgraded { child_pid }) => Reply::Retry(format!(
+            "pid {me} has handed over to pid {child_pid}, which answers on the same socket: ask again"
+        )),
+        _ => Reply::Failed(format!("pid {me} is stopping")),
     }
 }
 
@@ -265,7 +274,13 @@ fn accept_all(listener: &UnixListener, pending: &mut std::collections::VecDeque<
         }
         if pending.len() >= MAX_PENDING {
             if let Some(oldest) = pending.pop_front() {
-                answer(&oldest.conn, &format!("error {BUSY} too many control connections waiting for their request; this one waited longest\n"));
+                answer(
+                    &oldest.conn,
+                    &Reply::Busy(
+                        "too many control connections waiting for their request; this one waited longest"
+                            .into(),
+                    ),
+                );
             }
         }
         pending.push_back(Pending {
@@ -276,11 +291,10 @@ fn accept_all(listener: &UnixListener, pending: &mut std::collections::VecDeque<
     }
 }
 
-/// Writes a short answer without blocking (it fits a fresh connection's socket buffer) and drops the
-/// connection.
-fn answer(conn: &UnixStream, text: &str) {
+/// Writes a short reply without blocking (it fits a fresh connection's socket buffer).
+fn answer(conn: &UnixStream, reply: &Reply) {
     let _ = conn.set_nonblocking(true);
-    let _ = (&*conn).write_all(text.as_bytes());
+    let _ = (&*conn).write_all(format!("{reply}\n").as_bytes());
 }
 
 /// Serves one whole request: the quick ones on this thread, the waiting ones on a thread each.
@@ -297,7 +311,7 @@ fn dispatch(
             tracing::warn!(uid, "control socket: refused a request from another user");
             answer(
                 &conn,
-                "error permission denied: only the service's user may control it\n",
+                &Reply::Failed("permission denied: only the service's user may control it".into()),
             );
             return;
         }
@@ -308,7 +322,7 @@ fn dispatch(
     }
     let command = match Command::parse(line) {
         Ok(c) => c,
-        Err(why) => return answer(&conn, &format!("error {why}\n")),
+        Err(why) => return answer(&conn, &Reply::Failed(why)),
     };
     tracing::info!(%command, "control socket request");
     match command {
@@ -316,16 +330,18 @@ fn dispatch(
             // The drain also counts the control socket's own loop and running requests: leave them out of
             // what an operator calls in flight.
             let control = running.load(Ordering::Acquire) + 1;
-            return answer(&conn, &reply_line(Ok(status(served, control))));
+            return answer(&conn, &Reply::Ok(status(served, control)));
         }
-        Command::Config => return answer(&conn, &reply_line(Ok(served.actions.config()))),
+        Command::Config => return answer(&conn, &Reply::Ok(served.actions.config().to_string())),
         Command::Upgrade | Command::Verdict { .. } | Command::Stop => {}
     }
     if running.fetch_add(1, Ordering::AcqRel) >= MAX_RUNNING {
         running.fetch_sub(1, Ordering::AcqRel);
         return answer(
             &conn,
-            &format!("error {BUSY} {MAX_RUNNING} control requests are running; ask again\n"),
+            &Reply::Busy(format!(
+                "{MAX_RUNNING} control requests are running; ask again"
+            )),
         );
     }
     // Counted like a client connection, so that this process does not exit (after an upgrade it just ran,
@@ -350,14 +366,6 @@ struct Done(std::sync::Arc<std::sync::atomic::AtomicUsize>);
 impl Drop for Done {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// The reply line for a result.
-fn reply_line(reply: std::result::Result<String, String>) -> String {
-    match reply {
-        Ok(t) => format!("ok {t}\n"),
-        Err(t) => format!("error {}\n", t.replace('\n', " ")),
     }
 }
 
@@ -388,13 +396,11 @@ fn run(served: &Served, mut conn: UnixStream, command: Command, guard: Connectio
         Command::Verdict { since_usec } => verdict(served, since_usec),
         Command::Stop => {
             // The answer first: once the stop is taken, this process may exit at any moment.
-            let others: String = served
-                .actions
-                .standby()
-                .map(|p| format!(" and pid {p} (on standby through its probation window)"))
-                .unwrap_or_default();
-            let _ = conn
-                .write_all(format!("ok stopping pid {}{others}\n", std::process::id()).as_bytes());
+            let stopping = StopAnswer {
+                pid: std::process::id(),
+                standby: served.actions.standby(),
+            };
+            let _ = conn.write_all(format!("{}\n", Reply::Ok(stopping.to_string())).as_bytes());
             // From here the connection must not hold up the drain: it waits for this process to exit.
             drop(guard);
             served.actions.stop();
@@ -410,7 +416,7 @@ fn run(served: &Served, mut conn: UnixStream, command: Command, guard: Connectio
         }
         Command::Status | Command::Config => return,
     };
-    let _ = conn.write_all(reply_line(reply).as_bytes());
+    let _ = conn.write_all(format!("{reply}\n").as_bytes());
     drop(guard);
 }
 
@@ -443,7 +449,7 @@ fn reload_sighup(a: &Attempts, since_usec: u64) -> Option<u64> {
 
 /// The verdict of the upgrade that the reload signal (sent just before `since_usec`) started: each SIGHUP
 /// has its own, so a reload never reports another trigger's upgrade.
-fn verdict(served: &Served, since_usec: u64) -> std::result::Result<String, String> {
+fn verdict(served: &Served, since_usec: u64) -> Reply {
     let earliest = since_usec.saturating_sub(SIGNAL_LEAD_USEC);
     let wait = served.verdict_wait;
     let me = std::process::id();
@@ -451,11 +457,13 @@ fn verdict(served: &Served, since_usec: u64) -> std::result::Result<String, Stri
         served
             .attempts(wait, |a| {
                 a.sighups.iter().find(|s| s.id == id).map_or(
-                    Some(Err("the record of the reload signal was lost".to_string())),
+                    Some(Reply::Failed(
+                        "the record of the reload signal was lost".to_string(),
+                    )),
                     |s| s.verdict.clone(),
                 )
             })
-            .unwrap_or_else(|| Err("the upgrade did not finish in time".to_string()))
+            .unwrap_or_else(|| Reply::Failed("the upgrade did not finish in time".to_string()))
     };
     // The reload's SIGHUP: the last one received around the helper's start.
     if let Some(id) = served
@@ -480,14 +488,14 @@ fn verdict(served: &Served, since_usec: u64) -> std::result::Result<String, Stri
                 a.on_probation_under.is_none().then_some(())
             });
             return match passed {
-                Some(()) => Ok(format!("upgraded to pid {me} (its probation passed)")),
-                None => Err(format!(
+                Some(()) => Reply::Ok(format!("upgraded to pid {me} (its probation passed)")),
+                None => Reply::Failed(format!(
                     "pid {me} was still on probation {} ms after its window should have ended",
                     wait.as_millis()
                 )),
             };
         }
-        return Ok(format!("upgraded to pid {me}"));
+        return Reply::Ok(format!("upgraded to pid {me}"));
     }
     // The signal may still be on its way to this process's signal thread.
     if let Some(id) = served.attempts(SIGNAL_GRACE, |a| reload_sighup(a, since_usec)) {
@@ -498,11 +506,11 @@ fn verdict(served: &Served, since_usec: u64) -> std::result::Result<String, Stri
     // helper asks again and reaches the new one.
     served.attempts(wait, |a| a.current.is_none().then_some(()));
     if matches!(served.finishing.get(), Some(Finish::Upgraded { .. })) {
-        return Err(format!(
-            "{RETRY} pid {me} has handed over; the reload signal went to the new process, ask it"
+        return Reply::Retry(format!(
+            "pid {me} has handed over; the reload signal went to the new process, ask it"
         ));
     }
-    Err(
+    Reply::Failed(
         "no upgrade was started by the reload signal (is ReloadSignal= the signal the service upgrades on?)"
             .to_string(),
     )
@@ -565,6 +573,38 @@ impl Command {
     }
 }
 
+impl Command {
+    /// The words `exuvia-ctl` takes for the commands, in its usage's order (`reload-verdict` is `verdict`).
+    pub const CLI_WORDS: &'static [&'static str] =
+        &["status", "upgrade", "reload-verdict", "stop", "config"];
+
+    /// The command for an `exuvia-ctl` word; `started_usec` (the helper's own start, `CLOCK_MONOTONIC` µs)
+    /// completes `reload-verdict`.
+    pub fn from_cli_word(word: &str, started_usec: u64) -> Option<Command> {
+        Some(match word {
+            "status" => Command::Status,
+            "upgrade" => Command::Upgrade,
+            "reload-verdict" => Command::Verdict {
+                since_usec: started_usec,
+            },
+            "stop" => Command::Stop,
+            "config" => Command::Config,
+            _ => return None,
+        })
+    }
+
+    /// The `exuvia-ctl` word for this command.
+    pub fn cli_word(&self) -> &'static str {
+        match self {
+            Command::Status => "status",
+            Command::Upgrade => "upgrade",
+            Command::Verdict { .. } => "reload-verdict",
+            Command::Stop => "stop",
+            Command::Config => "config",
+        }
+    }
+}
+
 impl fmt::Display for Command {
     /// The command as the request line carries it, after the protocol word.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -578,53 +618,66 @@ impl fmt::Display for Command {
     }
 }
 
-/// A reply from the control socket.
+/// A reply from the control socket: one line, `ok <text>` or `error [<kind>: ]<text>`. `Display` is the wire
+/// form (without the newline; a newline in the text is sent as a space), [`Reply::parse`] reads it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    /// Whether the service said `ok`.
-    pub ok: bool,
-    /// The rest of the line.
-    pub text: String,
+#[non_exhaustive]
+pub enum Reply {
+    /// `ok <text>`: done.
+    Ok(String),
+    /// `error <text>`: the service said no (the upgrade failed, the request was malformed, ...).
+    Failed(String),
+    /// `error busy: <text>`: too many control requests at once; ask again soon (`exuvia-ctl` does).
+    Busy(String),
+    /// `error retry: <text>`: ask again; the request reached a process that has handed over (a `verdict`
+    /// whose signal went to the new process, a request that was incomplete when this process finished).
+    Retry(String),
+    /// `error stopping: <text>`: the upgrade asked about was abandoned because the service is stopping.
+    Stopping(String),
 }
 
 impl Reply {
-    /// Whether the service asks to be asked again (a `verdict` that reached the old process after it handed
-    /// over).
+    /// Whether the service said `ok`.
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Reply::Ok(_))
+    }
+
+    /// The text, without `ok`/`error` or the kind.
+    pub fn text(&self) -> &str {
+        match self {
+            Reply::Ok(t)
+            | Reply::Failed(t)
+            | Reply::Busy(t)
+            | Reply::Retry(t)
+            | Reply::Stopping(t) => t,
+        }
+    }
+
+    /// Whether the service asks to be asked again.
     pub fn is_retry(&self) -> bool {
-        !self.ok && self.text.starts_with(RETRY)
+        matches!(self, Reply::Retry(_))
     }
 
-    /// Whether the service had too many control requests at once: asking again (soon) is the answer.
+    /// Whether the service had too many control requests at once.
     pub fn is_busy(&self) -> bool {
-        !self.ok && self.text.starts_with(BUSY)
-    }
-
-    /// The pids a `stop` reply names (`stopping pid 1240 and pid 1236 ...`): every process that exits
-    /// because of it.
-    pub fn pids(&self) -> Vec<u32> {
-        let words: Vec<&str> = self.text.split_whitespace().collect();
-        words
-            .windows(2)
-            .filter(|w| w[0] == "pid")
-            .filter_map(|w| w[1].trim_end_matches([',', ';']).parse().ok())
-            .collect()
+        matches!(self, Reply::Busy(_))
     }
 
     /// Whether the upgrade asked about was abandoned because the service is stopping.
     pub fn is_stopping(&self) -> bool {
-        !self.ok && self.text.starts_with(STOPPING)
+        matches!(self, Reply::Stopping(_))
     }
 
-    /// Reads one reply line: `ok <text>` or `error <text>`.
+    /// Reads one reply line.
     ///
     /// # Errors
-    /// [`ErrorKind::Protocol`] for anything else.
+    /// [`ErrorKind::Protocol`] for anything but `ok ...` or `error ...`.
     pub fn parse(line: &str) -> Result<Reply> {
         let line = line.trim_end();
         let (ok, text) = match line.split_once(' ') {
-            Some(("ok", t)) => (true, t.to_string()),
-            Some(("error", t)) => (false, t.to_string()),
-            _ if line == "ok" => (true, String::new()),
+            Some(("ok", t)) => (true, t),
+            Some(("error", t)) => (false, t),
+            _ if line == "ok" => (true, ""),
             _ => {
                 let shown: String = line.chars().take(80).collect();
                 return Err(Error::protocol(format!(
@@ -632,7 +685,154 @@ impl Reply {
                 )));
             }
         };
-        Ok(Reply { ok, text })
+        if ok {
+            return Ok(Reply::Ok(text.to_string()));
+        }
+        for marker in [BUSY, RETRY, STOPPING] {
+            if let Some(rest) = text.strip_prefix(marker) {
+                let rest = rest.trim_start().to_string();
+                return Ok(match marker {
+                    BUSY => Reply::Busy(rest),
+                    RETRY => Reply::Retry(rest),
+                    _ => Reply::Stopping(rest),
+                });
+            }
+        }
+        Ok(Reply::Failed(text.to_string()))
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (word, marker) = match self {
+            Reply::Ok(_) => ("ok", None),
+            Reply::Failed(_) => ("error", None),
+            Reply::Busy(_) => ("error", Some(BUSY)),
+            Reply::Retry(_) => ("error", Some(RETRY)),
+            Reply::Stopping(_) => ("error", Some(STOPPING)),
+        };
+        let text = self.text().replace(['\n', '\r'], " ");
+        match (marker, text.is_empty()) {
+            (Some(m), _) => write!(f, "{word} {m} {text}"),
+            (None, true) => f.write_str(word),
+            (None, false) => write!(f, "{word} {text}"),
+        }
+    }
+}
+
+/// What `stop` answers: the processes that exit because of it (this one, and on probation the old one that
+/// stands by with it). `Display` is the reply's text, [`StopAnswer::parse`] reads it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopAnswer {
+    /// The process that answered.
+    pub pid: u32,
+    /// The old process that stands by through this one's probation window, and stops with it.
+    pub standby: Option<u32>,
+}
+
+impl StopAnswer {
+    /// Every process that exits because of the stop.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.pid).chain(self.standby).collect()
+    }
+
+    /// Reads a `stop` reply's text.
+    pub fn parse(text: &str) -> Option<StopAnswer> {
+        let rest = text.strip_prefix("stopping pid ")?;
+        let (pid, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+        let standby = match rest.strip_prefix("and pid ") {
+            Some(r) => Some(r.split_whitespace().next()?.parse().ok()?),
+            None => None,
+        };
+        Some(StopAnswer {
+            pid: pid.parse().ok()?,
+            standby,
+        })
+    }
+}
+
+impl fmt::Display for StopAnswer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "stopping pid {}", self.pid)?;
+        if let Some(s) = self.standby {
+            write!(f, " and pid {s} (on standby through its probation window)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The service's own settings, as `config` answers them (for `exuvia-ctl check`). `Display` is the reply's
+/// text (`drain_ms=30000 ready_ms=30000 probation_ms=0 fd_store=false taken=http:exuvia-control unclaimed=`),
+/// [`Config::parse`] reads it back; socket names are separated by `:`, which a name cannot contain.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Config {
+    /// [`Builder::drain_timeout`](crate::Builder::drain_timeout).
+    pub drain_timeout: Duration,
+    /// [`Builder::ready_timeout`](crate::Builder::ready_timeout).
+    pub ready_timeout: Duration,
+    /// [`Builder::probation`](crate::Builder::probation) (zero: none).
+    pub probation: Duration,
+    /// [`Builder::fd_store`](crate::Builder::fd_store).
+    pub fd_store: bool,
+    /// The sockets taken or bound in this process.
+    pub taken: Vec<String>,
+    /// The sockets inherited and never taken (passed on all the same).
+    pub unclaimed: Vec<String>,
+}
+
+impl Config {
+    /// Reads a `config` reply's text. Keys it does not know are skipped (a newer service may say more).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Protocol`] when a key it needs is missing or its value is malformed.
+    pub fn parse(text: &str) -> Result<Config> {
+        let fields: std::collections::HashMap<&str, &str> = text
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let get = |key: &str| {
+            fields.get(key).copied().ok_or_else(|| {
+                Error::protocol(format!(
+                    "the service's config answer has no {key}: {text:?}"
+                ))
+            })
+        };
+        let ms = |key: &str| -> Result<Duration> {
+            get(key)?.parse().map(Duration::from_millis).map_err(|_| {
+                Error::protocol(format!("config: {key} is not a number of milliseconds"))
+            })
+        };
+        let names = |key: &str| -> Result<Vec<String>> {
+            Ok(get(key)?
+                .split(':')
+                .filter(|n| !n.is_empty())
+                .map(str::to_string)
+                .collect())
+        };
+        Ok(Config {
+            drain_timeout: ms("drain_ms")?,
+            ready_timeout: ms("ready_ms")?,
+            probation: ms("probation_ms")?,
+            fd_store: get("fd_store")? == "true",
+            taken: names("taken")?,
+            unclaimed: names("unclaimed")?,
+        })
+    }
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "drain_ms={} ready_ms={} probation_ms={} fd_store={} taken={} unclaimed={}",
+            self.drain_timeout.as_millis(),
+            self.ready_timeout.as_millis(),
+            self.probation.as_millis(),
+            self.fd_store,
+            self.taken.join(":"),
+            self.unclaimed.join(":")
+        )
     }
 }
 
@@ -698,7 +898,7 @@ pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply
         ));
     }
     let reply = Reply::parse(&line)?;
-    if reply.ok && command == Command::Stop {
+    if reply.is_ok() && command == Command::Stop {
         // The service holds the connection until it exits; then every process the reply named must be gone.
         let deadline = Instant::now() + timeout;
         let mut rest = Vec::new();
@@ -709,7 +909,13 @@ pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply
                 e,
             )
         })?;
-        for pid in reply.pids() {
+        let answer = StopAnswer::parse(reply.text()).ok_or_else(|| {
+            Error::protocol(format!(
+                "the service's stop answer names no process: {:?}",
+                reply.text()
+            ))
+        })?;
+        for pid in answer.pids() {
             if !wait_exited(pid, deadline) {
                 return Err(Error::new(
                     ErrorKind::ControlSocket,
@@ -780,12 +986,52 @@ mod tests {
     }
 
     #[test]
+    fn config_stop_answers_and_cli_words_round_trip() {
+        let c = Config {
+            drain_timeout: Duration::from_secs(30),
+            ready_timeout: Duration::from_millis(1500),
+            probation: Duration::ZERO,
+            fd_store: true,
+            taken: vec!["http".into(), "exuvia-control".into()],
+            unclaimed: vec![],
+        };
+        assert_eq!(
+            c.to_string(),
+            "drain_ms=30000 ready_ms=1500 probation_ms=0 fd_store=true taken=http:exuvia-control unclaimed="
+        );
+        assert_eq!(Config::parse(&c.to_string()).unwrap(), c);
+        // A newer service may say more; an older one that says less is an error that names the key.
+        assert_eq!(Config::parse(&format!("{c} extra=1")).unwrap(), c);
+        let e = Config::parse("drain_ms=1 ready_ms=2").unwrap_err();
+        assert!(e.to_string().contains("no probation_ms"), "{e}");
+        for a in [
+            StopAnswer {
+                pid: 7,
+                standby: None,
+            },
+            StopAnswer {
+                pid: 7,
+                standby: Some(5),
+            },
+        ] {
+            assert_eq!(StopAnswer::parse(&a.to_string()), Some(a));
+        }
+        assert_eq!(StopAnswer::parse("stopped"), None);
+        for w in Command::CLI_WORDS {
+            let c = Command::from_cli_word(w, 9).unwrap();
+            assert_eq!(c.cli_word(), *w);
+            assert_eq!(Command::parse(&format!("{PROTOCOL} {c}")), Ok(c));
+        }
+        assert_eq!(Command::from_cli_word("verdict", 9), None);
+    }
+
+    #[test]
     fn retry_and_stopping_replies_are_told_apart() {
         let r = Reply::parse(&format!(
             "error {STOPPING} upgrade abandoned: this process is stopping\n"
         ))
         .unwrap();
-        assert!(r.is_stopping() && !r.is_retry() && !r.ok);
+        assert!(r.is_stopping() && !r.is_retry() && !r.is_ok());
         let r = Reply::parse(&format!("error {RETRY} pid 7 has handed over\n")).unwrap();
         assert!(r.is_retry() && !r.is_stopping());
         let r = Reply::parse("ok stopping: is only a marker on errors\n").unwrap();
@@ -846,7 +1092,10 @@ mod tests {
             if let Ok(r) = Reply::parse(&line) {
                 assert!(line
                     .trim_end()
-                    .starts_with(if r.ok { "ok" } else { "error" }));
+                    .starts_with(if r.is_ok() { "ok" } else { "error" }));
+                // One encoding: what is written reads back as itself (a newline in a text is sent as a space).
+                let wire = r.to_string();
+                assert_eq!(Reply::parse(&wire).unwrap().to_string(), wire, "{line:?}");
             }
         }
     }

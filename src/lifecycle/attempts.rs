@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 
+use crate::control::Reply;
+
 /// How many SIGHUP records are kept.
 const SIGHUP_RECORDS: usize = 16;
 
@@ -48,7 +50,7 @@ pub(crate) struct Sighup {
     /// When it was received (`CLOCK_MONOTONIC`, µs).
     pub(crate) at_usec: u64,
     /// `None` while its upgrade runs (or waits for this process to be ready).
-    pub(crate) verdict: Option<Result<String, String>>,
+    pub(crate) verdict: Option<Reply>,
 }
 
 impl Attempts {
@@ -68,7 +70,7 @@ impl Attempts {
     }
 
     /// Records the verdict of SIGHUP `id` (nothing if its record has been dropped).
-    pub(crate) fn settle(&mut self, id: u64, verdict: Result<String, String>) {
+    pub(crate) fn settle(&mut self, id: u64, verdict: Reply) {
         if let Some(s) = self.sighups.iter_mut().find(|s| s.id == id) {
             s.verdict = Some(verdict);
         }
@@ -101,10 +103,13 @@ mod tests {
         let mut a = Attempts::default();
         let ids: Vec<u64> = (0..40).map(|i| a.sighup(i)).collect();
         assert_eq!(a.sighups.len(), SIGHUP_RECORDS);
-        a.settle(ids[0], Ok("lost".into()));
+        a.settle(ids[0], Reply::Ok("lost".into()));
         assert!(a.sighups.iter().all(|s| s.verdict.is_none()));
-        a.settle(ids[39], Err("no".into()));
-        assert_eq!(a.sighups.back().unwrap().verdict, Some(Err("no".into())));
+        a.settle(ids[39], Reply::Failed("no".into()));
+        assert_eq!(
+            a.sighups.back().unwrap().verdict,
+            Some(Reply::Failed("no".into()))
+        );
         a.current = Some(5);
         a.ended(5, Err("x".into()));
         a.ended(6, Ok(9));

@@ -8,25 +8,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{lock, Upgrader};
-use crate::control::{self, Actions, Served, REGISTRY_NAME};
+use crate::control::{self, Actions, Config, Reply, Served, REGISTRY_NAME};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle::StopCause;
 use crate::listen::{self, BindOptions, SocketKind};
 use crate::sys;
 
 impl Actions for Upgrader {
-    fn run_upgrade(&self) -> std::result::Result<String, String> {
-        self.upgrade()
-            .map(|r| {
-                format!(
-                    "upgraded to pid {} in {} ms (its own initialisation {} ms, handover overhead {} ms)",
-                    r.child_pid,
-                    r.took.as_millis(),
-                    r.child_init.as_millis(),
-                    r.overhead().as_millis()
-                )
-            })
-            .map_err(|e| self.verdict_text(&e))
+    fn run_upgrade(&self) -> Reply {
+        match self.upgrade() {
+            Ok(r) => Reply::Ok(format!(
+                "upgraded to pid {} in {} ms (its own initialisation {} ms, handover overhead {} ms)",
+                r.child_pid,
+                r.took.as_millis(),
+                r.child_init.as_millis(),
+                r.overhead().as_millis()
+            )),
+            Err(e) => self.verdict_reply(&e),
+        }
     }
 
     fn stop(&self) {
@@ -38,17 +37,16 @@ impl Actions for Upgrader {
         self.predecessor_pid()
     }
 
-    fn config(&self) -> String {
+    fn config(&self) -> Config {
         let (taken, unclaimed) = self.inner.registry.names();
-        format!(
-            "drain_ms={} ready_ms={} probation_ms={} fd_store={} taken={} unclaimed={}",
-            self.inner.drain_timeout.as_millis(),
-            self.inner.ready_timeout.as_millis(),
-            self.inner.successor_probation.as_millis(),
-            self.inner.fd_store,
-            taken.join(":"),
-            unclaimed.join(":")
-        )
+        Config {
+            drain_timeout: self.inner.drain_timeout,
+            ready_timeout: self.inner.ready_timeout,
+            probation: self.inner.successor_probation,
+            fd_store: self.inner.fd_store,
+            taken,
+            unclaimed,
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 
 use super::Upgrader;
+use crate::control::Reply;
 use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle::StopCause;
 use crate::sys;
@@ -80,7 +81,7 @@ impl Upgrader {
             .spawn(move || me.upgrade_for_sighup(id))
         {
             let why = self.upgrade_could_not_start(&e);
-            self.settle_sighup(id, Err(why));
+            self.settle_sighup(id, Reply::Failed(why));
         }
     }
 
@@ -132,8 +133,8 @@ impl Upgrader {
         let me = self.clone();
         let result = self.upgrade_then(move || me.sighup_handled());
         let verdict = match &result {
-            Ok(r) => Ok(format!("upgraded to pid {}", r.child_pid)),
-            Err(e) => Err(self.verdict_text(e)),
+            Ok(r) => Reply::Ok(format!("upgraded to pid {}", r.child_pid)),
+            Err(e) => self.verdict_reply(e),
         };
         self.settle_sighup(id, verdict);
         if let Err(e) = result {
@@ -141,23 +142,23 @@ impl Upgrader {
         }
     }
 
-    /// What a failed upgrade's verdict says to the reload helper: marked [`STOPPING`](crate::control::STOPPING)
-    /// when a stop of this process is what ended it.
-    pub(super) fn verdict_text(&self, e: &Error) -> String {
+    /// What a failed upgrade's verdict says to the reload helper: [`Reply::Stopping`] when a stop of this
+    /// process is what ended it.
+    pub(super) fn verdict_reply(&self, e: &Error) -> Reply {
         let stopping = e.kind() == ErrorKind::Finishing
             && matches!(
                 self.inner.lifecycle.phase().decided(),
                 Some(crate::Finish::Stopped { .. })
             );
         if stopping {
-            format!("{} {e}", crate::control::STOPPING)
+            Reply::Stopping(e.to_string())
         } else {
-            e.to_string()
+            Reply::Failed(e.to_string())
         }
     }
 
     /// Records the verdict of SIGHUP `id`.
-    fn settle_sighup(&self, id: u64, verdict: std::result::Result<String, String>) {
+    fn settle_sighup(&self, id: u64, verdict: Reply) {
         self.inner.lifecycle.record(|_, a| a.settle(id, verdict));
     }
 
@@ -173,7 +174,7 @@ impl Upgrader {
         if let Err(e) = spawned {
             self.settle_sighup(
                 id,
-                Err(format!("cannot start a thread for the upgrade: {e}")),
+                Reply::Failed(format!("cannot start a thread for the upgrade: {e}")),
             );
         }
     }

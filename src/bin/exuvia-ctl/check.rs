@@ -4,6 +4,8 @@
 //! to change. Exit status: 0 clean, 1 warnings, 2 errors.
 
 use std::collections::HashMap;
+
+use exuvia::control::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -388,58 +390,21 @@ fn check_unit(props: &HashMap<String, String>, version: Option<u32>, f: &mut Fin
     }
 }
 
-/// The service's own settings, from its control socket.
-struct Config(HashMap<String, String>);
-
-impl Config {
-    fn ms(&self, key: &str) -> Option<Duration> {
-        self.0
-            .get(key)
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
-    }
-
-    fn names(&self, key: &str) -> Vec<String> {
-        self.0
-            .get(key)
-            .map(|v| {
-                v.split(':')
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
+/// The service's own settings, from its control socket (`None` when it cannot say).
 fn service_config(
     props: &HashMap<String, String>,
     socket: Option<PathBuf>,
     timeout: Duration,
 ) -> Option<Config> {
     let path = socket.or_else(|| {
-        let dir = props
-            .get("RuntimeDirectory")?
-            .split_whitespace()
-            .next()?
-            .to_string();
-        Some(
-            PathBuf::from("/run")
-                .join(dir)
-                .join(exuvia::control::SOCKET_NAME),
-        )
+        let dir = props.get("RuntimeDirectory")?.split_whitespace().next()?;
+        Some(exuvia::control::socket_path_for_runtime_directory(dir))
     })?;
     let reply = exuvia::control::request(&path, exuvia::control::Command::Config, timeout).ok()?;
-    reply.ok.then(|| {
-        Config(
-            reply
-                .text
-                .split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    })
+    if !reply.is_ok() {
+        return None;
+    }
+    Config::parse(reply.text()).ok()
 }
 
 fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &mut Findings) {
@@ -454,24 +419,23 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
         );
         return;
     };
-    if let (Some(drain), stop) = (config.ms("drain_ms"), parse_span(get("TimeoutStopUSec"))) {
-        match stop {
-            Some(stop) if stop < drain + Duration::from_secs(5) => f.add(
-                Level::Warning,
-                format!(
-                    "TimeoutStopSec={stop:?} leaves no room for the service's drain timeout of {drain:?}: systemd \
-                     kills it mid-drain; fix: TimeoutStopSec={}",
-                    drain.as_secs() + 15
-                ),
+    let drain = config.drain_timeout;
+    match parse_span(get("TimeoutStopUSec")) {
+        Some(stop) if stop < drain + Duration::from_secs(5) => f.add(
+            Level::Warning,
+            format!(
+                "TimeoutStopSec={stop:?} leaves no room for the service's drain timeout of {drain:?}: systemd \
+                 kills it mid-drain; fix: TimeoutStopSec={}",
+                drain.as_secs() + 15
             ),
-            _ => f.add(
-                Level::Ok,
-                format!("TimeoutStopSec covers the drain timeout ({drain:?})"),
-            ),
-        }
+        ),
+        _ => f.add(
+            Level::Ok,
+            format!("TimeoutStopSec covers the drain timeout ({drain:?})"),
+        ),
     }
-    if let (Some(ready), Some(start)) = (config.ms("ready_ms"), parse_span(get("TimeoutStartUSec")))
-    {
+    let ready = config.ready_timeout;
+    if let Some(start) = parse_span(get("TimeoutStartUSec")) {
         if start < ready {
             f.add(
                 Level::Warning,
@@ -484,7 +448,7 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
             );
         }
     }
-    for name in config.names("unclaimed") {
+    for name in &config.unclaimed {
         f.add(
             Level::Warning,
             format!(
@@ -494,9 +458,9 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
             ),
         );
     }
-    if config.0.get("fd_store").map(String::as_str) == Some("true") {
+    if config.fd_store {
         let max: u64 = get("FileDescriptorStoreMax").parse().unwrap_or(0);
-        let needed = config.names("taken").len() as u64;
+        let needed = config.taken.len() as u64;
         if max < needed.max(1) {
             f.add(
                 Level::Error,
@@ -523,7 +487,7 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
             ),
         }
     }
-    if !config.ms("probation_ms").unwrap_or_default().is_zero() && get("NotifyAccess") != "all" {
+    if !config.probation.is_zero() && get("NotifyAccess") != "all" {
         f.add(
             Level::Error,
             "the service has a probation window, but a rollback cannot hand the service back without \

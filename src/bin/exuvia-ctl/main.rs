@@ -25,76 +25,53 @@
 
 mod check;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use exuvia::control::{Command, Reply};
 use std::process::ExitCode;
 use std::time::Duration;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: exuvia-ctl [--socket PATH] [--timeout SECS] status|upgrade|reload-verdict|stop|config\n       \
-         exuvia-ctl [--socket PATH] check [--] UNIT"
+        "usage: exuvia-ctl [--socket PATH] [--timeout SECS] {}\n       \
+         exuvia-ctl [--socket PATH] check [--] UNIT",
+        Command::CLI_WORDS.join("|")
     );
     ExitCode::from(2)
+}
+
+/// What the command line asks for.
+enum Cli {
+    Check {
+        unit: String,
+        socket: Option<PathBuf>,
+        timeout: Duration,
+    },
+    Request {
+        command: Command,
+        socket: Option<PathBuf>,
+        timeout: Duration,
+    },
 }
 
 fn main() -> ExitCode {
     // Taken first: the reload signal was sent before this helper started.
     let started = exuvia::notify::monotonic_usec();
-    let mut socket: Option<PathBuf> = None;
-    let mut timeout = Duration::from_secs(120);
-    let mut command: Option<String> = None;
-    let mut unit: Option<String> = None;
-    let mut args = std::env::args().skip(1);
-    let mut positional_only = false;
-    while let Some(a) = args.next() {
-        if positional_only {
-            if command.as_deref() == Some("check") && unit.is_none() {
-                unit = Some(a);
-                continue;
-            }
-            return usage();
-        }
-        match a.as_str() {
-            "--" => positional_only = true,
-            "--socket" => match args.next() {
-                Some(p) => socket = Some(p.into()),
-                None => return usage(),
-            },
-            "--timeout" => match args
-                .next()
-                .and_then(|s| s.parse::<f64>().ok())
-                .filter(|s| *s > 0.0)
-            {
-                Some(s) => timeout = Duration::from_secs_f64(s),
-                None => return usage(),
-            },
-            "-h" | "--help" => return usage(),
-            c if command.is_none() => command = Some(c.to_string()),
-            // An option-like word is refused by the unit name check, with the reason.
-            c if command.as_deref() == Some("check") && unit.is_none() => {
-                unit = Some(c.to_string())
-            }
-            _ => return usage(),
-        }
-    }
-    use exuvia::control::Command;
-    let request = match command.as_deref() {
-        Some("status") => Command::Status,
-        Some("upgrade") => Command::Upgrade,
-        Some("reload-verdict") => Command::Verdict {
-            since_usec: started,
-        },
-        Some("stop") => Command::Stop,
-        Some("config") => Command::Config,
-        Some("check") => {
-            return match unit {
-                Some(unit) => check::run(&unit, socket, timeout.min(Duration::from_secs(10))),
-                None => usage(),
-            }
-        }
-        _ => return usage(),
+    let (command, socket, timeout) = match parse_args(started) {
+        Some(Cli::Check {
+            unit,
+            socket,
+            timeout,
+        }) => return check::run(&unit, socket, timeout.min(Duration::from_secs(10))),
+        Some(Cli::Request {
+            command,
+            socket,
+            timeout,
+        }) => (command, socket, timeout),
+        None => return usage(),
     };
-    if matches!(command.as_deref(), Some("reload-verdict" | "upgrade")) {
+    let reloading = matches!(command, Command::Verdict { .. } | Command::Upgrade);
+    if reloading {
         end_quietly_on_sigterm();
     }
     let Some(path) = socket.or_else(exuvia::control::default_socket_path) else {
@@ -103,20 +80,67 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     };
+    let reply = ask(&path, command, timeout);
+    if reply.is_err() && reloading {
+        main_process_died_during_reload();
+    }
+    report(command, reply)
+}
+
+/// Reads the command line; `None` for a usage error.
+fn parse_args(started: u64) -> Option<Cli> {
+    let mut socket: Option<PathBuf> = None;
+    let mut timeout = Duration::from_secs(120);
+    let mut word: Option<String> = None;
+    let mut unit: Option<String> = None;
+    let mut args = std::env::args().skip(1);
+    let mut positional_only = false;
+    while let Some(a) = args.next() {
+        let checking = word.as_deref() == Some("check") && unit.is_none();
+        match a.as_str() {
+            _ if positional_only && checking => unit = Some(a),
+            _ if positional_only => return None,
+            "--" => positional_only = true,
+            "--socket" => socket = Some(args.next()?.into()),
+            "--timeout" => {
+                let s = args.next()?.parse::<f64>().ok().filter(|s| *s > 0.0)?;
+                timeout = Duration::from_secs_f64(s);
+            }
+            "-h" | "--help" => return None,
+            c if word.is_none() => word = Some(c.to_string()),
+            // An option-like word is refused by the unit name check, with the reason.
+            c if checking => unit = Some(c.to_string()),
+            _ => return None,
+        }
+    }
+    match word?.as_str() {
+        "check" => Some(Cli::Check {
+            unit: unit?,
+            socket,
+            timeout,
+        }),
+        w => Some(Cli::Request {
+            command: Command::from_cli_word(w, started)?,
+            socket,
+            timeout,
+        }),
+    }
+}
+
+/// Sends `command` and reads the reply, asking again (until `timeout`) while the service says so: `retry`
+/// (the old process has handed over: the new one answers on the same socket), `busy` (too many control
+/// requests at once; it frees up within seconds), and for a `verdict` (it starts nothing, so asking twice is
+/// harmless) a connection that ended without an answer, up to 50 times: the process that had it may have
+/// died on probation, and the old process, which took the service back, answers on the same socket.
+fn ask(path: &Path, command: Command, timeout: Duration) -> exuvia::Result<Reply> {
     let deadline = std::time::Instant::now() + timeout;
-    let mut reply = exuvia::control::request(&path, request, timeout);
-    // The old process answers "retry" once it has handed over: the reload signal went to the new one, which
-    // accepts on the same socket from now on.
-    // A verdict request (it starts nothing, so asking twice is harmless) whose connection ended without an
-    // answer is asked again for a second: the process that had it may have died on probation, and the old
-    // process, which took the service back, answers on the same socket.
+    let mut reply = exuvia::control::request(path, command, timeout);
     let mut lost = 0;
     while std::time::Instant::now() < deadline {
         let again = match &reply {
-            // Busy: the service had too many control requests at once; it frees up within seconds.
             Ok(r) => r.is_retry() || r.is_busy(),
             Err(e) => {
-                matches!(request, Command::Verdict { .. })
+                matches!(command, Command::Verdict { .. })
                     && e.kind() == exuvia::ErrorKind::ControlSocket
                     && {
                         lost += 1;
@@ -129,16 +153,21 @@ fn main() -> ExitCode {
         }
         std::thread::sleep(Duration::from_millis(20));
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        reply = exuvia::control::request(&path, request, left.max(Duration::from_millis(1)));
+        reply = exuvia::control::request(path, command, left.max(Duration::from_millis(1)));
     }
+    reply
+}
+
+/// Prints the outcome; the exit status: 0 ok, 1 the service said no, 2 it could not be asked.
+fn report(command: Command, reply: exuvia::Result<Reply>) -> ExitCode {
     match reply {
         // A stop's answer is printed once every process it named has exited (`request` waited for them).
-        Ok(r) if r.ok && request == Command::Stop => {
-            println!("{}: exited", r.text);
+        Ok(r) if r.is_ok() && command == Command::Stop => {
+            println!("{}: exited", r.text());
             ExitCode::SUCCESS
         }
-        Ok(r) if r.ok => {
-            println!("{}", r.text);
+        Ok(r) if r.is_ok() => {
+            println!("{}", r.text());
             ExitCode::SUCCESS
         }
         // A stop abandoned the upgrade (systemd's SIGTERM to this helper may still be on its way): the stop is
@@ -146,19 +175,21 @@ fn main() -> ExitCode {
         Ok(r) if r.is_stopping() => {
             eprintln!(
                 "exuvia-ctl: the reload was interrupted by a stop ({})",
-                r.text
+                r.text()
             );
             ExitCode::SUCCESS
         }
         Ok(r) => {
-            eprintln!("exuvia-ctl: {}", r.text);
+            // The reply as the service said it, less the word "error".
+            let said = r.to_string();
+            eprintln!(
+                "exuvia-ctl: {}",
+                said.strip_prefix("error ").unwrap_or(&said)
+            );
             ExitCode::from(1)
         }
         Err(e) => {
             eprintln!("exuvia-ctl: {e}");
-            if matches!(command.as_deref(), Some("reload-verdict" | "upgrade")) {
-                main_process_died_during_reload();
-            }
             ExitCode::from(2)
         }
     }
