@@ -272,7 +272,16 @@ fn helper(props: &HashMap<String, String>, key: &str, verb: &str, f: &mut Findin
     true
 }
 
+/// The unit's own settings, one area at a time.
 fn check_unit(props: &HashMap<String, String>, version: Option<u32>, f: &mut Findings) {
+    check_type(props, version, f);
+    check_notify_access(props, f);
+    check_stop(props, f);
+    check_runtime(props, f);
+}
+
+/// `Type=` and the reload helper it needs, for the running systemd's version.
+fn check_type(props: &HashMap<String, String>, version: Option<u32>, f: &mut Findings) {
     let get = |k: &str| props.get(k).map_or("", String::as_str);
     let v = version.map_or("an unknown version".to_string(), |v| format!("systemd {v}"));
     match get("Type") {
@@ -334,6 +343,11 @@ fn check_unit(props: &HashMap<String, String>, version: Option<u32>, f: &mut Fin
             ),
         ),
     }
+}
+
+/// `NotifyAccess=`: who may tell systemd the main process changed.
+fn check_notify_access(props: &HashMap<String, String>, f: &mut Findings) {
+    let get = |k: &str| props.get(k).map_or("", String::as_str);
     match get("NotifyAccess") {
         "all" => f.add(Level::Ok, "NotifyAccess=all"),
         "exec" => f.add(
@@ -353,6 +367,11 @@ fn check_unit(props: &HashMap<String, String>, version: Option<u32>, f: &mut Fin
             ),
         ),
     }
+}
+
+/// `ExecStop=` and `KillMode=`: what a stop waits for, and what it ends.
+fn check_stop(props: &HashMap<String, String>, f: &mut Findings) {
+    let get = |k: &str| props.get(k).map_or("", String::as_str);
     if !helper(props, "ExecStop", "stop", f) {
         f.add(
             Level::Warning,
@@ -370,6 +389,11 @@ fn check_unit(props: &HashMap<String, String>, version: Option<u32>, f: &mut Fin
             ),
         ),
     }
+}
+
+/// `RuntimeDirectory=` (where the control socket lives) and the watchdog.
+fn check_runtime(props: &HashMap<String, String>, f: &mut Findings) {
+    let get = |k: &str| props.get(k).map_or("", String::as_str);
     if get("RuntimeDirectory").is_empty() {
         f.add(
             Level::Error,
