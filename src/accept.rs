@@ -88,21 +88,21 @@ impl<L: Accept> Iterator for Incoming<L> {
             // the connections); after a rollback it opens again and the same kernel socket is accepted from.
             let gate = self.finishing.gate();
             let mut set = PollSet::new();
-            let s = set.add(stop, libc::POLLIN);
-            let g = set.add(gate.changed_fd(), libc::POLLIN);
-            let l = gate.open.then(|| set.add(listener.as_fd(), libc::POLLIN));
+            let s = set.readable(stop);
+            let g = set.readable(gate.changed_fd());
+            let l = gate.open.then(|| set.readable(listener.as_fd()));
             if let Err(e) = set.wait(None) {
                 return Some(Err(e));
             }
-            if set.revents(s) != 0 {
+            if set.fired(s) {
                 // Leave whatever is queued to the process that carries on.
                 self.listener = None;
                 return None;
             }
-            if set.revents(g) != 0 {
+            if set.fired(g) {
                 continue; // the gate changed: look again
             }
-            if !l.is_some_and(|l| set.revents(l) != 0) {
+            if !l.is_some_and(|l| set.fired(l)) {
                 continue;
             }
             if !self.nonblocking {

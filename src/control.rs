@@ -189,20 +189,20 @@ pub(crate) fn serve(served: Served, listener: UnixListener) {
                 let gate = served.finishing.gate();
                 let (stop, changed, accept, ready) = {
                     let mut set = PollSet::new();
-                    let stop = (!finishing).then(|| set.add(served.finishing.fd(), libc::POLLIN));
-                    let changed = (!finishing).then(|| set.add(gate.changed_fd(), libc::POLLIN));
+                    let stop = (!finishing).then(|| set.readable(served.finishing.fd()));
+                    let changed = (!finishing).then(|| set.readable(gate.changed_fd()));
                     // On probation the gate is shut: the new process serves the socket meanwhile.
-                    let accept = (!finishing && gate.open).then(|| set.add(listener.as_fd(), libc::POLLIN));
+                    let accept = (!finishing && gate.open).then(|| set.readable(listener.as_fd()));
                     let conns: Vec<usize> =
-                        pending.iter().map(|p| set.add(p.conn.as_fd(), libc::POLLIN)).collect();
+                        pending.iter().map(|p| set.readable(p.conn.as_fd())).collect();
                     let until = pending.iter().map(|p| p.deadline).min();
                     if let Err(e) = set.wait(until) {
                         tracing::warn!(error = %e, "control socket: poll failed; retrying in 100 ms");
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
-                    let on = |i: Option<usize>| i.is_some_and(|i| set.revents(i) != 0);
-                    let ready: Vec<bool> = conns.iter().map(|i| set.revents(*i) != 0).collect();
+                    let on = |i: Option<usize>| i.is_some_and(|i| set.fired(i));
+                    let ready: Vec<bool> = conns.iter().map(|i| set.fired(*i)).collect();
                     (on(stop), on(changed), on(accept), ready)
                 };
                 let _ = (stop, changed); // both only wake the loop: it looks at the state again
@@ -935,7 +935,7 @@ fn wait_exited(pid: u32, deadline: Instant) -> bool {
     match sys::pidfd_open(raw) {
         Ok(fd) => {
             let mut set = PollSet::new();
-            set.add(fd.as_fd(), libc::POLLIN);
+            set.readable(fd.as_fd());
             set.wait(Some(deadline)).unwrap_or(false)
         }
         // No such process: gone (and reaped) already.

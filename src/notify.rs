@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::sys::{self, PollSet, UnixTarget};
+use crate::sys::{self, PollFlags, PollSet, UnixTarget};
 
 /// The environment variable systemd sets for services that may notify.
 pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
@@ -226,7 +226,7 @@ impl Notifier {
         drop(write_end);
         let deadline = Instant::now() + timeout;
         let mut set = PollSet::new();
-        set.add(read_end.as_fd(), 0); // POLLHUP is always reported
+        set.add(read_end.as_fd(), PollFlags::empty()); // POLLHUP is always reported
         let done = set
             .wait(Some(deadline))
             .map_err(|e| Error::io("barrier poll failed", e))?;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::protocol::{self, Message};
 use crate::error::{Error, ErrorKind, Result};
-use crate::sys::PollSet;
+use crate::sys::{PollFlags, PollSet};
 
 /// What a [`Channel::recv`] saw first.
 #[derive(Debug)]
@@ -90,7 +90,7 @@ impl Channel {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let mut set = PollSet::new();
-                    set.add(self.stream.as_fd(), libc::POLLOUT);
+                    set.add(self.stream.as_fd(), PollFlags::OUT);
                     let ready = set
                         .wait(Some(deadline))
                         .map_err(|e| Error::io("handover channel: poll failed", e))?;
@@ -151,9 +151,9 @@ impl Channel {
                 }
             }
             let mut set = PollSet::new();
-            let me = set.add(self.stream.as_fd(), libc::POLLIN);
-            let ended = also.ended.map(|fd| set.add(fd, libc::POLLIN));
-            let stop = also.stop.map(|fd| set.add(fd, libc::POLLIN));
+            let me = set.readable(self.stream.as_fd());
+            let ended = also.ended.map(|fd| set.readable(fd));
+            let stop = also.stop.map(|fd| set.readable(fd));
             if !set
                 .wait(deadline)
                 .map_err(|e| Error::io("handover channel: poll failed", e))?
@@ -162,11 +162,11 @@ impl Channel {
             }
             // Only report the others when the channel itself has nothing: a message that arrived together with
             // them (a child that said "failed" and exited, or "stopping" and exited) is the better explanation.
-            if set.revents(me) == 0 {
-                if ended.is_some_and(|i| set.revents(i) != 0) {
+            if !set.fired(me) {
+                if ended.is_some_and(|i| set.fired(i)) {
                     return Ok(Event::Ended);
                 }
-                if stop.is_some_and(|i| set.revents(i) != 0) {
+                if stop.is_some_and(|i| set.fired(i)) {
                     return Ok(Event::Stop);
                 }
             }

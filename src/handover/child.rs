@@ -238,8 +238,8 @@ impl ParentWatch {
             .name("exuvia-parent-watch".into())
             .spawn(move || {
                 let mut set = sys::PollSet::new();
-                let channel = set.add(fd.as_fd(), libc::POLLRDHUP);
-                let stop = set.add(stop_read.as_fd(), libc::POLLIN);
+                let channel = set.add(fd.as_fd(), sys::PollFlags::RDHUP);
+                let stop = set.readable(stop_read.as_fd());
                 loop {
                     match set.wait(None) {
                         Ok(true) => {}
@@ -249,10 +249,10 @@ impl ParentWatch {
                             return;
                         }
                     }
-                    if set.revents(stop) != 0 {
+                    if set.fired(stop) {
                         return;
                     }
-                    if set.revents(channel) != 0 {
+                    if set.fired(channel) {
                         // `ready` owns the verdict once it reports; before that, nobody would notice.
                         if !r.load(std::sync::atomic::Ordering::SeqCst) {
                             end_this_process_group(parent_pid, "while this process was initialising");

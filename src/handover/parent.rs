@@ -194,7 +194,7 @@ impl PendingChild {
 
     pub(crate) fn has_exited(&self) -> bool {
         let mut set = PollSet::new();
-        set.add(self.pidfd.as_fd(), libc::POLLIN);
+        set.readable(self.pidfd.as_fd());
         set.wait(Some(Instant::now())).unwrap_or(false)
     }
 
@@ -281,7 +281,7 @@ impl PendingChild {
                     // The channel closes as the child exits; its pidfd turns readable a moment later. Wait a
                     // bounded time for that to report the exit status rather than a bare "closed".
                     let mut set = PollSet::new();
-                    set.add(self.pidfd.as_fd(), libc::POLLIN);
+                    set.readable(self.pidfd.as_fd());
                     let exited = set
                         .wait(Some(Instant::now() + Duration::from_secs(2)))
                         .unwrap_or(false);
@@ -436,12 +436,12 @@ impl CommittedChild {
                 self.channel.recv(Some(next), also)
             } else {
                 let mut set = PollSet::new();
-                let ended = set.add(self.pidfd.as_fd(), libc::POLLIN);
-                let stopped = set.add(stop, libc::POLLIN);
+                let ended = set.readable(self.pidfd.as_fd());
+                let stopped = set.readable(stop);
                 match set.wait(Some(next)) {
                     Ok(false) => Ok(Event::Timeout),
-                    Ok(true) if set.revents(ended) != 0 => Ok(Event::Ended),
-                    Ok(true) if set.revents(stopped) != 0 => Ok(Event::Stop),
+                    Ok(true) if set.fired(ended) => Ok(Event::Ended),
+                    Ok(true) if set.fired(stopped) => Ok(Event::Stop),
                     Ok(true) => Ok(Event::Timeout),
                     Err(e) => Err(Error::io("poll failed", e)),
                 }

@@ -4,7 +4,8 @@ use std::io;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
-use rustix::event::{PollFd, PollFlags};
+use rustix::event::PollFd;
+pub(crate) use rustix::event::PollFlags;
 use rustix::io::FdFlags;
 
 /// Takes ownership of a file descriptor that the environment says we inherited, after checking it is open.
@@ -68,13 +69,15 @@ impl<'a> PollSet<'a> {
         PollSet::default()
     }
 
-    /// Adds `fd`, returning its index. `events` are `poll(2)`'s (`libc::POLLIN`, ...).
-    pub(crate) fn add(&mut self, fd: BorrowedFd<'a>, events: libc::c_short) -> usize {
-        self.fds.push(PollFd::from_borrowed_fd(
-            fd,
-            PollFlags::from_bits_retain(events as u16),
-        ));
+    /// Adds `fd` to wait for `events`, returning its index.
+    pub(crate) fn add(&mut self, fd: BorrowedFd<'a>, events: PollFlags) -> usize {
+        self.fds.push(PollFd::from_borrowed_fd(fd, events));
         self.fds.len() - 1
+    }
+
+    /// Adds `fd` to wait until it is readable (or hung up, or in error), returning its index.
+    pub(crate) fn readable(&mut self, fd: BorrowedFd<'a>) -> usize {
+        self.add(fd, PollFlags::IN)
     }
 
     /// Waits until any fd is ready or `deadline` passes (`None`: forever). Returns false on timeout.
@@ -103,9 +106,10 @@ impl<'a> PollSet<'a> {
         }
     }
 
-    /// The events that fired for the fd at `index` in the last [`wait`](Self::wait).
-    pub(crate) fn revents(&self, index: usize) -> libc::c_short {
-        self.fds[index].revents().bits() as libc::c_short
+    /// Whether anything fired for the fd at `index` in the last [`wait`](Self::wait) (what was asked for, or a
+    /// hang-up or error, which `poll` always reports).
+    pub(crate) fn fired(&self, index: usize) -> bool {
+        !self.fds[index].revents().is_empty()
     }
 }
 
@@ -142,13 +146,13 @@ mod tests {
     fn poll_times_out_then_sees_a_closed_pipe() {
         let (r, w) = pipe().unwrap();
         let mut set = PollSet::new();
-        let i = set.add(r.as_fd(), libc::POLLIN);
+        let i = set.readable(r.as_fd());
         let t = Instant::now();
         assert!(!set.wait(Some(t + Duration::from_millis(20))).unwrap());
         assert!(t.elapsed() >= Duration::from_millis(20));
         drop(w);
         assert!(set.wait(None).unwrap());
-        assert_ne!(set.revents(i) & (libc::POLLIN | libc::POLLHUP), 0);
+        assert!(set.fired(i));
         assert_eq!(read(r.as_fd(), &mut [0u8; 4]).unwrap(), 0);
         set_cloexec(r.as_fd(), false).unwrap();
         assert!(!rustix::io::fcntl_getfd(&r)

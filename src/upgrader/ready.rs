@@ -174,7 +174,7 @@ impl Upgrader {
             .name("exuvia-old-watch".into())
             .spawn(move || {
                 let mut set = sys::PollSet::new();
-                set.add(pidfd.as_fd(), libc::POLLIN);
+                set.readable(pidfd.as_fd());
                 if set.wait(None).unwrap_or(false) && me.finishing().is_none() {
                     me.inner.manager.status(&format!(
                         "serving (pid {}, generation {})",
