@@ -929,10 +929,7 @@ pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply
 
 /// Waits until process `pid` has exited (a zombie counts: it serves nothing), up to `deadline`.
 fn wait_exited(pid: u32, deadline: Instant) -> bool {
-    let Ok(raw) = libc::pid_t::try_from(pid) else {
-        return true;
-    };
-    match sys::pidfd_open(raw) {
+    match sys::pidfd_open(pid) {
         Ok(fd) => {
             let mut set = PollSet::new();
             set.readable(fd.as_fd());

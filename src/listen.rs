@@ -29,16 +29,15 @@ pub enum SocketKind {
 
 impl SocketKind {
     pub(crate) fn matches(self, info: &SocketInfo) -> bool {
-        let inet = info.domain == libc::AF_INET || info.domain == libc::AF_INET6;
-        let unix = info.domain == libc::AF_UNIX;
+        use sys::{AddressFamily as F, SocketType as T};
+        let inet = info.domain == F::INET || info.domain == F::INET6;
+        let unix = info.domain == F::UNIX;
         match self {
-            SocketKind::TcpListener => inet && info.ty == libc::SOCK_STREAM && info.listening,
-            SocketKind::Udp => inet && info.ty == libc::SOCK_DGRAM,
-            SocketKind::UnixListener => unix && info.ty == libc::SOCK_STREAM && info.listening,
-            SocketKind::UnixDatagram => unix && info.ty == libc::SOCK_DGRAM,
-            SocketKind::UnixSeqpacketListener => {
-                unix && info.ty == libc::SOCK_SEQPACKET && info.listening
-            }
+            SocketKind::TcpListener => inet && info.ty == T::STREAM && info.listening,
+            SocketKind::Udp => inet && info.ty == T::DGRAM,
+            SocketKind::UnixListener => unix && info.ty == T::STREAM && info.listening,
+            SocketKind::UnixDatagram => unix && info.ty == T::DGRAM,
+            SocketKind::UnixSeqpacketListener => unix && info.ty == T::SEQPACKET && info.listening,
         }
     }
 }
@@ -61,17 +60,18 @@ pub(crate) fn describe(fd: BorrowedFd<'_>) -> String {
         Err(e) => format!("unreadable ({e})"),
         Ok(None) => "not a socket".to_string(),
         Ok(Some(i)) => {
+            use sys::{AddressFamily as F, SocketType as T};
             let domain = match i.domain {
-                libc::AF_INET => "IPv4",
-                libc::AF_INET6 => "IPv6",
-                libc::AF_UNIX => "Unix",
-                libc::AF_NETLINK => "netlink",
+                F::INET => "IPv4",
+                F::INET6 => "IPv6",
+                F::UNIX => "Unix",
+                F::NETLINK => "netlink",
                 _ => "other-family",
             };
             let ty = match i.ty {
-                libc::SOCK_STREAM => "stream",
-                libc::SOCK_DGRAM => "datagram",
-                libc::SOCK_SEQPACKET => "seqpacket",
+                T::STREAM => "stream",
+                T::DGRAM => "datagram",
+                T::SEQPACKET => "seqpacket",
                 _ => "other-type",
             };
             let listening = if i.listening { "listening " } else { "" };

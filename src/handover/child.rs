@@ -41,7 +41,7 @@ pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
         )
     })?;
     match sys::socket_info(fd.as_fd()) {
-        Ok(Some(i)) if i.domain == libc::AF_UNIX && i.ty == libc::SOCK_STREAM => {}
+        Ok(Some(i)) if i.domain == sys::AddressFamily::UNIX && i.ty == sys::SocketType::STREAM => {}
         _ => {
             return Err(Error::env(format!(
                 "{}={raw} is {}, not the handover channel",
@@ -168,16 +168,15 @@ impl ParentLink {
 /// What a committed new process takes over from the old one: its process group (where a terminal's Ctrl-C or
 /// a `kill` of the group reaches the service as before the upgrade) and its OOM score.
 struct ParentWays {
-    group: std::io::Result<libc::pid_t>,
+    group: std::io::Result<u32>,
     oom_score_adj: std::io::Result<String>,
 }
 
 impl ParentWays {
     fn read(parent_pid: u32) -> ParentWays {
-        let parent = parent_pid as libc::pid_t;
         ParentWays {
-            group: sys::getpgid(parent),
-            oom_score_adj: std::fs::read_to_string(format!("/proc/{parent}/oom_score_adj")),
+            group: sys::getpgid(Some(parent_pid)),
+            oom_score_adj: std::fs::read_to_string(format!("/proc/{parent_pid}/oom_score_adj")),
         }
     }
 
@@ -207,8 +206,7 @@ fn end_this_process_group(parent_pid: u32, when: &str) -> ! {
         "the old process went away {when}; exiting with everything this process started, so as not to serve \
          unmanaged (under systemd, Restart= starts the service again)"
     );
-    let me = std::process::id() as libc::pid_t;
-    if sys::getpgid(0).ok() == Some(me) {
+    if sys::getpgid(None).ok() == Some(std::process::id()) {
         let _ = sys::kill_own_process_group();
     }
     std::process::exit(1)

@@ -37,7 +37,7 @@ pub(crate) struct Launch<'a> {
 /// can leave a half-started process behind.
 #[derive(Debug)]
 pub(crate) struct PendingChild {
-    pid: libc::pid_t,
+    pid: u32,
     pidfd: OwnedFd,
     channel: Channel,
     done: bool,
@@ -189,7 +189,7 @@ pub(crate) fn start(
 
 impl PendingChild {
     pub(crate) fn pid(&self) -> u32 {
-        self.pid as u32
+        self.pid
     }
 
     pub(crate) fn has_exited(&self) -> bool {
@@ -352,8 +352,8 @@ impl PendingChild {
     /// (a new program that does not know the convention would stay at idle priority for good); kills it
     /// otherwise.
     pub(crate) fn check_normal_priority(&mut self) -> Result<()> {
-        let verdict = match sys::thread_policies(self.pid as u32) {
-            Ok(threads) => match threads.iter().find(|(_, p)| *p != libc::SCHED_OTHER) {
+        let verdict = match sys::thread_policies(self.pid) {
+            Ok(threads) => match threads.iter().find(|(_, p)| *p != sys::Policy::Other) {
                 None => return Ok(()),
                 Some((tid, p)) => format!(
                     "the new process did not return to normal CPU priority after its background \
@@ -373,7 +373,7 @@ impl PendingChild {
 /// the channel (kept open for that: the child says `Stopping` on it before a stop can end it) and its pidfd.
 #[derive(Debug)]
 pub(crate) struct CommittedChild {
-    pid: libc::pid_t,
+    pid: u32,
     pidfd: OwnedFd,
     channel: Channel,
 }
@@ -398,7 +398,7 @@ pub(crate) enum Watched {
 
 impl CommittedChild {
     pub(crate) fn pid(&self) -> u32 {
-        self.pid as u32
+        self.pid
     }
 
     /// Watches the child until `deadline`, its end (reaped then, if this process still can), its `Stopping`
@@ -631,13 +631,13 @@ mod tests {
     fn a_child_that_stays_at_idle_priority_is_refused() {
         // A new program that does not know the background convention: it reports ready (a valid frame, with
         // an init time of 0) without returning to normal priority. The old process must not hand over to it.
-        let (_, nice) = sys::scheduling().unwrap();
+        let nice = sys::scheduling().unwrap().nice;
         let ready = r"printf 'EXUV\001\002\000\000\010\000\000\000\000\000\000\000\000\000\000\000' >&3; sleep 30";
         let mut child = start_program_in("/bin/sh", &["sh", "-c", ready], &[], Some(nice)).unwrap();
         let pid = child.pid();
         let policies = sys::thread_policies(pid).unwrap();
         assert!(
-            policies.iter().all(|(_, p)| *p == libc::SCHED_IDLE),
+            policies.iter().all(|(_, p)| *p == sys::Policy::Idle),
             "{policies:?}"
         );
         child

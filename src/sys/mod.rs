@@ -27,8 +27,8 @@ pub(crate) use fd::{
     adopt_inherited_fd, file_identity, pipe, read, set_cloexec, set_nonblocking, PollFlags, PollSet,
 };
 pub(crate) use net::{
-    accept, accept_queue, peer_uid, send_unix_datagram, set_socket_mode, socket_info, SocketInfo,
-    UnixTarget,
+    accept, accept_queue, peer_uid, send_unix_datagram, set_socket_mode, socket_info,
+    AddressFamily, SocketInfo, SocketType, UnixTarget,
 };
 #[cfg(feature = "hyper")]
 pub(crate) use net::{Cut, Cuttable};
@@ -37,7 +37,7 @@ pub(crate) use process::{
     kill_process_group, monotonic_usec, pidfd_open, terminate_process, thread_count, waitpid,
 };
 pub(crate) use scheduling::{
-    may_return_to, return_to_normal_scheduling, scheduling, thread_policies,
+    may_return_to, return_to_normal_scheduling, scheduling, thread_policies, Policy, Scheduling,
 };
 pub(crate) use signal::signal_pipe;
 pub(crate) use spawn::{spawn, SpawnError, SpawnPlan, SpawnStep};

@@ -14,14 +14,15 @@ use rustix::fs::FileType;
 use rustix::net::{
     sockopt, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags,
 };
+pub(crate) use rustix::net::{AddressFamily, SocketType};
 
 /// What the kernel says a socket is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SocketInfo {
     /// `AF_INET`, `AF_INET6`, `AF_UNIX`, ...
-    pub(crate) domain: libc::c_int,
+    pub(crate) domain: AddressFamily,
     /// `SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_SEQPACKET`, ...
-    pub(crate) ty: libc::c_int,
+    pub(crate) ty: SocketType,
     /// `SO_ACCEPTCONN`: whether `listen` was called on it.
     pub(crate) listening: bool,
 }
@@ -33,8 +34,8 @@ pub(crate) fn socket_info(fd: BorrowedFd<'_>) -> io::Result<Option<SocketInfo>> 
         return Ok(None);
     }
     Ok(Some(SocketInfo {
-        domain: libc::c_int::from(sockopt::socket_domain(fd)?.as_raw()),
-        ty: sockopt::socket_type(fd)?.as_raw() as libc::c_int,
+        domain: sockopt::socket_domain(fd)?,
+        ty: sockopt::socket_type(fd)?,
         listening: sockopt::socket_acceptconn(fd)?,
     }))
 }
@@ -67,12 +68,12 @@ pub(crate) fn accept_queue(fd: BorrowedFd<'_>) -> io::Result<Option<u32>> {
     let Some(info) = socket_info(fd)? else {
         return Ok(None);
     };
-    if !info.listening || info.ty != libc::SOCK_STREAM {
+    if !info.listening || info.ty != SocketType::STREAM {
         return Ok(None);
     }
     match info.domain {
-        libc::AF_INET | libc::AF_INET6 => tcp_listen_queue(fd).map(Some),
-        libc::AF_UNIX => {
+        AddressFamily::INET | AddressFamily::INET6 => tcp_listen_queue(fd).map(Some),
+        AddressFamily::UNIX => {
             let mut fds = [rustix::event::PollFd::new(
                 &fd,
                 rustix::event::PollFlags::IN,
@@ -260,11 +261,11 @@ mod tests {
         let info = socket_info(l.as_fd()).unwrap().unwrap();
         assert_eq!(
             (info.domain, info.ty, info.listening),
-            (libc::AF_INET, libc::SOCK_STREAM, true)
+            (AddressFamily::INET, SocketType::STREAM, true)
         );
         let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let info = socket_info(u.as_fd()).unwrap().unwrap();
-        assert_eq!((info.ty, info.listening), (libc::SOCK_DGRAM, false));
+        assert_eq!((info.ty, info.listening), (SocketType::DGRAM, false));
     }
 
     #[test]

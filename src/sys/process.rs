@@ -11,12 +11,23 @@ use std::process::ExitStatus;
 
 use rustix::process::{Pid, Signal, WaitOptions};
 
-fn pid(raw: i32) -> io::Result<Pid> {
-    Pid::from_raw(raw).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))
+/// The crate's pid type is `u32` (std's `process::id()`, the public API's, the handover protocol's); the
+/// kernel's is a positive `pid_t`, which rustix's `Pid` carries. Converted here only: 0 and numbers past
+/// `i32::MAX` name no process.
+fn pid(p: u32) -> io::Result<Pid> {
+    i32::try_from(p)
+        .ok()
+        .and_then(Pid::from_raw)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))
+}
+
+/// A kernel pid as the crate's `u32`.
+pub(crate) fn pid_u32(p: Pid) -> u32 {
+    p.as_raw_nonzero().get().unsigned_abs()
 }
 
 /// `pidfd_open(2)`: a descriptor that becomes readable when the process exits (Linux 5.3+).
-pub(crate) fn pidfd_open(raw: libc::pid_t) -> io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(raw: u32) -> io::Result<OwnedFd> {
     Ok(rustix::process::pidfd_open(
         pid(raw)?,
         rustix::process::PidfdFlags::empty(),
@@ -24,7 +35,7 @@ pub(crate) fn pidfd_open(raw: libc::pid_t) -> io::Result<OwnedFd> {
 }
 
 /// `waitpid(2)` for one pid. With `nohang`, `Ok(None)` means it is still running.
-pub(crate) fn waitpid(raw: libc::pid_t, nohang: bool) -> io::Result<Option<ExitStatus>> {
+pub(crate) fn waitpid(raw: u32, nohang: bool) -> io::Result<Option<ExitStatus>> {
     let flags = if nohang {
         WaitOptions::NOHANG
     } else {
@@ -36,17 +47,17 @@ pub(crate) fn waitpid(raw: libc::pid_t, nohang: bool) -> io::Result<Option<ExitS
 }
 
 /// SIGKILL to one process.
-pub(crate) fn kill_process(raw: libc::pid_t) -> io::Result<()> {
+pub(crate) fn kill_process(raw: u32) -> io::Result<()> {
     Ok(rustix::process::kill_process(pid(raw)?, Signal::KILL)?)
 }
 
 /// SIGTERM to one process.
-pub(crate) fn terminate_process(raw: libc::pid_t) -> io::Result<()> {
+pub(crate) fn terminate_process(raw: u32) -> io::Result<()> {
     Ok(rustix::process::kill_process(pid(raw)?, Signal::TERM)?)
 }
 
 /// SIGKILL to every process of a process group.
-pub(crate) fn kill_process_group(pgid: libc::pid_t) -> io::Result<()> {
+pub(crate) fn kill_process_group(pgid: u32) -> io::Result<()> {
     Ok(rustix::process::kill_process_group(
         pid(pgid)?,
         Signal::KILL,
@@ -58,14 +69,14 @@ pub(crate) fn kill_own_process_group() -> io::Result<()> {
     Ok(rustix::process::kill_current_process_group(Signal::KILL)?)
 }
 
-/// The process group of `pid` (0: this process).
-pub(crate) fn getpgid(raw: libc::pid_t) -> io::Result<libc::pid_t> {
-    let of = if raw == 0 { None } else { Some(pid(raw)?) };
-    Ok(rustix::process::getpgid(of)?.as_raw_nonzero().get())
+/// The process group of `pid` (`None`: this process).
+pub(crate) fn getpgid(of: Option<u32>) -> io::Result<u32> {
+    let of = of.map(pid).transpose()?;
+    Ok(pid_u32(rustix::process::getpgid(of)?))
 }
 
 /// Moves this process into process group `pgid` (of the same session).
-pub(crate) fn join_process_group(pgid: libc::pid_t) -> io::Result<()> {
+pub(crate) fn join_process_group(pgid: u32) -> io::Result<()> {
     Ok(rustix::process::setpgid(None, Some(pid(pgid)?))?)
 }
 
@@ -102,9 +113,9 @@ mod tests {
 
     #[test]
     fn this_process_is_visible() {
-        let me = std::process::id() as i32;
-        assert!(getpgid(0).unwrap() > 0);
-        assert_eq!(getpgid(me).unwrap(), getpgid(0).unwrap());
+        let me = std::process::id();
+        assert!(getpgid(None).unwrap() > 0);
+        assert_eq!(getpgid(Some(me)).unwrap(), getpgid(None).unwrap());
         drop(pidfd_open(me).unwrap());
         assert!(exec_filename().is_some());
         assert!(thread_count().unwrap() >= 1);
@@ -123,7 +134,7 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        let pid = child.id() as i32;
+        let pid = child.id();
         // Reaped below by pid, through our own waitpid (std's `wait` would find it gone).
         std::mem::forget(child);
         assert_eq!(waitpid(pid, true).unwrap(), None);

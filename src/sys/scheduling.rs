@@ -2,19 +2,61 @@
 //! threads, and the return from `SCHED_IDLE`. `sched_getscheduler`/`sched_setscheduler` are called by hand:
 //! neither rustix nor std offers them.
 
+use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
+/// A scheduling policy, as `sched_getscheduler(2)` and `/proc/PID/task/TID/stat` give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Policy {
+    /// `SCHED_OTHER`: normal time sharing.
+    Other,
+    /// `SCHED_IDLE`: only when nothing else wants the CPU.
+    Idle,
+    /// Any other (`SCHED_BATCH`, real-time ones): its number.
+    Else(i32),
+}
+
+impl Policy {
+    fn from_raw(raw: i32) -> Policy {
+        match raw & !libc::SCHED_RESET_ON_FORK {
+            libc::SCHED_OTHER => Policy::Other,
+            libc::SCHED_IDLE => Policy::Idle,
+            other => Policy::Else(other),
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Policy::Other => f.write_str("SCHED_OTHER"),
+            Policy::Idle => f.write_str("SCHED_IDLE"),
+            Policy::Else(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// A thread's scheduling, or a process's (its calling thread's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scheduling {
+    pub(crate) policy: Policy,
+    /// The nice value, -20 to 19.
+    pub(crate) nice: i32,
+}
+
 /// The calling thread's scheduling policy and nice value.
-pub(crate) fn scheduling() -> io::Result<(i32, i32)> {
+pub(crate) fn scheduling() -> io::Result<Scheduling> {
     // SAFETY: no pointers; 0 is the calling thread.
     let policy = unsafe { libc::sched_getscheduler(0) };
     if policy < 0 {
         return Err(io::Error::last_os_error());
     }
-    let policy = policy & !libc::SCHED_RESET_ON_FORK;
     let nice = rustix::process::getpriority_process(None)?;
-    Ok((policy, nice))
+    Ok(Scheduling {
+        policy: Policy::from_raw(policy),
+        nice,
+    })
 }
 
 /// Whether this process holds `CAP_SYS_NICE` in its effective set.
@@ -37,7 +79,7 @@ pub(crate) fn may_return_to(nice: i32) -> bool {
 }
 
 /// The thread ids of `pid` (`0`: this process) with their scheduling policy, from `/proc`.
-pub(crate) fn thread_policies(pid: u32) -> io::Result<Vec<(i32, i32)>> {
+pub(crate) fn thread_policies(pid: u32) -> io::Result<Vec<(i32, Policy)>> {
     let dir = if pid == 0 {
         PathBuf::from("/proc/self/task")
     } else {
@@ -63,7 +105,7 @@ pub(crate) fn thread_policies(pid: u32) -> io::Result<Vec<(i32, i32)>> {
             .and_then(|(_, rest)| rest.split_whitespace().nth(41 - 3))
             .and_then(|p| p.parse::<i32>().ok())
             .ok_or_else(|| io::Error::other(format!("unexpected format of {}", dir.display())))?;
-        out.push((tid, policy));
+        out.push((tid, Policy::from_raw(policy)));
     }
     Ok(out)
 }
@@ -74,7 +116,7 @@ pub(crate) fn return_to_normal_scheduling(nice: i32) -> io::Result<()> {
     for _ in 0..100 {
         let mut changed = false;
         for (tid, policy) in thread_policies(0)? {
-            if policy == libc::SCHED_OTHER {
+            if policy == Policy::Other {
                 continue;
             }
             changed = true;
@@ -109,13 +151,13 @@ mod tests {
 
     #[test]
     fn scheduling_of_this_process_is_readable() {
-        let (policy, nice) = scheduling().unwrap();
-        assert_eq!(policy, libc::SCHED_OTHER);
+        let Scheduling { policy, nice } = scheduling().unwrap();
+        assert_eq!(policy, Policy::Other);
         assert!((-20..=19).contains(&nice));
         let threads = thread_policies(0).unwrap();
         assert!(!threads.is_empty());
         assert!(
-            threads.iter().all(|(_, p)| *p == libc::SCHED_OTHER),
+            threads.iter().all(|(_, p)| *p == Policy::Other),
             "{threads:?}"
         );
         // Back to where it already is: nothing to change, no privilege needed.

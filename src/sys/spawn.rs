@@ -136,7 +136,7 @@ impl SpawnPlan {
 pub(crate) fn spawn(
     plan: &mut SpawnPlan,
     fds: &[BorrowedFd<'_>],
-) -> std::result::Result<libc::pid_t, SpawnError> {
+) -> std::result::Result<u32, SpawnError> {
     let start = |error| SpawnError {
         step: SpawnStep::Start,
         error,
@@ -209,6 +209,8 @@ pub(crate) fn spawn(
     if pid < 0 {
         return Err(start(clone_err));
     }
+    // Positive from here: the crate's pid type.
+    let pid = pid.unsigned_abs();
     drop(err_write);
     // The child writes the failed step and errno (4 bytes each), or nothing if its exec succeeded.
     let mut buf = [0u8; 8];

@@ -166,7 +166,7 @@ impl Upgrader {
         if !self.inner.manager.enabled() {
             return;
         }
-        let Ok(pidfd) = sys::pidfd_open(old_pid as libc::pid_t) else {
+        let Ok(pidfd) = sys::pidfd_open(old_pid) else {
             return; // gone already, or not ours to watch: the status names only this process then
         };
         let me = self.clone();

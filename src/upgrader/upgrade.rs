@@ -446,13 +446,21 @@ impl Upgrader {
             return None;
         }
         let why = match sys::scheduling() {
-            Ok((libc::SCHED_OTHER, nice)) if sys::may_return_to(nice) => return Some(nice),
-            Ok((libc::SCHED_OTHER, nice)) => format!(
+            Ok(sys::Scheduling {
+                policy: sys::Policy::Other,
+                nice,
+            }) if sys::may_return_to(nice) => return Some(nice),
+            Ok(sys::Scheduling {
+                policy: sys::Policy::Other,
+                nice,
+            }) => format!(
                 "the new process could not return from idle priority to nice {nice} (needs CAP_SYS_NICE, or \
                  RLIMIT_NICE of at least {}: systemd's LimitNICE={nice})",
                 20 - nice
             ),
-            Ok((policy, _)) => format!("this process runs at scheduling policy {policy}, not SCHED_OTHER"),
+            Ok(sys::Scheduling { policy, .. }) => {
+                format!("this process runs at scheduling policy {policy}, not SCHED_OTHER")
+            }
             Err(e) => format!("cannot read this process's scheduling: {e}"),
         };
         tracing::warn!(
