@@ -107,11 +107,14 @@ pub(crate) fn parse(
 
 /// Takes ownership of descriptors 3.. named by `names`, checking that each is open and making it
 /// close-on-exec so that nothing the application spawns inherits it by accident.
-pub(crate) fn adopt(names: Vec<String>) -> Result<Vec<(String, OwnedFd)>> {
+pub(crate) fn adopt(
+    names: Vec<String>,
+    inherited: &mut sys::Inherited,
+) -> Result<Vec<(String, OwnedFd)>> {
     let mut out = Vec::with_capacity(names.len());
     for (i, name) in names.into_iter().enumerate() {
         let raw = LISTEN_FDS_START + i as RawFd;
-        let fd = sys::adopt_inherited_fd(raw).map_err(|e| {
+        let fd = inherited.adopt(raw).map_err(|e| {
             Error::with_io(
                 crate::ErrorKind::Environment,
                 format!(

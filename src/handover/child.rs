@@ -29,8 +29,8 @@ pub(crate) struct ParentLink {
 }
 
 /// Adopts the channel at `raw` and reads `Hello`. Returns the link and the application state.
-pub(crate) fn connect(raw: RawFd) -> Result<(ParentLink, Vec<u8>)> {
-    let fd: OwnedFd = sys::adopt_inherited_fd(raw).map_err(|e| {
+pub(crate) fn connect(raw: RawFd, inherited: &mut sys::Inherited) -> Result<(ParentLink, Vec<u8>)> {
+    let fd: OwnedFd = inherited.adopt(raw).map_err(|e| {
         Error::with_io(
             ErrorKind::Environment,
             format!(
@@ -293,11 +293,12 @@ mod tests {
 
     #[test]
     fn connect_refuses_what_is_not_a_channel() {
-        let e = connect(1_000_000).unwrap_err();
+        let mut inherited = sys::Inherited::for_test();
+        let e = connect(1_000_000, &mut inherited).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Environment);
         let (r, _w) = sys::pipe().unwrap();
         let raw = std::os::fd::IntoRawFd::into_raw_fd(r);
-        let e = connect(raw).unwrap_err();
+        let e = connect(raw, &mut inherited).unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e}");
     }
 }

@@ -8,22 +8,51 @@ use rustix::event::PollFd;
 pub(crate) use rustix::event::PollFlags;
 use rustix::io::FdFlags;
 
-/// Takes ownership of a file descriptor that the environment says we inherited, after checking it is open.
-///
-/// The caller must make sure nothing else in the process owns `raw` (the numbers come from `LISTEN_FDS`-style
-/// variables that name fds handed to this process for its exclusive use, and each is adopted once per process:
-/// see `Builder::build`).
-pub(crate) fn adopt_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
-    if raw < 0 {
-        return Err(io::Error::from_raw_os_error(libc::EBADF));
+/// The right to take ownership of the descriptors this process inherited: numbers that the environment
+/// (`LISTEN_FDS`, the handover variables) hands to this process for its exclusive use. There is at most one per
+/// process ([`claim`](Self::claim)), and it adopts each number once, so no descriptor gets two owners through
+/// it: what would otherwise be a precondition on a safe function is this type's invariant.
+#[derive(Debug)]
+pub(crate) struct Inherited {
+    adopted: Vec<RawFd>,
+}
+
+/// Whether the one [`Inherited`] of this process exists.
+static CLAIMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Inherited {
+    /// The process's one right to adopt; `None` once it has been claimed.
+    pub(crate) fn claim() -> Option<Inherited> {
+        (!CLAIMED.swap(true, std::sync::atomic::Ordering::SeqCst)).then(|| Inherited {
+            adopted: Vec::new(),
+        })
     }
-    // SAFETY: F_GETFD only queries the descriptor table; an invalid number yields EBADF. No ownership is taken.
-    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
-        return Err(io::Error::last_os_error());
+
+    /// For unit tests, which adopt numbers they own themselves.
+    #[cfg(test)]
+    pub(crate) fn for_test() -> Inherited {
+        Inherited {
+            adopted: Vec::new(),
+        }
     }
-    // SAFETY: the fd is open (checked above) and, per the function contract, owned by no one else: it was
-    // passed to this process by its parent or service manager and is adopted exactly once.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+
+    /// Takes ownership of inherited descriptor `raw`, after checking that it is open. Never 0 to 2 (standard
+    /// streams are not handed over) and never the same number twice.
+    pub(crate) fn adopt(&mut self, raw: RawFd) -> io::Result<OwnedFd> {
+        if raw < 3 || self.adopted.contains(&raw) {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        // SAFETY: F_GETFD only queries the descriptor table; an invalid number yields EBADF. No ownership is
+        // taken.
+        if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.adopted.push(raw);
+        // SAFETY: the fd is open (checked above) and owned by nothing else in this process: the environment
+        // handed it to this process for its exclusive use, and it is adopted here once (this is the process's
+        // only `Inherited`, and it never adopts a number twice).
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    }
 }
 
 /// Sets or clears close-on-exec.
@@ -136,10 +165,17 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn adopt_refuses_closed_and_negative_fds() {
-        assert!(adopt_inherited_fd(-1).is_err());
+    fn adopt_refuses_closed_negative_standard_and_repeated_fds() {
+        let mut inherited = Inherited::for_test();
+        assert!(inherited.adopt(-1).is_err());
+        assert!(inherited.adopt(1).is_err());
         // A number far above anything open in a test process.
-        assert!(adopt_inherited_fd(1_000_000).is_err());
+        assert!(inherited.adopt(1_000_000).is_err());
+        let (r, _w) = pipe().unwrap();
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(r);
+        let fd = inherited.adopt(raw).unwrap();
+        assert!(inherited.adopt(raw).is_err(), "adopted twice");
+        drop(fd);
     }
 
     #[test]

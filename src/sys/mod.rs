@@ -24,7 +24,7 @@ mod spawn;
 #[cfg(feature = "tokio")]
 pub(crate) use fd::async_readable;
 pub(crate) use fd::{
-    adopt_inherited_fd, file_identity, pipe, read, set_cloexec, set_nonblocking, PollFlags, PollSet,
+    file_identity, pipe, read, set_cloexec, set_nonblocking, Inherited, PollFlags, PollSet,
 };
 pub(crate) use net::{
     accept, accept_queue, peer_uid, send_unix_datagram, set_socket_mode, socket_info,

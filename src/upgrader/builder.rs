@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -335,6 +335,8 @@ fn program_and_argv(
 struct Inheritance {
     listen_names: Option<Vec<String>>,
     handover: Option<Handover>,
+    /// The process's one right to adopt them (claimed when there is anything to adopt).
+    right: Option<sys::Inherited>,
 }
 
 /// Where this process comes from, once its inheritance is adopted.
@@ -363,28 +365,39 @@ impl Inheritance {
             listen_names.as_deref().map_or(0, |n| n.len()),
             handover.map(|h| h.channel_fd),
         )?;
+        let mut right = None;
         if listen_names.is_some() || handover.is_some() {
             // The variables stay in the environment when threads already run (removing them then is unsound):
-            // a second build() would adopt the same descriptors again, two owners of one fd.
-            static ADOPTED: AtomicBool = AtomicBool::new(false);
-            if ADOPTED.swap(true, Ordering::SeqCst) {
-                return Err(Error::new(
+            // a second build() must not adopt the same descriptors again, two owners of one fd.
+            right = Some(sys::Inherited::claim().ok_or_else(|| {
+                Error::new(
                     ErrorKind::AlreadyTaken,
                     "the descriptors this process inherited (LISTEN_FDS, the handover channel) were already \
                      adopted by an earlier Upgrader::build(); build one Upgrader per process and clone it",
-                ));
-            }
+                )
+            })?);
         }
         Ok(Inheritance {
             listen_names,
             handover,
+            right,
         })
     }
 
     /// Adopts the inherited sockets and, after an upgrade, connects to the old process and reads its greeting.
     fn adopt(self) -> Result<Origin> {
+        let Some(mut right) = self.right else {
+            return Ok(Origin {
+                sockets: Vec::new(),
+                parent: None,
+                state: None,
+                generation: 0,
+                born_of: None,
+                probation: None,
+            });
+        };
         let sockets = match self.listen_names {
-            Some(names) => activation::adopt(names)?,
+            Some(names) => activation::adopt(names, &mut right)?,
             None => Vec::new(),
         };
         let Some(handover) = self.handover else {
@@ -403,7 +416,7 @@ impl Inheritance {
                 probation: None,
             });
         };
-        let (mut link, state) = handover::child::connect(handover.channel_fd)?;
+        let (mut link, state) = handover::child::connect(handover.channel_fd, &mut right)?;
         link.restore_nice = handover.nice;
         tracing::info!(
             parent_pid = link.parent_pid,
