@@ -842,7 +842,10 @@ impl fmt::Display for Config {
 /// ```no_run
 /// let path = exuvia::control::default_socket_path().expect("run under systemd with RuntimeDirectory=");
 /// let reply = exuvia::control::request(&path, exuvia::control::Command::Upgrade, std::time::Duration::from_secs(60))?;
-/// if reply.ok { println!("{}", reply.text) } else { eprintln!("upgrade failed: {}", reply.text) }
+/// match reply {
+///     exuvia::control::Reply::Ok(text) => println!("{text}"),
+///     other => eprintln!("upgrade failed: {}", other.text()),
+/// }
 /// # Ok::<(), exuvia::Error>(())
 /// ```
 ///
