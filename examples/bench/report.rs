@@ -299,6 +299,22 @@ impl Run<'_> {
 
     pub fn table(&self) -> String {
         let mut w = String::new();
+        self.load_header(&mut w);
+        self.failures_table(&mut w);
+        self.by_mode_table(&mut w);
+        self.latency_table(&mut w);
+        self.rollback_lines(&mut w);
+        self.stages_table(&mut w);
+        self.timeline(&mut w);
+        self.scaling_table(&mut w);
+        self.accept_lines(&mut w);
+        self.soak_table(&mut w);
+        self.targets_lines(&mut w);
+        w
+    }
+
+    /// The load the scenarios ran under: clients, calibration, the offered rate.
+    fn load_header(&self, w: &mut String) {
         let o = self.options;
         let _ = writeln!(
             w,
@@ -325,6 +341,10 @@ impl Run<'_> {
             self.shape.pace.as_micros(),
             self.shape.idle,
         );
+    }
+
+    /// Per scenario: replacements, throughput, and failures by kind.
+    fn failures_table(&self, w: &mut String) {
         let _ = writeln!(
             w,
             "\n{:<18} {:>5} {:>7} {:>5} {:>8} {:>6} {:>7} {:>6} {:>7} {:>5} {:>5}",
@@ -363,6 +383,10 @@ impl Run<'_> {
                 k[4]
             );
         }
+    }
+
+    /// Per scenario: ok and failed requests by load mode.
+    fn by_mode_table(&self, w: &mut String) {
         let _ = writeln!(
             w,
             "\nby load mode, ok / failed:\n{:<18} {:>18} {:>18} {:>18}",
@@ -379,6 +403,10 @@ impl Run<'_> {
                 c(&out.idle)
             );
         }
+    }
+
+    /// Per scenario: latency steady and during replacements, and the handover's own timing.
+    fn latency_table(&self, w: &mut String) {
         let _ = writeln!(
             w,
             "\nlatency and timing, ms (during = from the trigger until the new process serves and the old one is gone):\n\
@@ -409,6 +437,10 @@ impl Run<'_> {
                     .map_or("-".into(), |b| format!("{:.1}", mib(*b))),
             );
         }
+    }
+
+    /// The rollback scenarios: from the crash to the old process's first answer.
+    fn rollback_lines(&self, w: &mut String) {
         for (s, out) in self
             .outcomes
             .iter()
@@ -435,6 +467,10 @@ impl Run<'_> {
                 all.failures.len() as f64 / gaps.len().max(1) as f64,
             );
         }
+    }
+
+    /// Where a replacement's time goes, and the requests started around the signal.
+    fn stages_table(&self, w: &mut String) {
         let _ = writeln!(
             w,
             "\nwhere a replacement's time goes, ms from the trigger (median over the replacements; from the old \
@@ -472,6 +508,10 @@ impl Run<'_> {
                 format!("{} ({})", triple(&first), first.len()),
             );
         }
+    }
+
+    /// With `--timeline`: each replacement millisecond by millisecond, and who answered.
+    fn timeline(&self, w: &mut String) {
         if self.options.timeline {
             let _ = writeln!(
                 w,
@@ -480,61 +520,8 @@ impl Run<'_> {
             );
             for (s, out) in self.outcomes.iter().filter(|(_, o)| o.skipped.is_none()) {
                 for (mode, st) in [("new", &out.fresh), ("keep", &out.keepalive)] {
-                    let mut buckets = vec![Vec::new(); 12];
-                    for r in &st.latencies {
-                        if let Some((a, _)) = out.window_of(r.at) {
-                            let off = (r.at - a).as_millis() as usize;
-                            buckets[off.min(11)].push(r.took);
-                        }
-                    }
-                    let line: Vec<String> = buckets
-                        .iter_mut()
-                        .map(|b| {
-                            b.sort();
-                            format!("{}:{}", b.len(), ms(percentile(b, 0.9)))
-                        })
-                        .collect();
-                    let _ = writeln!(w, "{:<18} {mode:<4} {}", s.name(), line.join(" "));
-                }
-                for (mode, st) in [("new", &out.fresh), ("keep", &out.keepalive)] {
-                    // Who answered a request started during a replacement: the process that served before
-                    // it (the last answer before the trigger), or its successor.
-                    let (mut by_old, mut by_new) = (Vec::new(), Vec::new());
-                    for (a, b) in &out.windows {
-                        let before = st
-                            .latencies
-                            .iter()
-                            .filter(|r| r.at < *a)
-                            .map(|r| r.pid)
-                            .next_back();
-                        for r in st.latencies.iter().filter(|r| r.at >= *a && r.at <= *b) {
-                            if Some(r.pid) == before {
-                                by_old.push(r.took)
-                            } else {
-                                by_new.push(r.took)
-                            }
-                        }
-                    }
-                    by_old.sort();
-                    by_new.sort();
-                    let mut steady: Vec<Duration> = st
-                        .latencies
-                        .iter()
-                        .filter(|r| out.window_of(r.at).is_none())
-                        .map(|r| r.took)
-                        .collect();
-                    steady.sort();
-                    let _ = writeln!(
-                        w,
-                        "{:<18} {mode:<4} steady p50/p99/p999 {}; during, answered by the old process: {} {}; by \
-                         the new: {} {}",
-                        s.name(),
-                        triple(&steady),
-                        by_old.len(),
-                        triple(&by_old),
-                        by_new.len(),
-                        triple(&by_new)
-                    );
+                    timeline_buckets(w, s.name(), mode, out, st);
+                    who_answered(w, s.name(), mode, out, st);
                 }
                 let lens: Vec<String> = out
                     .windows
@@ -549,6 +536,10 @@ impl Run<'_> {
                 );
             }
         }
+    }
+
+    /// The handover with many sockets (and a big resident set).
+    fn scaling_table(&self, w: &mut String) {
         if !self.scaling.is_empty() {
             let _ = writeln!(
                 w,
@@ -581,6 +572,10 @@ impl Run<'_> {
                 );
             }
         }
+    }
+
+    /// Accept throughput, plain Tokio against exuvia's accept loop.
+    fn accept_lines(&self, w: &mut String) {
         if let Some(a) = &self.accept {
             let rounds = |p| {
                 a.rounds
@@ -602,6 +597,10 @@ impl Run<'_> {
                 a.ratio()
             );
         }
+    }
+
+    /// The soak: descriptors and memory across consecutive upgrades.
+    fn soak_table(&self, w: &mut String) {
         if let Some(s) = &self.soak {
             let _ = writeln!(
                 w,
@@ -628,6 +627,10 @@ impl Run<'_> {
                 );
             }
         }
+    }
+
+    /// The targets, met or missed, and the notes on the baselines.
+    fn targets_lines(&self, w: &mut String) {
         let _ = writeln!(w, "\ntargets:");
         for t in self.targets() {
             let _ = writeln!(
@@ -653,7 +656,6 @@ impl Run<'_> {
             w,
             "(the baselines must show failures: that is how we know the instrument sees them)"
         );
-        w
     }
 
     pub fn json(&self) -> String {
@@ -796,6 +798,67 @@ impl Run<'_> {
         ])
         .to_string()
     }
+}
+
+/// One load mode's requests during the replacements, by the millisecond after the trigger they started in:
+/// how many, and their p90 latency.
+fn timeline_buckets(w: &mut String, name: &str, mode: &str, out: &Outcome, st: &Stats) {
+    let mut buckets = vec![Vec::new(); 12];
+    for r in &st.latencies {
+        if let Some((a, _)) = out.window_of(r.at) {
+            let off = (r.at - a).as_millis() as usize;
+            buckets[off.min(11)].push(r.took);
+        }
+    }
+    let line: Vec<String> = buckets
+        .iter_mut()
+        .map(|b| {
+            b.sort();
+            format!("{}:{}", b.len(), ms(percentile(b, 0.9)))
+        })
+        .collect();
+    let _ = writeln!(w, "{:<18} {mode:<4} {}", name, line.join(" "));
+}
+
+/// Who answered one load mode's requests started during a replacement: the process that served before it
+/// (the last answer before the trigger), or its successor; with the steady latency beside them.
+fn who_answered(w: &mut String, name: &str, mode: &str, out: &Outcome, st: &Stats) {
+    let (mut by_old, mut by_new) = (Vec::new(), Vec::new());
+    for (a, b) in &out.windows {
+        let before = st
+            .latencies
+            .iter()
+            .filter(|r| r.at < *a)
+            .map(|r| r.pid)
+            .next_back();
+        for r in st.latencies.iter().filter(|r| r.at >= *a && r.at <= *b) {
+            if Some(r.pid) == before {
+                by_old.push(r.took)
+            } else {
+                by_new.push(r.took)
+            }
+        }
+    }
+    by_old.sort();
+    by_new.sort();
+    let mut steady: Vec<Duration> = st
+        .latencies
+        .iter()
+        .filter(|r| out.window_of(r.at).is_none())
+        .map(|r| r.took)
+        .collect();
+    steady.sort();
+    let _ = writeln!(
+        w,
+        "{:<18} {mode:<4} steady p50/p99/p999 {}; during, answered by the old process: {} {}; by \
+             the new: {} {}",
+        name,
+        triple(&steady),
+        by_old.len(),
+        triple(&by_old),
+        by_new.len(),
+        triple(&by_new)
+    );
 }
 
 /// Over the samples taken after upgrades (the first process was started by the benchmark and inherits its
