@@ -67,8 +67,8 @@ pub fn socket_path_for_runtime_directory(dir: &str) -> PathBuf {
 /// line as soon as it connects, so it is read in the next round, however many idle or slow connections wait.
 const MAX_PENDING: usize = 64;
 /// At most this many requests run at once on threads of their own (`upgrade`, `verdict`, `stop`: the ones that
-/// wait); more are answered [`BUSY`], which `exuvia-ctl` asks again on. `status` and `config` are answered by
-/// the control thread itself and are never busy.
+/// wait); more are answered [`BUSY`], which `exuvia-ctl` asks again on, except a `stop`, which is always
+/// served. `status` and `config` are answered by the control thread itself and are never busy.
 const MAX_RUNNING: usize = 16;
 /// The whole request line must arrive within this (a client trickling bytes cannot hold a drain or a stop).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
@@ -335,7 +335,9 @@ fn dispatch(
         Command::Config => return answer(&conn, &Reply::Ok(served.actions.config().to_string())),
         Command::Upgrade | Command::Verdict { .. } | Command::Stop => {}
     }
-    if running.fetch_add(1, Ordering::AcqRel) >= MAX_RUNNING {
+    // A stop is always served (it is what ExecStop= asks, and nothing else may hold it up); the others wait
+    // their turn beyond MAX_RUNNING.
+    if running.fetch_add(1, Ordering::AcqRel) >= MAX_RUNNING && command != Command::Stop {
         running.fetch_sub(1, Ordering::AcqRel);
         return answer(
             &conn,
