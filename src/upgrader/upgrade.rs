@@ -366,6 +366,12 @@ impl Upgrader {
                 window.as_millis()
             ),
         };
+        self.roll_back(child_pid, why)
+    }
+
+    /// Takes the service back after the new process (`child_pid`) ended or stalled on probation, for `why`.
+    fn roll_back(&self, child_pid: u32, why: String) -> Result<()> {
+        let inner = &self.inner;
         match inner.lifecycle.step(Step::RolledBack) {
             Ok(_) => {
                 // The handover is undone: signals for this service come here again, so a reload helper's
