@@ -39,6 +39,16 @@ fn upgrade_onto_probation(s: &Server, old: u32, mark: usize) -> u32 {
     field(&line, "child_pid").unwrap().parse().unwrap()
 }
 
+/// SIGHUP to `old`; returns the new process once it serves on probation, as the control socket `sock` says:
+/// the old process stops serving it at the commit, so the first status from another pid is the new process's.
+fn onto_probation(sock: &str, old: u32) -> u32 {
+    assert!(signal(old, libc::SIGHUP));
+    let status = status_until(sock, Duration::from_secs(30), |t| {
+        field(t, "pid").is_some_and(|p| p != old.to_string())
+    });
+    field(&status, "pid").unwrap().parse().unwrap()
+}
+
 /// The wall-clock time of a log line (its first field: seconds.microseconds since the epoch).
 fn logged_at(line: &str) -> SystemTime {
     let t: f64 = line.split_whitespace().next().unwrap().parse().unwrap();
@@ -116,12 +126,10 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
                 .unwrap_or_else(|| panic!("{child} never crashed:\n{}", s.log.dump()));
             logged_at(&crashing)
         };
-        let (_, rolled) = s
-            .log
-            .wait_for(mark, Duration::from_secs(30), |l| {
-                from(l, old) && l.contains("rolled back")
-            })
-            .unwrap_or_else(|| panic!("no rollback:\n{}", s.log.dump()));
+        let rolled = status_until(&control_arg, Duration::from_secs(30), |t| {
+            t.contains(&format!("pid={old} "))
+                && t.contains(&format!("rollbacks={} ", crashes.len() + 1))
+        });
         assert!(
             wait_gone(child, Duration::from_secs(10)),
             "{child} still there"
@@ -370,8 +378,7 @@ fn an_unannounced_end_is_a_crash_whoever_reaps_it(server: &str) {
             // with a clean exit 0 of the new process's own.
             let exit0 = children.is_empty() || round % 2 == 1;
             std::fs::write(&fault, if exit0 { "exit0 300" } else { "hang 0" }).unwrap();
-            let mark = s.log.len();
-            let child = upgrade_onto_probation(&s, old, mark);
+            let child = onto_probation(&control_arg, old);
             load.wait_progress(50);
             if !exit0 {
                 assert!(signal(child, libc::SIGKILL));
@@ -438,9 +445,8 @@ fn a_new_process_that_stops_accepting_is_rolled_back(server: &str) {
         _dir: _keep,
     } = scene(server, "20", &[]);
     std::fs::write(&fault, "deaf").unwrap();
-    let mark = s.log.len();
     let t0 = Instant::now();
-    let child = upgrade_onto_probation(&s, old, mark);
+    let child = onto_probation(&control_arg, old);
     let status = status_until(&control_arg, Duration::from_secs(20), |t| {
         t.contains(&format!("pid={old} ")) && t.contains("rollbacks=1 ")
     });
@@ -472,8 +478,7 @@ fn no_second_upgrade_during_the_window(server: &str) {
         _dir: _keep,
     } = scene(server, "10", &[]);
     std::fs::write(&fault, "hang 0").unwrap();
-    let mark = s.log.len();
-    let child = upgrade_onto_probation(&s, old, mark);
+    let child = onto_probation(&control_arg, old);
     // The reload of a Type=notify-reload unit: the signal to the main process (the new one), then the helper.
     assert!(signal(child, libc::SIGHUP));
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
@@ -570,9 +575,8 @@ fn a_busy_new_process_is_not_taken_for_a_stalled_one(server: &str) {
         Duration::ZERO,
     );
     load.wait_progress(500);
-    let mark = s.log.len();
     let t0 = Instant::now();
-    let child = upgrade_onto_probation(&s, old, mark);
+    let child = onto_probation(&control_arg, old);
     s.generations.push(child);
     // Through the window: how often connections were waiting, and how many at most.
     let (mut samples, mut waiting, mut most) = (0, 0, 0);
@@ -630,8 +634,7 @@ fn the_helpers_stop_during_the_window_returns_once_both_have_exited(server: &str
         _dir: _keep,
     } = scene(server, "10", &[]);
     std::fs::write(&fault, "hang 0").unwrap();
-    let mark = s.log.len();
-    let child = upgrade_onto_probation(&s, old, mark);
+    let child = onto_probation(&control, old);
     s.generations.push(child);
     let t0 = Instant::now();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
