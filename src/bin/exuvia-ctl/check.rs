@@ -27,6 +27,11 @@ impl Findings {
     }
 }
 
+/// A property as `systemctl show` printed it, or "" when it did not.
+fn prop<'a>(props: &'a HashMap<String, String>, key: &str) -> &'a str {
+    props.get(key).map_or("", String::as_str)
+}
+
 const PROPERTIES: &str = "LoadState,ActiveState,Type,NotifyAccess,ReloadSignal,ExecReload,ExecStop,KillMode,\
 TimeoutStopUSec,TimeoutStartUSec,WatchdogUSec,RuntimeDirectory,FileDescriptorStoreMax,FileDescriptorStorePreserve,\
 FragmentPath,DropInPaths";
@@ -182,8 +187,8 @@ fn parse_version(text: &str) -> Option<u32> {
 /// The last `Type=` the unit's files say (the fragment, then its drop-ins), as written: a systemd that does not
 /// know the value ignores the line, and `systemctl show` then reports its default instead.
 fn written_type(props: &HashMap<String, String>) -> Option<String> {
-    let get = |k: &str| props.get(k).map_or("", String::as_str);
-    let files = std::iter::once(get("FragmentPath")).chain(get("DropInPaths").split_whitespace());
+    let files = std::iter::once(prop(props, "FragmentPath"))
+        .chain(prop(props, "DropInPaths").split_whitespace());
     let mut last = None;
     for file in files.filter(|f| !f.is_empty()) {
         let Ok(text) = std::fs::read_to_string(file) else {
@@ -282,9 +287,8 @@ fn check_unit(props: &HashMap<String, String>, version: Option<u32>, f: &mut Fin
 
 /// `Type=` and the reload helper it needs, for the running systemd's version.
 fn check_type(props: &HashMap<String, String>, version: Option<u32>, f: &mut Findings) {
-    let get = |k: &str| props.get(k).map_or("", String::as_str);
     let v = version.map_or("an unknown version".to_string(), |v| format!("systemd {v}"));
-    match get("Type") {
+    match prop(props, "Type") {
         "notify-reload" => {
             if version.is_some_and(|v| v < 253) {
                 f.add(
@@ -297,12 +301,12 @@ fn check_type(props: &HashMap<String, String>, version: Option<u32>, f: &mut Fin
             } else {
                 f.add(Level::Ok, format!("Type=notify-reload ({v})"));
             }
-            if get("ReloadSignal") != "1" {
+            if prop(props, "ReloadSignal") != "1" {
                 f.add(
                     Level::Error,
                     format!(
                         "ReloadSignal= is signal {}, but exuvia upgrades on SIGHUP; fix: ReloadSignal=SIGHUP",
-                        get("ReloadSignal")
+                        prop(props, "ReloadSignal")
                     ),
                 );
             }
@@ -347,8 +351,7 @@ fn check_type(props: &HashMap<String, String>, version: Option<u32>, f: &mut Fin
 
 /// `NotifyAccess=`: who may tell systemd the main process changed.
 fn check_notify_access(props: &HashMap<String, String>, f: &mut Findings) {
-    let get = |k: &str| props.get(k).map_or("", String::as_str);
-    match get("NotifyAccess") {
+    match prop(props, "NotifyAccess") {
         "all" => f.add(Level::Ok, "NotifyAccess=all"),
         "exec" => f.add(
             Level::Note,
@@ -371,7 +374,6 @@ fn check_notify_access(props: &HashMap<String, String>, f: &mut Findings) {
 
 /// `ExecStop=` and `KillMode=`: what a stop waits for, and what it ends.
 fn check_stop(props: &HashMap<String, String>, f: &mut Findings) {
-    let get = |k: &str| props.get(k).map_or("", String::as_str);
     if !helper(props, "ExecStop", "stop", f) {
         f.add(
             Level::Warning,
@@ -379,8 +381,8 @@ fn check_stop(props: &HashMap<String, String>, f: &mut Findings) {
              then SIGKILL without waiting for the drain; fix: ExecStop=/usr/local/bin/exuvia-ctl stop",
         );
     }
-    match get("KillMode") {
-        "control-group" | "mixed" => f.add(Level::Ok, format!("KillMode={}", get("KillMode"))),
+    match prop(props, "KillMode") {
+        "control-group" | "mixed" => f.add(Level::Ok, format!("KillMode={}", prop(props, "KillMode"))),
         other => f.add(
             Level::Warning,
             format!(
@@ -393,8 +395,7 @@ fn check_stop(props: &HashMap<String, String>, f: &mut Findings) {
 
 /// `RuntimeDirectory=` (where the control socket lives) and the watchdog.
 fn check_runtime(props: &HashMap<String, String>, f: &mut Findings) {
-    let get = |k: &str| props.get(k).map_or("", String::as_str);
-    if get("RuntimeDirectory").is_empty() {
+    if prop(props, "RuntimeDirectory").is_empty() {
         f.add(
             Level::Error,
             "no RuntimeDirectory=: the service has no control socket, so ExecReload=/ExecStop= helpers cannot \
@@ -403,10 +404,10 @@ fn check_runtime(props: &HashMap<String, String>, f: &mut Findings) {
     } else {
         f.add(
             Level::Ok,
-            format!("RuntimeDirectory={}", get("RuntimeDirectory")),
+            format!("RuntimeDirectory={}", prop(props, "RuntimeDirectory")),
         );
     }
-    if let Some(w) = parse_span(get("WatchdogUSec")).filter(|w| !w.is_zero()) {
+    if let Some(w) = parse_span(prop(props, "WatchdogUSec")).filter(|w| !w.is_zero()) {
         f.add(
             Level::Ok,
             format!("WatchdogSec={w:?}: fed by whichever process is the main one, across upgrades"),
@@ -432,19 +433,18 @@ fn service_config(
 }
 
 fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &mut Findings) {
-    let get = |k: &str| props.get(k).map_or("", String::as_str);
     let Some(config) = config else {
         f.add(
             Level::Note,
             format!(
                 "the service's own settings were not checked: its control socket did not answer (ActiveState={})",
-                get("ActiveState")
+                prop(props, "ActiveState")
             ),
         );
         return;
     };
     let drain = config.drain_timeout;
-    match parse_span(get("TimeoutStopUSec")) {
+    match parse_span(prop(props, "TimeoutStopUSec")) {
         Some(stop) if stop < drain + Duration::from_secs(5) => f.add(
             Level::Warning,
             format!(
@@ -459,7 +459,7 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
         ),
     }
     let ready = config.ready_timeout;
-    if let Some(start) = parse_span(get("TimeoutStartUSec")) {
+    if let Some(start) = parse_span(prop(props, "TimeoutStartUSec")) {
         if start < ready {
             f.add(
                 Level::Warning,
@@ -483,7 +483,7 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
         );
     }
     if config.fd_store {
-        let max: u64 = get("FileDescriptorStoreMax").parse().unwrap_or(0);
+        let max: u64 = prop(props, "FileDescriptorStoreMax").parse().unwrap_or(0);
         let needed = config.taken.len() as u64;
         if max < needed.max(1) {
             f.add(
@@ -497,7 +497,7 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
         } else {
             f.add(Level::Ok, format!("FileDescriptorStoreMax={max}"));
         }
-        match get("FileDescriptorStorePreserve") {
+        match prop(props, "FileDescriptorStorePreserve") {
             "yes" => {}
             // Older managers have no such setting (the property is missing): nothing to fix in the unit.
             "" => f.add(
@@ -511,7 +511,7 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
             ),
         }
     }
-    if !config.probation.is_zero() && get("NotifyAccess") != "all" {
+    if !config.probation.is_zero() && prop(props, "NotifyAccess") != "all" {
         f.add(
             Level::Error,
             "the service has a probation window, but a rollback cannot hand the service back without \
