@@ -182,17 +182,26 @@ pub(crate) fn serve(served: Served, listener: UnixListener) {
             let running = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let mut pending: std::collections::VecDeque<Pending> = std::collections::VecDeque::new();
             loop {
-                let finishing = served.finishing.get().is_some();
-                if finishing && pending.is_empty() {
+                if let Some(finish) = served.finishing.get() {
+                    // Once finishing, nothing waits for a line still on its way: this process may be about to
+                    // exit (and must not be held by a client that never finishes its line).
+                    for mut p in pending.drain(..) {
+                        match p.read_some() {
+                            Got::Line(line) => dispatch(&served, p.conn, &line, &running),
+                            Got::Bad(why) => answer(&p.conn, &Reply::Failed(why.to_string())),
+                            Got::More => answer(&p.conn, &finishing_reply(finish)),
+                        }
+                    }
                     break;
                 }
                 let gate = served.finishing.gate();
-                let (stop, changed, accept, ready) = {
+                let (accept, ready) = {
                     let mut set = PollSet::new();
-                    let stop = (!finishing).then(|| set.readable(served.finishing.fd()));
-                    let changed = (!finishing).then(|| set.readable(gate.changed_fd()));
+                    // The finish and a change of the gate only wake the loop: it looks at the state again.
+                    set.readable(served.finishing.fd());
+                    set.readable(gate.changed_fd());
                     // On probation the gate is shut: the new process serves the socket meanwhile.
-                    let accept = (!finishing && gate.open).then(|| set.readable(listener.as_fd()));
+                    let accept = gate.open.then(|| set.readable(listener.as_fd()));
                     let conns: Vec<usize> =
                         pending.iter().map(|p| set.readable(p.conn.as_fd())).collect();
                     let until = pending.iter().map(|p| p.deadline).min();
@@ -201,22 +210,16 @@ pub(crate) fn serve(served: Served, listener: UnixListener) {
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
-                    let on = |i: Option<usize>| i.is_some_and(|i| set.fired(i));
                     let ready: Vec<bool> = conns.iter().map(|i| set.fired(*i)).collect();
-                    (on(stop), on(changed), on(accept), ready)
+                    (accept.is_some_and(|i| set.fired(i)), ready)
                 };
-                let _ = (stop, changed); // both only wake the loop: it looks at the state again
                 let now = Instant::now();
-                // Once finishing, nothing waits for a line still on its way: this process may be about to exit
-                // (and must not be held by a client that never finishes its line).
-                let finishing = served.finishing.get();
                 let mut kept = std::collections::VecDeque::with_capacity(pending.len());
                 for (mut p, readable) in pending.drain(..).zip(ready) {
-                    let read = if readable || finishing.is_some() { p.read_some() } else { Got::More };
+                    let read = if readable { p.read_some() } else { Got::More };
                     match read {
                         Got::Line(line) => dispatch(&served, p.conn, &line, &running),
                         Got::Bad(why) => answer(&p.conn, &Reply::Failed(why.to_string())),
-                        Got::More if finishing.is_some() => answer(&p.conn, &finishing_reply(finishing)),
                         Got::More if now >= p.deadline => answer(
                             &p.conn,
                             &Reply::Failed(
@@ -239,10 +242,10 @@ pub(crate) fn serve(served: Served, listener: UnixListener) {
 }
 
 /// The answer to a request still incomplete when this process started finishing.
-fn finishing_reply(finishing: Option<Finish>) -> Reply {
+fn finishing_reply(finish: Finish) -> Reply {
     let me = std::process::id();
-    match finishing {
-        Some(Finish::Upgraded { child_pid }) => Reply::Retry(format!(
+    match finish {
+        Finish::Upgraded { child_pid } => Reply::Retry(format!(
             "pid {me} has handed over to pid {child_pid}, which answers on the same socket: ask again"
         )),
         _ => Reply::Failed(format!("pid {me} is stopping")),

@@ -145,11 +145,10 @@ impl Upgrader {
     /// The stop's bookkeeping, on probation: tells the old process that this process is stopping, before the
     /// finish is published and so before this process can exit (its exit is then not taken for a crash).
     pub(super) fn tell_predecessor_stopping(&self) {
+        // The sender is there exactly while the old process watches (the listening thread drops it when the
+        // window passes or the old process is gone).
         let sender = lock(&self.inner.predecessor).take();
         let Some(mut sender) = sender else { return };
-        if self.predecessor_pid().is_none() {
-            return;
-        }
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         match sender.send(&Message::Stopping, deadline) {
             Ok(()) => tracing::info!(
