@@ -55,35 +55,163 @@ fn logged_at(line: &str) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs_f64(t)
 }
 
+/// The wall clock of the log lines against the `Instant`s of the load's samples.
+struct Clock {
+    instant: Instant,
+    wall: SystemTime,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        Clock {
+            instant: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    fn at(&self, wall: SystemTime) -> Instant {
+        self.instant + wall.duration_since(self.wall).unwrap_or_default()
+    }
+}
+
+/// One new process that crashed on probation: how, how long after arming, when, and the old process's status
+/// once it had rolled back.
+struct Crash {
+    how: &'static str,
+    ms: u64,
+    child: u32,
+    at: Instant,
+    status: String,
+}
+
+/// Arms the crash `how` (`exit`, `panic`, `abort`: the new process's own fault; `kill`: SIGKILL from here) `ms`
+/// into the next new process's probation, upgrades, and returns once the old process has rolled back (its
+/// status says so, `rollbacks` now `rollbacks_before + 1`) and serves again (the load got answers after it).
+fn crash_on_probation(
+    sc: &Scene,
+    clock: &Clock,
+    how: &'static str,
+    ms: u64,
+    rollbacks_before: usize,
+    idle_stats: &mut Stats,
+) -> Crash {
+    let Scene {
+        s,
+        old,
+        load,
+        fault,
+        control,
+        ..
+    } = sc;
+    let fault_text = match how {
+        "kill" => format!("hang {ms}"),
+        _ => format!("{how} {ms}"),
+    };
+    std::fs::write(fault, fault_text).unwrap();
+    let idle = Idle::open(s.addr, 4);
+    load.wait_progress(100);
+    let mark = s.log.len();
+    let child = upgrade_onto_probation(s, *old, mark);
+    let crash_wall = match how {
+        "kill" => kill_after_arming(s, child, mark, ms),
+        _ => logged_at(&wait_line(s, mark, child, "crashing now")),
+    };
+    let status = status_until(control, Duration::from_secs(30), |t| {
+        t.contains(&format!("pid={old} "))
+            && t.contains(&format!("rollbacks={} ", rollbacks_before + 1))
+    });
+    assert!(
+        wait_gone(child, Duration::from_secs(10)),
+        "{child} still there"
+    );
+    // The old process serves again: wait for answers from it to requests sent after the crash.
+    load.wait_progress(300);
+    idle_stats.merge(idle.finish());
+    Crash {
+        how,
+        ms,
+        child,
+        at: clock.at(crash_wall),
+        status,
+    }
+}
+
+/// The first line from `pid` (from line `mark` on) that contains `text`: the example's own fault markers.
+fn wait_line(s: &Server, mark: usize, pid: u32, text: &str) -> String {
+    s.log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            from(l, pid) && l.contains(text)
+        })
+        .unwrap_or_else(|| panic!("{pid} never logged {text:?}:\n{}", s.log.dump()))
+        .1
+}
+
+/// SIGKILL to `child` from outside, `ms` after it armed its (harmless) fault; returns when it was sent.
+fn kill_after_arming(s: &Server, child: u32, mark: usize, ms: u64) -> SystemTime {
+    let armed = wait_line(s, mark, child, "crash fault armed");
+    let due = logged_at(&armed) + Duration::from_millis(ms);
+    if let Ok(wait) = due.duration_since(SystemTime::now()) {
+        std::thread::sleep(wait); // the scenario's timing, not a readiness check
+    }
+    let t = SystemTime::now();
+    assert!(signal(child, libc::SIGKILL));
+    t
+}
+
+/// How long after each crash the old process answered again; prints each and returns them sorted.
+fn gaps_after(server: &str, crashes: &[Crash], stats: &Stats, old: u32) -> Vec<Duration> {
+    let mut gaps: Vec<Duration> = crashes
+        .iter()
+        .map(|c| {
+            let first = stats
+                .latencies
+                .iter()
+                .filter(|r| r.pid == old && r.at >= c.at)
+                .map(|r| r.at + r.took)
+                .min()
+                .expect("no answer from the old process after the crash");
+            let gap = first.saturating_duration_since(c.at);
+            eprintln!(
+                "{server}: new process {} crashed by {} {} ms into a {WINDOW} s probation; the old process \
+                 {old} answered {gap:?} later ({})",
+                c.child,
+                c.how,
+                c.ms,
+                c.status.split("INFO").last().unwrap_or(&c.status).trim()
+            );
+            gap
+        })
+        .collect();
+    gaps.sort();
+    gaps
+}
+
+/// Nothing refused, and a failure only where a connection the crashed process held died with it: right at
+/// a crash.
+fn assert_failures_only_at_crashes(stats: &Stats, crashes: &[Crash]) {
+    assert_eq!(
+        stats.count(FailKind::Refused),
+        0,
+        "refused connections: {}",
+        stats.summary()
+    );
+    for t in &stats.failed_at {
+        assert!(
+            crashes
+                .iter()
+                .any(|c| *t + Duration::from_millis(50) >= c.at
+                    && *t <= c.at + Duration::from_secs(1)),
+            "a failure away from any crash: {}",
+            stats.summary()
+        );
+    }
+}
+
 fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let fault = dir.path().join("crash");
-    let fault_arg = fault.display().to_string();
-    let control = dir.path().join("control.sock");
-    let control_arg = control.display().to_string();
-    let mut s = Server::start(
-        &example(server),
-        &[
-            "--probation",
-            WINDOW,
-            "--crash-fault",
-            &fault_arg,
-            "--drain-timeout",
-            "5",
-            "--control-socket",
-            &control_arg,
-        ],
-    );
-    let old = s.current();
-    let load = Load::start_modes(
-        s.addr,
-        &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)],
-        Duration::from_millis(2),
-    );
-    // Instants of the load's samples against the wall clock of the log lines.
-    let (base_instant, base_wall) = (Instant::now(), SystemTime::now());
-    let at = |wall: SystemTime| base_instant + wall.duration_since(base_wall).unwrap_or_default();
-    load.wait_progress(200);
+    let mut sc = scene_paced(server, WINDOW, &[], Duration::from_millis(2));
+    let clock = Clock::now();
+    sc.load.wait_progress(100);
+    let old = sc.old;
     let mut crashes = Vec::new();
     let mut idle_stats = Stats::default();
     for (how, ms) in [
@@ -92,60 +220,11 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
         ("abort", 2000),
         ("kill", 100),
     ] {
-        let fault_text = if how == "kill" {
-            format!("hang {ms}")
-        } else {
-            format!("{how} {ms}")
-        };
-        std::fs::write(&fault, fault_text).unwrap();
-        let idle = Idle::open(s.addr, 4);
-        load.wait_progress(100);
-        let mark = s.log.len();
-        let child = upgrade_onto_probation(&s, old, mark);
-        let crash_wall = if how == "kill" {
-            // SIGKILL from outside, `ms` after the new process armed its (harmless) fault.
-            let (_, armed) = s
-                .log
-                .wait_for(mark, Duration::from_secs(30), |l| {
-                    from(l, child) && l.contains("crash fault armed")
-                })
-                .unwrap();
-            let due = logged_at(&armed) + Duration::from_millis(ms);
-            if let Ok(wait) = due.duration_since(SystemTime::now()) {
-                std::thread::sleep(wait); // the scenario's timing, not a readiness check
-            }
-            let t = SystemTime::now();
-            assert!(signal(child, libc::SIGKILL));
-            t
-        } else {
-            let (_, crashing) = s
-                .log
-                .wait_for(mark, Duration::from_secs(30), |l| {
-                    from(l, child) && l.contains("crashing now")
-                })
-                .unwrap_or_else(|| panic!("{child} never crashed:\n{}", s.log.dump()));
-            logged_at(&crashing)
-        };
-        let rolled = status_until(&control_arg, Duration::from_secs(30), |t| {
-            t.contains(&format!("pid={old} "))
-                && t.contains(&format!("rollbacks={} ", crashes.len() + 1))
-        });
-        assert!(
-            wait_gone(child, Duration::from_secs(10)),
-            "{child} still there"
-        );
-        // The old process serves again: wait for answers from it to requests sent after the crash.
-        let crash = at(crash_wall);
-        load.wait_progress(300);
-        idle_stats.merge(idle.finish());
-        crashes.push((how, ms, child, crash, rolled));
+        let crash = crash_on_probation(&sc, &clock, how, ms, crashes.len(), &mut idle_stats);
+        crashes.push(crash);
     }
     // The operator's view after the rollbacks.
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_exuvia-ctl"))
-        .args(["--socket", &control_arg, "status"])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    let status = status_until(&sc.control, Duration::ZERO, |_| true);
     eprintln!(
         "{server}: exuvia-ctl status after the rollbacks: {}",
         status.trim()
@@ -157,39 +236,21 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
         "{status}"
     );
     // One more upgrade, to a process that survives its window: it takes over once the window has passed.
-    let mark = s.log.len();
+    let mark = sc.s.log.len();
     let t0 = Instant::now();
-    let new = s.upgrade_started().expect("an upgrade after the rollbacks");
+    let new =
+        sc.s.upgrade_started()
+            .expect("an upgrade after the rollbacks");
     let took = t0.elapsed();
     assert!(
         took >= Duration::from_secs(5),
         "the old process finished before the window: {took:?}"
     );
     assert!(wait_gone(old, Duration::from_secs(30)));
-    load.wait_progress(200);
+    sc.load.wait_progress(200);
+    let Scene { mut s, load, .. } = sc;
     let stats = load.stop();
-    let answered_by = |pid: u32, after: Instant| {
-        stats
-            .latencies
-            .iter()
-            .filter(|r| r.pid == pid && r.at >= after)
-            .map(|r| r.at + r.took)
-            .min()
-    };
-    let mut gaps = Vec::new();
-    for (how, ms, child, crash, rolled) in &crashes {
-        let first =
-            answered_by(old, *crash).expect("no answer from the old process after the crash");
-        let gap = first.saturating_duration_since(*crash);
-        eprintln!(
-            "{server}: new process {child} crashed by {how} {ms} ms into a {WINDOW} s probation; the old \
-             process {old} answered {gap:?} later ({})",
-            rolled.split("INFO").last().unwrap_or(rolled).trim()
-        );
-        gaps.push(gap);
-    }
-    gaps.sort();
-    let refused = stats.count(FailKind::Refused);
+    let gaps = gaps_after(server, &crashes, &stats, old);
     eprintln!(
         "{server}: crash -> first answer from the old process: median {:?}, max {:?}; load: {}; idle: {}; \
          failures at the crashes: {:?}",
@@ -199,18 +260,7 @@ fn a_crash_on_probation_is_rolled_back_under_load(server: &str) {
         idle_stats.summary(),
         stats.failures
     );
-    assert_eq!(refused, 0, "refused connections: {}", stats.summary());
-    // Failures only where a connection the crashed process held died with it: right at a crash.
-    for t in &stats.failed_at {
-        assert!(
-            crashes.iter().any(
-                |(_, _, _, crash, _)| *t + Duration::from_millis(50) >= *crash
-                    && *t <= *crash + Duration::from_secs(1)
-            ),
-            "a failure away from any crash: {}",
-            stats.summary()
-        );
-    }
+    assert_failures_only_at_crashes(&stats, &crashes);
     assert!(gaps.iter().all(|g| *g < Duration::from_secs(1)), "{gaps:?}");
     assert!(idle_stats.failures.is_empty(), "{}", idle_stats.summary());
     assert!(s
@@ -300,6 +350,11 @@ struct Scene {
 }
 
 fn scene(server: &str, window: &str, extra: &[&str]) -> Scene {
+    scene_paced(server, window, extra, Duration::from_millis(3))
+}
+
+/// Like [`scene`], each client pausing `pace` between requests.
+fn scene_paced(server: &str, window: &str, extra: &[&str], pace: Duration) -> Scene {
     let dir = tempfile::tempdir().unwrap();
     let fault = dir.path().join("crash");
     let control = dir.path().join("control.sock").display().to_string();
@@ -317,11 +372,7 @@ fn scene(server: &str, window: &str, extra: &[&str]) -> Scene {
     args.extend_from_slice(extra);
     let s = Server::start(&example(server), &args);
     let old = s.current();
-    let load = Load::start_modes(
-        s.addr,
-        &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)],
-        Duration::from_millis(3),
-    );
+    let load = Load::start_modes(s.addr, &[(Mode::Fresh, 2), (Mode::KeepAlive, 2)], pace);
     load.wait_progress(100);
     Scene {
         _dir: dir,
