@@ -172,10 +172,32 @@ impl Run<'_> {
         median(&v.iter().map(|(o, _)| *o).collect::<Vec<_>>())
     }
 
+    /// Every target the report checks, in the order the table prints them.
     fn targets(&self) -> Vec<Target> {
-        let mut t = Vec::new();
+        let mut t = vec![
+            self.no_failures_target(),
+            self.throughput_target(),
+            self.reuseport_p99_target(),
+            self.systemctl_p99_target(),
+            self.overhead_target(1, 5),
+            self.overhead_target(1000, 50),
+            self.accept_target(),
+        ];
+        t.extend(self.soak.as_ref().map(soak_target));
+        t
+    }
+
+    /// The p99 latency of the requests sent during the upgrades of scenario `name`, if it ran.
+    fn during_p99(&self, name: &str) -> Option<Duration> {
+        self.outcomes
+            .iter()
+            .find(|(s, o)| s.name() == name && o.skipped.is_none())
+            .and_then(|(_, o)| percentile(&o.latencies().1, 0.99))
+    }
+
+    fn no_failures_target(&self) -> Target {
         let ex: Vec<_> = self.exuvia().collect();
-        t.push(Target {
+        Target {
             what: "0 failed requests in every exuvia scenario, >= 20 upgrades each",
             measured: ex
                 .iter()
@@ -193,8 +215,12 @@ impl Run<'_> {
                 && ex
                     .iter()
                     .all(|(_, o)| o.all().failures.is_empty() && o.upgrades >= 20),
-        });
-        t.push(Target {
+        }
+    }
+
+    fn throughput_target(&self) -> Target {
+        let ex: Vec<_> = self.exuvia().collect();
+        Target {
             what: "served throughput >= 70% of the steady maximum",
             measured: ex
                 .iter()
@@ -211,22 +237,20 @@ impl Run<'_> {
                 && ex
                     .iter()
                     .all(|(_, o)| o.throughput >= 0.7 * self.calibration.sustained),
-        });
-        // Relative p99 targets: on 2 shared cores any absolute ratio to the steady p99 measures the box (starting
-        // a process costs what it costs); what the handover may not do is add to it. Both sides of each
-        // comparison come from the same run, under the same load.
-        let during_p99 = |name: &str| {
-            self.outcomes
-                .iter()
-                .find(|(s, o)| s.name() == name && o.skipped.is_none())
-                .and_then(|(_, o)| percentile(&o.latencies().1, 0.99))
-        };
-        let reuseport = during_p99("reuseport-overlap");
+        }
+    }
+
+    // Relative p99 targets: on 2 shared cores any absolute ratio to the steady p99 measures the box (starting a
+    // process costs what it costs); what the handover may not do is add to it. Both sides of each comparison
+    // come from the same run, under the same load.
+
+    fn reuseport_p99_target(&self) -> Target {
+        let reuseport = self.during_p99("reuseport-overlap");
         let by_sighup: Vec<_> = ["exuvia-sighup", "exuvia-sighup-bg"]
             .into_iter()
-            .filter_map(|n| during_p99(n).map(|d| (n, d)))
+            .filter_map(|n| self.during_p99(n).map(|d| (n, d)))
             .collect();
-        t.push(Target {
+        Target {
             what: "p99 during: exuvia <= SO_REUSEPORT baseline (same run)",
             measured: match reuseport {
                 Some(r) => format!(
@@ -242,9 +266,15 @@ impl Run<'_> {
             },
             met: reuseport
                 .is_some_and(|r| !by_sighup.is_empty() && by_sighup.iter().all(|(_, d)| *d <= r)),
-        });
-        let (systemctl, sighup) = (during_p99("exuvia-systemctl"), during_p99("exuvia-sighup"));
-        t.push(Target {
+        }
+    }
+
+    fn systemctl_p99_target(&self) -> Target {
+        let (systemctl, sighup) = (
+            self.during_p99("exuvia-systemctl"),
+            self.during_p99("exuvia-sighup"),
+        );
+        Target {
             what: "p99 during: systemctl reload <= 1.15 x SIGHUP (same run)",
             measured: match (systemctl, sighup) {
                 (Some(c), Some(h)) => format!(
@@ -256,45 +286,32 @@ impl Run<'_> {
                 _ => "not measured (needs exuvia-systemctl and exuvia-sighup)".into(),
             },
             met: matches!((systemctl, sighup), (Some(c), Some(h)) if c.as_secs_f64() <= 1.15 * h.as_secs_f64()),
-        });
-        for (n, bound) in [(1, 5), (1000, 50)] {
-            let m = self.overhead_median(n);
-            t.push(Target {
-                what: if n == 1 {
-                    "handover overhead median <= 5 ms, 1 listener"
-                } else {
-                    "handover overhead median <= 50 ms, 1,000 listeners"
-                },
-                measured: m.map_or("not measured".into(), |d| format!("{} ms", ms(Some(d)))),
-                met: m.is_some_and(|d| d <= Duration::from_millis(bound)),
-            });
         }
-        t.push(Target {
+    }
+
+    /// The handover overhead's median with `listeners` listeners, at most `bound_ms`.
+    fn overhead_target(&self, listeners: usize, bound_ms: u64) -> Target {
+        let m = self.overhead_median(listeners);
+        Target {
+            what: if listeners == 1 {
+                "handover overhead median <= 5 ms, 1 listener"
+            } else {
+                "handover overhead median <= 50 ms, 1,000 listeners"
+            },
+            measured: m.map_or("not measured".into(), |d| format!("{} ms", ms(Some(d)))),
+            met: m.is_some_and(|d| d <= Duration::from_millis(bound_ms)),
+        }
+    }
+
+    fn accept_target(&self) -> Target {
+        Target {
             what: "Tokio-layer accept throughput >= 0.97 x plain Tokio",
             measured: self
                 .accept
                 .as_ref()
                 .map_or("not measured".into(), |a| format!("{:.3}", a.ratio())),
             met: self.accept.as_ref().is_some_and(|a| a.ratio() >= 0.97),
-        });
-        if let Some(s) = &self.soak {
-            let (fds, growth) = soak_flatness(s);
-            t.push(Target {
-                what: "soak: fd count and RSS flat, 0 failures",
-                measured: format!(
-                    "{} upgrades, fds without connections {}, RSS growth {:+.1}% (last third vs first), {} failed",
-                    s.upgrades,
-                    match &fds {
-                        Ok(()) => "constant".to_string(),
-                        Err(e) => format!("VARY ({e})"),
-                    },
-                    growth * 100.0,
-                    s.stats.failures.len()
-                ),
-                met: fds.is_ok() && growth <= 0.10 && s.stats.failures.is_empty(),
-            });
         }
-        t
     }
 
     pub fn table(&self) -> String {
@@ -659,145 +676,157 @@ impl Run<'_> {
     }
 
     pub fn json(&self) -> String {
-        let o = self.options;
-        let scenarios = self
-            .outcomes
-            .iter()
-            .map(|(s, out)| {
-                if let Some(why) = &out.skipped {
-                    return J::Obj(vec![
-                        ("name", J::Str(s.name().into())),
-                        ("skipped", J::Str(why.clone())),
-                    ]);
-                }
-                let (steady, during) = out.latencies();
-                let over: Vec<Duration> = out.overhead.iter().map(|(o, _)| *o).collect();
-                let init: Vec<Duration> = out.overhead.iter().map(|(_, i)| *i).collect();
-                J::Obj(vec![
-                    ("name", J::Str(s.name().into())),
-                    ("replacements", J::Num(out.upgrades as f64)),
-                    ("throughput_rps", J::Num(out.throughput)),
-                    ("all", jstats(&out.all())),
-                    ("new_connection", jstats(&out.fresh)),
-                    ("keep_alive", jstats(&out.keepalive)),
-                    ("idle", jstats(&out.idle)),
-                    ("latency_steady", jlat(&steady)),
-                    ("latency_during", jlat(&during)),
-                    ("p99_ratio", p99_ratio(out).map_or(J::Null, J::Num)),
-                    ("to_new_median_ms", jms(median(&out.to_first_response))),
-                    ("overhead_median_ms", jms(median(&over))),
-                    ("overhead_max_ms", jms(over.iter().max().copied())),
-                    ("child_init_median_ms", jms(median(&init))),
-                    (
-                        "peak_rss_old_plus_new_bytes",
-                        out.peak_rss
-                            .iter()
-                            .max()
-                            .map_or(J::Null, |b| J::Num(*b as f64)),
-                    ),
-                ])
-            })
-            .collect();
-        let scaling = self
-            .scaling
-            .iter()
-            .map(|(n, mib, v)| {
-                let over: Vec<Duration> = v.iter().map(|(o, _)| *o).collect();
-                let took: Vec<Duration> = v.iter().map(|(_, t)| *t).collect();
-                J::Obj(vec![
-                    ("listeners", J::Num(*n as f64)),
-                    ("ballast_mib", J::Num(*mib as f64)),
-                    ("upgrades", J::Num(v.len() as f64)),
-                    ("overhead_median_ms", jms(median(&over))),
-                    ("overhead_max_ms", jms(over.iter().max().copied())),
-                    ("upgrade_median_ms", jms(median(&took))),
-                ])
-            })
-            .collect();
-        let accept = self.accept.as_ref().map_or(J::Null, |a| {
-            J::Obj(vec![
-                ("plain_median_cps", J::Num(a.median(accept::Path::Plain))),
-                ("exuvia_median_cps", J::Num(a.median(accept::Path::Exuvia))),
-                ("ratio", J::Num(a.ratio())),
-            ])
-        });
-        let soak = self.soak.as_ref().map_or(J::Null, |s| {
-            J::Obj(vec![
-                ("upgrades", J::Num(s.upgrades as f64)),
-                ("seconds", J::Num(s.took.as_secs_f64())),
-                ("load", jstats(&s.stats)),
-                (
-                    "samples",
-                    J::Arr(
-                        s.samples
-                            .iter()
-                            .map(|x| {
-                                J::Obj(vec![
-                                    ("after_upgrades", J::Num(x.upgrade as f64)),
-                                    ("pid", J::Num(x.pid as f64)),
-                                    ("fds", J::Num(x.fds as f64)),
-                                    ("fds_without_connections", J::Num(x.fds_fixed as f64)),
-                                    ("rss_bytes", J::Num(x.rss as f64)),
-                                ])
-                            })
-                            .collect(),
-                    ),
-                ),
-            ])
-        });
-        let targets = self
-            .targets()
-            .into_iter()
-            .map(|t| {
-                J::Obj(vec![
-                    ("target", J::Str(t.what.into())),
-                    ("measured", J::Str(t.measured)),
-                    ("met", J::Bool(t.met)),
-                ])
-            })
-            .collect();
         J::Obj(vec![
+            ("load", self.load_json()),
             (
-                "load",
-                J::Obj(vec![
-                    ("unpaced_rps", J::Num(self.calibration.unpaced)),
-                    (
-                        "calibration_steps",
-                        J::Arr(
-                            self.calibration
-                                .steps
-                                .iter()
-                                .map(|(a, b)| {
-                                    J::Obj(vec![
-                                        ("offered_rps", J::Num(*a)),
-                                        ("served_rps", J::Num(*b)),
-                                    ])
-                                })
-                                .collect(),
-                        ),
-                    ),
-                    ("steady_max_rps", J::Num(self.calibration.sustained)),
-                    ("fraction", J::Num(o.load)),
-                    ("offered_rps", J::Num(self.shape.offered())),
-                    ("new_connection_clients", J::Num(self.shape.fresh as f64)),
-                    ("keep_alive_clients", J::Num(self.shape.keepalive as f64)),
-                    ("pace_us", J::Num(self.shape.pace.as_micros() as f64)),
-                    ("idle_per_replacement", J::Num(self.shape.idle as f64)),
-                    (
-                        "cores",
-                        J::Num(std::thread::available_parallelism().map_or(0, |n| n.get()) as f64),
-                    ),
-                ]),
+                "scenarios",
+                J::Arr(
+                    self.outcomes
+                        .iter()
+                        .map(|(s, out)| scenario_json(s, out))
+                        .collect(),
+                ),
             ),
-            ("scenarios", J::Arr(scenarios)),
-            ("scaling", J::Arr(scaling)),
-            ("accept", accept),
-            ("soak", soak),
-            ("targets", J::Arr(targets)),
+            (
+                "scaling",
+                J::Arr(
+                    self.scaling
+                        .iter()
+                        .map(|(n, mib, v)| scaling_json(*n, *mib, v))
+                        .collect(),
+                ),
+            ),
+            ("accept", self.accept.as_ref().map_or(J::Null, accept_json)),
+            ("soak", self.soak.as_ref().map_or(J::Null, soak_json)),
+            (
+                "targets",
+                J::Arr(self.targets().into_iter().map(target_json).collect()),
+            ),
             ("correct", J::Bool(self.correct())),
         ])
         .to_string()
     }
+
+    /// The load the scenarios ran under, and how it was calibrated.
+    fn load_json(&self) -> J {
+        J::Obj(vec![
+            ("unpaced_rps", J::Num(self.calibration.unpaced)),
+            (
+                "calibration_steps",
+                J::Arr(
+                    self.calibration
+                        .steps
+                        .iter()
+                        .map(|(a, b)| {
+                            J::Obj(vec![
+                                ("offered_rps", J::Num(*a)),
+                                ("served_rps", J::Num(*b)),
+                            ])
+                        })
+                        .collect(),
+                ),
+            ),
+            ("steady_max_rps", J::Num(self.calibration.sustained)),
+            ("fraction", J::Num(self.options.load)),
+            ("offered_rps", J::Num(self.shape.offered())),
+            ("new_connection_clients", J::Num(self.shape.fresh as f64)),
+            ("keep_alive_clients", J::Num(self.shape.keepalive as f64)),
+            ("pace_us", J::Num(self.shape.pace.as_micros() as f64)),
+            ("idle_per_replacement", J::Num(self.shape.idle as f64)),
+            (
+                "cores",
+                J::Num(std::thread::available_parallelism().map_or(0, |n| n.get()) as f64),
+            ),
+        ])
+    }
+}
+
+/// One scenario's outcome (or why it was skipped).
+fn scenario_json(s: &Scenario, out: &Outcome) -> J {
+    if let Some(why) = &out.skipped {
+        return J::Obj(vec![
+            ("name", J::Str(s.name().into())),
+            ("skipped", J::Str(why.clone())),
+        ]);
+    }
+    let (steady, during) = out.latencies();
+    let over: Vec<Duration> = out.overhead.iter().map(|(o, _)| *o).collect();
+    let init: Vec<Duration> = out.overhead.iter().map(|(_, i)| *i).collect();
+    J::Obj(vec![
+        ("name", J::Str(s.name().into())),
+        ("replacements", J::Num(out.upgrades as f64)),
+        ("throughput_rps", J::Num(out.throughput)),
+        ("all", jstats(&out.all())),
+        ("new_connection", jstats(&out.fresh)),
+        ("keep_alive", jstats(&out.keepalive)),
+        ("idle", jstats(&out.idle)),
+        ("latency_steady", jlat(&steady)),
+        ("latency_during", jlat(&during)),
+        ("p99_ratio", p99_ratio(out).map_or(J::Null, J::Num)),
+        ("to_new_median_ms", jms(median(&out.to_first_response))),
+        ("overhead_median_ms", jms(median(&over))),
+        ("overhead_max_ms", jms(over.iter().max().copied())),
+        ("child_init_median_ms", jms(median(&init))),
+        (
+            "peak_rss_old_plus_new_bytes",
+            out.peak_rss
+                .iter()
+                .max()
+                .map_or(J::Null, |b| J::Num(*b as f64)),
+        ),
+    ])
+}
+
+/// The upgrades with `listeners` listeners and `mib` MiB of ballast: (overhead, whole upgrade) each.
+fn scaling_json(listeners: usize, mib: usize, v: &[(Duration, Duration)]) -> J {
+    let over: Vec<Duration> = v.iter().map(|(o, _)| *o).collect();
+    let took: Vec<Duration> = v.iter().map(|(_, t)| *t).collect();
+    J::Obj(vec![
+        ("listeners", J::Num(listeners as f64)),
+        ("ballast_mib", J::Num(mib as f64)),
+        ("upgrades", J::Num(v.len() as f64)),
+        ("overhead_median_ms", jms(median(&over))),
+        ("overhead_max_ms", jms(over.iter().max().copied())),
+        ("upgrade_median_ms", jms(median(&took))),
+    ])
+}
+
+fn accept_json(a: &Figures) -> J {
+    J::Obj(vec![
+        ("plain_median_cps", J::Num(a.median(accept::Path::Plain))),
+        ("exuvia_median_cps", J::Num(a.median(accept::Path::Exuvia))),
+        ("ratio", J::Num(a.ratio())),
+    ])
+}
+
+fn soak_json(s: &Soak) -> J {
+    let samples = s
+        .samples
+        .iter()
+        .map(|x| {
+            J::Obj(vec![
+                ("after_upgrades", J::Num(x.upgrade as f64)),
+                ("pid", J::Num(x.pid as f64)),
+                ("fds", J::Num(x.fds as f64)),
+                ("fds_without_connections", J::Num(x.fds_fixed as f64)),
+                ("rss_bytes", J::Num(x.rss as f64)),
+            ])
+        })
+        .collect();
+    J::Obj(vec![
+        ("upgrades", J::Num(s.upgrades as f64)),
+        ("seconds", J::Num(s.took.as_secs_f64())),
+        ("load", jstats(&s.stats)),
+        ("samples", J::Arr(samples)),
+    ])
+}
+
+fn target_json(t: Target) -> J {
+    J::Obj(vec![
+        ("target", J::Str(t.what.into())),
+        ("measured", J::Str(t.measured)),
+        ("met", J::Bool(t.met)),
+    ])
 }
 
 /// One load mode's requests during the replacements, by the millisecond after the trigger they started in:
@@ -894,4 +923,22 @@ fn soak_flatness(s: &Soak) -> (Result<(), String>, f64) {
         }
     };
     (same, growth)
+}
+
+fn soak_target(s: &Soak) -> Target {
+    let (fds, growth) = soak_flatness(s);
+    Target {
+        what: "soak: fd count and RSS flat, 0 failures",
+        measured: format!(
+            "{} upgrades, fds without connections {}, RSS growth {:+.1}% (last third vs first), {} failed",
+            s.upgrades,
+            match &fds {
+                Ok(()) => "constant".to_string(),
+                Err(e) => format!("VARY ({e})"),
+            },
+            growth * 100.0,
+            s.stats.failures.len()
+        ),
+        met: fds.is_ok() && growth <= 0.10 && s.stats.failures.is_empty(),
+    }
 }

@@ -285,7 +285,6 @@ pub fn calibrate(bin: &Path, fresh: usize, keepalive: usize, secs: f64) -> Calib
 enum Target {
     Direct {
         servers: Vec<Server>,
-        listen: String,
         args: Vec<String>,
     },
     Systemd {
@@ -301,46 +300,16 @@ const CONTROL_WINDOW: Duration = Duration::from_millis(8);
 pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -> Outcome {
     let port = support::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut args = vec!["--drain-timeout".to_string(), "10".to_string()];
-    if scenario == Scenario::ReuseportOverlap {
-        args.push("--reuseport".into());
-    }
-    if scenario == Scenario::ExuviaSighupBackground {
-        args.push("--background-init".into());
-    }
     // exuvia-rollback: every new process exits 200 ms into a 5 s probation; the old one takes the service back.
     let fault = std::env::temp_dir().join(format!("exuvia-bench-crash-{}", std::process::id()));
-    if scenario == Scenario::ExuviaRollback {
-        args.extend(["--probation".into(), "5".into(), "--crash-fault".into()]);
-        args.push(fault.display().to_string());
-    }
-    let mut crashes: Vec<(Instant, u32)> = Vec::new();
-    let mut target = if scenario == Scenario::ExuviaSystemctl {
-        if let Some(why) = systemd::unavailable() {
+    let args = server_args(scenario, &fault);
+    let mut target = match start_target(scenario, bin, port, &listen, args) {
+        Ok(target) => target,
+        Err(why) => {
             return Outcome {
                 skipped: Some(why),
                 ..Outcome::default()
-            };
-        }
-        let sd = systemd::boot("bench").expect("checked above");
-        let ctl = support::binary("exuvia-ctl");
-        sd.install_app(
-            systemd::Shape::NotifyReload,
-            bin,
-            &ctl,
-            port,
-            &args.join(" "),
-            &[],
-        );
-        let out = sd.systemctl(&["start", "app.socket"]);
-        assert!(out.status.success(), "start app.socket: {out:?}");
-        Target::Systemd { sd }
-    } else {
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        Target::Direct {
-            servers: vec![Server::start_on(bin, &listen, &argv)],
-            listen: listen.clone(),
-            args: args.clone(),
+            }
         }
     };
     let addr: SocketAddr = listen.parse().unwrap();
@@ -359,203 +328,333 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
         upgrades,
         ..Outcome::default()
     };
+    let mut crashes = Vec::new();
     for _ in 0..upgrades {
         // Opened a steady stretch ahead of the trigger: what opening them costs the server is not part of
         // the replacement.
         let idle = Idle::open(addr, shape.idle);
         load.wait_progress(between);
-        // Under systemd, finding the main process (nsenter + systemctl show, tens of ms) is bookkeeping, not
-        // part of the trigger: done before the clock starts, so that the window opens at `systemctl reload`.
-        let mut before_reload = match &target {
-            Target::Systemd { sd } => {
-                let old = sd.main_pid("app.service");
-                let old_host = sd.host_pid(old).expect("the main process is visible");
-                let old_fd = support::pidfd(old_host).expect("the main process is alive");
-                let sampler = RssSampler::start(&[old_host], true);
-                Some((old, old_fd, sampler))
-            }
-            Target::Direct { .. } => None,
-        };
-        let t0 = Instant::now();
-        let wall0 = SystemTime::now();
-        let (new, idle_done, ended) = match &mut target {
-            Target::Direct {
-                servers,
-                listen,
-                args,
-            } => {
-                let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-                let old = servers.last().unwrap().current();
-                let sampler = RssSampler::start(&[old], scenario.is_exuvia());
-                let r = match scenario {
-                    Scenario::Control => {
-                        // Everything the benchmark does during a replacement, without a replacement: the
-                        // idle clients send, the sampler runs, for as long as a typical exuvia window.
-                        let idle_done = idle.finish_paced(shape.pace);
-                        // Not a readiness check: the control window has a fixed length.
-                        std::thread::sleep(
-                            (t0 + CONTROL_WINDOW).saturating_duration_since(Instant::now()),
-                        );
-                        (old, idle_done)
-                    }
-                    Scenario::ExuviaSighup | Scenario::ExuviaSighupBackground => {
-                        let s = servers.last_mut().unwrap();
-                        // Returns once the new process has said it serves.
-                        let new = s
-                            .upgrade_started()
-                            .unwrap_or_else(|e| panic!("upgrade failed: {e}"));
-                        // Idle clients send while the old process drains.
-                        let idle_done = idle.finish_paced(shape.pace);
-                        support::wait_gone(old, Duration::from_secs(30));
-                        let lines = s.log.lines();
-                        if let Some(o) = overhead_of(&lines, old) {
-                            out.overhead.push(o);
-                        }
-                        out.stages.push(stages_of(&lines, old, wall0));
-                        (new, idle_done)
-                    }
-                    Scenario::NaiveRestart => {
-                        support::signal(old, libc::SIGTERM);
-                        // Nothing new can serve before the old one exits: the idle clients send now.
-                        let idle_done = idle.finish_paced(shape.pace);
-                        support::wait_gone(old, Duration::from_secs(30));
-                        // Returns once the new process has said it serves.
-                        let s = Server::start_on(bin, listen, &argv);
-                        let new = s.current();
-                        sampler.watch(new);
-                        servers.push(s);
-                        (new, idle_done)
-                    }
-                    Scenario::ReuseportOverlap => {
-                        // Returns once the new process has said it serves (it listens).
-                        let s = Server::start_on(bin, listen, &argv);
-                        let new = s.current();
-                        sampler.watch(new);
-                        servers.push(s);
-                        support::signal(old, libc::SIGTERM);
-                        let idle_done = idle.finish_paced(shape.pace);
-                        support::wait_gone(old, Duration::from_secs(30));
-                        (new, idle_done)
-                    }
-                    Scenario::ExuviaRollback => {
-                        let s = servers.last_mut().unwrap();
-                        std::fs::write(&fault, "exit 200").unwrap();
-                        let mark = s.log.len();
-                        assert!(support::signal(old, libc::SIGHUP));
-                        let from = |l: &str, pid: u32| {
-                            support::field(l, "pid").and_then(|p| p.parse::<u32>().ok())
-                                == Some(pid)
-                        };
-                        let (_, rolled) = s
-                            .log
-                            .wait_for(mark, Duration::from_secs(30), |l| {
-                                from(l, old) && l.contains("rolled back")
-                            })
-                            .unwrap_or_else(|| panic!("no rollback:\n{}", s.log.dump()));
-                        let child: u32 = support::field(&rolled, "child_pid")
-                            .and_then(|p| p.parse().ok())
-                            .expect("the rollback names the new process");
-                        let crash = s
-                            .log
-                            .lines()
-                            .iter()
-                            .skip(mark)
-                            .find(|l| from(l, child) && l.contains("crashing now"))
-                            .and_then(|l| logged_at(l))
-                            .expect("the new process logged its crash");
-                        crashes.push((t0 + crash.duration_since(wall0).unwrap_or_default(), old));
-                        let idle_done = idle.finish_paced(shape.pace);
-                        support::wait_gone(child, Duration::from_secs(30));
-                        (old, idle_done)
-                    }
-                    Scenario::ExuviaSystemctl => unreachable!(),
+        let round = match &mut target {
+            Target::Direct { servers, args, .. } => {
+                let ctx = Direct {
+                    scenario,
+                    bin,
+                    listen: &listen,
+                    args,
+                    fault: &fault,
+                    pace: shape.pace,
                 };
-                out.peak_rss.push(sampler.stop());
-                (r.0, r.1, None)
+                ctx.replace(servers, idle, &mut out, &mut crashes)
             }
-            Target::Systemd { sd } => {
-                let (old, old_fd, sampler) = before_reload.take().expect("prepared above");
-                let reload = sd.systemctl(&["reload", "app.service"]);
-                assert!(
-                    reload.status.success(),
-                    "systemctl reload failed: {}",
-                    String::from_utf8_lossy(&reload.stderr)
-                );
-                let idle_done = idle.finish_paced(shape.pace);
-                support::wait_pidfd(&old_fd, Duration::from_secs(30));
-                // The window ends here; asking systemd for the new main pid (nsenter + systemctl show) is the
-                // benchmark's own work and stays out of it.
-                let ended = Instant::now();
-                let new = sd.main_pid("app.service");
-                assert_ne!(new, old, "the reload did not move the main pid");
-                out.peak_rss.push(sampler.stop());
-                let log = std::fs::read_to_string(sd.service_log()).unwrap_or_default();
-                let lines: Vec<String> = log.lines().map(str::to_string).collect();
-                if let Some(o) = overhead_of(&lines, old) {
-                    out.overhead.push(o);
-                }
-                out.stages.push(stages_of(&lines, old, wall0));
-                (new, idle_done, Some(ended))
-            }
+            Target::Systemd { sd } => replace_under_systemd(sd, idle, shape.pace, &mut out),
         };
-        out.idle.merge(idle_done);
-        out.windows.push((t0, ended.unwrap_or_else(Instant::now)));
-        out.new_pids.push(new);
+        out.idle.merge(round.idle);
+        out.windows.push((round.t0, round.ended));
+        out.new_pids.push(round.new);
     }
     load.wait_progress(between);
     let elapsed = started.elapsed();
     let (fresh, keepalive) = load.stop_by_mode();
     out.throughput = (fresh.ok + keepalive.ok) as f64 / elapsed.as_secs_f64();
-    // Time to the first response from the new process, from the load's own requests (the benchmark sends
-    // nothing extra to find out).
-    // (The control scenario has no new process.)
-    // (The control scenario has no new process; in the rollback scenario the old process serves on.)
+    first_answers(scenario, &mut out, &crashes, &fresh, &keepalive);
+    let _ = std::fs::remove_file(&fault);
+    out.fresh = fresh;
+    out.keepalive = keepalive;
+    target.stop();
+    out
+}
+
+/// The server's arguments for `scenario` (`fault`: the crash-fault file of `exuvia-rollback`).
+fn server_args(scenario: Scenario, fault: &Path) -> Vec<String> {
+    let mut args = vec!["--drain-timeout".to_string(), "10".to_string()];
+    match scenario {
+        Scenario::ReuseportOverlap => args.push("--reuseport".into()),
+        Scenario::ExuviaSighupBackground => args.push("--background-init".into()),
+        Scenario::ExuviaRollback => {
+            args.extend(["--probation".into(), "5".into(), "--crash-fault".into()]);
+            args.push(fault.display().to_string());
+        }
+        _ => {}
+    }
+    args
+}
+
+/// Starts the first server: a process tree of ours, or under a real systemd for `exuvia-systemctl` (`Err`:
+/// why that cannot run here).
+fn start_target(
+    scenario: Scenario,
+    bin: &Path,
+    port: u16,
+    listen: &str,
+    args: Vec<String>,
+) -> Result<Target, String> {
+    if scenario != Scenario::ExuviaSystemctl {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        return Ok(Target::Direct {
+            servers: vec![Server::start_on(bin, listen, &argv)],
+            args,
+        });
+    }
+    if let Some(why) = systemd::unavailable() {
+        return Err(why);
+    }
+    let sd = systemd::boot("bench").expect("checked above");
+    let ctl = support::binary("exuvia-ctl");
+    sd.install_app(
+        systemd::Shape::NotifyReload,
+        bin,
+        &ctl,
+        port,
+        &args.join(" "),
+        &[],
+    );
+    let out = sd.systemctl(&["start", "app.socket"]);
+    assert!(out.status.success(), "start app.socket: {out:?}");
+    Ok(Target::Systemd { sd })
+}
+
+impl Target {
+    /// Stops what runs, and leaves nothing behind.
+    fn stop(self) {
+        match self {
+            Target::Direct { servers, .. } => {
+                if let Some(s) = servers.last() {
+                    s.stop();
+                }
+                drop(servers); // kills and reaps anything left
+            }
+            Target::Systemd { sd } => {
+                let out = sd.systemctl(&["stop", "app.service", "app.socket"]);
+                assert!(out.status.success(), "systemctl stop: {out:?}");
+                drop(sd); // kills the namespace
+            }
+        }
+    }
+}
+
+/// One replacement: when it was triggered and when it was over, the process that serves after it, and what
+/// the idle clients saw.
+struct Round {
+    t0: Instant,
+    ended: Instant,
+    new: u32,
+    idle: Stats,
+}
+
+/// What a replacement of a process tree of ours needs to know.
+struct Direct<'a> {
+    scenario: Scenario,
+    bin: &'a Path,
+    listen: &'a str,
+    args: &'a [String],
+    fault: &'a Path,
+    pace: Duration,
+}
+
+impl Direct<'_> {
+    /// Replaces the newest of `servers` the scenario's way, while `idle`'s clients send their requests.
+    fn replace(
+        &self,
+        servers: &mut Vec<Server>,
+        idle: Idle,
+        out: &mut Outcome,
+        crashes: &mut Vec<(Instant, u32)>,
+    ) -> Round {
+        let t0 = Instant::now();
+        let wall0 = SystemTime::now();
+        let old = servers.last().unwrap().current();
+        let sampler = RssSampler::start(&[old], self.scenario.is_exuvia());
+        let (new, idle) = match self.scenario {
+            Scenario::Control => {
+                // Everything the benchmark does during a replacement, without a replacement: the idle clients
+                // send, the sampler runs, for as long as a typical exuvia window.
+                let idle_done = idle.finish_paced(self.pace);
+                // Not a readiness check: the control window has a fixed length.
+                std::thread::sleep((t0 + CONTROL_WINDOW).saturating_duration_since(Instant::now()));
+                (old, idle_done)
+            }
+            Scenario::ExuviaSighup | Scenario::ExuviaSighupBackground => {
+                self.sighup(servers.last_mut().unwrap(), idle, wall0, out)
+            }
+            Scenario::NaiveRestart => {
+                support::signal(old, libc::SIGTERM);
+                // Nothing new can serve before the old one exits: the idle clients send now.
+                let idle_done = idle.finish_paced(self.pace);
+                support::wait_gone(old, Duration::from_secs(30));
+                let new = self.start_another(servers, &sampler);
+                (new, idle_done)
+            }
+            Scenario::ReuseportOverlap => {
+                let new = self.start_another(servers, &sampler);
+                support::signal(old, libc::SIGTERM);
+                let idle_done = idle.finish_paced(self.pace);
+                support::wait_gone(old, Duration::from_secs(30));
+                (new, idle_done)
+            }
+            Scenario::ExuviaRollback => {
+                let s = servers.last_mut().unwrap();
+                let (crash, child) = self.crash_on_probation(s, t0, wall0);
+                crashes.push((crash, old));
+                let idle_done = idle.finish_paced(self.pace);
+                support::wait_gone(child, Duration::from_secs(30));
+                (old, idle_done)
+            }
+            Scenario::ExuviaSystemctl => unreachable!(),
+        };
+        out.peak_rss.push(sampler.stop());
+        Round {
+            t0,
+            ended: Instant::now(),
+            new,
+            idle,
+        }
+    }
+
+    /// SIGHUP to the current process: returns the new one once the old one has exited (the idle clients send
+    /// while it drains), with the library's own figures from the old process's log.
+    fn sighup(
+        &self,
+        s: &mut Server,
+        idle: Idle,
+        wall0: SystemTime,
+        out: &mut Outcome,
+    ) -> (u32, Stats) {
+        let old = s.current();
+        // Returns once the new process has said it serves.
+        let new = s
+            .upgrade_started()
+            .unwrap_or_else(|e| panic!("upgrade failed: {e}"));
+        let idle_done = idle.finish_paced(self.pace);
+        support::wait_gone(old, Duration::from_secs(30));
+        let lines = s.log.lines();
+        if let Some(o) = overhead_of(&lines, old) {
+            out.overhead.push(o);
+        }
+        out.stages.push(stages_of(&lines, old, wall0));
+        (new, idle_done)
+    }
+
+    /// Starts another server on the same address (returns once it has said it serves); the sampler watches it.
+    fn start_another(&self, servers: &mut Vec<Server>, sampler: &RssSampler) -> u32 {
+        let argv: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let s = Server::start_on(self.bin, self.listen, &argv);
+        let new = s.current();
+        sampler.watch(new);
+        servers.push(s);
+        new
+    }
+
+    /// SIGHUP to a server whose new process exits 200 ms into its probation: once the old process has rolled
+    /// back, returns when the new one crashed (by its log) and its pid.
+    fn crash_on_probation(&self, s: &Server, t0: Instant, wall0: SystemTime) -> (Instant, u32) {
+        let old = s.current();
+        std::fs::write(self.fault, "exit 200").unwrap();
+        let mark = s.log.len();
+        assert!(support::signal(old, libc::SIGHUP));
+        let from = |l: &str, pid: u32| {
+            support::field(l, "pid").and_then(|p| p.parse::<u32>().ok()) == Some(pid)
+        };
+        let (_, rolled) = s
+            .log
+            .wait_for(mark, Duration::from_secs(30), |l| {
+                from(l, old) && l.contains("rolled back")
+            })
+            .unwrap_or_else(|| panic!("no rollback:\n{}", s.log.dump()));
+        let child: u32 = support::field(&rolled, "child_pid")
+            .and_then(|p| p.parse().ok())
+            .expect("the rollback names the new process");
+        let crash = s
+            .log
+            .lines()
+            .iter()
+            .skip(mark)
+            .find(|l| from(l, child) && l.contains("crashing now"))
+            .and_then(|l| logged_at(l))
+            .expect("the new process logged its crash");
+        (t0 + crash.duration_since(wall0).unwrap_or_default(), child)
+    }
+}
+
+/// `systemctl reload` of the unit: returns once the old main process has exited (the idle clients send
+/// meanwhile), with the library's own figures from the unit's log.
+fn replace_under_systemd(
+    sd: &systemd::Systemd,
+    idle: Idle,
+    pace: Duration,
+    out: &mut Outcome,
+) -> Round {
+    // Finding the main process (nsenter + systemctl show, tens of ms) is bookkeeping, not part of the
+    // trigger: done before the clock starts, so that the window opens at `systemctl reload`.
+    let old = sd.main_pid("app.service");
+    let old_host = sd.host_pid(old).expect("the main process is visible");
+    let old_fd = support::pidfd(old_host).expect("the main process is alive");
+    let sampler = RssSampler::start(&[old_host], true);
+    let t0 = Instant::now();
+    let wall0 = SystemTime::now();
+    let reload = sd.systemctl(&["reload", "app.service"]);
+    assert!(
+        reload.status.success(),
+        "systemctl reload failed: {}",
+        String::from_utf8_lossy(&reload.stderr)
+    );
+    let idle = idle.finish_paced(pace);
+    support::wait_pidfd(&old_fd, Duration::from_secs(30));
+    // The window ends here; asking systemd for the new main pid (nsenter + systemctl show) is the
+    // benchmark's own work and stays out of it.
+    let ended = Instant::now();
+    let new = sd.main_pid("app.service");
+    assert_ne!(new, old, "the reload did not move the main pid");
+    out.peak_rss.push(sampler.stop());
+    let log = std::fs::read_to_string(sd.service_log()).unwrap_or_default();
+    let lines: Vec<String> = log.lines().map(str::to_string).collect();
+    if let Some(o) = overhead_of(&lines, old) {
+        out.overhead.push(o);
+    }
+    out.stages.push(stages_of(&lines, old, wall0));
+    Round {
+        t0,
+        ended,
+        new,
+        idle,
+    }
+}
+
+/// From the load's own requests (the benchmark sends nothing extra to find out): the time from each trigger to
+/// the first response from the new process (the control scenario has no new process; in the rollback scenario
+/// the old process serves on), and from each crash to the old process's first answer after it.
+fn first_answers(
+    scenario: Scenario,
+    out: &mut Outcome,
+    crashes: &[(Instant, u32)],
+    fresh: &Stats,
+    keepalive: &Stats,
+) {
+    let first_from = |pid: u32, since: Instant, answered: bool| {
+        fresh
+            .latencies
+            .iter()
+            .chain(&keepalive.latencies)
+            .filter(|r| r.pid == pid && if answered { r.at + r.took } else { r.at } >= since)
+            .map(|r| r.at + r.took)
+            .min()
+    };
     let replaced = if matches!(scenario, Scenario::Control | Scenario::ExuviaRollback) {
         &[][..]
     } else {
         &out.new_pids[..]
     };
-    for ((t0, _), &new) in out.windows.iter().zip(replaced) {
-        let first = fresh
-            .latencies
-            .iter()
-            .chain(&keepalive.latencies)
-            .filter(|r| r.pid == new && r.at + r.took >= *t0)
-            .map(|r| r.at + r.took)
-            .min();
-        if let Some(at) = first {
-            out.to_first_response.push(at - *t0);
-        }
-    }
-    for (crash, pid) in &crashes {
-        let first = fresh
-            .latencies
-            .iter()
-            .chain(&keepalive.latencies)
-            .filter(|r| r.pid == *pid && r.at >= *crash)
-            .map(|r| r.at + r.took)
-            .min();
-        if let Some(at) = first {
+    let to_new: Vec<Duration> = out
+        .windows
+        .iter()
+        .zip(replaced)
+        .filter_map(|((t0, _), &new)| first_from(new, *t0, true).map(|at| at - *t0))
+        .collect();
+    out.to_first_response.extend(to_new);
+    for (crash, pid) in crashes {
+        if let Some(at) = first_from(*pid, *crash, false) {
             out.takeback.push(at - *crash);
         }
     }
-    let _ = std::fs::remove_file(&fault);
-    out.fresh = fresh;
-    out.keepalive = keepalive;
-    match target {
-        Target::Direct { servers, .. } => {
-            if let Some(s) = servers.last() {
-                s.stop();
-            }
-            drop(servers); // kills and reaps anything left
-        }
-        Target::Systemd { sd } => {
-            let out = sd.systemctl(&["stop", "app.service", "app.socket"]);
-            assert!(out.status.success(), "systemctl stop: {out:?}");
-            drop(sd); // kills the namespace
-        }
-    }
-    out
 }
 
 /// Handover times with `listeners` sockets and `ballast_mib` MiB of resident memory: `upgrades` SIGHUPs
