@@ -11,7 +11,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -179,7 +179,22 @@ pub(crate) fn spawn(
         err_write: err_write_raw,
         idle: plan.idle,
     };
-    let stack = ChildStack::new().map_err(start)?;
+    // SAFETY: every pointer in `args` points into `plan`, `srcs`, `high`, `slots`, `envp` and `argv`, all
+    // owned or borrowed by this frame and neither moved nor dropped before the call returns.
+    let pid = unsafe { clone_vfork(&args) }.map_err(start)?;
+    drop(err_write);
+    exec_report(pid, err_read)
+}
+
+/// Starts the child on a stack of its own in this address space (`CLONE_VM | CLONE_VFORK`), every signal
+/// blocked in this thread meanwhile; returns once the child has called `execve` or exited.
+///
+/// # Safety
+///
+/// Every pointer in `args` points to memory that is valid (and, for `high` and the pid slots, writable) for
+/// this whole call: the child reads and writes it while this thread is suspended.
+unsafe fn clone_vfork(args: &ChildArgs) -> io::Result<u32> {
+    let stack = ChildStack::new()?;
     // No signal handler may run in the child while it shares this address space: block every signal in this
     // thread (the child inherits the mask), the child resets handlers to default before unblocking.
     // SAFETY: sigset_t is plain data for which all-zero bytes are a valid (empty) value.
@@ -192,14 +207,14 @@ pub(crate) fn spawn(
     }
     // SAFETY: CLONE_VM | CLONE_VFORK: the child runs `child_entry` on its own stack in this address space,
     // and this thread is suspended until the child has called execve or exited, so nothing the child touches
-    // (`args`, `high`, the pid slots, all prepared above and owned by this frame) changes under it or is freed
-    // before it is done. The child makes only async-signal-safe calls.
+    // (`args` and what it points to, valid for this call by this function's contract) changes under it or is
+    // freed before it is done. The child makes only async-signal-safe calls.
     let pid = unsafe {
         libc::clone(
             child_entry,
             stack.top(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (&args as *const ChildArgs).cast_mut().cast(),
+            (args as *const ChildArgs).cast_mut().cast(),
         )
     };
     let clone_err = io::Error::last_os_error();
@@ -207,11 +222,19 @@ pub(crate) fn spawn(
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     drop(stack);
     if pid < 0 {
-        return Err(start(clone_err));
+        return Err(clone_err);
     }
     // Positive from here: the crate's pid type.
-    let pid = pid.unsigned_abs();
-    drop(err_write);
+    Ok(pid.unsigned_abs())
+}
+
+/// What the child reported on `err_read`: nothing if its exec succeeded (then `Ok(pid)`), else the step that
+/// failed and its errno (the child is reaped).
+fn exec_report(pid: u32, err_read: OwnedFd) -> std::result::Result<u32, SpawnError> {
+    let start = |error| SpawnError {
+        step: SpawnStep::Start,
+        error,
+    };
     // The child writes the failed step and errno (4 bytes each), or nothing if its exec succeeded.
     let mut buf = [0u8; 8];
     let mut got = 0;
