@@ -924,7 +924,7 @@ pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply
             ))
         })?;
         for pid in answer.pids() {
-            if !wait_exited(pid, deadline) {
+            if !wait_exited(pid, deadline.saturating_duration_since(Instant::now())) {
                 return Err(Error::new(
                     ErrorKind::ControlSocket,
                     format!("pid {pid} of the service did not exit within {timeout:?}"),
@@ -935,8 +935,11 @@ pub fn request(path: &Path, command: Command, timeout: Duration) -> Result<Reply
     Ok(reply)
 }
 
-/// Waits until process `pid` has exited (a zombie counts: it serves nothing), up to `deadline`.
-fn wait_exited(pid: u32, deadline: Instant) -> bool {
+/// Waits up to `timeout` until process `pid` has exited; whether it has. A zombie counts (it serves nothing
+/// and holds no socket), and so does a pid that names no process. What `exuvia-ctl` waits on: every process a
+/// stop answer names, and the main process a reload may have lost.
+pub fn wait_exited(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
     match sys::pidfd_open(pid) {
         Ok(fd) => {
             let mut set = PollSet::new();

@@ -112,6 +112,9 @@ impl Lifecycle {
     pub(crate) fn step(&self, step: Step) -> Result<(Phase, Phase), Refused> {
         let mut core = lock(&self.shared.core);
         let before = core.phase;
+        if let (Step::BeginUpgrade, Some(old_pid)) = (step, core.attempts.on_probation_under) {
+            return Err(Refused::OnProbation { old_pid });
+        }
         let after = before.next(step)?;
         core.phase = after;
         let mut closing = None;
@@ -342,6 +345,24 @@ mod tests {
             l.step(Step::BeginUpgrade),
             Err(Refused::Finishing(stop)),
             "a refused step changes nothing"
+        );
+    }
+
+    #[test]
+    fn no_upgrade_begins_while_the_old_process_watches_this_one() {
+        let l = Lifecycle::new(Attempts::default()).unwrap();
+        l.step(Step::Ready).unwrap();
+        l.record(|_, a| a.on_probation_under = Some(41));
+        assert_eq!(
+            l.step(Step::BeginUpgrade),
+            Err(Refused::OnProbation { old_pid: 41 })
+        );
+        assert_eq!(l.phase(), Phase::Serving, "a refusal changes nothing");
+        // The window passed (or the old process is gone): upgrades begin again.
+        l.record(|_, a| a.on_probation_under = None);
+        assert_eq!(
+            l.step(Step::BeginUpgrade),
+            Ok((Phase::Serving, Phase::Upgrading))
         );
     }
 

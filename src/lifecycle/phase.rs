@@ -135,6 +135,14 @@ pub(crate) enum Refused {
     Finishing(Finish),
     /// An upgrade is already running (or committing).
     UpgradeInProgress,
+    /// This process is on probation: the old process (`old_pid`) may still roll back to itself, and one upgrade
+    /// runs at a time across the generations. Not a phase of this process but a record of its start
+    /// ([`Attempts::on_probation_under`](super::Attempts)): [`Lifecycle::step`](super::Lifecycle::step) checks it
+    /// under the same lock as the phase.
+    OnProbation {
+        /// The old process that watches this one.
+        old_pid: u32,
+    },
     /// The process has not reported ready.
     NotReady,
     /// The process already reported ready.
@@ -158,6 +166,11 @@ impl fmt::Display for Refused {
             Refused::UpgradeInProgress => {
                 f.write_str("an upgrade is already in progress; wait for its verdict")
             }
+            Refused::OnProbation { old_pid } => write!(
+                f,
+                "this process is on probation: the old process (pid {old_pid}) can still roll back to itself; \
+                 one upgrade at a time, so upgrade again after the window"
+            ),
             Refused::NotReady => f.write_str(
                 "this process has not reported ready yet; it cannot upgrade before it serves",
             ),

@@ -74,7 +74,7 @@ fn next_generation(g: u32) -> Result<u32> {
 /// Error for a step the lifecycle refused.
 pub(super) fn refused(r: Refused) -> Error {
     let kind = match r {
-        Refused::UpgradeInProgress => ErrorKind::UpgradeInProgress,
+        Refused::UpgradeInProgress | Refused::OnProbation { .. } => ErrorKind::UpgradeInProgress,
         Refused::NotReady => ErrorKind::NotReady,
         _ => ErrorKind::Finishing,
     };
@@ -117,28 +117,40 @@ impl Upgrader {
         self.conclude(&attempt, result)
     }
 
-    /// Step 1: claims the one upgrade slot (refused unless serving) and records the attempt.
-    fn begin(&self) -> Result<Attempt> {
-        if self.predecessor_pid().is_some() {
-            let left = self
-                .inner
-                .own_probation_ends
-                .get()
-                .map(|end| end.saturating_duration_since(Instant::now()))
-                .unwrap_or_default();
-            let why = format!(
+    /// Why an upgrade is refused on probation, with about how long the window still runs.
+    fn refused_on_probation(&self) -> Error {
+        let left = self
+            .inner
+            .own_probation_ends
+            .get()
+            .map(|end| end.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
+        Error::new(
+            ErrorKind::UpgradeInProgress,
+            format!(
                 "this process is on probation: the old process can still roll back to itself for about {} ms; \
                  one upgrade at a time, so upgrade again after the window",
                 left.as_millis()
-            );
-            tracing::info!("upgrade requested during this process's probation window; refused");
-            return Err(Error::new(ErrorKind::UpgradeInProgress, why));
-        }
+            ),
+        )
+    }
+
+    /// Step 1: claims the one upgrade slot (refused unless serving, or on probation) and records the attempt.
+    fn begin(&self) -> Result<Attempt> {
         if let Err(r) = self.inner.lifecycle.step(Step::BeginUpgrade) {
-            if r == Refused::UpgradeInProgress {
-                tracing::info!("upgrade requested while one is in flight; refused");
-            }
-            return Err(refused(r));
+            return Err(match r {
+                Refused::UpgradeInProgress => {
+                    tracing::info!("upgrade requested while one is in flight; refused");
+                    refused(r)
+                }
+                Refused::OnProbation { .. } => {
+                    tracing::info!(
+                        "upgrade requested during this process's probation window; refused"
+                    );
+                    self.refused_on_probation()
+                }
+                r => refused(r),
+            });
         }
         let started_usec = sys::monotonic_usec();
         self.inner

@@ -233,21 +233,8 @@ fn main_process_died_during_reload() {
     };
     // Gone, or a zombie systemd has not reaped yet. A killed process closes its sockets (our end of file) a
     // moment before it becomes a zombie: give it that moment.
-    let alive = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .map(|(_, rest)| rest.trim_start().to_string())
-            })
-            .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while alive() {
-        if std::time::Instant::now() >= deadline {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    if !exuvia::control::wait_exited(pid, Duration::from_secs(2)) {
+        return;
     }
     eprintln!("exuvia-ctl: the main process {pid} died during the reload; ending the reload so that systemd restarts the service");
     let status = format!("the main process {pid} died during the reload");
