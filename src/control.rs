@@ -452,6 +452,21 @@ fn reload_sighup(a: &Attempts, since_usec: u64) -> Option<u64> {
         .map(|s| s.id)
 }
 
+/// How long a SIGHUP may stay invisible between the kernel's taking it off the pending set and the handler's
+/// noting it: the thread that takes it may be preempted in between, on a busy machine.
+const SIGNAL_SETTLE: Duration = Duration::from_millis(50);
+
+/// Whether a SIGHUP sent since `earliest` is on its way to this process's signal thread or task: caught by
+/// the handler, or pending; checked again after [`SIGNAL_SETTLE`] when neither, for the one moment when it is
+/// neither (taken off the pending set, the handler not run yet).
+fn sighup_on_its_way(earliest: u64) -> bool {
+    let seen = || sys::sighup_caught_usec().is_some_and(|t| t >= earliest) || sys::sighup_pending();
+    seen() || {
+        std::thread::sleep(SIGNAL_SETTLE);
+        seen()
+    }
+}
+
 /// The verdict of the upgrade that the reload signal (sent just before `since_usec`) started: each SIGHUP
 /// has its own, so a reload never reports another trigger's upgrade.
 fn verdict(served: &Served, since_usec: u64) -> Reply {
@@ -476,6 +491,23 @@ fn verdict(served: &Served, since_usec: u64) -> Reply {
         .flatten()
     {
         return verdict_of(id);
+    }
+    // Not that, and this process has handed over: no reload signal comes here any more (systemd sends it to
+    // the new main process), and whatever this process received before its handover was some earlier
+    // trigger's, or this reload's with the helper late; either way the new process knows (it was born of this
+    // reload's upgrade, or it received this reload's signal). The helper asks again and reaches it.
+    if served.attempts(Duration::ZERO, |a| Some(a.handed_over_usec.is_some())) == Some(true) {
+        return Reply::Retry(format!(
+            "pid {me} has handed over; the new process answers for the reload"
+        ));
+    }
+    // Not recorded here yet, but on its way (caught, the signal thread or task has yet to record it; or still
+    // pending): it was sent before the helper started, so it is the reload's. Without this a process that an
+    // upgrade created a moment ago would take a second reload's signal for the first one's (just below).
+    if sighup_on_its_way(earliest) {
+        if let Some(id) = served.attempts(SIGNAL_GRACE, |a| reload_sighup(a, since_usec)) {
+            return verdict_of(id);
+        }
     }
     // Not received here. This process may be the one the reload's upgrade created: the helper reached it
     // after the old one stopped accepting (the usual case once the upgrade is fast). Answered at once.

@@ -368,6 +368,7 @@ impl Upgrader {
         let mut hup = reg(SignalKind::hangup(), "SIGHUP")?;
         let mut term = reg(SignalKind::terminate(), "SIGTERM")?;
         let mut int = reg(SignalKind::interrupt(), "SIGINT")?;
+        self.watch_sighup();
         let me = self.clone();
         Ok(::tokio::spawn(async move {
             loop {

@@ -180,6 +180,8 @@ fn a_deleted_control_socket_is_bound_again_and_a_planted_symlink_is_never_follow
         &example("http_std"),
         &["--control-socket", sock.to_str().unwrap()],
     );
+    // The verdicts come from the log here: the helper cannot reach a socket whose file is gone.
+    server.control = None;
     // A tmp cleaner deletes the socket file: the next generation binds it again (the upgrade succeeds).
     std::fs::remove_file(&sock).unwrap();
     let new = server
@@ -546,4 +548,28 @@ fn check_refuses_hostile_unit_names_and_starts_nothing_for_them() {
         first.starts_with("show --property=") && first.ends_with(" -- app.service"),
         "{recorded}"
     );
+}
+
+/// Reloads one right after the other, as fast as each verdict comes: every `reload-verdict` names the process
+/// its own signal's upgrade started, which then answers, never the one before (a new process that caught the
+/// next signal but had not recorded it yet once answered "upgraded to pid <itself>").
+#[test]
+fn back_to_back_reloads_each_get_their_own_verdict() {
+    let mut server = Server::start(&example("http_std"), &["--drain-timeout", "5"]);
+    for i in 0..60 {
+        let old = server.current();
+        let new = server
+            .upgrade_started()
+            .unwrap_or_else(|e| panic!("reload {i}: {e}\n{}", server.log.dump()));
+        assert_ne!(
+            new, old,
+            "reload {i}: the verdict named the process signalled"
+        );
+        let (r, _) = get_and_wait_close(server.addr, "/").unwrap();
+        assert_eq!(
+            r.pid, new,
+            "reload {i}: answered by another process than the verdict's"
+        );
+    }
+    server.stop();
 }

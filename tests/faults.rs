@@ -452,7 +452,7 @@ fn running_out_of_descriptors_while_placing_them_says_so(server: &str) {
     let dir = tempfile::tempdir().unwrap();
     let app = dir.path().join("app");
     wrapper(&app, "ulimit -n 64", &example(server));
-    let mut server = Server::start(&app, &["--extra-listeners", "20"]);
+    let mut server = Server::start_bare(&app, &["--extra-listeners", "20"]);
     let e = server.upgrade().unwrap_err();
     eprintln!("placing descriptors under a limit: {e}");
     assert!(
@@ -482,7 +482,7 @@ fn an_unnamed_inherited_file_is_closed_not_handed_on(server: &str) {
         ),
         &example(server),
     );
-    let mut s = Server::start(&wrapped, &[]);
+    let mut s = Server::start_bare(&wrapped, &[]);
     let first = s.current();
     let holds = |pid: u32| {
         open_fds(pid)

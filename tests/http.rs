@@ -393,215 +393,236 @@ fn wrk_ab_h2load_and_curl_see_no_error_readme_service() {
 }
 
 fn off_the_shelf_clients(mut target: Target) {
-    let addr = target.addr();
-    let url = format!("http://{addr}/");
-    let mut ran = Vec::new();
-
-    if let Some(wrk) = client("wrk", "wrk") {
-        // HTTP/1.1 keep-alive, 16 connections.
-        let mut child = Command::new(wrk)
-            .args(["-t2", "-c16", "-d8s", &url])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_clients(addr, 16, &mut child, "wrk");
-        upgrades_while(&mut target, &mut child, "wrk");
-        let out = output(child);
-        eprintln!("wrk:\n{out}");
-        assert!(!out.contains("Socket errors"), "wrk saw errors:\n{out}");
-        assert!(!out.contains("Non-2xx"), "wrk saw bad statuses:\n{out}");
-        let requests = out
-            .lines()
-            .find_map(|l| {
-                l.trim()
-                    .split_once(" requests in")
-                    .map(|(n, _)| n.parse::<u64>())
-            })
-            .and_then(Result::ok)
-            .unwrap_or_else(|| panic!("no request count in wrk's output:\n{out}"));
-        assert!(requests > 1000, "too little load: {requests}");
-        ran.push(format!("wrk: {requests} requests, 0 errors"));
-    }
-
-    if let Some(ab) = client("ab", "apache2-utils") {
-        // HTTP/1.0 keep-alive, 16 connections; -l: the body's length varies with the pid.
-        let mut child = Command::new(ab)
-            .args([
-                "-k",
-                "-l",
-                "-q",
-                "-c",
-                "16",
-                "-t",
-                "8",
-                "-n",
-                "100000000",
-                &url,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_clients(addr, 16, &mut child, "ab");
-        upgrades_while(&mut target, &mut child, "ab");
-        let out = output(child);
-        eprintln!("ab:\n{out}");
-        let complete = number_after(&out, "Complete requests").expect("Complete requests");
-        let failed = number_after(&out, "Failed requests").expect("Failed requests");
-        let keep_alive = number_after(&out, "Keep-Alive requests").expect("Keep-Alive requests");
-        assert_eq!(failed, 0, "ab:\n{out}");
-        assert!(!out.contains("Non-2xx"), "ab:\n{out}");
-        assert!(complete > 1000, "too little load: {complete}");
-        // Every upgrade closed each keep-alive connection once, with `Connection: close` that ab believed.
-        assert!(
-            complete - keep_alive >= UPGRADES as u64,
-            "no connection was closed by the upgrades:\n{out}"
-        );
-        ran.push(format!(
-            "ab -k: {complete} requests, 0 failed, {} closed by a finishing process",
-            complete - keep_alive
-        ));
-    }
-
-    if !target.http2() {
-        eprintln!("h2load: not run, the target speaks HTTP/1 only");
-    } else if let Some(h2load) = client("h2load", "nghttp2-client") {
-        // HTTP/2 with prior knowledge, 8 connections of 4 concurrent streams. h2load opens its connections
-        // once and never opens another after a GOAWAY (it reconnects only for HTTP/1's `Connection: close`),
-        // so one run per upgrade. What it reports then: the requests it had not submitted yet count as
-        // "failed" (never sent), and so do the few it submitted as the GOAWAY arrived, which the GOAWAY says
-        // the server did not process (a client may send them again; h2load does not): at most one per
-        // stream slot. Our own HTTP/2 client, which sends those again on a new connection as real clients
-        // do, proves the strict "0 failed" (every_protocol_mode_survives_ten_upgrades).
-        const CONNECTIONS: u64 = 8;
-        const STREAMS: u64 = 4;
-        let (mut sent, mut succeeded_total, mut refused_total, mut unsent_total) = (0, 0, 0, 0);
-        for i in 0..UPGRADES {
-            let mut child = Command::new(&h2load)
-                .args(["-c", &CONNECTIONS.to_string(), "-m", &STREAMS.to_string()])
-                .args(["-n", "100000000", &url])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            wait_clients(addr, CONNECTIONS as usize, &mut child, "h2load");
-            // Let it load the old process for a while (h2load says nothing while it runs).
-            std::thread::sleep(Duration::from_millis(500));
-            let old = target.current();
-            target
-                .upgrade_started()
-                .unwrap_or_else(|e| panic!("upgrade {i} under h2load failed: {e}"));
-            let out = output(child);
-            assert!(wait_gone(old, Duration::from_secs(30)), "{old} lingered");
-            assert_eq!(target.left_by(old), 0, "{old} cut connections");
-            eprintln!("h2load:\n{out}");
-            let line = out
-                .lines()
-                .find(|l| l.starts_with("requests:"))
-                .unwrap_or_else(|| panic!("no requests line:\n{out}"));
-            let total = number_after(line, "requests:").unwrap();
-            let started = number_after(line, "total, ").unwrap();
-            let done = number_after(line, "started, ").unwrap();
-            let succeeded = number_after(line, "done, ").unwrap();
-            let timeout = number_after(line, "errored, ").unwrap();
-            let ok_2xx = number_after(&out, "status codes:").unwrap();
-            assert_eq!(done, started, "{line}");
-            assert_eq!(timeout, 0, "{line}");
-            assert_eq!(ok_2xx, succeeded, "a response was not 2xx:\n{out}");
-            assert!(
-                started - succeeded <= CONNECTIONS * STREAMS,
-                "more failed streams than h2load could have had in flight at the GOAWAY: {line}"
-            );
-            assert!(succeeded > 100, "too little load: {line}");
-            assert!(total > started, "the run ended before the GOAWAY: {line}");
-            sent += started;
-            succeeded_total += succeeded;
-            refused_total += started - succeeded;
-            unsent_total += total - started;
-        }
-        ran.push(format!(
-            "h2load: {succeeded_total} of {sent} submitted requests succeeded over {UPGRADES} upgrades, \
-             every response 2xx, 0 timeouts; {refused_total} submitted as the GOAWAY arrived (not processed, \
-             safe to retry) and {unsent_total} never submitted are what it reports as failed"
-        ));
-    }
-
-    if let Some(curl) = client("curl", "curl") {
-        // Each curl run fetches 20 URLs on one connection (reused while the server allows it) in HTTP/1.1
-        // and HTTP/1.0, in a loop while the service upgrades. HTTP/2 with prior knowledge fetches one URL
-        // per run: Debian 12's curl 7.88.1 fails on reusing a prior-knowledge connection whatever the server
-        // (curl issue 10634, fixed in 8.0).
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut modes = vec![
-            &["--http1.1"][..],
-            &["--http1.0", "-H", "Connection: keep-alive"],
-        ];
-        if target.http2() {
-            modes.push(&["--http2-prior-knowledge"]);
-        }
-        let loops: Vec<_> = modes
-            .into_iter()
-            .map(|flags| {
-                let (curl, url, stop) = (curl.clone(), url.clone(), stop.clone());
-                let progress = progress.clone();
-                let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
-                let per_run = if flags[0] == "--http2-prior-knowledge" {
-                    1
-                } else {
-                    20
-                };
-                std::thread::spawn(move || {
-                    let (mut runs, mut fetched) = (0, 0);
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let out = Command::new(&curl)
-                            .args(["-sS", "--fail", "--max-time", "10"])
-                            .args(&flags)
-                            .args(std::iter::repeat(url.as_str()).take(per_run))
-                            .output()
-                            .unwrap();
-                        let text = String::from_utf8_lossy(&out.stdout).to_string();
-                        assert!(
-                            out.status.success(),
-                            "curl {flags:?} failed: {}{text}",
-                            String::from_utf8_lossy(&out.stderr)
-                        );
-                        assert_eq!(text.matches("pid=").count(), per_run, "{text}");
-                        runs += 1;
-                        fetched += per_run;
-                        progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    (flags, runs, fetched)
-                })
-            })
-            .collect();
-        for i in 0..UPGRADES {
-            // Several curl runs between upgrades (each loop sees the service of every generation).
-            let target_runs = progress.load(std::sync::atomic::Ordering::Relaxed) + 9;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while progress.load(std::sync::atomic::Ordering::Relaxed) < target_runs {
-                assert!(Instant::now() < deadline, "curl made no progress");
-                assert!(!loops.iter().any(|l| l.is_finished()), "a curl loop failed");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let old = target.current();
-            target
-                .upgrade_started()
-                .unwrap_or_else(|e| panic!("upgrade {i} under curl failed: {e}"));
-            assert!(wait_gone(old, Duration::from_secs(30)), "{old} lingered");
-        }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for l in loops {
-            let (flags, runs, fetched) = l.join().expect("a curl loop failed");
-            assert!(runs > 0);
-            ran.push(format!(
-                "curl {flags:?}: {runs} runs, {fetched} responses, 0 failed"
-            ));
-        }
-    }
+    let ran: Vec<String> = [under_wrk, under_ab, under_h2load, under_curl]
+        .into_iter()
+        .filter_map(|run| run(&mut target))
+        .collect();
     target.stop();
     for r in &ran {
         eprintln!("{r}");
     }
+}
+
+/// wrk: HTTP/1.1 keep-alive, 16 connections, upgrades while it runs.
+fn under_wrk(target: &mut Target) -> Option<String> {
+    let addr = target.addr();
+    let url = format!("http://{addr}/");
+    let wrk = client("wrk", "wrk")?;
+    // HTTP/1.1 keep-alive, 16 connections.
+    let mut child = Command::new(wrk)
+        .args(["-t2", "-c16", "-d8s", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_clients(addr, 16, &mut child, "wrk");
+    upgrades_while(target, &mut child, "wrk");
+    let out = output(child);
+    eprintln!("wrk:\n{out}");
+    assert!(!out.contains("Socket errors"), "wrk saw errors:\n{out}");
+    assert!(!out.contains("Non-2xx"), "wrk saw bad statuses:\n{out}");
+    let requests = out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .split_once(" requests in")
+                .map(|(n, _)| n.parse::<u64>())
+        })
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no request count in wrk's output:\n{out}"));
+    assert!(requests > 1000, "too little load: {requests}");
+    Some(format!("wrk: {requests} requests, 0 errors"))
+}
+
+/// ab -k: HTTP/1.0 keep-alive, 16 connections, upgrades while it runs.
+fn under_ab(target: &mut Target) -> Option<String> {
+    let addr = target.addr();
+    let url = format!("http://{addr}/");
+    let ab = client("ab", "apache2-utils")?;
+    // HTTP/1.0 keep-alive, 16 connections; -l: the body's length varies with the pid.
+    let mut child = Command::new(ab)
+        .args([
+            "-k",
+            "-l",
+            "-q",
+            "-c",
+            "16",
+            "-t",
+            "8",
+            "-n",
+            "100000000",
+            &url,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_clients(addr, 16, &mut child, "ab");
+    upgrades_while(target, &mut child, "ab");
+    let out = output(child);
+    eprintln!("ab:\n{out}");
+    let complete = number_after(&out, "Complete requests").expect("Complete requests");
+    let failed = number_after(&out, "Failed requests").expect("Failed requests");
+    let keep_alive = number_after(&out, "Keep-Alive requests").expect("Keep-Alive requests");
+    assert_eq!(failed, 0, "ab:\n{out}");
+    assert!(!out.contains("Non-2xx"), "ab:\n{out}");
+    assert!(complete > 1000, "too little load: {complete}");
+    // Every upgrade closed each keep-alive connection once, with `Connection: close` that ab believed.
+    assert!(
+        complete - keep_alive >= UPGRADES as u64,
+        "no connection was closed by the upgrades:\n{out}"
+    );
+    Some(format!(
+        "ab -k: {complete} requests, 0 failed, {} closed by a finishing process",
+        complete - keep_alive
+    ))
+}
+
+/// h2load: HTTP/2 with prior knowledge, one run per upgrade.
+fn under_h2load(target: &mut Target) -> Option<String> {
+    if !target.http2() {
+        eprintln!("h2load: not run, the target speaks HTTP/1 only");
+        return None;
+    }
+    let addr = target.addr();
+    let url = format!("http://{addr}/");
+    let h2load = client("h2load", "nghttp2-client")?;
+    // HTTP/2 with prior knowledge, 8 connections of 4 concurrent streams. h2load opens its connections
+    // once and never opens another after a GOAWAY (it reconnects only for HTTP/1's `Connection: close`),
+    // so one run per upgrade. What it reports then: the requests it had not submitted yet count as
+    // "failed" (never sent), and so do the few it submitted as the GOAWAY arrived, which the GOAWAY says
+    // the server did not process (a client may send them again; h2load does not): at most one per
+    // stream slot. Our own HTTP/2 client, which sends those again on a new connection as real clients
+    // do, proves the strict "0 failed" (every_protocol_mode_survives_ten_upgrades).
+    const CONNECTIONS: u64 = 8;
+    const STREAMS: u64 = 4;
+    let (mut sent, mut succeeded_total, mut refused_total, mut unsent_total) = (0, 0, 0, 0);
+    for i in 0..UPGRADES {
+        let mut child = Command::new(&h2load)
+            .args(["-c", &CONNECTIONS.to_string(), "-m", &STREAMS.to_string()])
+            .args(["-n", "100000000", &url])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_clients(addr, CONNECTIONS as usize, &mut child, "h2load");
+        // Let it load the old process for a while (h2load says nothing while it runs).
+        std::thread::sleep(Duration::from_millis(500));
+        let old = target.current();
+        target
+            .upgrade_started()
+            .unwrap_or_else(|e| panic!("upgrade {i} under h2load failed: {e}"));
+        let out = output(child);
+        assert!(wait_gone(old, Duration::from_secs(30)), "{old} lingered");
+        assert_eq!(target.left_by(old), 0, "{old} cut connections");
+        eprintln!("h2load:\n{out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("requests:"))
+            .unwrap_or_else(|| panic!("no requests line:\n{out}"));
+        let total = number_after(line, "requests:").unwrap();
+        let started = number_after(line, "total, ").unwrap();
+        let done = number_after(line, "started, ").unwrap();
+        let succeeded = number_after(line, "done, ").unwrap();
+        let timeout = number_after(line, "errored, ").unwrap();
+        let ok_2xx = number_after(&out, "status codes:").unwrap();
+        assert_eq!(done, started, "{line}");
+        assert_eq!(timeout, 0, "{line}");
+        assert_eq!(ok_2xx, succeeded, "a response was not 2xx:\n{out}");
+        assert!(
+            started - succeeded <= CONNECTIONS * STREAMS,
+            "more failed streams than h2load could have had in flight at the GOAWAY: {line}"
+        );
+        assert!(succeeded > 100, "too little load: {line}");
+        assert!(total > started, "the run ended before the GOAWAY: {line}");
+        sent += started;
+        succeeded_total += succeeded;
+        refused_total += started - succeeded;
+        unsent_total += total - started;
+    }
+    Some(format!(
+        "h2load: {succeeded_total} of {sent} submitted requests succeeded over {UPGRADES} upgrades, \
+         every response 2xx, 0 timeouts; {refused_total} submitted as the GOAWAY arrived (not processed, \
+         safe to retry) and {unsent_total} never submitted are what it reports as failed"
+    ))
+}
+
+/// curl in loops (HTTP/1.1, HTTP/1.0 keep-alive, HTTP/2 prior knowledge), upgrades between runs.
+fn under_curl(target: &mut Target) -> Option<String> {
+    let addr = target.addr();
+    let url = format!("http://{addr}/");
+    let curl = client("curl", "curl")?;
+    // Each curl run fetches 20 URLs on one connection (reused while the server allows it) in HTTP/1.1
+    // and HTTP/1.0, in a loop while the service upgrades. HTTP/2 with prior knowledge fetches one URL
+    // per run: Debian 12's curl 7.88.1 fails on reusing a prior-knowledge connection whatever the server
+    // (curl issue 10634, fixed in 8.0).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut modes = vec![
+        &["--http1.1"][..],
+        &["--http1.0", "-H", "Connection: keep-alive"],
+    ];
+    if target.http2() {
+        modes.push(&["--http2-prior-knowledge"]);
+    }
+    let loops: Vec<_> = modes
+        .into_iter()
+        .map(|flags| {
+            let (curl, url, stop) = (curl.clone(), url.clone(), stop.clone());
+            let progress = progress.clone();
+            let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+            let per_run = if flags[0] == "--http2-prior-knowledge" {
+                1
+            } else {
+                20
+            };
+            std::thread::spawn(move || {
+                let (mut runs, mut fetched) = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = Command::new(&curl)
+                        .args(["-sS", "--fail", "--max-time", "10"])
+                        .args(&flags)
+                        .args(std::iter::repeat(url.as_str()).take(per_run))
+                        .output()
+                        .unwrap();
+                    let text = String::from_utf8_lossy(&out.stdout).to_string();
+                    assert!(
+                        out.status.success(),
+                        "curl {flags:?} failed: {}{text}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    assert_eq!(text.matches("pid=").count(), per_run, "{text}");
+                    runs += 1;
+                    fetched += per_run;
+                    progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                (flags, runs, fetched)
+            })
+        })
+        .collect();
+    for i in 0..UPGRADES {
+        // Several curl runs between upgrades (each loop sees the service of every generation).
+        let target_runs = progress.load(std::sync::atomic::Ordering::Relaxed) + 9;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while progress.load(std::sync::atomic::Ordering::Relaxed) < target_runs {
+            assert!(Instant::now() < deadline, "curl made no progress");
+            assert!(!loops.iter().any(|l| l.is_finished()), "a curl loop failed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let old = target.current();
+        target
+            .upgrade_started()
+            .unwrap_or_else(|e| panic!("upgrade {i} under curl failed: {e}"));
+        assert!(wait_gone(old, Duration::from_secs(30)), "{old} lingered");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut ran = Vec::new();
+    for l in loops {
+        let (flags, runs, fetched) = l.join().expect("a curl loop failed");
+        assert!(runs > 0);
+        ran.push(format!(
+            "curl {flags:?}: {runs} runs, {fetched} responses, 0 failed"
+        ));
+    }
+    Some(ran.join("\n"))
 }

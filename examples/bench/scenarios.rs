@@ -245,7 +245,7 @@ pub struct Calibration {
 /// upwards until the served rate falls behind the offered one (saturation). Each step is `secs` long after a
 /// warm-up.
 pub fn calibrate(bin: &Path, fresh: usize, keepalive: usize, secs: f64) -> Calibration {
-    let server = Server::start(bin, &[]);
+    let server = Server::start_bare(bin, &[]);
     let measure = |pace: Duration| -> f64 {
         let load = Load::start(server.addr, fresh, keepalive, pace);
         load.wait_progress(1000);
@@ -391,7 +391,7 @@ fn start_target(
     if scenario != Scenario::ExuviaSystemctl {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         return Ok(Target::Direct {
-            servers: vec![Server::start_on(bin, listen, &argv)],
+            servers: vec![Server::start_bare_on(bin, listen, &argv)],
             args,
         });
     }
@@ -537,7 +537,7 @@ impl Direct<'_> {
     /// Starts another server on the same address (returns once it has said it serves); the sampler watches it.
     fn start_another(&self, servers: &mut Vec<Server>, sampler: &RssSampler) -> u32 {
         let argv: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let s = Server::start_on(self.bin, self.listen, &argv);
+        let s = Server::start_bare_on(self.bin, self.listen, &argv);
         let new = s.current();
         sampler.watch(new);
         servers.push(s);
@@ -718,7 +718,7 @@ pub struct Soak {
 /// `upgrades` consecutive upgrades under `shape`'s continuous load (no idle connections), sampling every
 /// `every`; prints each sample as it is taken.
 pub fn soak(bin: &Path, shape: &LoadShape, upgrades: usize, every: usize) -> Soak {
-    let mut server = Server::start(bin, &["--drain-timeout", "10"]);
+    let mut server = Server::start_bare(bin, &["--drain-timeout", "10"]);
     let load = shape.start(server.addr);
     load.wait_progress(500);
     let t0 = Instant::now();

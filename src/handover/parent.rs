@@ -308,6 +308,13 @@ impl PendingChild {
     /// Tells the child it is now the main process. After this the child is on its own: it is no longer killed
     /// when this value is dropped. The returned handle watches it during a probation window.
     pub(crate) fn commit(mut self) -> Result<CommittedChild> {
+        // The OOM score returns to this process's before the commit, not only when the child gets to it after:
+        // whoever learns of the commit (a reload's verdict) finds the main process's score in place.
+        let score = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .and_then(|s| std::fs::write(format!("/proc/{}/oom_score_adj", self.pid), s.trim()));
+        if let Err(e) = score {
+            tracing::debug!(child_pid = self.pid, error = %e, "cannot return the new process's oom_score_adj to this process's; it takes it itself once committed");
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         if let Err(e) = self.channel.send(&Message::Commit, deadline) {
             return Err(self.fail_with(e));

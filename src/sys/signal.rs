@@ -4,12 +4,61 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use super::{pipe, set_nonblocking};
 
 /// The write end, kept open for the life of the process once installed.
 static SIGNAL_PIPE_WRITE: OnceLock<OwnedFd> = OnceLock::new();
+
+/// When this process last caught a SIGHUP (`CLOCK_MONOTONIC` µs; 0: never), written by the handler itself.
+static SIGHUP_CAUGHT_USEC: AtomicU64 = AtomicU64::new(0);
+/// Whether the counting handler is installed (once per process).
+static SIGHUP_WATCHED: OnceLock<io::Result<()>> = OnceLock::new();
+
+/// Installs (once) a handler that notes when a SIGHUP is caught, chained with every other handler (ours, the
+/// application's, Tokio's): the reload helper's verdict tells a SIGHUP this process has caught but its signal
+/// thread or task has not recorded yet from one sent elsewhere.
+pub(crate) fn watch_sighup() -> io::Result<()> {
+    let installed = SIGHUP_WATCHED.get_or_init(|| {
+        // SAFETY: the action reads the monotonic clock (clock_gettime, async-signal-safe; rustix calls the vDSO
+        // or the system call without touching errno) and stores into an atomic: nothing else.
+        unsafe {
+            signal_hook_registry::register(libc::SIGHUP, || {
+                SIGHUP_CAUGHT_USEC.store(super::monotonic_usec().max(1), Ordering::Release);
+            })
+        }
+        .map(|_| ())
+    });
+    match installed {
+        Ok(()) => Ok(()),
+        Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+    }
+}
+
+/// When this process last caught a SIGHUP (`CLOCK_MONOTONIC` µs), if [`watch_sighup`] is installed and one was
+/// caught since.
+pub(crate) fn sighup_caught_usec() -> Option<u64> {
+    Some(SIGHUP_CAUGHT_USEC.load(Ordering::Acquire)).filter(|t| *t > 0)
+}
+
+/// Whether a SIGHUP sent to this process is pending: sent (`kill`), not yet taken by any of its threads.
+/// Read from `/proc/self/status` (`ShdPnd`, the process-wide pending set): `sigpending(2)` would report it
+/// only while blocked, and it is not. `false` if the file cannot be read.
+pub(crate) fn sighup_pending() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .as_deref()
+        .and_then(shared_pending)
+        .is_some_and(|set| set & (1 << (libc::SIGHUP - 1)) != 0)
+}
+
+/// The `ShdPnd:` mask of a `/proc/<pid>/status` text (bit `n - 1` for signal `n`).
+fn shared_pending(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("ShdPnd:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
 
 /// Installs a handler for each of `signals` that writes the signal number as one byte into a self-pipe, and
 /// returns the read end. Works whatever threads exist and whatever their signal masks; handlers installed
@@ -42,4 +91,33 @@ pub(crate) fn signal_pipe(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
         registered?;
     }
     Ok(read_end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_caught_sighup_is_noted_with_its_time() {
+        watch_sighup().unwrap();
+        watch_sighup().unwrap(); // once per process; again is harmless
+        let before = super::super::monotonic_usec();
+        // SAFETY: raise only sends a signal to this thread; the handler above replaces the default action.
+        assert_eq!(unsafe { libc::raise(libc::SIGHUP) }, 0);
+        // raise returns after the handler ran (a signal sent to the calling thread is delivered before it
+        // returns).
+        assert!(sighup_caught_usec().is_some_and(|t| t >= before));
+        assert!(!sighup_pending());
+    }
+
+    #[test]
+    fn the_shared_pending_mask_is_read_from_the_status_text() {
+        let status = "Name:\tx\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000001\nSigBlk:\t0\n";
+        assert_eq!(shared_pending(status), Some(1));
+        assert_eq!(shared_pending("Name:\tx\n"), None);
+        assert_eq!(shared_pending("ShdPnd:\tzz\n"), None);
+        // This process's own status has the line.
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(shared_pending(&own).is_some(), "{own}");
+    }
 }

@@ -41,11 +41,19 @@ impl Upgrader {
             };
             Error::with_io(kind, "cannot install signal handlers", e)
         })?;
+        self.watch_sighup();
         let me = self.clone();
         std::thread::Builder::new()
             .name("exuvia-signals".into())
             .spawn(move || me.signal_loop(pipe))
             .map_err(|e| Error::io("cannot start the signal thread", e))
+    }
+
+    /// Notes when each SIGHUP is caught, for the reload helper's verdict (see `control::verdict`).
+    pub(crate) fn watch_sighup(&self) {
+        if let Err(e) = sys::watch_sighup() {
+            tracing::warn!(error = %e, "cannot note when SIGHUPs arrive; a reload right after another may be answered by the upgrade before it");
+        }
     }
 
     fn signal_loop(self, pipe: OwnedFd) {

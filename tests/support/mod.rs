@@ -353,20 +353,49 @@ pub struct Server {
     pub log: Log,
     /// Every pid the tree reported serving with, in order.
     pub generations: Vec<u32>,
+    /// The control socket (`--control-socket`), which the upgrades' verdicts come from; `None` for a bare
+    /// server.
+    pub control: Option<PathBuf>,
+    _control_dir: Option<tempfile::TempDir>,
 }
 
 impl Server {
+    /// Starts `program` on a free port with `args`, and a control socket of its own unless `args` name one.
     pub fn start(program: &Path, args: &[&str]) -> Server {
         Server::start_on(program, "127.0.0.1:0", args)
     }
 
     /// Like [`start`](Self::start) on a given address.
     pub fn start_on(program: &Path, listen: &str, args: &[&str]) -> Server {
+        Server::start_with(program, listen, args, true)
+    }
+
+    /// Without a control socket (unless `args` name one): for tests that pin exactly what a process holds,
+    /// and for the benchmark, whose windows nothing else may share. Upgrade verdicts come from the log.
+    pub fn start_bare(program: &Path, args: &[&str]) -> Server {
+        Server::start_with(program, "127.0.0.1:0", args, false)
+    }
+
+    /// Like [`start_bare`](Self::start_bare) on a given address.
+    pub fn start_bare_on(program: &Path, listen: &str, args: &[&str]) -> Server {
+        Server::start_with(program, listen, args, false)
+    }
+
+    fn start_with(program: &Path, listen: &str, args: &[&str], control: bool) -> Server {
         become_subreaper();
+        let named = args
+            .iter()
+            .position(|a| *a == "--control-socket")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from);
+        let control_dir = (control && named.is_none()).then(|| tempfile::tempdir().unwrap());
+        let own = control_dir.as_ref().map(|d| d.path().join("control.sock"));
         let mut cmd = Command::new(program);
-        cmd.args(["--listen", listen])
-            .args(args)
-            .stdin(Stdio::null())
+        cmd.args(["--listen", listen]).args(args);
+        if let Some(path) = &own {
+            cmd.arg("--control-socket").arg(path);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         // A program the test has just written (a wrapper script) may still be open for writing in a child
@@ -402,6 +431,8 @@ impl Server {
             addr,
             log,
             generations: vec![pid],
+            control: named.or(own),
+            _control_dir: control_dir,
         }
     }
 
@@ -422,14 +453,54 @@ impl Server {
     }
 
     /// Like [`upgrade`](Self::upgrade) but returns as soon as the new process serves, while the old one may
-    /// still be draining.
+    /// still be draining. The verdict is `exuvia-ctl reload-verdict`'s, as a reload helper gets it (with a
+    /// probation window: once the window has passed); a bare server's, its log's.
     pub fn upgrade_started(&mut self) -> Result<u32, String> {
         let old = self.current();
         let mark = self.log.len();
         assert!(signal(old, libc::SIGHUP), "SIGHUP to {old} failed");
-        self.await_verdict(old, mark)
+        let Some(control) = &self.control else {
+            return self.await_verdict(old, mark);
+        };
+        // Started after the signal was sent: the verdict of the upgrade that signal started.
+        let out = Command::new(binary("exuvia-ctl"))
+            .arg("--socket")
+            .arg(control)
+            .args(["--timeout", "60", "reload-verdict"])
+            .output()
+            .expect("run exuvia-ctl");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        match out.status.code() {
+            Some(0) => {}
+            Some(1) => {
+                // Shown only if the test then fails (the test harness captures it otherwise).
+                eprintln!(
+                    "upgrade of {old} failed; its log so far:\n{}",
+                    self.log.dump()
+                );
+                return Err(stderr.trim().to_string());
+            }
+            _ => panic!(
+                "exuvia-ctl reload-verdict could not ask {old}: {stderr}\n{}",
+                self.log.dump()
+            ),
+        }
+        // "upgraded to pid N in ..." (or, when a reload was merged into one already done, "... pid N ...").
+        let new: u32 = stdout
+            .split("pid ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("no new pid in the verdict: {stdout}"));
+        self.generations.push(new);
+        Ok(new)
     }
 
+    /// The verdict of the upgrade a SIGHUP sent to `old` started, from `old`'s log lines from `mark` on: for a
+    /// bare server, and for an upgrade the test did not start itself (a deferred SIGHUP).
     pub fn await_verdict(&mut self, old: u32, mark: usize) -> Result<u32, String> {
         let (_, line) = self
             .log
