@@ -111,6 +111,7 @@ pub mod hyper;
 mod lifecycle;
 mod listen;
 pub mod logging;
+pub mod moving;
 pub mod notify;
 mod registry;
 #[allow(unsafe_code)]

@@ -10,6 +10,9 @@
 //!   (they wait on a child process and on a condition variable; not Tokio's blocking pool, whose
 //!   `spawn_blocking` panics when the OS refuses a thread).
 //! - [`Upgrader::handle_signals_tokio`]: SIGHUP upgrades, SIGTERM and SIGINT stop, through `tokio::signal`.
+//! - [`Arrivals`] ([`Upgrader::arrivals_tokio`]): connections moving here from the old process
+//!   ([`crate::moving`]); the old process hands them over with
+//!   [`Departures::hand_over_async`](crate::moving::Departures::hand_over_async).
 //!
 //! Build the [`Upgrader`] before the runtime starts (it reads and removes environment variables, which is only
 //! sound while the process has one thread), then start the runtime:
@@ -246,7 +249,74 @@ async fn finish_event(finishing: &Finishing) -> Finish {
     }
 }
 
+/// Connections moving here from the old process ([`crate::moving`]), for async code: from
+/// [`Upgrader::arrivals_tokio`]. The streams come non-blocking, ready for `tokio::net::TcpStream::from_std`
+/// (or `UnixStream::from_std`).
+///
+/// Keep taking from it until it ends (a task of its own): the old process waits for each batch to be taken.
+#[derive(Debug)]
+pub struct Arrivals {
+    channel: Option<AsyncFd<OwnedFd>>,
+    inbox: crate::moving::Inbox,
+}
+
+impl Arrivals {
+    /// The next connection, or `None` once the old process has exited (at once in a process that no upgrade
+    /// started).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a connection received is queued before this returns it, so one cancelled call loses none.
+    pub async fn next(&mut self) -> Option<crate::moving::Arrived> {
+        use crate::moving::Progress;
+        use std::os::fd::AsFd;
+        loop {
+            if let Some(a) = self.inbox.pop() {
+                return Some(a);
+            }
+            let channel = self.channel.as_ref()?;
+            let mut ready = match channel.readable().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot wait on the connection channel; no more connections will arrive");
+                    self.channel = None;
+                    continue;
+                }
+            };
+            match self.inbox.receive(channel.get_ref().as_fd()) {
+                Progress::Received => {}
+                Progress::WouldBlock => ready.clear_ready(),
+                Progress::Closed => {
+                    drop(ready);
+                    self.channel = None;
+                }
+            }
+        }
+    }
+}
+
 impl Upgrader {
+    /// [`Upgrader::arrivals`] for async code: the connections the old process moves to this one. Call it
+    /// inside the runtime, once, before [`ready`](Upgrader::ready).
+    ///
+    /// # Errors
+    /// As [`Upgrader::arrivals`]; [`ErrorKind::Io`](crate::ErrorKind::Io) outside a Tokio runtime with IO
+    /// enabled.
+    pub fn arrivals_tokio(&self) -> Result<Arrivals> {
+        let channel = match self.take_moves()?.and_then(crate::moving::announce) {
+            Some(fd) => Some(crate::sys::async_readable(fd).map_err(|e| {
+                Error::io(
+                    "cannot wait on the connection channel (call arrivals_tokio inside a Tokio runtime with IO enabled)",
+                    e,
+                )
+            })?),
+            None => None,
+        };
+        Ok(Arrivals {
+            channel,
+            inbox: crate::moving::Inbox::new(true),
+        })
+    }
+
     /// Resolves once this process is finishing, with why: handed over to a new process, or stopping.
     ///
     /// ```no_run

@@ -26,6 +26,34 @@ pub(crate) struct ParentLink {
     greeted: Instant,
     /// Background initialisation: the nice value to return to (at `SCHED_OTHER`) before reporting ready.
     pub(crate) restore_nice: Option<i32>,
+    /// The connection channel, until the application takes it (`Upgrader::arrivals`, before ready).
+    pub(crate) moves: Option<OwnedFd>,
+}
+
+/// Adopts the connection channel at `raw` (`crate::moving`): a Unix packet socket, made non-blocking.
+pub(crate) fn adopt_moves(raw: RawFd, inherited: &mut sys::Inherited) -> Result<OwnedFd> {
+    let var = super::env::VAR_MOVES_FD;
+    let fd: OwnedFd = inherited.adopt(raw).map_err(|e| {
+        Error::with_io(
+            ErrorKind::Environment,
+            format!("{var}={raw} names a descriptor that is not open"),
+            e,
+        )
+    })?;
+    match sys::socket_info(fd.as_fd()) {
+        Ok(Some(i))
+            if i.domain == sys::AddressFamily::UNIX && i.ty == sys::SocketType::SEQPACKET => {}
+        _ => {
+            return Err(Error::env(format!(
+                "{var}={raw} is {}, not the connection channel",
+                crate::listen::describe(fd.as_fd())
+            )))
+        }
+    }
+    sys::set_cloexec(fd.as_fd(), true)
+        .and_then(|()| sys::set_nonblocking(fd.as_fd(), true))
+        .map_err(|e| Error::io("cannot set up the connection channel", e))?;
+    Ok(fd)
 }
 
 /// Adopts the channel at `raw` and reads `Hello`. Returns the link and the application state.
@@ -81,6 +109,7 @@ pub(crate) fn connect(raw: RawFd, inherited: &mut sys::Inherited) -> Result<(Par
                 started_usec,
                 greeted: Instant::now(),
                 restore_nice: None,
+                moves: None,
             },
             state,
         )),

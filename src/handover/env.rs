@@ -13,6 +13,10 @@ use crate::sys::SpawnPlan;
 
 /// The variable that names the channel's fd in the child.
 pub(crate) const VAR_FD: &str = "EXUVIA_HANDOVER_FD";
+/// The variable that names the connection channel's fd in the child (right after the handover channel): the
+/// `SOCK_SEQPACKET` socket established connections move over (`crate::moving`). A build that predates it
+/// leaves it unset; the new process then takes no connections.
+pub(crate) const VAR_MOVES_FD: &str = "EXUVIA_HANDOVER_MOVES_FD";
 /// The pid the channel variable is meant for (like `LISTEN_PID`): a grandchild that inherits the environment
 /// by accident ignores it.
 pub(crate) const VAR_PID: &str = "EXUVIA_HANDOVER_PID";
@@ -36,6 +40,7 @@ pub(crate) const ALL: &[&str] = &[
     activation::VAR_NAMES,
     activation::VAR_PIDFDID,
     VAR_FD,
+    VAR_MOVES_FD,
     VAR_PID,
     VAR_NICE,
     VAR_PROBATION,
@@ -52,7 +57,8 @@ pub(crate) fn is_ours(name: &OsStr) -> bool {
 /// What the old process offers the new one, as environment variables.
 #[derive(Debug)]
 pub(crate) struct Offer<'a> {
-    /// The sockets' names, in fd order from 3 (the channel comes right after them).
+    /// The sockets' names, in fd order from 3 (the channel comes right after them, then the connection
+    /// channel).
     pub(crate) sockets: &'a [&'a str],
     pub(crate) generation: u32,
     /// Whether this process feeds a systemd watchdog: then the child gets `WATCHDOG_PID=<its own pid>`.
@@ -77,6 +83,10 @@ impl Offer<'_> {
         }
         let channel_fd = activation::LISTEN_FDS_START as usize + n;
         plan.env(VAR_FD.as_bytes(), channel_fd.to_string().as_bytes())?;
+        plan.env(
+            VAR_MOVES_FD.as_bytes(),
+            (channel_fd + 1).to_string().as_bytes(),
+        )?;
         plan.env_child_pid(VAR_PID.as_bytes());
         plan.env(
             VAR_GENERATION.as_bytes(),
@@ -103,6 +113,8 @@ impl Offer<'_> {
 pub(crate) struct Handover {
     /// The channel to the old process.
     pub(crate) channel_fd: RawFd,
+    /// The connection channel, if the old process offers one.
+    pub(crate) moves_fd: Option<RawFd>,
     /// Background initialisation: the nice value to return to before reporting ready.
     pub(crate) nice: Option<i32>,
     /// The window the old process watches this one through.
@@ -118,8 +130,18 @@ impl Handover {
         else {
             return Ok(None);
         };
+        let moves_fd = match var(VAR_MOVES_FD) {
+            None => None,
+            Some(v) => Some(parse_fd(VAR_MOVES_FD, &v)?),
+        };
+        if moves_fd == Some(channel_fd) {
+            return Err(Error::env(format!(
+                "{VAR_MOVES_FD} and {VAR_FD} name the same descriptor; the environment was not made by exuvia"
+            )));
+        }
         Ok(Some(Handover {
             channel_fd,
+            moves_fd,
             nice: parse_nice(var(VAR_NICE).as_deref())?,
             probation: parse_probation(var(VAR_PROBATION).as_deref())?,
         }))
@@ -144,14 +166,16 @@ fn parse_vars(fd: Option<&OsStr>, pid: Option<&OsStr>, my_pid: u32) -> Result<Op
     if num(VAR_PID, pid)? != my_pid {
         return Ok(None);
     }
-    let fd = num(VAR_FD, fd)?;
-    if !(3..=i32::MAX as u32).contains(&fd) {
-        return Err(Error::env(format!(
-            "{}={fd} is not a valid descriptor",
-            VAR_FD
-        )));
-    }
-    Ok(Some(fd as RawFd))
+    parse_fd(VAR_FD, fd).map(Some)
+}
+
+/// A descriptor number variable: 3 or more.
+fn parse_fd(name: &str, v: &OsStr) -> Result<RawFd> {
+    v.to_str()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|fd| (3..=i32::MAX as u32).contains(fd))
+        .map(|fd| fd as RawFd)
+        .ok_or_else(|| Error::env(format!("{name}={v:?} is not a valid descriptor")))
 }
 
 /// Reads the background-initialisation variable: `Ok(None)` when it is absent.

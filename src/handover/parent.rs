@@ -40,6 +40,8 @@ pub(crate) struct PendingChild {
     pid: u32,
     pidfd: OwnedFd,
     channel: Channel,
+    /// This process's end of the connection channel (`crate::moving`), until the commit takes it.
+    moves: Option<OwnedFd>,
     done: bool,
 }
 
@@ -127,13 +129,17 @@ pub(crate) fn start(
     let mut plan = plan(launch, &names)?;
     let (ours, theirs) = UnixStream::pair()
         .map_err(|e| Error::io("cannot create the handover channel (socketpair)", e))?;
+    let (moves, moves_theirs) = sys::packet_pair()
+        .map_err(|e| Error::io("cannot create the connection channel (socketpair)", e))?;
     let mut fds: Vec<BorrowedFd<'_>> = sockets.iter().map(|(_, fd)| *fd).collect();
     fds.push(theirs.as_fd());
+    fds.push(moves_theirs.as_fd());
     let pid = match sys::spawn(&mut plan, &fds) {
         Ok(pid) => pid,
         Err(e) => return Err(spawn_error(launch.program, fds.len(), e)),
     };
     drop(theirs);
+    drop(moves_theirs);
     // Until it is committed, the new process is the one the OOM killer should take under memory pressure,
     // not the serving one: the upgrade fails, the service stays. It returns to this process's score at commit.
     if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000") {
@@ -172,6 +178,7 @@ pub(crate) fn start(
         pid,
         pidfd,
         channel,
+        moves: Some(moves),
         done: false,
     };
     let hello = Message::Hello {
@@ -347,6 +354,7 @@ impl PendingChild {
             pid: self.pid,
             pidfd,
             channel,
+            moves: self.moves.take(),
         })
     }
 
@@ -383,6 +391,8 @@ pub(crate) struct CommittedChild {
     pid: u32,
     pidfd: OwnedFd,
     channel: Channel,
+    /// This process's end of the connection channel, until taken to move connections.
+    moves: Option<OwnedFd>,
 }
 
 /// How a probation window ended for the committed child.
@@ -406,6 +416,11 @@ pub(crate) enum Watched {
 impl CommittedChild {
     pub(crate) fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// This process's end of the connection channel (once).
+    pub(crate) fn take_moves(&mut self) -> Option<OwnedFd> {
+        self.moves.take()
     }
 
     /// Watches the child until `deadline`, its end (reaped then, if this process still can), its `Stopping`

@@ -27,8 +27,8 @@ pub(crate) use fd::{
     file_identity, pipe, read, set_cloexec, set_nonblocking, Inherited, PollFlags, PollSet,
 };
 pub(crate) use net::{
-    accept, accept_queue, peer_uid, send_unix_datagram, set_socket_mode, socket_info,
-    AddressFamily, SocketInfo, SocketType, UnixTarget,
+    accept, accept_queue, packet_pair, peer_uid, recv_packet, send_packet, send_unix_datagram,
+    set_socket_mode, socket_info, AddressFamily, SocketInfo, SocketType, UnixTarget,
 };
 #[cfg(feature = "hyper")]
 pub(crate) use net::{Cut, Cuttable};

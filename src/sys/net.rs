@@ -170,6 +170,92 @@ pub(crate) fn send_unix_datagram(
     Ok(())
 }
 
+/// A connected `SOCK_SEQPACKET` pair (both ends close-on-exec): the connection channel's.
+pub(crate) fn packet_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+/// Sends one packet on a connected packet socket, with `fds` attached as `SCM_RIGHTS` when there are any.
+/// Never raises SIGPIPE: a peer that is gone is `EPIPE`.
+pub(crate) fn send_packet(
+    fd: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    let mut space =
+        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other(
+            "the descriptors do not fit the control buffer",
+        ));
+    }
+    let n = rustix::io::retry_on_intr(|| {
+        rustix::net::sendmsg(
+            fd,
+            &[IoSlice::new(data)],
+            &mut control,
+            SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+        )
+    })?;
+    if n != data.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "packet was truncated",
+        ));
+    }
+    Ok(())
+}
+
+/// One packet received by [`recv_packet`].
+#[derive(Debug)]
+pub(crate) struct Packet {
+    /// Its length in the buffer (0 with no descriptors: the peer closed its end).
+    pub(crate) len: usize,
+    /// The descriptors attached, close-on-exec, in the order they were sent. Fewer than were sent when this
+    /// process is out of descriptors (or more came than `max_fds`): the kernel closed the last ones.
+    pub(crate) fds: Vec<OwnedFd>,
+    /// The packet was longer than the buffer (the rest is lost).
+    pub(crate) truncated: bool,
+}
+
+/// Receives one packet into `buf` without blocking (`WouldBlock` when there is none), taking at most
+/// `max_fds` descriptors with it.
+pub(crate) fn recv_packet(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Packet> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    let mut space =
+        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(max_fds.max(1)))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::io::retry_on_intr(|| {
+        rustix::net::recvmsg(
+            fd,
+            &mut [io::IoSliceMut::new(buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+        )
+    })?;
+    let mut fds = Vec::new();
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = message {
+            fds.extend(rights);
+        }
+    }
+    Ok(Packet {
+        len: got.bytes,
+        fds,
+        truncated: got.flags.contains(ReturnFlags::TRUNC),
+    })
+}
+
 /// A socket owned by `S` that another task may shut down (`shutdown(2)`, both directions) for as long as `S`
 /// lives, through a [`Cut`] handle: how the HTTP layer closes connections still open at the drain deadline,
 /// including upgraded ones whose stream the application now owns.

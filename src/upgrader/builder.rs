@@ -293,6 +293,8 @@ impl Builder {
                 signals: AtomicBool::new(false),
                 manager,
                 control: Mutex::new(None),
+                arrivals_taken: AtomicBool::new(false),
+                departures: std::sync::OnceLock::new(),
             }),
         };
         if let Some(path) = control_path {
@@ -361,10 +363,16 @@ impl Inheritance {
             my_pid,
         )?;
         let handover = Handover::read(my_pid)?;
-        check_no_overlap(
-            listen_names.as_deref().map_or(0, |n| n.len()),
-            handover.map(|h| h.channel_fd),
-        )?;
+        let sockets = listen_names.as_deref().map_or(0, |n| n.len());
+        for (var, fd) in [
+            (handover::env::VAR_FD, handover.map(|h| h.channel_fd)),
+            (
+                handover::env::VAR_MOVES_FD,
+                handover.and_then(|h| h.moves_fd),
+            ),
+        ] {
+            check_no_overlap(sockets, var, fd)?;
+        }
         let mut right = None;
         if listen_names.is_some() || handover.is_some() {
             // The variables stay in the environment when threads already run (removing them then is unsound):
@@ -418,6 +426,10 @@ impl Inheritance {
         };
         let (mut link, state) = handover::child::connect(handover.channel_fd, &mut right)?;
         link.restore_nice = handover.nice;
+        link.moves = match handover.moves_fd {
+            Some(raw) => Some(handover::child::adopt_moves(raw, &mut right)?),
+            None => None,
+        };
         tracing::info!(
             parent_pid = link.parent_pid,
             generation = link.generation,
@@ -486,13 +498,16 @@ fn scrub_environment() {
 
 /// The environment names each descriptor once: the sockets at 3.. (`LISTEN_FDS`) and the handover channel
 /// after them. A channel number among the sockets would make two owners of one descriptor.
-fn check_no_overlap(sockets: usize, channel_fd: Option<std::os::fd::RawFd>) -> Result<()> {
+fn check_no_overlap(
+    sockets: usize,
+    var: &str,
+    channel_fd: Option<std::os::fd::RawFd>,
+) -> Result<()> {
     let first = activation::LISTEN_FDS_START;
     match channel_fd {
         Some(fd) if fd >= first && ((fd - first) as usize) < sockets => Err(Error::env(format!(
-            "{}={fd} names one of the {sockets} sockets of {} (descriptors {first} to {}): the environment \
+            "{var}={fd} names one of the {sockets} sockets of {} (descriptors {first} to {}): the environment \
              was not made by exuvia; start the program without these variables",
-            handover::env::VAR_FD,
             activation::VAR_FDS,
             first as usize + sockets - 1
         ))),
@@ -506,12 +521,12 @@ mod tests {
 
     #[test]
     fn a_channel_among_the_sockets_is_refused() {
-        assert!(check_no_overlap(0, None).is_ok());
-        assert!(check_no_overlap(2, None).is_ok());
-        assert!(check_no_overlap(2, Some(5)).is_ok());
-        assert!(check_no_overlap(0, Some(3)).is_ok());
+        assert!(check_no_overlap(0, handover::env::VAR_FD, None).is_ok());
+        assert!(check_no_overlap(2, handover::env::VAR_FD, None).is_ok());
+        assert!(check_no_overlap(2, handover::env::VAR_FD, Some(5)).is_ok());
+        assert!(check_no_overlap(0, handover::env::VAR_FD, Some(3)).is_ok());
         for fd in [3, 4] {
-            let e = check_no_overlap(2, Some(fd)).unwrap_err();
+            let e = check_no_overlap(2, handover::env::VAR_FD, Some(fd)).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Environment);
             assert!(e.to_string().contains("names one of the 2 sockets"), "{e}");
         }

@@ -18,6 +18,7 @@
 mod builder;
 mod control;
 mod finish;
+mod moving;
 mod ready;
 mod signals;
 mod sockets;
@@ -92,6 +93,10 @@ struct Inner {
     manager: Manager,
     /// The control socket, served from [`Upgrader::ready`] on.
     control: Mutex<Option<UnixListener>>,
+    /// Whether the application took [`Upgrader::arrivals`] (once).
+    arrivals_taken: AtomicBool,
+    /// Where this process's connections go once it has handed over to a process that takes them.
+    departures: std::sync::OnceLock<crate::moving::Departures>,
 }
 
 /// The process's handle on its sockets and upgrades. Cheap to clone; every clone is the same upgrader.

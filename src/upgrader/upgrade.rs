@@ -52,6 +52,8 @@ struct Attempt {
 /// What the steps up to the commit produced.
 struct Committed {
     child_pid: u32,
+    /// The connection channel to the new process (`crate::moving`).
+    moves: Option<std::os::fd::OwnedFd>,
     sockets: usize,
     ready_after: Duration,
     child_init: Duration,
@@ -192,6 +194,7 @@ impl Upgrader {
         }
         Ok(Committed {
             child_pid,
+            moves: child.take_moves(),
             sockets,
             ready_after,
             child_init,
@@ -426,6 +429,8 @@ impl Upgrader {
                     took_us = micros(attempt.started.elapsed()),
                     "upgrade: handed over; stopped accepting, draining"
                 );
+                // Before the finish is published: whoever learns of it may move connections at once.
+                self.start_departures(c.moves);
                 self.publish();
                 Ok(UpgradeReport {
                     child_pid: c.child_pid,
