@@ -143,12 +143,14 @@ fn wait(upgrader: &Upgrader, stream: &TcpStream, finishing_seen: bool) -> io::Re
             }
             return Err(e);
         }
+        // Finishing first: the connection moves at once, whatever the client has sent meanwhile (it travels
+        // in the socket's own buffer).
         return Ok(if r == 0 {
             Woken::Idle
-        } else if fds[0].revents != 0 {
-            Woken::Readable
-        } else {
+        } else if n == 2 && fds[1].revents != 0 {
             Woken::Finishing
+        } else {
+            Woken::Readable
         });
     }
 }
