@@ -295,6 +295,17 @@ impl Arrivals {
 }
 
 impl Upgrader {
+    /// [`Upgrader::departures`] for async code: waits for the new process's answer without blocking.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits.
+    pub async fn departures_async(&self) -> Option<crate::moving::Departures> {
+        if !matches!(self.finishing(), Some(Finish::Upgraded { .. })) {
+            return None;
+        }
+        self.successor()?.wait_async().await
+    }
+
     /// [`Upgrader::arrivals`] for async code: the connections the old process moves to this one. Call it
     /// inside the runtime, once, before [`ready`](Upgrader::ready).
     ///

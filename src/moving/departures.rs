@@ -124,51 +124,77 @@ impl<S> Drop for Entry<S> {
     }
 }
 
-/// Reads the new process's `Takes` (sent before it reported ready, so it is there now if ever): the most
-/// connections per batch it takes, or `None` if it takes none (it never asked, or is a build that predates
-/// connection moving).
-pub(crate) fn read_takes(channel: BorrowedFd<'_>) -> Option<usize> {
+/// Waits for the new process's `Takes` until `deadline`: the most connections per batch it takes, or `None`
+/// if it takes none (it never asked in time, or is a build that predates connection moving, or is gone).
+pub(crate) fn read_takes(channel: BorrowedFd<'_>, deadline: Instant) -> Option<usize> {
     let mut buf = [0u8; wire::HEADER_LEN + 16];
-    let packet = match sys::recv_packet(channel, &mut buf, 0) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::debug!(error = %e, "the new process takes no connections");
-            return None;
+    let packet = loop {
+        match sys::recv_packet(channel, &mut buf, 0) {
+            Ok(p) => break p,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut set = sys::PollSet::new();
+                set.readable(channel);
+                match set.wait(Some(deadline)) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::debug!("the new process did not ask for connections; they drain here");
+                        return None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot wait on the connection channel; connections drain here");
+                        return None;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the new process takes no connections");
+                return None;
+            }
         }
     };
+    if packet.len == 0 {
+        tracing::debug!("the new process closed its connection channel; connections drain here");
+        return None;
+    }
     match wire::decode(&buf[..packet.len]) {
         Ok(Message::Takes { max_batch }) => Some((max_batch as usize).clamp(1, wire::MAX_BATCH)),
         Ok(other) => {
-            tracing::warn!(message = ?other, "connection channel: expected Takes; moving no connections");
-            None
-        }
-        Err(e) if packet.len == 0 => {
-            tracing::debug!(error = %e, "the new process closed its connection channel");
+            tracing::warn!(message = ?other, "connection channel: expected Takes; connections drain here");
             None
         }
         Err(e) => {
-            tracing::warn!(error = %e, "moving no connections");
+            tracing::warn!(error = %e, "connections drain here");
             None
         }
     }
 }
 
+/// The sender's half of [`Departures`], run by [`Sender::run`] on the thread that owns the channel.
+pub(crate) fn departures(channel: OwnedFd, max_batch: usize) -> (Departures, Sender, Queue) {
+    let (intake, queue) = mpsc::channel();
+    let counts = Arc::new(Counts::default());
+    let sender = Sender {
+        channel,
+        max_batch,
+        seq: 0,
+        gone: None,
+        counts: counts.clone(),
+    };
+    (Departures { intake, counts }, sender, Queue(queue))
+}
+
+/// The connections handed in, as the sender thread takes them.
+pub(crate) struct Queue(mpsc::Receiver<Box<dyn Waiting>>);
+
 impl Departures {
     /// Starts the sender thread on `channel`, for a new process that takes `max_batch` connections a batch.
+    #[cfg(test)]
     pub(crate) fn start(channel: OwnedFd, max_batch: usize) -> io::Result<Departures> {
-        let (intake, queue) = mpsc::channel();
-        let counts = Arc::new(Counts::default());
-        let mut sender = Sender {
-            channel,
-            max_batch,
-            seq: 0,
-            gone: None,
-            counts: counts.clone(),
-        };
+        let (departures, mut sender, queue) = departures(channel, max_batch);
         std::thread::Builder::new()
             .name("exuvia-departures".into())
             .spawn(move || sender.run(queue))?;
-        Ok(Departures { intake, counts })
+        Ok(departures)
     }
 
     fn submit<S: Movable>(&self, connection: Departing<S>, reply: Reply<S>) {
@@ -231,7 +257,7 @@ impl Departures {
 }
 
 /// The sender thread's state.
-struct Sender {
+pub(crate) struct Sender {
     channel: OwnedFd,
     max_batch: usize,
     seq: u32,
@@ -242,7 +268,8 @@ struct Sender {
 
 impl Sender {
     /// Until every [`Departures`] is dropped: takes what waits (up to a batch), sends it, answers each.
-    fn run(&mut self, queue: mpsc::Receiver<Box<dyn Waiting>>) {
+    pub(crate) fn run(&mut self, queue: Queue) {
+        let queue = queue.0;
         let mut carried = None;
         loop {
             let first = match carried.take() {

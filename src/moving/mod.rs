@@ -74,6 +74,7 @@
 
 mod arrivals;
 mod departures;
+mod successor;
 pub(crate) mod wire;
 
 use std::fmt;
@@ -81,8 +82,8 @@ use std::fmt;
 #[cfg(feature = "tokio")]
 pub(crate) use arrivals::{announce, Inbox, Progress};
 pub use arrivals::{Arrivals, Arrived, ArrivedStream};
-pub(crate) use departures::read_takes;
 pub use departures::{Departures, Movable, MoveReport};
+pub(crate) use successor::Successor;
 pub use wire::{StreamKind, MAX_CONNECTION_STATE, MAX_UNREAD};
 
 /// A connection on its way to the new process: its stream, the application's state for it and the bytes read
@@ -186,7 +187,7 @@ mod tests {
         let raw = theirs.try_clone().unwrap();
         // The new process's side announces itself; the old one reads that at the handover.
         let arrivals = Arrivals::new(Some(theirs));
-        let max = read_takes(ours.as_fd()).expect("Takes");
+        let max = departures::read_takes(ours.as_fd(), std::time::Instant::now()).expect("Takes");
         assert_eq!(max, wire::MAX_BATCH);
         (Departures::start(ours, max).unwrap(), arrivals, raw)
     }

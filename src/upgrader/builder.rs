@@ -294,7 +294,7 @@ impl Builder {
                 manager,
                 control: Mutex::new(None),
                 arrivals_taken: AtomicBool::new(false),
-                departures: std::sync::OnceLock::new(),
+                successor: Mutex::new(None),
             }),
         };
         if let Some(path) = control_path {

@@ -95,8 +95,8 @@ struct Inner {
     control: Mutex<Option<UnixListener>>,
     /// Whether the application took [`Upgrader::arrivals`] (once).
     arrivals_taken: AtomicBool,
-    /// Where this process's connections go once it has handed over to a process that takes them.
-    departures: std::sync::OnceLock<crate::moving::Departures>,
+    /// The new process of the last commit, as far as moving connections goes (a rollback clears it).
+    successor: Mutex<Option<crate::moving::Successor>>,
 }
 
 /// The process's handle on its sockets and upgrades. Cheap to clone; every clone is the same upgrader.

@@ -1,23 +1,24 @@
 //! Moving established connections to the new process (see [`crate::moving`]): the new process's
 //! [`Upgrader::arrivals`], the old process's [`Upgrader::departures`].
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 
 use super::{lock, Upgrader};
 use crate::error::{Error, ErrorKind, Result};
-use crate::moving::{self, Arrivals, Departures};
+use crate::lifecycle::Finish;
+use crate::moving::{Arrivals, Departures, Successor};
 
 impl Upgrader {
     /// The connections the old process moves to this one at the upgrade that started it; taking them tells
-    /// the old process that this one takes connections. Call it once, **before** [`ready`](Self::ready), and
+    /// the old process that this one takes connections. Call it once, before [`ready`](Self::ready) or right
+    /// after (the old process waits 2 s after the handover for it, then drains its connections instead), and
     /// serve what it yields from a thread of its own until it ends (when the old process has exited). In a
     /// process no upgrade started (or started by a build that does not move connections), it ends at once.
     /// See [`crate::moving`] for the contract.
     ///
     /// # Errors
-    /// [`ErrorKind::AlreadyTaken`] the second time; [`ErrorKind::NotReady`] after `ready()` (the old process
-    /// has decided by then which connections to move: none).
+    /// [`ErrorKind::AlreadyTaken`] the second time.
     pub fn arrivals(&self) -> Result<Arrivals> {
         Ok(Arrivals::new(self.take_moves()?))
     }
@@ -30,13 +31,6 @@ impl Upgrader {
                 "the arriving connections were already taken (Upgrader::arrivals is called once)",
             ));
         }
-        if self.inner.lifecycle.record(|_, a| a.ready_called) {
-            return Err(Error::new(
-                ErrorKind::NotReady,
-                "Upgrader::arrivals must be called before ready(): the old process decides at the handover \
-                 whether this process takes connections",
-            ));
-        }
         // Taken out of the link first: the guard must not live through anything else.
         let moves = lock(&self.inner.parent)
             .as_mut()
@@ -44,31 +38,27 @@ impl Upgrader {
         Ok(moves)
     }
 
-    /// Where this process's connections go, once it has handed over to a new process that takes them
-    /// (after its probation window, if there is one). `None` before that, after a stop, and when the new
-    /// process takes no connections: then drain them as before.
+    /// Where this process's connections go, once it has handed over (after its successor's probation window,
+    /// if there is one) to a new process that takes them. `None` before that, after a stop, and when the new
+    /// process takes no connections: then drain them as before. May wait a moment: the new process says
+    /// whether it takes connections within 2 s of the handover (usually within a millisecond).
     pub fn departures(&self) -> Option<Departures> {
-        self.inner.departures.get().cloned()
+        if !matches!(self.finishing(), Some(Finish::Upgraded { .. })) {
+            return None;
+        }
+        self.successor()?.wait()
     }
 
-    /// At the handover: starts moving connections if the new process said it takes them.
-    pub(super) fn start_departures(&self, channel: Option<OwnedFd>) {
-        let Some(channel) = channel else { return };
-        let Some(max_batch) = moving::read_takes(channel.as_fd()) else {
-            return;
-        };
-        match Departures::start(channel, max_batch) {
-            Ok(d) => {
-                tracing::info!(
-                    max_batch,
-                    "the new process takes connections: moving them instead of draining"
-                );
-                let _ = self.inner.departures.set(d);
-            }
-            Err(e) => tracing::warn!(
-                error = %e,
-                "cannot start the thread that moves connections; draining them instead"
-            ),
-        }
+    /// The new process of the last commit, as far as connections go (also during its probation window).
+    pub(crate) fn successor(&self) -> Option<Successor> {
+        lock(&self.inner.successor).clone()
+    }
+
+    /// At the commit: watches whether the new process takes connections (a rollback forgets it).
+    pub(super) fn watch_successor(&self, channel: Option<OwnedFd>) {
+        let successor = channel.map(Successor::watch);
+        // The one it replaces is dropped after the lock.
+        let replaced = std::mem::replace(&mut *lock(&self.inner.successor), successor);
+        drop(replaced);
     }
 }

@@ -52,8 +52,6 @@ struct Attempt {
 /// What the steps up to the commit produced.
 struct Committed {
     child_pid: u32,
-    /// The connection channel to the new process (`crate::moving`).
-    moves: Option<std::os::fd::OwnedFd>,
     sockets: usize,
     ready_after: Duration,
     child_init: Duration,
@@ -194,7 +192,6 @@ impl Upgrader {
         }
         Ok(Committed {
             child_pid,
-            moves: child.take_moves(),
             sockets,
             ready_after,
             child_init,
@@ -290,8 +287,10 @@ impl Upgrader {
         // The new process serves from its Commit on, without waiting for systemd: its own notifications
         // queue behind MAINPID on the notification socket. This process waits for systemd (the barrier)
         // after the Commit and before it stops accepting: both serve meanwhile, from the same sockets.
-        let child = child.commit()?;
+        let mut child = child.commit()?;
         let child_pid = child.pid();
+        // Before this process lets its connections go: whether they move or drain is decided from here on.
+        self.watch_successor(child.take_moves());
         let step = if inner.successor_probation.is_zero() {
             Step::Committed { child_pid }
         } else {
@@ -392,6 +391,8 @@ impl Upgrader {
                 // The handover is undone: signals for this service come here again, so a reload helper's
                 // question about the SIGHUP that started this upgrade is answered here.
                 inner.lifecycle.record(|_, a| a.handed_over_usec = None);
+                // Nothing moves to a process that is gone.
+                self.watch_successor(None);
                 // The gate is open again: the accept loops take the queued connections now.
                 tracing::error!(child_pid, "{why}; this process serves again");
                 inner.manager.take_back(&format!(
@@ -429,8 +430,6 @@ impl Upgrader {
                     took_us = micros(attempt.started.elapsed()),
                     "upgrade: handed over; stopped accepting, draining"
                 );
-                // Before the finish is published: whoever learns of it may move connections at once.
-                self.start_departures(c.moves);
                 self.publish();
                 Ok(UpgradeReport {
                     child_pid: c.child_pid,
