@@ -137,7 +137,9 @@ pub(crate) fn read_takes(channel: BorrowedFd<'_>, deadline: Instant) -> Option<u
                 match set.wait(Some(deadline)) {
                     Ok(true) => {}
                     Ok(false) => {
-                        tracing::debug!("the new process did not ask for connections; they drain here");
+                        tracing::debug!(
+                            "the new process did not ask for connections; they drain here"
+                        );
                         return None;
                     }
                     Err(e) => {

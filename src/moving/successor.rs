@@ -87,6 +87,7 @@ impl Successor {
             decided.await;
         }
     }
+}
 
 impl Decision {
     fn get(&self) -> Option<Option<Departures>> {
