@@ -137,6 +137,15 @@ impl<S: AsFd> Tracked<S> {
     pub(crate) fn id(&self) -> u64 {
         self.slot.id
     }
+
+    /// The stream, to move to the new process, and the guard that keeps the drain counting it until it has
+    /// moved. It leaves this server's list: the drain deadline never shuts down a socket that has moved.
+    pub(crate) fn into_parts(self) -> (S, ConnectionGuard) {
+        let Tracked { io, _guard, slot } = self;
+        let stream = io.into_inner();
+        drop(slot);
+        (stream, _guard)
+    }
 }
 
 /// A connection's place in [`Connections`], given up on drop.
@@ -192,11 +201,30 @@ impl<S: AsFd + AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
-/// What the serving side has learnt about one connection's protocol.
-#[derive(Debug, Default)]
+/// What the serving side has learnt about one connection's protocol, and where the connection goes.
+#[derive(Debug)]
 pub(crate) struct Protocol {
     http2: AtomicBool,
     http2_seen: Notify,
+    /// Whether the connection stays open after the last response (HTTP/1): no `close` asked or answered,
+    /// not HTTP/1.0 without keep-alive. A connection that does not stay open never moves.
+    keeps_open: AtomicBool,
+    /// Set while the connection is being moved: its socket must not be shut down by hyper's ending.
+    moving: AtomicBool,
+    /// A move was refused: the connection stays here and closes as a finishing process's connections do.
+    stays: AtomicBool,
+}
+
+impl Default for Protocol {
+    fn default() -> Self {
+        Protocol {
+            http2: AtomicBool::new(false),
+            http2_seen: Notify::new(),
+            keeps_open: AtomicBool::new(true),
+            moving: AtomicBool::new(false),
+            stays: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Protocol {
@@ -213,5 +241,31 @@ impl Protocol {
         if !self.http2.load(Ordering::Acquire) {
             self.http2_seen.notified().await;
         }
+    }
+
+    /// After each HTTP/1 response: whether the connection stays open after it.
+    pub(crate) fn set_keeps_open(&self, open: bool) {
+        self.keeps_open.store(open, Ordering::Release);
+    }
+
+    pub(crate) fn keeps_open(&self) -> bool {
+        self.keeps_open.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_moving(&self, moving: bool) {
+        self.moving.store(moving, Ordering::Release);
+    }
+
+    pub(crate) fn moving(&self) -> bool {
+        self.moving.load(Ordering::Acquire)
+    }
+
+    /// The connection stays here (a move was refused).
+    pub(crate) fn stay(&self) {
+        self.stays.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn stays(&self) -> bool {
+        self.stays.load(Ordering::Acquire)
     }
 }

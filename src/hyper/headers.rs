@@ -50,6 +50,36 @@ pub(crate) fn close_after<B>(request: Version, response: &mut Response<B>) {
     }
 }
 
+/// Whether `response` closes its connection (a `close` token in a `Connection` header).
+pub(crate) fn says_close<B>(response: &Response<B>) -> bool {
+    response.headers().get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("close"))
+    })
+}
+
+/// Makes `response` keep its HTTP/1.x connection open for the client, explicitly: the connection moves to
+/// the new process after it, and hyper, told to end the connection here, would otherwise leave an HTTP/1.0
+/// client's response without the `keep-alive` it needs to keep the connection (HTTP/1.1 keeps it by
+/// default).
+pub(crate) fn keep_open<B>(request: Version, response: &mut Response<B>) {
+    if request != Version::HTTP_10 {
+        return;
+    }
+    let headers = response.headers_mut();
+    let has = headers.get_all(CONNECTION).iter().any(|v| {
+        v.to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("keep-alive"))
+    });
+    if !has {
+        headers.append(CONNECTION, HeaderValue::from_static("keep-alive"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

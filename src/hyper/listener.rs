@@ -6,6 +6,7 @@ use std::os::fd::AsFd;
 
 use ::tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::moving::ArrivedStream;
 use crate::tokio::{TcpIncoming, UnixIncoming};
 use crate::Upgrader;
 
@@ -27,12 +28,14 @@ pub(crate) mod sealed {
 
     /// An accept loop that ends (`None`) once this process is finishing.
     pub trait Accept: Send + 'static {
-        type Stream: AsyncRead + AsyncWrite + AsFd + Unpin + Send + 'static;
+        type Stream: AsyncRead + AsyncWrite + AsFd + crate::moving::Movable + Unpin + Send + 'static;
         /// The client's address, as axum's `ConnectInfo` carries it.
         type Peer: Clone + Send + Sync + 'static;
         fn next(
             &mut self,
         ) -> impl Future<Output = Option<io::Result<(Self::Stream, Self::Peer)>>> + Send;
+        /// A connection the old process moved here, as this listener's stream (if it is of its kind).
+        fn arrived(stream: ArrivedStream) -> io::Result<(Self::Stream, Self::Peer)>;
     }
 }
 
@@ -53,6 +56,14 @@ impl sealed::Accept for TcpIncoming {
             // back for the client's delayed acknowledgement.
             let _ = stream.set_nodelay(true);
         }))
+    }
+    fn arrived(stream: ArrivedStream) -> io::Result<(Self::Stream, Self::Peer)> {
+        let ArrivedStream::Tcp(stream) = stream else {
+            return Err(io::Error::other("a Unix connection, on a TCP listener"));
+        };
+        let stream = ::tokio::net::TcpStream::from_std(stream)?;
+        let peer = stream.peer_addr()?;
+        Ok((stream, peer))
     }
 }
 
@@ -76,6 +87,14 @@ impl sealed::Accept for UnixIncoming {
     type Peer = ::tokio::net::unix::SocketAddr;
     async fn next(&mut self) -> Option<io::Result<(Self::Stream, Self::Peer)>> {
         self.accept().await
+    }
+    fn arrived(stream: ArrivedStream) -> io::Result<(Self::Stream, Self::Peer)> {
+        let ArrivedStream::Unix(stream) = stream else {
+            return Err(io::Error::other("a TCP connection, on a Unix listener"));
+        };
+        let stream = ::tokio::net::UnixStream::from_std(stream)?;
+        let peer = stream.peer_addr()?;
+        Ok((stream, peer))
     }
 }
 

@@ -91,15 +91,16 @@
 mod connection;
 mod headers;
 mod listener;
+mod moving;
 mod service;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use ::hyper::body::Incoming;
+use ::hyper::server::conn::{http1, http2};
 use ::hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 
 use crate::error::{Error, Result};
 use crate::{DrainReport, Upgrader};
@@ -156,43 +157,67 @@ where
             e,
         )
     })?;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A timer bounds how long a client may take to send a request's head (hyper's default, 30 s).
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let builder = Arc::new(builder);
-    let connections = Arc::new(Connections::default());
-    // Set by the upgrader as soon as this process is finishing (before the accept loop below notices).
-    let closing = upgrader.finishing_handle().flag();
-    let (closing_tx, closing_rx) = ::tokio::sync::watch::channel(false);
+    let server = Arc::new(Server::new(upgrader));
+    // Connections the old process moves here (once per process: a second `serve` finds them taken).
+    let mut arrivals = match upgrader.arrivals_tokio() {
+        Ok(a) => Some(a),
+        Err(e) if e.kind() == crate::ErrorKind::AlreadyTaken => None,
+        Err(e) => return Err(e),
+    };
 
-    while let Some(accepted) = incoming.next().await {
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                accept_failed(e).await;
-                continue;
+    loop {
+        let next = async {
+            match arrivals.as_mut() {
+                Some(a) => a.next().await,
+                None => std::future::pending().await,
             }
         };
-        let io = connections.register(stream, upgrader.track());
+        let (stream, peer, first) = ::tokio::select! {
+            accepted = incoming.next() => match accepted {
+                None => break,
+                Some(Ok((stream, peer))) => (stream, peer, None),
+                Some(Err(e)) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            arrived = next => match arrived {
+                // The old process has exited: nothing more comes.
+                None => {
+                    arrivals = None;
+                    continue;
+                }
+                Some(a) => match arrived_connection::<L::Incoming>(a) {
+                    Some((stream, peer, unread)) => (stream, peer, Some(unread)),
+                    None => continue,
+                },
+            },
+        };
+        let io = server.connections.register(stream, upgrader.track());
         let id = io.id();
         let protocol = Arc::new(Protocol::default());
-        let service = HttpService::new(make(&peer), protocol.clone(), closing.clone());
+        let service = HttpService::new(
+            make(&peer),
+            protocol.clone(),
+            server.closing.clone(),
+            Some(upgrader.clone()),
+        );
         let task = ::tokio::spawn(serve_connection(
-            builder.clone(),
+            server.clone(),
             io,
             service,
             protocol,
-            closing_rx.clone(),
+            first,
         ));
-        connections.set_task(id, task.abort_handle());
+        server.connections.set_task(id, task.abort_handle());
     }
     // This process no longer accepts; its copy of the listener closes, the new process keeps its own.
     drop(incoming);
-    closing_tx.send_replace(true);
+    drop(arrivals);
+    server.finishing_tx.send_replace(true);
 
     let report = upgrader.drain_async().await;
-    let closed = connections.close_all();
+    let closed = server.connections.close_all();
     if closed > 0 {
         tracing::warn!(
             connections = closed,
@@ -200,7 +225,7 @@ where
         );
         // Their tasks end at their next poll (aborted, or woken by the shutdown): wait for the streams to be
         // dropped, so that nothing of them is left when this returns.
-        let held = connections.gone(Duration::from_secs(1)).await;
+        let held = server.connections.gone(Duration::from_secs(1)).await;
         if held > 0 {
             tracing::warn!(
                 connections = held,
@@ -208,16 +233,116 @@ where
             );
         }
     }
+    if let Some(d) = upgrader.departures() {
+        let m = d.report();
+        tracing::info!(
+            moved = m.moved,
+            kept = m.kept,
+            lost = m.lost,
+            "connections moved to the new process"
+        );
+    }
     Ok(report)
 }
 
-/// Serves one connection until it ends; sends GOAWAY once this process is finishing if it speaks HTTP/2.
+/// What every connection task of one [`serve`] shares.
+struct Server {
+    upgrader: Upgrader,
+    builder1: http1::Builder,
+    builder2: http2::Builder<TokioExecutor>,
+    connections: Arc<Connections>,
+    /// Set by the upgrader as soon as this process lets its connections go (before the accept loop notices).
+    closing: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once the accept loop has ended: this process is finishing.
+    finishing_tx: ::tokio::sync::watch::Sender<bool>,
+}
+
+impl Server {
+    fn new(upgrader: &Upgrader) -> Server {
+        let mut builder1 = http1::Builder::new();
+        // A timer bounds how long a client may take to send a request's head (hyper's default, 30 s).
+        builder1.timer(TokioTimer::new());
+        let mut builder2 = http2::Builder::new(TokioExecutor::new());
+        builder2.timer(TokioTimer::new());
+        Server {
+            upgrader: upgrader.clone(),
+            builder1,
+            builder2,
+            connections: Arc::new(Connections::default()),
+            closing: upgrader.finishing_handle().flag(),
+            finishing_tx: ::tokio::sync::watch::channel(false).0,
+        }
+    }
+}
+
+/// A connection the old process moved here, as the listener's stream type, if it is an HTTP/1 connection of
+/// this layer and of that type (closed otherwise).
+fn arrived_connection<A: Accept>(
+    a: crate::moving::Arrived,
+) -> Option<(A::Stream, A::Peer, Vec<u8>)> {
+    if a.state != moving::HTTP1_STATE {
+        tracing::warn!(
+            "a connection moved here with a state this HTTP layer does not know; closed"
+        );
+        return None;
+    }
+    match A::arrived(a.stream) {
+        Ok((stream, peer)) => Some((stream, peer, a.unread)),
+        Err(e) => {
+            tracing::warn!(error = %e, "a connection moved here cannot be served on this listener; closed");
+            None
+        }
+    }
+}
+
+/// Serves one connection until it ends or moves: HTTP/2 gets GOAWAY once this process is finishing; HTTP/1
+/// moves to the new process if it takes connections. `first`: the bytes the old process had read from a
+/// connection that moved here (an HTTP/1 connection, then).
 async fn serve_connection<I, S, B>(
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    io: Tracked<I>,
+    server: Arc<Server>,
+    mut io: Tracked<I>,
     service: HttpService<S>,
     protocol: Arc<Protocol>,
-    mut closing: ::tokio::sync::watch::Receiver<bool>,
+    first: Option<Vec<u8>>,
+) where
+    I: ::tokio::io::AsyncRead
+        + ::tokio::io::AsyncWrite
+        + std::os::fd::AsFd
+        + crate::moving::Movable
+        + Unpin
+        + Send
+        + 'static,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (speaks, first) = match first {
+        Some(unread) => (moving::Speaks::Http1, unread),
+        None => match moving::sniff(&mut io).await {
+            Ok(Some(sniffed)) => sniffed,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection ended before its first request");
+                return;
+            }
+        },
+    };
+    let served = moving::Served::new(first, io, protocol.clone());
+    match speaks {
+        moving::Speaks::Http2 => serve_http2(&server, served, service, &protocol).await,
+        moving::Speaks::Http1 => serve_http1(&server, served, service, &protocol).await,
+    }
+}
+
+/// HTTP/2: GOAWAY once this process is finishing (hyper's graceful shutdown); streams in flight complete.
+async fn serve_http2<I, S, B>(
+    server: &Server,
+    served: moving::Served<I>,
+    service: HttpService<S>,
+    protocol: &Protocol,
 ) where
     I: ::tokio::io::AsyncRead
         + ::tokio::io::AsyncWrite
@@ -232,13 +357,14 @@ async fn serve_connection<I, S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let connection = server
+        .builder2
+        .serve_connection(TokioIo::new(served), service);
     let mut connection = std::pin::pin!(connection);
+    let mut finishing = server.finishing_tx.subscribe();
     let goaway_due = async {
         // An error means the server's future was dropped: finishing all the same.
-        let _ = closing.wait_for(|c| *c).await;
-        // HTTP/1 connections are never shut down from here (see the module docs): only HTTP/2 gets GOAWAY,
-        // as soon as a request has shown that the connection speaks it.
+        let _ = finishing.wait_for(|c| *c).await;
         protocol.http2().await;
     };
     let result = ::tokio::select! {
@@ -250,6 +376,90 @@ async fn serve_connection<I, S, B>(
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// HTTP/1: until the client closes, the connection is upgraded (it is the application's then), or this
+/// process is finishing and its successor takes connections: then it moves after its current response.
+/// A move that is refused leaves it here, served as a finishing process's connections are (closed after its
+/// next response).
+async fn serve_http1<I, S, B>(
+    server: &Server,
+    mut served: moving::Served<I>,
+    service: HttpService<S>,
+    protocol: &Arc<Protocol>,
+) where
+    I: ::tokio::io::AsyncRead
+        + ::tokio::io::AsyncWrite
+        + std::os::fd::AsFd
+        + crate::moving::Movable
+        + Unpin
+        + Send
+        + 'static,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    loop {
+        let mut connection = server
+            .builder1
+            .serve_connection(TokioIo::new(served), service.clone())
+            .with_upgrades();
+        let mut finishing = server.finishing_tx.subscribe();
+        let move_due = async {
+            let _ = finishing.wait_for(|c| *c).await;
+            match protocol.stays() {
+                true => None,
+                false => server.upgrader.departures_async().await,
+            }
+        };
+        let departures = ::tokio::select! {
+            r = &mut connection => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            Some(d) = move_due => d,
+            else => std::future::pending().await,
+        };
+        // Ends the connection after its current response (at once if idle), without shutting its socket.
+        protocol.set_moving(true);
+        std::pin::Pin::new(&mut connection).graceful_shutdown();
+        if let Err(e) = (&mut connection).await {
+            tracing::debug!(error = %e, "connection ended with an error");
+            return;
+        }
+        // `None`: upgraded meanwhile, the application's now.
+        let Some(parts) = connection.into_parts() else {
+            return;
+        };
+        if !protocol.keeps_open() {
+            // Its last response closed it: closed here, as it would have been anyway.
+            return;
+        }
+        let (stream, guard, unread) = parts.io.into_inner().into_move(parts.read_buf);
+        let leaving = crate::moving::Departing {
+            stream,
+            state: moving::HTTP1_STATE.to_vec(),
+            unread,
+        };
+        let kept = match departures.hand_over_async(leaving).await {
+            Ok(()) => return,
+            Err(kept) => kept,
+        };
+        tracing::debug!(reason = %kept.reason, "a connection stays here");
+        protocol.stay();
+        protocol.set_moving(false);
+        let c = kept.connection;
+        served = moving::Served::new(
+            c.unread,
+            server.connections.register(c.stream, guard),
+            protocol.clone(),
+        );
     }
 }
 
@@ -303,9 +513,10 @@ mod tests {
             Hi,
             Arc::new(Protocol::default()),
             Arc::new(AtomicBool::new(closing)),
+            None,
         );
         ::tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(server), service)
                 .await;

@@ -6,10 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ::hyper::body::Incoming;
-use ::hyper::{Request, Response};
+use ::hyper::{Request, Response, StatusCode, Version};
 
 use super::connection::Protocol;
 use super::headers;
+use crate::Upgrader;
 
 /// A boxed error, as hyper and tower pass them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -17,20 +18,47 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Wraps one connection's copy of the application's tower service.
 #[derive(Debug, Clone)]
 pub(crate) struct HttpService<S> {
-    inner: S,
+    /// Boxed: the connection is then `Unpin` whatever the service, so it can be taken apart after its last
+    /// response (to move it).
+    inner: Box<S>,
     protocol: Arc<Protocol>,
-    /// Set once this process is finishing (by the upgrader, without a lock): from then on, every HTTP/1
-    /// response closes its connection.
+    /// Set once this process lets its connections go (by the upgrader, without a lock): from then on every
+    /// HTTP/1 response closes its connection, unless the connection moves to the new process.
     closing: Arc<AtomicBool>,
+    /// Where to ask whether connections move (`None`: they never do).
+    upgrader: Option<Upgrader>,
 }
 
 impl<S> HttpService<S> {
-    pub(crate) fn new(inner: S, protocol: Arc<Protocol>, closing: Arc<AtomicBool>) -> Self {
+    pub(crate) fn new(
+        inner: S,
+        protocol: Arc<Protocol>,
+        closing: Arc<AtomicBool>,
+        upgrader: Option<Upgrader>,
+    ) -> Self {
         HttpService {
-            inner,
+            inner: Box::new(inner),
             protocol,
             closing,
+            upgrader,
         }
+    }
+}
+
+/// Whether a request leaves its connection open after the response, as far as the client is concerned:
+/// HTTP/1.1 unless it says `close`, HTTP/1.0 only when it says `keep-alive`.
+fn keeps_open<B>(request: &Request<B>) -> bool {
+    let (mut close, mut keep) = (false, false);
+    for v in request.headers().get_all(::hyper::header::CONNECTION) {
+        for token in v.to_str().unwrap_or("").split(',').map(str::trim) {
+            close |= token.eq_ignore_ascii_case("close");
+            keep |= token.eq_ignore_ascii_case("keep-alive");
+        }
+    }
+    match request.version() {
+        Version::HTTP_11 => !close,
+        Version::HTTP_10 => keep && !close,
+        _ => false,
     }
 }
 
@@ -39,7 +67,7 @@ where
     S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
-    B: 'static,
+    B: Send + 'static,
 {
     type Response = Response<B>;
     type Error = BoxError;
@@ -48,19 +76,45 @@ where
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let version = request.version();
         self.protocol.saw(version);
+        let client_keeps_open = keeps_open(&request);
         // tower's contract: poll_ready on the clone that is then called (as hyper-util's TowerToHyperService).
-        let mut inner = self.inner.clone();
+        let mut inner = (*self.inner).clone();
         let closing = self.closing.clone();
+        let protocol = self.protocol.clone();
+        let upgrader = self.upgrader.clone();
         Box::pin(async move {
             std::future::poll_fn(|cx| inner.poll_ready(cx))
                 .await
                 .map_err(Into::into)?;
             let mut response = inner.call(request).await.map_err(Into::into)?;
-            // Checked as late as possible: a response that leaves after the handover closes its connection.
-            if closing.load(Ordering::Acquire) {
-                headers::close_after(version, &mut response);
+            let open = client_keeps_open
+                && !headers::says_close(&response)
+                && response.status() != StatusCode::SWITCHING_PROTOCOLS;
+            // Checked as late as possible: a response that leaves after the handover closes its connection,
+            // unless the connection moves to the new process after it.
+            if closing.load(Ordering::Acquire) && version < Version::HTTP_2 {
+                if open && moves(&protocol, upgrader.as_ref()).await {
+                    headers::keep_open(version, &mut response);
+                } else {
+                    headers::close_after(version, &mut response);
+                    protocol.set_keeps_open(false);
+                    return Ok(response);
+                }
             }
+            protocol.set_keeps_open(open);
             Ok(response)
         })
+    }
+}
+
+/// Whether this connection moves to the new process after its current response: the new process takes
+/// connections (asked once; it answers within moments of the handover) and no move of it was refused.
+async fn moves(protocol: &Protocol, upgrader: Option<&Upgrader>) -> bool {
+    if protocol.stays() {
+        return false;
+    }
+    match upgrader.and_then(Upgrader::successor) {
+        Some(successor) => successor.wait_async().await.is_some(),
+        None => false,
     }
 }

@@ -263,13 +263,20 @@ pub(crate) fn recv_packet(
 /// The handle keeps the descriptor's number, not a duplicate (a `dup` per connection would double the
 /// process's descriptors). That is sound because the number is only used under the handle's lock, and this
 /// wrapper clears it under the same lock in its `Drop`, which runs before `S` (and its descriptor) is dropped;
-/// `S` cannot be moved out, so nothing else can close the descriptor first.
+/// `S` cannot be moved out but by [`Cuttable::into_inner`], which clears the number first too, so nothing else
+/// can close the descriptor first.
 #[cfg(feature = "hyper")]
 #[derive(Debug)]
 pub(crate) struct Cuttable<S: AsFd> {
+    // Fields drop in order: the number is cleared before the stream (and its descriptor) goes.
+    _clear: Uncut,
     io: S,
-    cut: std::sync::Arc<Cut>,
 }
+
+/// Clears a [`Cut`]'s number when dropped.
+#[cfg(feature = "hyper")]
+#[derive(Debug)]
+struct Uncut(std::sync::Arc<Cut>);
 
 /// The other side of a [`Cuttable`].
 #[cfg(feature = "hyper")]
@@ -286,8 +293,8 @@ impl<S: AsFd> Cuttable<S> {
         });
         (
             Cuttable {
+                _clear: Uncut(cut.clone()),
                 io,
-                cut: cut.clone(),
             },
             cut,
         )
@@ -300,14 +307,21 @@ impl<S: AsFd> Cuttable<S> {
     pub(crate) fn get_ref(&self) -> &S {
         &self.io
     }
+
+    /// The stream, which the [`Cut`] can no longer shut down (it moves to another process, say).
+    pub(crate) fn into_inner(self) -> S {
+        let Cuttable { _clear, io } = self;
+        drop(_clear);
+        io
+    }
 }
 
 #[cfg(feature = "hyper")]
-impl<S: AsFd> Drop for Cuttable<S> {
+impl Drop for Uncut {
     fn drop(&mut self) {
-        // Before `io` is dropped: from here on the number may be reused.
+        // Before the stream is dropped or given away: from here on the number may be reused.
         *self
-            .cut
+            .0
             .fd
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;

@@ -269,6 +269,9 @@ impl Builder {
             ..Attempts::default()
         })
         .map_err(|e| Error::io("cannot create the finishing signal (pipe)", e))?;
+        let mut parent = origin.parent;
+        // Kept apart from the link, which ready() consumes: the HTTP layer asks for connections after it.
+        let moves = parent.as_mut().and_then(|l| l.moves.take());
         let upgrader = Upgrader {
             inner: Arc::new(Inner {
                 program,
@@ -285,7 +288,8 @@ impl Builder {
                 own_probation_ends: std::sync::OnceLock::new(),
                 app_state: self.state,
                 registry: Sockets::new(Registry::with_inherited(origin.sockets)),
-                parent: Mutex::new(origin.parent),
+                parent: Mutex::new(parent),
+                moves: Mutex::new(moves),
                 inherited_state: origin.state,
                 generation: origin.generation,
                 lifecycle,

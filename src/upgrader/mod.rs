@@ -93,6 +93,8 @@ struct Inner {
     manager: Manager,
     /// The control socket, served from [`Upgrader::ready`] on.
     control: Mutex<Option<UnixListener>>,
+    /// The connection channel from the old process, until the application takes [`Upgrader::arrivals`].
+    moves: Mutex<Option<std::os::fd::OwnedFd>>,
     /// Whether the application took [`Upgrader::arrivals`] (once).
     arrivals_taken: AtomicBool,
     /// The new process of the last commit, as far as moving connections goes (a rollback clears it).

@@ -31,11 +31,7 @@ impl Upgrader {
                 "the arriving connections were already taken (Upgrader::arrivals is called once)",
             ));
         }
-        // Taken out of the link first: the guard must not live through anything else.
-        let moves = lock(&self.inner.parent)
-            .as_mut()
-            .and_then(|l| l.moves.take());
-        Ok(moves)
+        Ok(lock(&self.inner.moves).take())
     }
 
     /// Where this process's connections go, once it has handed over (after its successor's probation window,
