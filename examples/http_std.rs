@@ -40,12 +40,16 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use common::Args;
+use exuvia::moving::ArrivedStream;
 use exuvia::Upgrader;
 
 /// How long a keep-alive connection may sit idle between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The largest request head accepted.
 const MAX_HEAD: usize = 16 * 1024;
+/// What a connection moves with: which server, in which version of its state (none: every request stands
+/// alone).
+const HTTP1_STATE: &[u8] = b"http_std/1";
 
 fn main() -> ExitCode {
     common::main("http_std", run)
@@ -65,6 +69,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?;
     // Before reporting ready: a SIGHUP must never find this process without its handler.
     upgrader.handle_signals()?;
+    // Before ready: tells the old process, if an upgrade started this one, to move its connections here.
+    let arrivals = upgrader.arrivals()?;
     common::initialise(&upgrader, &args)?;
     upgrader.ready()?;
     if common::crash_later(&args) == common::Fault::Deaf {
@@ -74,38 +80,28 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     tracing::info!(%addr, version = %args.version, generation = upgrader.generation(), "serving");
 
+    // Connections moving here from the old process (this process asked for them above, before ready).
+    {
+        let u = upgrader.clone();
+        let version = args.version.clone();
+        std::thread::spawn(move || {
+            for arrived in arrivals {
+                match arrived.stream {
+                    ArrivedStream::Tcp(stream) if arrived.state == HTTP1_STATE => {
+                        spawn_connection(&u, stream, &version, arrived.unread);
+                    }
+                    _ => tracing::warn!("a connection moved here that is not ours; closed"),
+                }
+            }
+        });
+    }
     let acceptor = {
         let u = upgrader.clone();
         let version = args.version.clone();
         std::thread::spawn(move || {
             for conn in u.incoming(listener) {
                 match conn {
-                    Ok(stream) => {
-                        let guard = u.track();
-                        let u = u.clone();
-                        let version = version.clone();
-                        // The stream comes back if the OS refuses the thread (a process or thread limit):
-                        // then this client is told to come back later, and the acceptor carries on.
-                        let (tx, rx) = std::sync::mpsc::channel::<TcpStream>();
-                        let spawned = std::thread::Builder::new().spawn(move || {
-                            let _guard = guard;
-                            let Ok(stream) = rx.recv() else { return };
-                            if let Err(e) = serve(stream, &u, &version) {
-                                tracing::debug!(error = %e, "connection ended with an error");
-                            }
-                        });
-                        match spawned {
-                            Ok(_) => {
-                                let _ = tx.send(stream);
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot start a thread for a connection; answering 503");
-                                let _ = (&stream).write_all(
-                                    b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\nretry-after: 1\r\n\r\n",
-                                );
-                            }
-                        }
-                    }
+                    Ok(stream) => spawn_connection(&u, stream, &version, Vec::new()),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
                         std::thread::sleep(Duration::from_millis(10));
@@ -122,15 +118,136 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Serves one connection: HTTP/1.1 keep-alive until the client closes, asks to close, idles out, or this
-/// process is finishing (then the next response says `Connection: close`).
-fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str) -> io::Result<()> {
+/// Serves `stream` on a thread of its own, counted by the drain. If the OS refuses the thread (a process or
+/// thread limit), the client is told to come back later.
+fn spawn_connection(upgrader: &Upgrader, stream: TcpStream, version: &str, unread: Vec<u8>) {
+    let guard = upgrader.track();
+    let u = upgrader.clone();
+    let version = version.to_string();
+    // The stream comes back if the OS refuses the thread: then this client is told to come back later.
+    let (tx, rx) = std::sync::mpsc::channel::<TcpStream>();
+    let spawned = std::thread::Builder::new().spawn(move || {
+        let _guard = guard;
+        let Ok(stream) = rx.recv() else { return };
+        if let Err(e) = serve(stream, &u, &version, unread) {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+    match spawned {
+        Ok(_) => {
+            let _ = tx.send(stream);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a thread for a connection; answering 503");
+            let _ = (&stream).write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\nretry-after: 1\r\n\r\n",
+            );
+        }
+    }
+}
+
+/// What one connection reads from: the bytes the old process had read (when it moved here), then the socket.
+type Reader = BufReader<io::Chain<io::Cursor<Vec<u8>>, TcpStream>>;
+
+/// Every byte read from the connection and not used yet: what moves with it.
+fn unread_bytes(reader: &Reader) -> Vec<u8> {
+    let mut bytes = reader.buffer().to_vec();
+    let (first, _) = reader.get_ref().get_ref();
+    bytes.extend_from_slice(&first.get_ref()[first.position() as usize..]);
+    bytes
+}
+
+/// What woke a connection waiting between two requests.
+enum Woken {
+    Readable,
+    Finishing,
+    Idle,
+}
+
+/// Waits until `stream` is readable or, unless `finishing_seen`, this process is finishing.
+fn wait(upgrader: &Upgrader, stream: &TcpStream, finishing_seen: bool) -> io::Result<Woken> {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: upgrader.finishing_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let n = if finishing_seen { 1 } else { 2 };
+    loop {
+        // SAFETY: `fds` holds `n` initialised pollfds whose descriptors outlive the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, IDLE_TIMEOUT.as_millis() as i32) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // Finishing first: the connection moves at once, with whatever the client sent meanwhile still in
+        // the socket.
+        return Ok(if r == 0 {
+            Woken::Idle
+        } else if n == 2 && fds[1].revents != 0 {
+            Woken::Finishing
+        } else {
+            Woken::Readable
+        });
+    }
+}
+
+/// Serves one connection: HTTP/1.1 keep-alive until the client closes, asks to close, or idles out. Once
+/// this process is finishing, the connection moves to the new process between two requests if that one
+/// takes connections; otherwise the next response says `Connection: close`. `unread`: what the old process
+/// had read from a connection that moved here.
+fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str, unread: Vec<u8>) -> io::Result<()> {
     stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     let _ = stream.set_nodelay(true);
-    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut reader: Reader = BufReader::new(io::Cursor::new(unread).chain(stream.try_clone()?));
     let mut out = stream;
     let pid = std::process::id();
+    // Once this process is finishing with nowhere to move to, its connections are served until they close.
+    let mut finishing_seen = false;
     loop {
+        // Between two requests: the connection may move, with what it has read of the next one.
+        let pending = unread_bytes(&reader);
+        let woken = if pending.is_empty() {
+            wait(upgrader, &out, finishing_seen)?
+        } else if !finishing_seen && upgrader.finishing().is_some() {
+            Woken::Finishing
+        } else {
+            Woken::Readable
+        };
+        {
+            match woken {
+                Woken::Idle => return Ok(()),
+                Woken::Readable => {}
+                Woken::Finishing => {
+                    finishing_seen = true;
+                    if let Some(departures) = upgrader.departures() {
+                        let leaving = exuvia::moving::Departing {
+                            stream: out,
+                            state: HTTP1_STATE.to_vec(),
+                            unread: pending,
+                        };
+                        match departures.hand_over(leaving) {
+                            Ok(()) => return Ok(()),
+                            Err(kept) => {
+                                tracing::warn!(reason = %kept.reason, "a connection stays here");
+                                out = kept.connection.stream;
+                            }
+                        }
+                    }
+                    continue;
+                }
+            }
+        }
         let mut head = Vec::new();
         loop {
             let start = head.len();
@@ -189,7 +306,9 @@ fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str) -> io::Result<()
         let http10 = proto != "HTTP/1.1";
         // Once this process is finishing, every response is its connection's last: keep-alive clients move
         // to the new process with their next request.
-        let close = asked_close || (http10 && !asked_keep_alive) || upgrader.closing();
+        let close = asked_close
+            || (http10 && !asked_keep_alive)
+            || (upgrader.closing() && !upgrader.moves_connections());
         let (status, body) = match (method, path) {
             ("GET", "/") | ("HEAD", "/") => ("200 OK", format!("pid={pid} version={version}\n")),
             ("GET", "/env") => ("200 OK", common::fd_passing_env()),

@@ -45,6 +45,15 @@ impl Upgrader {
         self.successor()?.wait()
     }
 
+    /// Whether this process's connections will move to the new process rather than drain: it has handed over
+    /// (or is handing over: also during the new process's probation window) to a process that takes them.
+    /// Ask it when [`closing`](Self::closing) is true, to decide whether a response keeps its connection
+    /// open for the client (it moves after it) or closes it. May wait a moment, as
+    /// [`departures`](Self::departures) does; `false` when no upgrade is committed.
+    pub fn moves_connections(&self) -> bool {
+        self.successor().is_some_and(|s| s.wait().is_some())
+    }
+
     /// The new process of the last commit, as far as connections go (also during its probation window).
     pub(crate) fn successor(&self) -> Option<Successor> {
         lock(&self.inner.successor).clone()
