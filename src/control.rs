@@ -456,14 +456,30 @@ fn reload_sighup(a: &Attempts, since_usec: u64) -> Option<u64> {
 /// noting it: the thread that takes it may be preempted in between, on a busy machine.
 const SIGNAL_SETTLE: Duration = Duration::from_millis(50);
 
-/// Whether a SIGHUP sent since `earliest` is on its way to this process's signal thread or task: caught by
-/// the handler, or pending; checked again after [`SIGNAL_SETTLE`] when neither, for the one moment when it is
-/// neither (taken off the pending set, the handler not run yet).
-fn sighup_on_its_way(earliest: u64) -> bool {
-    let seen = || sys::sighup_caught_usec().is_some_and(|t| t >= earliest) || sys::sighup_pending();
-    seen() || {
+/// Whether a SIGHUP is on its way to this process's records: caught by the handler (the count is ahead of
+/// the last record's) or still pending. Then the count its record will carry.
+fn sighup_on_its_way(served: &Served) -> Option<u64> {
+    let caught = sys::sighups_caught();
+    let recorded = served
+        .attempts(Duration::ZERO, |a| {
+            Some(a.sighups.back().map_or(0, |s| s.caught))
+        })
+        .unwrap_or(0);
+    if caught > recorded {
+        Some(caught)
+    } else if sys::sighup_pending() {
+        Some(recorded + 1)
+    } else {
+        None
+    }
+}
+
+/// [`sighup_on_its_way`], looked at again after [`SIGNAL_SETTLE`] when not: for the one moment when a SIGHUP
+/// is neither pending nor caught (taken off the pending set, its handler not run yet).
+fn sighup_on_its_way_settled(served: &Served) -> bool {
+    sighup_on_its_way(served).is_some() || {
         std::thread::sleep(SIGNAL_SETTLE);
-        seen()
+        sighup_on_its_way(served).is_some()
     }
 }
 
@@ -485,6 +501,16 @@ fn verdict(served: &Served, since_usec: u64) -> Reply {
             })
             .unwrap_or_else(|| Reply::Failed("the upgrade did not finish in time".to_string()))
     };
+    // A SIGHUP caught but not recorded yet is the reload's (sent before the helper started): wait for its
+    // record, or an earlier SIGHUP's would be taken for it.
+    if let Some(coming) = sighup_on_its_way(served) {
+        served.attempts(SIGNAL_GRACE, |a| {
+            a.sighups
+                .back()
+                .is_some_and(|s| s.caught >= coming)
+                .then_some(())
+        });
+    }
     // The reload's SIGHUP: the last one received around the helper's start.
     if let Some(id) = served
         .attempts(Duration::ZERO, |a| Some(reload_sighup(a, since_usec)))
@@ -504,7 +530,7 @@ fn verdict(served: &Served, since_usec: u64) -> Reply {
     // Not recorded here yet, but on its way (caught, the signal thread or task has yet to record it; or still
     // pending): it was sent before the helper started, so it is the reload's. Without this a process that an
     // upgrade created a moment ago would take a second reload's signal for the first one's (just below).
-    if sighup_on_its_way(earliest) {
+    if sighup_on_its_way_settled(served) {
         if let Some(id) = served.attempts(SIGNAL_GRACE, |a| reload_sighup(a, since_usec)) {
             return verdict_of(id);
         }
@@ -1086,6 +1112,7 @@ mod tests {
         let at = |id: u64, at_usec: u64| Sighup {
             id,
             at_usec,
+            caught: id,
             verdict: None,
         };
         let mut a = Attempts::default();

@@ -38,6 +38,7 @@ pub struct Args {
     pub log: LogTo,
     pub sigchld_ignore: bool,
     pub own_reaper: bool,
+    pub no_move: bool,
 }
 
 /// Where log lines go (`--log`).
@@ -71,6 +72,7 @@ pub fn parse_args() -> Result<Args, String> {
         log: LogTo::Auto,
         sigchld_ignore: false,
         own_reaper: false,
+        no_move: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -102,6 +104,7 @@ pub fn parse_args() -> Result<Args, String> {
             "--fd-store" => a.fd_store = true,
             "--sigchld-ignore" => a.sigchld_ignore = true,
             "--own-reaper" => a.own_reaper = true,
+            "--no-move" => a.no_move = true,
             "--log" => {
                 a.log = match value()?.as_str() {
                     "auto" => LogTo::Auto,
@@ -320,7 +323,8 @@ pub fn builder(args: &Args) -> exuvia::Builder {
         .drain_timeout(args.drain_timeout)
         .background_initialisation(args.background_init)
         .probation(args.probation)
-        .fd_store(args.fd_store);
+        .fd_store(args.fd_store)
+        .move_connections(!args.no_move);
     if let Some(path) = &args.control_socket {
         builder = builder.control_socket(path);
     }

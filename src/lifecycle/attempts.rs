@@ -49,18 +49,22 @@ pub(crate) struct Sighup {
     pub(crate) id: u64,
     /// When it was received (`CLOCK_MONOTONIC`, µs).
     pub(crate) at_usec: u64,
+    /// How many SIGHUPs the process's handler had caught when this one was recorded: a count ahead of the
+    /// last record's means a SIGHUP is on its way to being recorded.
+    pub(crate) caught: u64,
     /// `None` while its upgrade runs (or waits for this process to be ready).
     pub(crate) verdict: Option<Reply>,
 }
 
 impl Attempts {
-    /// Records a SIGHUP received at `at_usec`; returns its id.
-    pub(crate) fn sighup(&mut self, at_usec: u64) -> u64 {
+    /// Records a SIGHUP received at `at_usec`, when the handler had caught `caught`; returns its id.
+    pub(crate) fn sighup(&mut self, at_usec: u64, caught: u64) -> u64 {
         self.sighup_received += 1;
         let id = self.sighup_received;
         self.sighups.push_back(Sighup {
             id,
             at_usec,
+            caught,
             verdict: None,
         });
         while self.sighups.len() > SIGHUP_RECORDS {
@@ -101,7 +105,7 @@ mod tests {
     #[test]
     fn sighup_records_are_bounded_and_settled_by_id() {
         let mut a = Attempts::default();
-        let ids: Vec<u64> = (0..40).map(|i| a.sighup(i)).collect();
+        let ids: Vec<u64> = (0..40).map(|i| a.sighup(i, i)).collect();
         assert_eq!(a.sighups.len(), SIGHUP_RECORDS);
         a.settle(ids[0], Reply::Ok("lost".into()));
         assert!(a.sighups.iter().all(|s| s.verdict.is_none()));

@@ -39,5 +39,5 @@ pub(crate) use process::{
 pub(crate) use scheduling::{
     may_return_to, return_to_normal_scheduling, scheduling, thread_policies, Policy, Scheduling,
 };
-pub(crate) use signal::{sighup_caught_usec, sighup_pending, signal_pipe, watch_sighup};
+pub(crate) use signal::{sighup_pending, sighups_caught, signal_pipe, watch_sighup};
 pub(crate) use spawn::{spawn, SpawnError, SpawnPlan, SpawnStep};

@@ -12,21 +12,20 @@ use super::{pipe, set_nonblocking};
 /// The write end, kept open for the life of the process once installed.
 static SIGNAL_PIPE_WRITE: OnceLock<OwnedFd> = OnceLock::new();
 
-/// When this process last caught a SIGHUP (`CLOCK_MONOTONIC` µs; 0: never), written by the handler itself.
-static SIGHUP_CAUGHT_USEC: AtomicU64 = AtomicU64::new(0);
+/// How many SIGHUPs this process has caught, counted by the handler itself.
+static SIGHUPS_CAUGHT: AtomicU64 = AtomicU64::new(0);
 /// Whether the counting handler is installed (once per process).
 static SIGHUP_WATCHED: OnceLock<io::Result<()>> = OnceLock::new();
 
-/// Installs (once) a handler that notes when a SIGHUP is caught, chained with every other handler (ours, the
+/// Installs (once) a handler that counts the SIGHUPs caught, chained with every other handler (ours, the
 /// application's, Tokio's): the reload helper's verdict tells a SIGHUP this process has caught but its signal
-/// thread or task has not recorded yet from one sent elsewhere.
+/// thread or task has not recorded yet (the count is ahead of the records').
 pub(crate) fn watch_sighup() -> io::Result<()> {
     let installed = SIGHUP_WATCHED.get_or_init(|| {
-        // SAFETY: the action reads the monotonic clock (clock_gettime, async-signal-safe; rustix calls the vDSO
-        // or the system call without touching errno) and stores into an atomic: nothing else.
+        // SAFETY: the action adds to an atomic (async-signal-safe): nothing else.
         unsafe {
             signal_hook_registry::register(libc::SIGHUP, || {
-                SIGHUP_CAUGHT_USEC.store(super::monotonic_usec().max(1), Ordering::Release);
+                SIGHUPS_CAUGHT.fetch_add(1, Ordering::AcqRel);
             })
         }
         .map(|_| ())
@@ -37,10 +36,9 @@ pub(crate) fn watch_sighup() -> io::Result<()> {
     }
 }
 
-/// When this process last caught a SIGHUP (`CLOCK_MONOTONIC` µs), if [`watch_sighup`] is installed and one was
-/// caught since.
-pub(crate) fn sighup_caught_usec() -> Option<u64> {
-    Some(SIGHUP_CAUGHT_USEC.load(Ordering::Acquire)).filter(|t| *t > 0)
+/// How many SIGHUPs this process has caught since [`watch_sighup`] was installed.
+pub(crate) fn sighups_caught() -> u64 {
+    SIGHUPS_CAUGHT.load(Ordering::Acquire)
 }
 
 /// Whether a SIGHUP sent to this process is pending: sent (`kill`), not yet taken by any of its threads.
@@ -98,15 +96,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_caught_sighup_is_noted_with_its_time() {
+    fn a_caught_sighup_is_counted() {
         watch_sighup().unwrap();
         watch_sighup().unwrap(); // once per process; again is harmless
-        let before = super::super::monotonic_usec();
+        let before = sighups_caught();
         // SAFETY: raise only sends a signal to this thread; the handler above replaces the default action.
         assert_eq!(unsafe { libc::raise(libc::SIGHUP) }, 0);
         // raise returns after the handler ran (a signal sent to the calling thread is delivered before it
         // returns).
-        assert!(sighup_caught_usec().is_some_and(|t| t >= before));
+        assert_eq!(sighups_caught(), before + 1);
         assert!(!sighup_pending());
     }
 

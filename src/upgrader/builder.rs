@@ -39,6 +39,7 @@ pub struct Builder {
     probation: Duration,
     probation_stall: Duration,
     fd_store: bool,
+    move_connections: bool,
 }
 
 impl fmt::Debug for Builder {
@@ -56,6 +57,7 @@ impl fmt::Debug for Builder {
             .field("probation", &self.probation)
             .field("probation_stall", &self.probation_stall)
             .field("fd_store", &self.fd_store)
+            .field("move_connections", &self.move_connections)
             .finish()
     }
 }
@@ -75,7 +77,17 @@ impl Builder {
             probation: Duration::ZERO,
             probation_stall: DEFAULT_PROBATION_STALL,
             fd_store: false,
+            move_connections: true,
         }
+    }
+
+    /// Whether established connections move to the new process at an upgrade (default: yes; see
+    /// [`crate::moving`]). With `false` this process asks for none ([`Upgrader::arrivals`] yields nothing) and
+    /// moves none ([`Upgrader::departures`] is `None`): the HTTP layer then closes HTTP/1 connections after
+    /// their next response and drains, as before connections could move.
+    pub fn move_connections(mut self, on: bool) -> Builder {
+        self.move_connections = on;
+        self
     }
 
     /// Keeps every socket this process binds itself (and the control socket) in systemd's file-descriptor
@@ -298,6 +310,7 @@ impl Builder {
                 manager,
                 control: Mutex::new(None),
                 arrivals_taken: AtomicBool::new(false),
+                move_connections: self.move_connections,
                 successor: Mutex::new(None),
             }),
         };

@@ -95,6 +95,8 @@ struct Inner {
     control: Mutex<Option<UnixListener>>,
     /// The connection channel from the old process, until the application takes [`Upgrader::arrivals`].
     moves: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// [`Builder::move_connections`].
+    move_connections: bool,
     /// Whether the application took [`Upgrader::arrivals`] (once).
     arrivals_taken: AtomicBool,
     /// The new process of the last commit, as far as moving connections goes (a rollback clears it).

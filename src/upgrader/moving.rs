@@ -31,7 +31,9 @@ impl Upgrader {
                 "the arriving connections were already taken (Upgrader::arrivals is called once)",
             ));
         }
-        Ok(lock(&self.inner.moves).take())
+        let moves = lock(&self.inner.moves).take();
+        // Turned off: the channel closes here, which the old process reads as "takes none" at once.
+        Ok(moves.filter(|_| self.inner.move_connections))
     }
 
     /// Where this process's connections go, once it has handed over (after its successor's probation window,
@@ -56,6 +58,9 @@ impl Upgrader {
 
     /// The new process of the last commit, as far as connections go (also during its probation window).
     pub(crate) fn successor(&self) -> Option<Successor> {
+        if !self.inner.move_connections {
+            return None;
+        }
         lock(&self.inner.successor).clone()
     }
 

@@ -117,7 +117,9 @@ impl Upgrader {
     fn sighup_received(&self) -> u64 {
         tracing::info!("SIGHUP received");
         let now = sys::monotonic_usec();
-        self.inner.lifecycle.record(|_, a| a.sighup(now))
+        // Read before the record is made: every SIGHUP caught so far is this one or an earlier one.
+        let caught = sys::sighups_caught();
+        self.inner.lifecycle.record(|_, a| a.sighup(now, caught))
     }
 
     /// Runs the upgrade SIGHUP `id` asked for and records its verdict. A SIGHUP that arrives before this

@@ -458,12 +458,15 @@ impl Server {
     pub fn upgrade_started(&mut self) -> Result<u32, String> {
         let old = self.current();
         let mark = self.log.len();
+        // Found (built, the first time in this test process) before the signal: systemd starts the helper
+        // right after it, and a helper that starts seconds later takes the signal for someone else's.
+        let helper = self.control.as_ref().map(|_| binary("exuvia-ctl"));
         assert!(signal(old, libc::SIGHUP), "SIGHUP to {old} failed");
-        let Some(control) = &self.control else {
+        let (Some(control), Some(helper)) = (&self.control, helper) else {
             return self.await_verdict(old, mark);
         };
         // Started after the signal was sent: the verdict of the upgrade that signal started.
-        let out = Command::new(binary("exuvia-ctl"))
+        let out = Command::new(helper)
             .arg("--socket")
             .arg(control)
             .args(["--timeout", "60", "reload-verdict"])
