@@ -20,10 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             get(move || async move { format!("hello from pid={pid}\n") }),
         );
         // ... load configuration, warm caches: the old process serves meanwhile ...
-        upgrader.ready()?; // the old process (if any) now stops accepting and drains
+        upgrader.ready()?; // the old process (if any) now stops accepting and hands its connections over
         println!("pid {pid} serving on http://{addr}");
-        // Serves until this process hands over or stops, then drains: each HTTP/1 connection's next
-        // response closes it, HTTP/2 gets GOAWAY, idle connections have until the drain deadline.
+        // Serves until this process hands over or stops: keep-alive HTTP/1 connections then move to the
+        // new process after their current response, HTTP/2 gets GOAWAY, the rest drains.
         let report = exuvia::axum::serve(&upgrader, listener, app).await?;
         println!(
             "pid {pid} exits: drained {}, left {}",

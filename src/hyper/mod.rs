@@ -18,24 +18,36 @@
 //! ```
 //!
 //! [`serve`] speaks HTTP/1.0, HTTP/1.1 and HTTP/2 (cleartext, with prior knowledge), told apart by the first
-//! bytes of each connection as hyper-util's `auto` builder does. With axum, [`crate::axum::serve`] does the
-//! same and also gives handlers `ConnectInfo`.
+//! bytes of each connection (HTTP/2's preface) as hyper-util's `auto` builder does. With axum,
+//! [`crate::axum::serve`] does the same and also gives handlers `ConnectInfo`.
 //!
 //! # What happens to connections when this process is finishing
 //!
 //! The accept loop ends (the new process, if any, accepts from now on), and:
 //!
-//! - **HTTP/1.x**: the next response on each connection is its last. It carries exactly one
-//!   `Connection: close` (no `keep-alive` token; an HTTP/1.0 client gets an HTTP/1.0 response, which hyper
-//!   does not mark keep-alive), and the connection is closed once it is written. A keep-alive client sends
-//!   its following request on a new connection, which the new process accepts.
-//! - **Idle HTTP/1 connections are not cut**: a client may send its next request on a connection that looks
-//!   idle at the very moment of the handover, and closing it then loses that request (this is why
-//!   hyper's own `graceful_shutdown`, which closes idle HTTP/1 connections at once, is not used for them).
-//!   They get until the drain deadline ([`Builder::drain_timeout`](crate::Builder::drain_timeout)) to send it;
-//!   it is answered, as above, and the connection closed.
+//! - **HTTP/1.1 and HTTP/1.0 keep-alive connections move to the new process** when it takes connections
+//!   (every process serving through this function does: [`serve`] asks the old process for its connections as
+//!   it starts; see [`crate::moving`]). Each moves after its current response, at once if idle, with the bytes
+//!   of a pipelined next request; the response says nothing of it (no `Connection: close`; an HTTP/1.0
+//!   client's says `keep-alive`), and the socket is never shut down here: the client goes on on the same
+//!   connection with the new process. With a probation window
+//!   ([`Builder::probation`](crate::Builder::probation)) connections stay open and served here during the
+//!   window and move when it has passed; a rollback moves nothing.
+//! - **HTTP/1 connections that cannot move** (after a stop; a new process that takes none, or
+//!   [`Builder::move_connections(false)`](crate::Builder::move_connections); one out of descriptors): the next
+//!   response is its connection's last. It carries exactly one `Connection: close` (no `keep-alive` token; an
+//!   HTTP/1.0 client gets an HTTP/1.0 response, which hyper does not mark keep-alive), and the connection is
+//!   closed once it is written. A keep-alive client sends its following request on a new connection, which
+//!   the new process accepts.
+//! - **Idle HTTP/1 connections that cannot move are not cut**: a client may send its next request on a
+//!   connection that looks idle at the very moment of the handover, and closing it then loses that request
+//!   (this is why hyper's own `graceful_shutdown`, which closes idle HTTP/1 connections at once, is not used to
+//!   close them). They get until the drain deadline
+//!   ([`Builder::drain_timeout`](crate::Builder::drain_timeout)) to send it; it is answered, as above, and the
+//!   connection closed.
 //! - **HTTP/2**: GOAWAY (hyper's graceful shutdown of the connection, in two steps); streams in flight
-//!   complete, the client opens its next streams on a new connection.
+//!   complete, the client opens its next streams on a new connection. An HTTP/2 connection cannot move: its
+//!   streams, flow-control windows and header tables live in this process.
 //! - **Upgraded connections** (`Upgrade:`, a WebSocket): counted until the application drops the upgraded
 //!   stream. The application learns that the process is finishing from [`Upgrader::finished`] and closes
 //!   them politely (below).
@@ -82,8 +94,8 @@
 //!
 //! # Caveats
 //!
-//! - A request that arrives on an idle HTTP/1 connection at the very moment of the drain deadline is lost
-//!   with the connection: set the deadline well above your clients' idle intervals.
+//! - A request that arrives on an idle HTTP/1 connection that could not move at the very moment of the drain
+//!   deadline is lost with the connection: set the deadline well above your clients' idle intervals.
 //! - The service is a tower `Service` (axum's `Router` and tonic's servers are). A plain function becomes one
 //!   with `tower::service_fn` (crate `tower`, feature `util`), not hyper's `service_fn`, which makes a hyper
 //!   service.
