@@ -184,3 +184,229 @@ fn a_thousand_idle_connections_move_at_once_and_the_old_process_exits() {
     drop(clients);
     server.stop();
 }
+
+/// An HTTP/1 client on one connection that can pipeline: its own buffer, so no response is lost between two.
+struct HttpClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    proto: &'static str,
+}
+
+/// One response as the client reads it.
+#[derive(Debug)]
+struct Answer {
+    pid: u32,
+    /// The `Connection` header's value, lower case.
+    connection: String,
+}
+
+impl HttpClient {
+    fn connect(addr: SocketAddr, proto: &'static str) -> HttpClient {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        HttpClient {
+            stream,
+            buf: Vec::new(),
+            proto,
+        }
+    }
+
+    /// Sends `n` keep-alive requests in one write.
+    fn send(&mut self, n: usize) {
+        let one = format!(
+            "GET / {}\r\nhost: test\r\nconnection: keep-alive\r\n\r\n",
+            self.proto
+        );
+        self.stream.write_all(one.repeat(n).as_bytes()).unwrap();
+    }
+
+    /// The next response; panics if the connection ends first (a moved connection never does).
+    fn answer(&mut self) -> Answer {
+        let (head_end, content_length) = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..i]).to_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+                    .expect("content-length");
+                if self.buf.len() >= i + 4 + len {
+                    break (i + 4, len);
+                }
+            }
+            let mut b = [0u8; 4096];
+            let n = self.stream.read(&mut b).unwrap_or_else(|e| panic!("{e}"));
+            assert!(n > 0, "the server closed the connection");
+            self.buf.extend_from_slice(&b[..n]);
+        };
+        let response: Vec<u8> = self.buf.drain(..head_end + content_length).collect();
+        let text = String::from_utf8_lossy(&response).to_string();
+        assert!(
+            text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
+            "{text}"
+        );
+        let head = text[..head_end].to_lowercase();
+        let connection = head
+            .lines()
+            .find_map(|l| l.strip_prefix("connection:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        let pid = text
+            .split("pid=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {text}"));
+        Answer { pid, connection }
+    }
+
+    /// One request and its answer, which must keep the connection open.
+    fn get(&mut self) -> u32 {
+        self.send(1);
+        let a = self.answer();
+        self.assert_open(&a);
+        a.pid
+    }
+
+    fn assert_open(&self, a: &Answer) {
+        assert!(
+            !a.connection.contains("close"),
+            "{} told to close: {a:?}",
+            self.proto
+        );
+        if self.proto == "HTTP/1.0" {
+            assert!(
+                a.connection.contains("keep-alive"),
+                "HTTP/1.0 not kept: {a:?}"
+            );
+        }
+    }
+}
+
+/// 10 HTTP/1.1 and 10 HTTP/1.0 keep-alive connections across five upgrades, half of them with two requests
+/// pipelined right at each upgrade: every answer on the same connection, none told to close, the old process
+/// gone long before its drain deadline.
+fn http_keep_alive_connections_move(program: &str) {
+    let mut server = Server::start(&example(program), &["--drain-timeout", "60"]);
+    let mut clients: Vec<HttpClient> = (0..20)
+        .map(|i| {
+            HttpClient::connect(
+                server.addr,
+                if i % 2 == 0 { "HTTP/1.1" } else { "HTTP/1.0" },
+            )
+        })
+        .collect();
+    for c in &mut clients {
+        assert_eq!(c.get(), server.current());
+    }
+    for round in 0..5 {
+        let old = server.current();
+        for c in clients.iter_mut().step_by(3) {
+            c.send(2);
+        }
+        let new = server
+            .upgrade_started()
+            .unwrap_or_else(|e| panic!("upgrade {round}: {e}"));
+        for c in clients.iter_mut().step_by(3) {
+            for _ in 0..2 {
+                let a = c.answer();
+                assert!(a.pid == old || a.pid == new, "round {round}: {a:?}");
+                c.assert_open(&a);
+            }
+        }
+        assert!(
+            wait_gone(old, Duration::from_secs(20)),
+            "round {round}: {old} lingered: connections did not move"
+        );
+        for (i, c) in clients.iter_mut().enumerate() {
+            assert_eq!(c.get(), new, "round {round}: connection {i} not moved");
+        }
+    }
+    drop(clients);
+    server.stop();
+}
+
+#[test]
+fn http_keep_alive_connections_move_std_example() {
+    http_keep_alive_connections_move("http_std");
+}
+
+#[test]
+fn http_keep_alive_connections_move_axum_example() {
+    http_keep_alive_connections_move("http_axum");
+}
+
+/// With a probation window the old process keeps its connections, open and served, until the window has
+/// passed; then they move. A crash in the window rolls back with every connection still open here.
+fn probation_keeps_connections_until_it_passes(program: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let crash = dir.path().join("crash");
+    let crash_arg = crash.to_str().unwrap();
+    let mut server = Server::start(
+        &example(program),
+        &[
+            "--drain-timeout",
+            "60",
+            "--probation",
+            "2",
+            "--crash-fault",
+            crash_arg,
+        ],
+    );
+    let mut clients: Vec<HttpClient> = (0..8)
+        .map(|_| HttpClient::connect(server.addr, "HTTP/1.1"))
+        .collect();
+    let first = server.current();
+    for c in &mut clients {
+        assert_eq!(c.get(), first);
+    }
+    // A new process that crashes 1 s into its 2 s window: rolled back, the connections never left.
+    std::fs::write(&crash, "exit 1000").unwrap();
+    let err = server
+        .upgrade_started()
+        .expect_err("a crash in the window rolls back");
+    assert!(err.contains("rolled back"), "{err}");
+    for c in &mut clients {
+        assert_eq!(
+            c.get(),
+            first,
+            "a connection left during a window that rolled back"
+        );
+    }
+    // A window that passes: the connections are served here, kept open, until it has; then they move.
+    let mark = server.log.len();
+    assert!(signal(first, libc::SIGHUP));
+    server
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            pid_of(l) == first && l.contains("serves on probation")
+        })
+        .expect("no probation window began");
+    for c in &mut clients {
+        assert_eq!(c.get(), first, "moved before the window passed");
+    }
+    assert!(
+        wait_gone(first, Duration::from_secs(30)),
+        "{first} lingered after its window"
+    );
+    let new = clients[0].get();
+    assert_ne!(new, first);
+    for c in &mut clients[1..] {
+        assert_eq!(c.get(), new);
+    }
+    drop(clients);
+    server.generations.push(new);
+    server.stop();
+}
+
+#[test]
+fn probation_keeps_connections_until_it_passes_std_example() {
+    probation_keeps_connections_until_it_passes("http_std");
+}
+
+#[test]
+fn probation_keeps_connections_until_it_passes_axum_example() {
+    probation_keeps_connections_until_it_passes("http_axum");
+}
