@@ -17,7 +17,7 @@
 //!   at build time);
 //! - `--init-fault FILE`: read at start-up by every generation; `fail` in it makes the process exit with
 //!   status 3 before reporting ready, `hang` makes it never report ready, `refuse` makes it report a failure
-//!   to the old process (and exit 1);
+//!   to the old process (and exit 1), `fdlimit N` lowers its descriptor limit to N;
 //! - `--init-delay-ms N`: simulated initialisation work before reporting ready;
 //! - `--ready-timeout SECS`, `--drain-timeout SECS`: the upgrade and drain deadlines (default 30 each);
 //! - `--control-socket PATH`: serve the control socket there (under systemd with `RuntimeDirectory=` it is
@@ -28,6 +28,7 @@
 //!   (`Builder::background_initialisation`);
 //! - `--ballast-mib N`: hold N MiB of resident memory (for the benchmark's figure of a big process's upgrade);
 //! - `--reuseport`: set `SO_REUSEPORT` on a fresh bind (for the benchmark's overlap baseline only);
+//! - `--no-move`: connections drain instead of moving to the new process (`Builder::move_connections`);
 //! - `--hold-open FILE`: opens FILE *without* close-on-exec and keeps it, so that a test can check that such a
 //!   descriptor still does not reach the next generation.
 

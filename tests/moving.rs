@@ -445,13 +445,17 @@ fn ten_thousand_idle_keep_alive_connections_move_in_one_upgrade() {
     if limit < N as u64 + 1000 {
         skip(
             "moving",
-            &format!("the descriptor limit ({limit}) is too low for 10,000 connections; run as root"),
+            &format!(
+                "the descriptor limit ({limit}) is too low for 10,000 connections; run as root"
+            ),
         );
         return;
     }
     let mut server = Server::start(&example("http_axum"), &["--drain-timeout", "120"]);
     let old = server.current();
-    let mut clients: Vec<HttpClient> = (0..N).map(|_| HttpClient::connect(server.addr, "HTTP/1.1")).collect();
+    let mut clients: Vec<HttpClient> = (0..N)
+        .map(|_| HttpClient::connect(server.addr, "HTTP/1.1"))
+        .collect();
     // Each served once, then idle: requests in batches, so that the client never waits on one at a time.
     for chunk in clients.chunks_mut(500) {
         for c in chunk.iter_mut() {
@@ -502,4 +506,136 @@ fn ten_thousand_idle_keep_alive_connections_move_in_one_upgrade() {
     );
     drop(clients);
     server.stop();
+}
+
+/// `n` keep-alive connections to `addr`, each served once by `pid`.
+fn served_once(addr: SocketAddr, n: usize, pid: u32) -> Vec<HttpClient> {
+    let mut clients: Vec<HttpClient> = (0..n)
+        .map(|_| HttpClient::connect(addr, "HTTP/1.1"))
+        .collect();
+    for c in &mut clients {
+        assert_eq!(c.get(), pid);
+    }
+    clients
+}
+
+/// The old process's last word on its connections: (moved, kept, lost).
+fn move_report(server: &Server, old: u32) -> (u64, u64, u64) {
+    let (_, line) = server
+        .log
+        .wait_for(0, Duration::from_secs(30), |l| {
+            pid_of(l) == old && l.contains("connections moved to the new process")
+        })
+        .unwrap_or_else(|| panic!("no report from {old}:\n{}", server.log.dump()));
+    let n = |k: &str| field(&line, k).unwrap().parse().unwrap();
+    (n("moved"), n("kept"), n("lost"))
+}
+
+/// A new process short of descriptors takes what it can; the rest stay with the old process, which says so
+/// and serves them (their next response closes them): no client loses anything.
+#[test]
+fn a_new_process_out_of_descriptors_takes_what_it_can_and_the_rest_stay() {
+    const N: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    let mut server = Server::start(
+        &example("http_axum"),
+        &[
+            "--drain-timeout",
+            "60",
+            "--init-fault",
+            fault.to_str().unwrap(),
+        ],
+    );
+    let old = server.current();
+    let mut clients = served_once(server.addr, N, old);
+    std::fs::write(&fault, "fdlimit 150").unwrap();
+    let new = server.upgrade_started().unwrap();
+    let (mut by_new, mut by_old) = (0, 0);
+    for c in &mut clients {
+        c.send(1);
+        let a = c.answer();
+        if a.pid == new {
+            c.assert_open(&a);
+            by_new += 1;
+        } else {
+            assert_eq!(a.pid, old);
+            assert!(a.connection.contains("close"), "{a:?}");
+            by_old += 1;
+        }
+    }
+    drop(clients);
+    let (moved, kept, lost) = move_report(&server, old);
+    eprintln!("out of descriptors: {by_new} answered by the new process, {by_old} by the old one");
+    assert_eq!((moved, kept, lost), (by_new, by_old, 0));
+    assert!(by_new > 0 && by_old > 0, "moved {by_new}, kept {by_old}");
+    assert!(
+        server
+            .log
+            .lines()
+            .iter()
+            .any(|l| pid_of(l) == old && l.contains("took only part")),
+        "the old process did not say why connections stayed:\n{}",
+        server.log.dump()
+    );
+    server.stop();
+}
+
+/// The new process killed while connections move: those it had die with it, those sent and not confirmed
+/// are closed by the old process (counted as lost), the others stay with the old process and are answered.
+/// Every client's fate is one of these, and the old process's counts match what the clients saw.
+#[test]
+fn the_new_process_killed_while_connections_move() {
+    const N: usize = 3000;
+    if raise_fd_limit(N as u64 + 500) < N as u64 + 500 {
+        skip(
+            "moving",
+            "the descriptor limit is too low for 3,000 connections",
+        );
+        return;
+    }
+    let mut server = Server::start(&example("http_axum"), &["--drain-timeout", "60"]);
+    let old = server.current();
+    let mut clients = served_once(server.addr, N, old);
+    let mark = server.log.len();
+    let new = server.upgrade_started().unwrap();
+    // Killed as soon as the old process knows it takes connections: they are moving then (3,000 take about
+    // 100 ms). Whatever the split, every client's fate must match the old process's account.
+    server
+        .log
+        .wait_for(mark, Duration::from_secs(10), |l| {
+            pid_of(l) == old && l.contains("the new process takes connections")
+        })
+        .expect("the new process never asked for connections");
+    assert!(signal(new, libc::SIGKILL));
+    let (mut answered, mut ended) = (0u64, 0u64);
+    for c in &mut clients {
+        let sent = c
+            .stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            .is_ok();
+        let mut b = [0u8; 4096];
+        match c.stream.read(&mut b) {
+            Ok(n) if sent && n > 0 => {
+                let text = String::from_utf8_lossy(&b[..n]);
+                assert!(
+                    text.contains(&format!("pid={old}")),
+                    "answered by another: {text}"
+                );
+                answered += 1;
+            }
+            _ => ended += 1,
+        }
+    }
+    drop(clients);
+    let (moved, kept, lost) = move_report(&server, old);
+    eprintln!(
+        "new process killed while moving {N}: {moved} had moved (ended with it), {lost} lost in flight, \
+         {kept} stayed and were answered by the old process"
+    );
+    assert_eq!(moved + kept + lost, N as u64);
+    assert_eq!(answered, kept);
+    assert_eq!(ended, moved + lost);
+    // Nothing is left: the new process was killed, the old one has drained and exits.
+    assert!(wait_gone(old, Duration::from_secs(30)), "{old} lingered");
 }

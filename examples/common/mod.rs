@@ -358,6 +358,28 @@ pub fn initialise(upgrader: &Upgrader, args: &Args) -> Result<(), exuvia::Error>
             upgrader.fail("injected fault: configuration refused")?;
             std::process::exit(1);
         }
+        if let Some(n) = fault
+            .trim()
+            .strip_prefix("fdlimit ")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            // A process that runs short of descriptors (as under a low LimitNOFILE=): the soft limit only.
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit/setrlimit with a pointer to a live rlimit.
+            unsafe {
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+                r.rlim_cur = n.min(r.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+            }
+            tracing::warn!(
+                file,
+                limit = n,
+                "init fault injected: descriptor limit lowered"
+            );
+        }
         if fault.contains("hang") {
             tracing::warn!(file, "init fault injected: never reporting ready");
             loop {
