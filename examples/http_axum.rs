@@ -91,13 +91,28 @@ async fn serve(
             }),
         )
         .route("/env", get(|| async { common::fd_passing_env() }))
+        // Who this connection's peer is, as this process sees it (tests check that a moved connection is
+        // still the same one).
+        .route(
+            "/peer",
+            get(
+                move |axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<
+                    std::net::SocketAddr,
+                >| async move {
+                    (
+                        [("x-pid", pid.to_string())],
+                        format!("pid={pid} peer={peer}\n"),
+                    )
+                },
+            ),
+        )
         .route("/echo", {
             let upgrader = upgrader.clone();
             get(move |req: Request| echo(upgrader.clone(), req))
         })
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n").into_response() });
-    // Serves until this process hands over or stops, then drains: HTTP/1 responses close their connections
-    // from then on, HTTP/2 connections get GOAWAY, idle ones have until the drain deadline.
+    // Serves until this process hands over or stops: HTTP/1 keep-alive connections then move to the new
+    // process (or, when they cannot, close after their next response), HTTP/2 connections get GOAWAY.
     let report = exuvia::axum::serve(&upgrader, listener, app).await?;
     tracing::info!(finish = ?upgrader.finishing(), drained = report.drained, left = report.left, "finished");
     Ok(())

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
@@ -213,6 +213,10 @@ pub(crate) struct Protocol {
     moving: AtomicBool,
     /// A move was refused: the connection stays here and closes as a finishing process's connections do.
     stays: AtomicBool,
+    /// Requests received whose response has not been written to the end yet.
+    in_flight: AtomicUsize,
+    /// Woken when the last exchange in flight ends.
+    quiet: Notify,
 }
 
 impl Default for Protocol {
@@ -223,6 +227,8 @@ impl Default for Protocol {
             keeps_open: AtomicBool::new(true),
             moving: AtomicBool::new(false),
             stays: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            quiet: Notify::new(),
         }
     }
 }
@@ -267,5 +273,40 @@ impl Protocol {
 
     pub(crate) fn stays(&self) -> bool {
         self.stays.load(Ordering::Acquire)
+    }
+
+    /// A request received: in flight until the returned value (carried by its response's body) is dropped.
+    pub(crate) fn exchange(self: &Arc<Self>) -> Exchange {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Exchange(self.clone())
+    }
+
+    /// Resolves once no exchange is in flight: between two requests. hyper then ends the connection at once
+    /// when asked to, without touching a response (one whose head it writes after that adds
+    /// `Connection: close` for an HTTP/1.1 client).
+    pub(crate) async fn between_requests(&self) {
+        loop {
+            // Registered before the check: an exchange ending in between is not missed.
+            let quiet = self.quiet.notified();
+            let mut quiet = std::pin::pin!(quiet);
+            quiet.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            quiet.await;
+        }
+    }
+}
+
+/// One request and its response on a connection, from the request's arrival until the response's body has
+/// been written (or dropped).
+#[derive(Debug)]
+pub(crate) struct Exchange(Arc<Protocol>);
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.quiet.notify_waiters();
+        }
     }
 }

@@ -438,7 +438,23 @@ async fn serve_http1<I, S, B>(
             Some(d) = move_due => d,
             else => std::future::pending().await,
         };
-        // Ends the connection after its current response (at once if idle), without shutting its socket.
+        // Between two requests first: hyper's graceful shutdown ends an idle connection at once, but adds
+        // `Connection: close` to a response whose head it writes afterwards (HTTP/1.1). The connection is not
+        // polled between the check and the shutdown, so no request can start in between.
+        let ended = ::tokio::select! {
+            biased;
+            () = protocol.between_requests() => false,
+            r = &mut connection => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                true
+            }
+        };
+        if ended {
+            return;
+        }
+        // Ends the connection now, without shutting its socket.
         protocol.set_moving(true);
         std::pin::Pin::new(&mut connection).graceful_shutdown();
         if let Err(e) = (&mut connection).await {
@@ -451,6 +467,7 @@ async fn serve_http1<I, S, B>(
         };
         if !protocol.keeps_open() {
             // Its last response closed it: closed here, as it would have been anyway.
+            tracing::debug!("not moved: its last response closed it");
             return;
         }
         let (stream, guard, unread) = parts.io.into_inner().into_move(parts.read_buf);
@@ -460,7 +477,10 @@ async fn serve_http1<I, S, B>(
             unread,
         };
         let kept = match departures.hand_over_async(leaving).await {
-            Ok(()) => return,
+            Ok(()) => {
+                tracing::debug!("moved");
+                return;
+            }
             Err(kept) => kept,
         };
         tracing::debug!(reason = %kept.reason, "a connection stays here");

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use ::hyper::body::Incoming;
 use ::hyper::{Request, Response, StatusCode, Version};
 
-use super::connection::Protocol;
+use super::connection::{Exchange, Protocol};
 use super::headers;
 use crate::Upgrader;
 
@@ -69,14 +69,16 @@ where
     S::Error: Into<BoxError>,
     B: Send + 'static,
 {
-    type Response = Response<B>;
+    type Response = Response<Exchanged<B>>;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, BoxError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Exchanged<B>>, BoxError>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let version = request.version();
         self.protocol.saw(version);
         let client_keeps_open = keeps_open(&request);
+        // In flight until the response's body is over (dropped with it, or with this future on an error).
+        let exchange = self.protocol.exchange();
         // tower's contract: poll_ready on the clone that is then called (as hyper-util's TowerToHyperService).
         let mut inner = (*self.inner).clone();
         let closing = self.closing.clone();
@@ -92,18 +94,55 @@ where
                 && response.status() != StatusCode::SWITCHING_PROTOCOLS;
             // Checked as late as possible: a response that leaves after the handover closes its connection,
             // unless the connection moves to the new process after it.
+            let mut keeps_open = open;
             if closing.load(Ordering::Acquire) && version < Version::HTTP_2 {
                 if open && moves(&protocol, upgrader.as_ref()).await {
                     headers::keep_open(version, &mut response);
                 } else {
+                    tracing::debug!(
+                        open,
+                        stays = protocol.stays(),
+                        "this response closes its connection"
+                    );
                     headers::close_after(version, &mut response);
-                    protocol.set_keeps_open(false);
-                    return Ok(response);
+                    keeps_open = false;
                 }
             }
-            protocol.set_keeps_open(open);
-            Ok(response)
+            protocol.set_keeps_open(keeps_open);
+            Ok(response.map(|body| Exchanged {
+                body,
+                _exchange: exchange,
+            }))
         })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its exchange in flight until it is over.
+    pub(crate) struct Exchanged<B> {
+        #[pin]
+        body: B,
+        _exchange: Exchange,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Exchanged<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

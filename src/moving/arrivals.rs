@@ -49,6 +49,10 @@ pub(crate) enum Progress {
     Closed,
 }
 
+/// Descriptors a process keeps free while connections arrive: for the connections it accepts meanwhile, its
+/// control socket, its logs. A process at its limit would serve what moved and nothing else.
+pub(crate) const FD_RESERVE: usize = 64;
+
 /// Received connections not yet given to the application, and the buffer to receive into. Shared by the
 /// blocking [`Arrivals`] and the Tokio one.
 #[derive(Debug)]
@@ -57,6 +61,9 @@ pub(crate) struct Inbox {
     queue: VecDeque<Arrived>,
     /// The mode the streams are given in (the Tokio layer wants them non-blocking).
     nonblocking: bool,
+    /// How many more descriptors this process may open, as last counted less what arrived since (`None`:
+    /// unknown, taken as no limit).
+    fds_left: Option<usize>,
 }
 
 impl Inbox {
@@ -65,6 +72,20 @@ impl Inbox {
             buf: vec![0; wire::HEADER_LEN + wire::MAX_PAYLOAD],
             queue: VecDeque::new(),
             nonblocking,
+            fds_left: None,
+        }
+    }
+
+    /// How many descriptors the next batch may bring, keeping [`FD_RESERVE`] free. Counted again (in
+    /// `/proc/self/fd`, so not for every batch) whenever the estimate runs low.
+    fn room(&mut self) -> usize {
+        let low = FD_RESERVE + 2 * wire::MAX_BATCH;
+        if !matches!(self.fds_left, Some(left) if left >= low) {
+            self.fds_left = sys::descriptors_left();
+        }
+        match self.fds_left {
+            Some(left) => left.saturating_sub(FD_RESERVE).min(wire::MAX_BATCH),
+            None => wire::MAX_BATCH,
         }
     }
 
@@ -74,7 +95,8 @@ impl Inbox {
 
     /// Receives one batch without blocking, queues its connections and confirms them to the old process.
     pub(crate) fn receive(&mut self, channel: BorrowedFd<'_>) -> Progress {
-        let packet = match sys::recv_packet(channel, &mut self.buf, wire::MAX_BATCH) {
+        let room = self.room();
+        let packet = match sys::recv_packet(channel, &mut self.buf, room) {
             Ok(p) => p,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Progress::WouldBlock,
             Err(e) => {
@@ -105,12 +127,16 @@ impl Inbox {
             }
         };
         let (sent, got) = (records.len(), packet.fds.len());
+        if let Some(left) = &mut self.fds_left {
+            *left = left.saturating_sub(got);
+        }
         if got < sent {
             tracing::warn!(
                 taken = got,
                 left = sent - got,
-                "out of file descriptors: took only part of a batch of connections; the old process keeps the \
-                 rest (raise LimitNOFILE=)"
+                reserve = FD_RESERVE,
+                "short of file descriptors: took only part of a batch of connections, keeping some free for \
+                 new ones; the old process keeps the rest (raise LimitNOFILE=)"
             );
         }
         let taken = got.min(sent);

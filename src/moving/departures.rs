@@ -388,7 +388,11 @@ impl Sender {
                     };
                     self.finish(w, outcome);
                 }
-                tracing::debug!(seq, taken, "connections moved");
+                tracing::debug!(
+                    seq,
+                    taken,
+                    "a batch of connections taken by the new process"
+                );
             }
             Err(why) => {
                 tracing::warn!(

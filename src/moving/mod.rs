@@ -61,8 +61,9 @@
 //!   (the new process may have read from them: nobody can serve them on safely); the ones not sent yet come
 //!   back to the application ([`NotMoved`], [`Refusal::SuccessorGone`]), which serves or closes them as
 //!   before this feature.
-//! - **If the new process is out of descriptors**, it takes what it can; the rest come back
-//!   ([`Refusal::SuccessorFull`]) and the old process says so in its log.
+//! - **If the new process runs short of descriptors**, it takes what it can while keeping 64 free (for the
+//!   connections it accepts, its control socket); the rest come back ([`Refusal::SuccessorFull`]) and both
+//!   processes say so in their logs.
 //! - **What cannot move**: a connection in the middle of a message; TLS whose session lives in the process's
 //!   memory (rustls, OpenSSL: the keys and sequence numbers would have to travel too; kernel TLS could, not
 //!   supported); an HTTP/2 connection (its streams, flow-control windows and HPACK tables live in the

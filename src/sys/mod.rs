@@ -33,8 +33,9 @@ pub(crate) use net::{
 #[cfg(feature = "hyper")]
 pub(crate) use net::{Cut, Cuttable};
 pub(crate) use process::{
-    euid, exec_filename, getpgid, join_process_group, kill_own_process_group, kill_process,
-    kill_process_group, monotonic_usec, pidfd_open, terminate_process, thread_count, waitpid,
+    descriptors_left, euid, exec_filename, getpgid, join_process_group, kill_own_process_group,
+    kill_process, kill_process_group, monotonic_usec, pidfd_open, terminate_process, thread_count,
+    waitpid,
 };
 pub(crate) use scheduling::{
     may_return_to, return_to_normal_scheduling, scheduling, thread_policies, Policy, Scheduling,

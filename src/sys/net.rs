@@ -225,16 +225,29 @@ pub(crate) struct Packet {
 }
 
 /// Receives one packet into `buf` without blocking (`WouldBlock` when there is none), taking at most
-/// `max_fds` descriptors with it.
+/// `max_fds` descriptors with it (rounded down to an even count; the kernel closes the ones that do not fit).
 pub(crate) fn recv_packet(
     fd: BorrowedFd<'_>,
     buf: &mut [u8],
     max_fds: usize,
 ) -> io::Result<Packet> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
-    let mut space =
-        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(max_fds.max(1)))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
+    // Room for exactly `max_fds` (none at all for zero): the kernel installs as many descriptors as the
+    // buffer holds. So no slack: `cmsg_space!` adds room to align an unaligned buffer (two more descriptors
+    // when the buffer is aligned already), and an odd count's padding holds one more.
+    let max_fds = max_fds - max_fds % 2;
+    let room = if max_fds == 0 {
+        0
+    } else {
+        rustix::cmsg_aligned_space!(ScmRights(max_fds))
+    };
+    // Aligned for `cmsghdr` (8 bytes) by being made of u64s, so that no byte of it goes to alignment.
+    let mut words = vec![0u64; room.div_ceil(8)];
+    // SAFETY: the u64s are initialised memory of at least `room` bytes, exclusively borrowed for the
+    // lifetime of `space`; viewing them as `MaybeUninit<u8>` (alignment 1, any bit pattern) is sound.
+    let space: &mut [MaybeUninit<u8>] =
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), room) };
+    let mut control = RecvAncillaryBuffer::new(space);
     let got = rustix::io::retry_on_intr(|| {
         rustix::net::recvmsg(
             fd,
@@ -390,5 +403,38 @@ mod tests {
             .to_string()
             .contains("1 to 107 bytes"));
         assert!(UnixTarget::Abstract(b"exuvia".to_vec()).address().is_ok());
+    }
+}
+
+#[cfg(test)]
+mod packet_tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// What the connection channel relies on: a receiver with room for fewer descriptors than were sent gets
+    /// exactly the first ones, in order, and nothing says more arrived.
+    #[test]
+    fn a_short_control_buffer_takes_exactly_the_first_descriptors() {
+        let (a, b) = packet_pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let streams: Vec<std::net::TcpStream> = (0..10)
+            .map(|_| std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap())
+            .collect();
+        let fds: Vec<BorrowedFd<'_>> = streams.iter().map(|s| s.as_fd()).collect();
+        for room in [0usize, 1, 2, 3, 4, 9, 10, 64] {
+            send_packet(a.as_fd(), b"x", &fds).unwrap();
+            let mut buf = [0u8; 16];
+            let got = recv_packet(b.as_fd(), &mut buf, room).unwrap();
+            let want = room.min(10) - room.min(10) % 2;
+            assert_eq!(got.fds.len(), want, "room {room}");
+            for (fd, s) in got.fds.iter().zip(&streams) {
+                let got = std::net::TcpStream::from(fd.try_clone().unwrap());
+                assert_eq!(
+                    got.local_addr().unwrap(),
+                    s.local_addr().unwrap(),
+                    "room {room}"
+                );
+            }
+        }
     }
 }

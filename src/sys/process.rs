@@ -107,9 +107,33 @@ pub(crate) fn thread_count() -> Option<usize> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// How many more descriptors this process may open: its soft `RLIMIT_NOFILE` less those open now (counted in
+/// `/proc/self/fd`). `None` when either cannot be read, or there is no limit.
+pub(crate) fn descriptors_left() -> Option<usize> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current?;
+    // The count includes the directory's own descriptor while it is read: one more than is open after.
+    let open = std::fs::read_dir("/proc/self/fd")
+        .ok()?
+        .count()
+        .saturating_sub(1);
+    Some((limit as usize).saturating_sub(open))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_left_falls_as_descriptors_open() {
+        let before = descriptors_left().expect("a limit and /proc");
+        let held: Vec<_> = (0..10)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        let after = descriptors_left().unwrap();
+        // Other test threads open and close descriptors meanwhile: roughly ten fewer.
+        assert!(after + 5 <= before, "{before} -> {after}");
+        drop(held);
+    }
 
     #[test]
     fn this_process_is_visible() {
