@@ -12,7 +12,10 @@
 //! - `control`: no replacement at all, everything else the same (the idle clients send, the memory sampler
 //!   runs, an 8 ms window): what the benchmark's own activity does to the latency in a window, the floor
 //!   for the replacements' "p99 x";
-//! - `exuvia-sighup`: SIGHUP; the new process inherits the socket, the old one drains;
+//! - `exuvia-sighup`: SIGHUP; the new process inherits the socket, the old one's keep-alive connections move
+//!   to it;
+//! - `exuvia-sighup-drain`: the same with connections draining instead of moving (`--no-move`: each keep-alive
+//!   connection is closed after its next response and its client reconnects);
 //! - `exuvia-sighup-bg`: the same with background initialisation (`Builder::background_initialisation`: the
 //!   new process starts at idle CPU priority until it reports ready; it needs root or `CAP_SYS_NICE`, and
 //!   says so and runs at normal priority otherwise);

@@ -49,6 +49,12 @@ fn p99_ratio(o: &Outcome) -> Option<f64> {
     Some(d.as_secs_f64() / s.as_secs_f64())
 }
 
+/// Keep-alive reconnects per replacement: every keep-alive client's connection closed by the server once
+/// per replacement when connections drain, none when they move.
+fn reconnects_per_replacement(o: &Outcome) -> Option<f64> {
+    (!o.windows.is_empty()).then(|| o.keepalive.reconnects as f64 / o.windows.len() as f64)
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -179,6 +185,7 @@ impl Run<'_> {
             self.throughput_target(),
             self.reuseport_p99_target(),
             self.systemctl_p99_target(),
+            self.moving_p99_target(),
             self.overhead_target(1, 5),
             self.overhead_target(1000, 50),
             self.accept_target(),
@@ -286,6 +293,28 @@ impl Run<'_> {
                 _ => "not measured (needs exuvia-systemctl and exuvia-sighup)".into(),
             },
             met: matches!((systemctl, sighup), (Some(c), Some(h)) if c.as_secs_f64() <= 1.15 * h.as_secs_f64()),
+        }
+    }
+
+    /// With connections moving, the p99 during an upgrade stays near the steady one: no reconnect burst.
+    fn moving_p99_target(&self) -> Target {
+        let ratio = |name: &str| {
+            self.outcomes
+                .iter()
+                .find(|(s, o)| s.name() == name && o.skipped.is_none())
+                .and_then(|(_, o)| Some((p99_ratio(o)?, reconnects_per_replacement(o)?)))
+        };
+        let (moving, drain) = (ratio("exuvia-sighup"), ratio("exuvia-sighup-drain"));
+        Target {
+            what: "p99 during <= 1.10 x steady with connections moving (SIGHUP; same run, drained for comparison)",
+            measured: match (moving, drain) {
+                (Some((m, rm)), Some((d, rd))) => format!(
+                    "moving {m:.2}x ({rm:.1} keep-alive reconnects per upgrade), drained {d:.2}x ({rd:.1})"
+                ),
+                (Some((m, rm)), None) => format!("moving {m:.2}x ({rm:.1} reconnects per upgrade)"),
+                _ => "not measured (needs exuvia-sighup)".into(),
+            },
+            met: moving.is_some_and(|(m, _)| m <= 1.10),
         }
     }
 
@@ -406,18 +435,20 @@ impl Run<'_> {
     fn by_mode_table(&self, w: &mut String) {
         let _ = writeln!(
             w,
-            "\nby load mode, ok / failed:\n{:<18} {:>18} {:>18} {:>18}",
-            "scenario", "new connection", "keep-alive", "idle (sent during)"
+            "\nby load mode, ok / failed; keep-alive reconnects per replacement (the server closed its connection):\n\
+             {:<19} {:>18} {:>18} {:>18} {:>12}",
+            "scenario", "new connection", "keep-alive", "idle (sent during)", "reconnects"
         );
         for (s, out) in self.outcomes.iter().filter(|(_, o)| o.skipped.is_none()) {
             let c = |st: &Stats| format!("{} / {}", st.ok, st.failures.len());
             let _ = writeln!(
                 w,
-                "{:<18} {:>18} {:>18} {:>18}",
+                "{:<19} {:>18} {:>18} {:>18} {:>12}",
                 s.name(),
                 c(&out.fresh),
                 c(&out.keepalive),
-                c(&out.idle)
+                c(&out.idle),
+                reconnects_per_replacement(out).map_or("-".into(), |r| format!("{r:.1}"))
             );
         }
     }
@@ -763,6 +794,10 @@ fn scenario_json(s: &Scenario, out: &Outcome) -> J {
         ("latency_steady", jlat(&steady)),
         ("latency_during", jlat(&during)),
         ("p99_ratio", p99_ratio(out).map_or(J::Null, J::Num)),
+        (
+            "keep_alive_reconnects_per_replacement",
+            reconnects_per_replacement(out).map_or(J::Null, J::Num),
+        ),
         ("to_new_median_ms", jms(median(&out.to_first_response))),
         ("overhead_median_ms", jms(median(&over))),
         ("overhead_max_ms", jms(over.iter().max().copied())),

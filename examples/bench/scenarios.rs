@@ -11,6 +11,7 @@ use super::support::{self, systemd, Idle, Load, Server, Stats};
 pub enum Scenario {
     Control,
     ExuviaSighup,
+    ExuviaSighupDrain,
     ExuviaSighupBackground,
     ExuviaSystemctl,
     NaiveRestart,
@@ -19,9 +20,10 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Control,
         Scenario::ExuviaSighup,
+        Scenario::ExuviaSighupDrain,
         Scenario::ExuviaSighupBackground,
         Scenario::ExuviaSystemctl,
         Scenario::NaiveRestart,
@@ -33,6 +35,7 @@ impl Scenario {
         match self {
             Scenario::Control => "control",
             Scenario::ExuviaSighup => "exuvia-sighup",
+            Scenario::ExuviaSighupDrain => "exuvia-sighup-drain",
             Scenario::ExuviaSighupBackground => "exuvia-sighup-bg",
             Scenario::ExuviaSystemctl => "exuvia-systemctl",
             Scenario::NaiveRestart => "naive-restart",
@@ -44,7 +47,10 @@ impl Scenario {
     pub fn is_exuvia(self) -> bool {
         matches!(
             self,
-            Scenario::ExuviaSighup | Scenario::ExuviaSighupBackground | Scenario::ExuviaSystemctl
+            Scenario::ExuviaSighup
+                | Scenario::ExuviaSighupDrain
+                | Scenario::ExuviaSighupBackground
+                | Scenario::ExuviaSystemctl
         )
     }
 }
@@ -370,6 +376,8 @@ fn server_args(scenario: Scenario, fault: &Path) -> Vec<String> {
     match scenario {
         Scenario::ReuseportOverlap => args.push("--reuseport".into()),
         Scenario::ExuviaSighupBackground => args.push("--background-init".into()),
+        // Connections drain instead of moving: the same upgrade as before they could.
+        Scenario::ExuviaSighupDrain => args.push("--no-move".into()),
         Scenario::ExuviaRollback => {
             args.extend(["--probation".into(), "5".into(), "--crash-fault".into()]);
             args.push(fault.display().to_string());
@@ -473,7 +481,9 @@ impl Direct<'_> {
                 std::thread::sleep((t0 + CONTROL_WINDOW).saturating_duration_since(Instant::now()));
                 (old, idle_done)
             }
-            Scenario::ExuviaSighup | Scenario::ExuviaSighupBackground => {
+            Scenario::ExuviaSighup
+            | Scenario::ExuviaSighupDrain
+            | Scenario::ExuviaSighupBackground => {
                 self.sighup(servers.last_mut().unwrap(), idle, wall0, out)
             }
             Scenario::NaiveRestart => {

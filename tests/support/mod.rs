@@ -779,6 +779,8 @@ pub struct Stats {
     pub failed_at: Vec<Instant>,
     /// HTTP/2 requests not sent because the server had announced GOAWAY, then sent on a new connection.
     pub retried: u64,
+    /// Keep-alive clients: connections opened after the first (the server closed one, or a request failed).
+    pub reconnects: u64,
 }
 
 impl Stats {
@@ -822,6 +824,7 @@ impl Stats {
         self.latencies.extend(o.latencies);
         self.failed_at.extend(o.failed_at);
         self.retried += o.retried;
+        self.reconnects += o.reconnects;
     }
 
     pub fn summary(&self) -> String {
@@ -983,10 +986,15 @@ fn keepalive_client(
     let mut st = Stats::default();
     let mut conn: Option<TcpStream> = None;
     let mut next = Instant::now();
+    let mut opened = 0u64;
     while !stop.load(Ordering::Relaxed) {
         if conn.is_none() {
             match connect(addr) {
-                Ok(c) => conn = Some(c),
+                Ok(c) => {
+                    conn = Some(c);
+                    st.reconnects += u64::from(opened > 0);
+                    opened += 1;
+                }
                 Err(f) => {
                     st.failed_at.push(Instant::now());
                     st.failures.push(f);
