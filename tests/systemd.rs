@@ -23,6 +23,7 @@ for_each_example!(
     a_reload_during_an_upgrade_started_another_way_reports_its_own_verdict,
     journald_attributes_each_generations_lines_to_its_own_process,
     a_jammed_control_socket_cannot_fail_a_reload_or_a_stop,
+    keep_alive_connections_move_across_systemctl_reloads_and_probation,
 );
 
 /// Installs the notify-reload templates as app.socket + app.service running `server` with `args`, with
@@ -1358,4 +1359,82 @@ fn a_jammed_control_socket_cannot_fail_a_reload_or_a_stop(server: &str) {
         assert_eq!(sd.show("app.service", "Result"), "success");
         assert_eq!(st.count(FailKind::Refused), 0, "{}", st.summary());
     }
+}
+
+/// One request on a kept-alive connection: who answered, and whether it was told to close.
+fn on_connection(c: &mut std::net::TcpStream) -> (u32, bool) {
+    let r =
+        request(c, "/", true).unwrap_or_else(|e| panic!("a kept-alive connection failed: {e:?}"));
+    (r.pid, r.close)
+}
+
+/// Keep-alive connections across `systemctl reload` of the shipped template: each moves to the new main
+/// process on the same connection, never told to close, and the old process exits long before its drain
+/// deadline. With a probation window they stay with the old process until it passes; a crash in the window
+/// rolls back with every connection still open there.
+fn keep_alive_connections_move_across_systemctl_reloads_and_probation(server: &str) {
+    let Some(sd) = boot("moving") else { return };
+    let fault = sd.dir.join("crash");
+    let args = format!(
+        "--drain-timeout 60 --probation 1 --crash-fault {}",
+        fault.display()
+    );
+    let addr = install(&sd, server, free_port(), &args, &[]);
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    let mut conns: Vec<std::net::TcpStream> = (0..16).map(|_| connect(addr).unwrap()).collect();
+    let mut main = sd.main_pid("app.service");
+    for c in &mut conns {
+        assert_eq!(on_connection(c), (main, false));
+    }
+    for i in 0..3 {
+        let t0 = Instant::now();
+        ok(
+            sd.systemctl(&["reload", "app.service"]),
+            &format!("reload {i}"),
+            &sd,
+        );
+        let new = sd.main_pid("app.service");
+        assert_ne!(new, main, "reload {i}: MainPID did not move");
+        // The window has passed (the reload's verdict waits for it): the connections move, the old process
+        // exits, long before its 60 s drain deadline.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sd.pids_of(server) != vec![new] {
+            assert!(
+                Instant::now() < deadline,
+                "reload {i}: {:?} still running",
+                sd.pids_of(server)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for (k, c) in conns.iter_mut().enumerate() {
+            assert_eq!(on_connection(c), (new, false), "reload {i}: connection {k}");
+        }
+        eprintln!(
+            "reload {i}: {:?}, old process gone after {:?}",
+            t0.elapsed(),
+            t0.elapsed()
+        );
+        main = new;
+    }
+    // A new process that crashes in its window: rolled back, and the connections never left.
+    std::fs::write(&fault, "exit 300").unwrap();
+    let out = sd.systemctl(&["reload", "app.service"]);
+    assert!(
+        !out.status.success(),
+        "a crash in the window must fail the reload"
+    );
+    assert_eq!(
+        sd.main_pid("app.service"),
+        main,
+        "the old process serves again"
+    );
+    for (k, c) in conns.iter_mut().enumerate() {
+        assert_eq!(
+            on_connection(c),
+            (main, false),
+            "after the rollback: connection {k}"
+        );
+    }
+    drop(conns);
+    ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
 }
