@@ -626,3 +626,30 @@ fn under_curl(target: &mut Target) -> Option<String> {
     }
     Some(ran.join("\n"))
 }
+
+/// The README's command for what the HTTP layer costs runs, and prints its figures (the figures themselves
+/// are the benchmark's, not a test's: they depend on the machine).
+#[test]
+fn the_http_layer_cost_comparison_runs() {
+    if client("wrk", "wrk").is_none() {
+        return;
+    }
+    let out = Command::new(example("http_cost"))
+        .args(["--rounds", "1", "--secs", "1", "--connections", "8"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "http_cost failed");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("exuvia::axum::serve / axum::serve"))
+        .unwrap_or_else(|| panic!("no summary line:\n{text}"));
+    let throughput: f64 = line
+        .split("throughput ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(throughput > 0.0, "{line}");
+}

@@ -215,8 +215,10 @@ pub(crate) struct Protocol {
     stays: AtomicBool,
     /// Requests received whose response has not been written to the end yet.
     in_flight: AtomicUsize,
-    /// Woken when the last exchange in flight ends.
+    /// Woken when the last exchange in flight ends, if someone waits for that (`awaited`): a response's end
+    /// costs an atomic then, not the `Notify`'s lock.
     quiet: Notify,
+    awaited: AtomicBool,
 }
 
 impl Default for Protocol {
@@ -229,6 +231,7 @@ impl Default for Protocol {
             stays: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             quiet: Notify::new(),
+            awaited: AtomicBool::new(false),
         }
     }
 }
@@ -277,7 +280,7 @@ impl Protocol {
 
     /// A request received: in flight until the returned value (carried by its response's body) is dropped.
     pub(crate) fn exchange(self: &Arc<Self>) -> Exchange {
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         Exchange(self.clone())
     }
 
@@ -285,12 +288,14 @@ impl Protocol {
     /// when asked to, without touching a response (one whose head it writes after that adds
     /// `Connection: close` for an HTTP/1.1 client).
     pub(crate) async fn between_requests(&self) {
+        // From here on, every exchange's end wakes this waiter (set before the count is read below).
+        self.awaited.store(true, Ordering::SeqCst);
         loop {
             // Registered before the check: an exchange ending in between is not missed.
             let quiet = self.quiet.notified();
             let mut quiet = std::pin::pin!(quiet);
             quiet.as_mut().enable();
-            if self.in_flight.load(Ordering::Acquire) == 0 {
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
                 return;
             }
             quiet.await;
@@ -305,7 +310,9 @@ pub(crate) struct Exchange(Arc<Protocol>);
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.awaited.load(Ordering::SeqCst)
+        {
             self.0.quiet.notify_waiters();
         }
     }
