@@ -158,51 +158,6 @@ fn unread_bytes(reader: &Reader) -> Vec<u8> {
     bytes
 }
 
-/// What woke a connection waiting between two requests.
-enum Woken {
-    Readable,
-    Finishing,
-    Idle,
-}
-
-/// Waits until `stream` is readable or, unless `finishing_seen`, this process is finishing.
-fn wait(upgrader: &Upgrader, stream: &TcpStream, finishing_seen: bool) -> io::Result<Woken> {
-    use std::os::fd::AsRawFd;
-    let mut fds = [
-        libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: upgrader.finishing_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let n = if finishing_seen { 1 } else { 2 };
-    loop {
-        // SAFETY: `fds` holds `n` initialised pollfds whose descriptors outlive the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, IDLE_TIMEOUT.as_millis() as i32) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        // Finishing first: the connection moves at once, with whatever the client sent meanwhile still in
-        // the socket.
-        return Ok(if r == 0 {
-            Woken::Idle
-        } else if n == 2 && fds[1].revents != 0 {
-            Woken::Finishing
-        } else {
-            Woken::Readable
-        });
-    }
-}
-
 /// Serves one connection: HTTP/1.1 keep-alive until the client closes, asks to close, or idles out. Once
 /// this process is finishing, the connection moves to the new process between two requests if that one
 /// takes connections; otherwise the next response says `Connection: close`. `unread`: what the old process
@@ -219,34 +174,32 @@ fn serve(stream: TcpStream, upgrader: &Upgrader, version: &str, unread: Vec<u8>)
         // Between two requests: the connection may move, with what it has read of the next one.
         let pending = unread_bytes(&reader);
         let woken = if pending.is_empty() {
-            wait(upgrader, &out, finishing_seen)?
+            common::wait_readable(upgrader, &out, finishing_seen, IDLE_TIMEOUT)?
         } else if !finishing_seen && upgrader.finishing().is_some() {
-            Woken::Finishing
+            common::Woken::Finishing
         } else {
-            Woken::Readable
+            common::Woken::Readable
         };
-        {
-            match woken {
-                Woken::Idle => return Ok(()),
-                Woken::Readable => {}
-                Woken::Finishing => {
-                    finishing_seen = true;
-                    if let Some(departures) = upgrader.departures() {
-                        let leaving = exuvia::moving::Departing {
-                            stream: out,
-                            state: HTTP1_STATE.to_vec(),
-                            unread: pending,
-                        };
-                        match departures.hand_over(leaving) {
-                            Ok(()) => return Ok(()),
-                            Err(kept) => {
-                                tracing::warn!(reason = %kept.reason, "a connection stays here");
-                                out = kept.connection.stream;
-                            }
+        match woken {
+            common::Woken::Idle => return Ok(()),
+            common::Woken::Readable => {}
+            common::Woken::Finishing => {
+                finishing_seen = true;
+                if let Some(departures) = upgrader.departures() {
+                    let leaving = exuvia::moving::Departing {
+                        stream: out,
+                        state: HTTP1_STATE.to_vec(),
+                        unread: pending,
+                    };
+                    match departures.hand_over(leaving) {
+                        Ok(()) => return Ok(()),
+                        Err(kept) => {
+                            tracing::warn!(reason = %kept.reason, "a connection stays here");
+                            out = kept.connection.stream;
                         }
                     }
-                    continue;
                 }
+                continue;
             }
         }
         let mut head = Vec::new();

@@ -17,7 +17,6 @@ mod common;
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -111,50 +110,6 @@ fn spawn_connection(upgrader: &Upgrader, stream: TcpStream, count: u64, unread: 
     }
 }
 
-/// What woke a connection's thread.
-enum Woken {
-    Readable,
-    Finishing,
-    Idle,
-}
-
-/// Waits until `stream` is readable or, unless `finishing_seen`, this process is finishing.
-fn wait(upgrader: &Upgrader, stream: &TcpStream, finishing_seen: bool) -> io::Result<Woken> {
-    let mut fds = [
-        libc::pollfd {
-            fd: stream.as_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: upgrader.finishing_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    let n = if finishing_seen { 1 } else { 2 };
-    loop {
-        // SAFETY: `fds` holds `n` initialised pollfds whose descriptors outlive the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, IDLE_TIMEOUT.as_millis() as i32) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        // Finishing first: the connection moves at once, whatever the client has sent meanwhile (it travels
-        // in the socket's own buffer).
-        return Ok(if r == 0 {
-            Woken::Idle
-        } else if n == 2 && fds[1].revents != 0 {
-            Woken::Finishing
-        } else {
-            Woken::Readable
-        });
-    }
-}
-
 /// Serves one connection until the client closes, or it moves to the new process.
 fn serve(
     upgrader: &Upgrader,
@@ -179,9 +134,9 @@ fn serve(
         if pending.len() > MAX_LINE {
             return Ok(());
         }
-        match wait(upgrader, s, finishing_seen)? {
-            Woken::Idle => return Ok(()),
-            Woken::Finishing => {
+        match common::wait_readable(upgrader, s, finishing_seen, IDLE_TIMEOUT)? {
+            common::Woken::Idle => return Ok(()),
+            common::Woken::Finishing => {
                 finishing_seen = true;
                 let Some(departures) = upgrader.departures() else {
                     continue;
@@ -200,7 +155,7 @@ fn serve(
                     }
                 }
             }
-            Woken::Readable => {
+            common::Woken::Readable => {
                 let n = (&*s).read(&mut buf)?;
                 if n == 0 {
                     return Ok(());

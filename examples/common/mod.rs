@@ -487,3 +487,53 @@ pub enum Fault {
     /// Close the listener and never accept.
     Deaf,
 }
+
+/// What woke a connection waiting between two messages of its protocol.
+pub enum Woken {
+    Readable,
+    Finishing,
+    Idle,
+}
+
+/// Waits until `stream` is readable or, unless `finishing_seen`, this process is finishing (the upgrader's
+/// finishing descriptor), at most `idle`. Finishing wins when both are ready: the connection moves at once,
+/// with whatever the client sent meanwhile still in the socket.
+pub fn wait_readable(
+    upgrader: &Upgrader,
+    stream: &impl std::os::fd::AsRawFd,
+    finishing_seen: bool,
+    idle: Duration,
+) -> io::Result<Woken> {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: upgrader.finishing_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let n = if finishing_seen { 1 } else { 2 };
+    loop {
+        // SAFETY: `fds` holds `n` initialised pollfds whose descriptors outlive the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, idle.as_millis() as i32) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(if r == 0 {
+            Woken::Idle
+        } else if n == 2 && fds[1].revents != 0 {
+            Woken::Finishing
+        } else {
+            Woken::Readable
+        });
+    }
+}

@@ -120,7 +120,7 @@ use connection::{Connections, Protocol, Tracked};
 use listener::sealed::Accept;
 pub use listener::Listener;
 pub use service::BoxError;
-use service::HttpService;
+use service::{AppBody, AppService, HttpService};
 
 /// Serves `service` on every connection accepted from `listener` until this process is finishing, then drains
 /// (see the [module docs](self)) and returns how the drain went. Call [`Upgrader::ready`] first.
@@ -156,12 +156,8 @@ pub(crate) async fn serve_with<L, F, S, B>(
 where
     L: Listener,
     F: Fn(&<L::Incoming as Accept>::Peer) -> S,
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: AppService<B>,
+    B: AppBody,
 {
     let mut incoming = listener.into_incoming(upgrader).map_err(|e| {
         Error::io(
@@ -324,12 +320,8 @@ async fn serve_connection<I, S, B>(
         + Unpin
         + Send
         + 'static,
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: AppService<B>,
+    B: AppBody,
 {
     let (speaks, first) = match first {
         Some(unread) => (moving::Speaks::Http1, unread),
@@ -362,12 +354,8 @@ async fn serve_http2<I, S, B>(
         + Unpin
         + Send
         + 'static,
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: AppService<B>,
+    B: AppBody,
 {
     let connection = server
         .builder2
@@ -408,12 +396,8 @@ async fn serve_http1<I, S, B>(
         + Unpin
         + Send
         + 'static,
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: AppService<B>,
+    B: AppBody,
 {
     loop {
         let mut connection = server

@@ -15,6 +15,42 @@ use crate::Upgrader;
 /// A boxed error, as hyper and tower pass them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The application's service as the HTTP layer serves it: what [`serve`](super::serve) requires of it, named
+/// once for the functions below it.
+pub(crate) trait AppService<B>:
+    tower_service::Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T, B> AppService<B> for T
+where
+    T: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    T::Future: Send + 'static,
+    T::Error: Into<BoxError>,
+{
+}
+
+/// A response body the HTTP layer can send.
+pub(crate) trait AppBody:
+    http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static
+{
+}
+
+impl<T> AppBody for T
+where
+    T: http_body::Body + Send + 'static,
+    T::Data: Send,
+    T::Error: Into<BoxError>,
+{
+}
+
 /// Wraps one connection's copy of the application's tower service.
 #[derive(Debug, Clone)]
 pub(crate) struct HttpService<S> {

@@ -143,6 +143,18 @@ pub(crate) fn send_unix_datagram(
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
     let addr = target.address()?;
+    send_with_rights(fd, Some(&addr), data, fds, SendFlags::NOSIGNAL)
+}
+
+/// One `sendmsg` of `data` with `fds` attached as SCM_RIGHTS when there are any, to `to` (or the connected
+/// peer); all of `data` or an error.
+fn send_with_rights(
+    fd: BorrowedFd<'_>,
+    to: Option<&SocketAddrUnix>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+    flags: SendFlags,
+) -> io::Result<()> {
     // Room for one SCM_RIGHTS header carrying every descriptor (CMSG_SPACE: header plus aligned payload).
     let mut space =
         vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
@@ -152,19 +164,15 @@ pub(crate) fn send_unix_datagram(
             "the descriptors do not fit the control buffer",
         ));
     }
-    let n = rustix::io::retry_on_intr(|| {
-        rustix::net::sendmsg_addr(
-            fd,
-            &addr,
-            &[IoSlice::new(data)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        )
+    let iov = [IoSlice::new(data)];
+    let n = rustix::io::retry_on_intr(|| match to {
+        Some(addr) => rustix::net::sendmsg_addr(fd, addr, &iov, &mut control, flags),
+        None => rustix::net::sendmsg(fd, &iov, &mut control, flags),
     })?;
     if n != data.len() {
         return Err(io::Error::new(
             io::ErrorKind::WriteZero,
-            "datagram was truncated",
+            "the message was truncated",
         ));
     }
     Ok(())
@@ -187,29 +195,13 @@ pub(crate) fn send_packet(
     data: &[u8],
     fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
-    let mut space =
-        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
-        return Err(io::Error::other(
-            "the descriptors do not fit the control buffer",
-        ));
-    }
-    let n = rustix::io::retry_on_intr(|| {
-        rustix::net::sendmsg(
-            fd,
-            &[IoSlice::new(data)],
-            &mut control,
-            SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
-        )
-    })?;
-    if n != data.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            "packet was truncated",
-        ));
-    }
-    Ok(())
+    send_with_rights(
+        fd,
+        None,
+        data,
+        fds,
+        SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+    )
 }
 
 /// One packet received by [`recv_packet`].
