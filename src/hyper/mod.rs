@@ -119,6 +119,7 @@ use crate::{DrainReport, Upgrader};
 use connection::{Connections, Protocol, Tracked};
 use listener::sealed::Accept;
 pub use listener::Listener;
+use moving::ConnectionIo;
 pub use service::BoxError;
 use service::{AppBody, AppService, HttpService};
 
@@ -313,13 +314,7 @@ async fn serve_connection<I, S, B>(
     protocol: Arc<Protocol>,
     first: Option<Vec<u8>>,
 ) where
-    I: ::tokio::io::AsyncRead
-        + ::tokio::io::AsyncWrite
-        + std::os::fd::AsFd
-        + crate::moving::Movable
-        + Unpin
-        + Send
-        + 'static,
+    I: ConnectionIo,
     S: AppService<B>,
     B: AppBody,
 {
@@ -348,12 +343,7 @@ async fn serve_http2<I, S, B>(
     service: HttpService<S>,
     protocol: &Protocol,
 ) where
-    I: ::tokio::io::AsyncRead
-        + ::tokio::io::AsyncWrite
-        + std::os::fd::AsFd
-        + Unpin
-        + Send
-        + 'static,
+    I: ConnectionIo,
     S: AppService<B>,
     B: AppBody,
 {
@@ -389,13 +379,7 @@ async fn serve_http1<I, S, B>(
     service: HttpService<S>,
     protocol: &Arc<Protocol>,
 ) where
-    I: ::tokio::io::AsyncRead
-        + ::tokio::io::AsyncWrite
-        + std::os::fd::AsFd
-        + crate::moving::Movable
-        + Unpin
-        + Send
-        + 'static,
+    I: ConnectionIo,
     S: AppService<B>,
     B: AppBody,
 {

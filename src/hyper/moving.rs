@@ -20,6 +20,17 @@ use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::connection::{Protocol, Tracked};
 use crate::drain::ConnectionGuard;
 
+/// A connection's stream as the HTTP layer serves and moves it (a listener's `Accept::Stream`), named once.
+pub(crate) trait ConnectionIo:
+    AsyncRead + AsyncWrite + AsFd + crate::moving::Movable + Unpin + Send + 'static
+{
+}
+
+impl<T> ConnectionIo for T where
+    T: AsyncRead + AsyncWrite + AsFd + crate::moving::Movable + Unpin + Send + 'static
+{
+}
+
 /// The state an HTTP/1 connection moves with: which protocol, in which version of this layer's format.
 pub(crate) const HTTP1_STATE: &[u8] = b"exuvia-http1/1";
 
