@@ -4,8 +4,8 @@
 //!
 //! On an upgrade signal the running process (the *exuvia*, the skin left behind) forks (a vfork-style `clone`) and executes the binary
 //! on disk. The new process inherits the very same listening sockets, initialises while the old one keeps
-//! accepting, and reports ready; only then does the old process stop accepting, drain its open connections
-//! within a deadline, and exit. If the new process crashes, hangs or fails, the old one kills it and serves on.
+//! accepting, and reports ready; only then does the old process stop accepting, hand its established
+//! connections over ([`moving`]) or drain them within a deadline, and exit. If the new process crashes, hangs or fails, the old one kills it and serves on.
 //! One upgrade runs at a time.
 //!
 //! A handful of types do it:
@@ -14,11 +14,14 @@
 //!   freshly bound), runs upgrades, says when the process is [`Finish`]ing, tracks connections for the drain.
 //! - [`Incoming`]: a blocking accept loop that ends by itself once the process hands over.
 //! - [`ConnectionGuard`] and [`DrainReport`]: what the drain waits for, and how it went.
+//! - [`moving`]: established connections handed to the new process with their state
+//!   ([`Upgrader::departures`] in the old process, [`Upgrader::arrivals`] in the new one).
 //! - [`Error`] with an [`ErrorKind`]: every failure, with a message for an operator.
 //!
 //! For HTTP services, `exuvia::axum::serve` (feature `axum`) and `exuvia::hyper::serve` (feature `hyper`)
-//! serve the connections and drain them right: each keep-alive connection's next response closes it, idle
-//! connections are served rather than cut, HTTP/2 gets GOAWAY (see the `hyper` module).
+//! serve the connections and hand them over right: each HTTP/1 keep-alive connection moves to the new process
+//! after its current response (or, where it cannot, its next response closes it; idle connections are served
+//! rather than cut), HTTP/2 gets GOAWAY (see the `hyper` module).
 //!
 //! # A service, without any async runtime
 //!

@@ -9,7 +9,7 @@
 //! - **The new process** calls [`Upgrader::arrivals`](crate::Upgrader::arrivals) before it reports ready
 //!   (that call tells the old process it takes connections) and serves every [`Arrived`] connection its
 //!   iterator yields, starting with the [`unread`](Arrived::unread) bytes and the
-//!   [`state`](Arrived::state) it came with. (With Tokio: [`Upgrader::arrivals_tokio`](crate::Upgrader::arrivals_tokio).)
+//!   [`state`](Arrived::state) it came with. (With Tokio: `Upgrader::arrivals_tokio`, feature `tokio`.)
 //! - **The old process**, once it has handed over ([`Upgrader::finished`](crate::Upgrader::finished) says so),
 //!   gets [`Departures`] from [`Upgrader::departures`](crate::Upgrader::departures) (`None` when the new
 //!   process does not take connections) and hands each connection over at a boundary of its protocol:
@@ -67,7 +67,7 @@
 //! - **What cannot move**: a connection in the middle of a message; TLS whose session lives in the process's
 //!   memory (rustls, OpenSSL: the keys and sequence numbers would have to travel too; kernel TLS could, not
 //!   supported); an HTTP/2 connection (its streams, flow-control windows and HPACK tables live in the
-//!   process; it gets GOAWAY). The HTTP layer ([`crate::hyper`]) moves HTTP/1.1 keep-alive connections by
+//!   process; it gets GOAWAY). The HTTP layer (`exuvia::hyper`, feature `hyper`) moves HTTP/1.1 keep-alive connections by
 //!   itself.
 //!
 //! The wire format is in the crate's `docs/DESIGN.md` and in `src/moving/wire.rs`: a versioned,

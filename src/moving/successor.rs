@@ -90,6 +90,7 @@ impl Successor {
 }
 
 impl Decision {
+    #[cfg(feature = "tokio")]
     fn get(&self) -> Option<Option<Departures>> {
         self.outcome
             .lock()
