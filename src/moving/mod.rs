@@ -10,7 +10,7 @@
 //!   (that call tells the old process it takes connections) and serves every [`Arrived`] connection its
 //!   iterator yields, starting with the [`unread`](Arrived::unread) bytes and the
 //!   [`state`](Arrived::state) it came with. (With Tokio: `Upgrader::arrivals_tokio`, feature `tokio`.)
-//! - **The old process**, once it has handed over ([`Upgrader::finished`](crate::Upgrader::finished) says so),
+//! - **The old process**, once it has handed over ([`Upgrader::finishing`](crate::Upgrader::finishing) says so),
 //!   gets [`Departures`] from [`Upgrader::departures`](crate::Upgrader::departures) (`None` when the new
 //!   process does not take connections) and hands each connection over at a boundary of its protocol:
 //!   between two requests, after a message, never in the middle of one. [`Departures::hand_over`] returns
