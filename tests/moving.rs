@@ -708,3 +708,47 @@ fn the_new_process_killed_while_connections_move() {
     // Nothing is left: the new process was killed, the old one has drained and exits.
     assert!(wait_gone(old, Duration::from_secs(30)), "{old} lingered");
 }
+
+/// A stop during a probation window moves nothing: both processes stop, and the connections the old process
+/// had kept open through the window are closed after their next response, not left to the drain deadline.
+#[test]
+fn a_stop_during_the_window_closes_the_connections_it_kept() {
+    let mut server = Server::start(
+        &example("http_axum"),
+        &["--drain-timeout", "60", "--probation", "5"],
+    );
+    let mut clients: Vec<HttpClient> = (0..6)
+        .map(|_| HttpClient::connect(server.addr, "HTTP/1.1"))
+        .collect();
+    let old = server.current();
+    for c in &mut clients {
+        assert_eq!(c.get(), old);
+    }
+    let mark = server.log.len();
+    assert!(signal(old, libc::SIGHUP));
+    server
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            pid_of(l) == old && l.contains("serves on probation")
+        })
+        .expect("no probation window began");
+    for c in &mut clients {
+        assert_eq!(c.get(), old, "served by the old process during the window");
+    }
+    assert!(signal(old, libc::SIGTERM));
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(1);
+        match c.try_answer() {
+            Ok(a) => assert!(
+                a.connection.contains("close"),
+                "connection {i} kept open by a stopping process: {a:?}"
+            ),
+            // Closed already: the process had nothing more to answer on it.
+            Err(e) => assert!(e.contains("closed"), "connection {i}: {e}"),
+        }
+    }
+    assert!(
+        wait_gone(old, Duration::from_secs(20)),
+        "{old} waited for its drain deadline"
+    );
+}

@@ -56,9 +56,11 @@ impl Upgrader {
         self.successor().is_some_and(|s| s.wait().is_some())
     }
 
-    /// The new process of the last commit, as far as connections go (also during its probation window).
+    /// The new process of the last commit, as far as connections go: also during its probation window, not
+    /// once this process is stopping (nothing moves then: the connections close).
     pub(crate) fn successor(&self) -> Option<Successor> {
-        if !self.inner.move_connections {
+        if !self.inner.move_connections || matches!(self.finishing(), Some(Finish::Stopped { .. }))
+        {
             return None;
         }
         lock(&self.inner.successor).clone()
