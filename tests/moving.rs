@@ -710,10 +710,11 @@ fn the_new_process_killed_while_connections_move() {
 }
 
 /// A stop during a probation window moves nothing: both processes stop, and the connections the old process
-/// had kept open through the window are closed after their next response, not left to the drain deadline.
+/// had kept open through the window are closed after their next response, not left to the drain deadline
+/// (the library's check: `Upgrader::successor` is `None` once the process is stopping).
 #[test]
 fn a_stop_during_the_window_closes_the_connections_it_kept() {
-    let mut server = Server::start(
+    let server = Server::start(
         &example("http_axum"),
         &["--drain-timeout", "60", "--probation", "5"],
     );
@@ -735,7 +736,15 @@ fn a_stop_during_the_window_closes_the_connections_it_kept() {
     for c in &mut clients {
         assert_eq!(c.get(), old, "served by the old process during the window");
     }
+    let mark = server.log.len();
     assert!(signal(old, libc::SIGTERM));
+    // Once the stop is in effect (a request that races the signal is answered as before it).
+    server
+        .log
+        .wait_for(mark, Duration::from_secs(30), |l| {
+            pid_of(l) == old && l.contains("stop requested")
+        })
+        .expect("the stop was not taken");
     for (i, c) in clients.iter_mut().enumerate() {
         c.send(1);
         match c.try_answer() {
