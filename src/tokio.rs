@@ -307,7 +307,8 @@ impl Upgrader {
     }
 
     /// [`Upgrader::arrivals`] for async code: the connections the old process moves to this one. Call it
-    /// inside the runtime, once, before [`ready`](Upgrader::ready).
+    /// inside the runtime, once, before [`ready`](Upgrader::ready) or right after (`exuvia::hyper::serve` does,
+    /// as it starts).
     ///
     /// # Errors
     /// As [`Upgrader::arrivals`]; [`ErrorKind::Io`](crate::ErrorKind::Io) outside a Tokio runtime with IO

@@ -26,8 +26,6 @@ pub(crate) struct ParentLink {
     greeted: Instant,
     /// Background initialisation: the nice value to return to (at `SCHED_OTHER`) before reporting ready.
     pub(crate) restore_nice: Option<i32>,
-    /// The connection channel, until the application takes it (`Upgrader::arrivals`, before ready).
-    pub(crate) moves: Option<OwnedFd>,
 }
 
 /// Adopts the connection channel at `raw` (`crate::moving`): a Unix packet socket, made non-blocking.
@@ -109,7 +107,6 @@ pub(crate) fn connect(raw: RawFd, inherited: &mut sys::Inherited) -> Result<(Par
                 started_usec,
                 greeted: Instant::now(),
                 restore_nice: None,
-                moves: None,
             },
             state,
         )),

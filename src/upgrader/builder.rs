@@ -281,9 +281,6 @@ impl Builder {
             ..Attempts::default()
         })
         .map_err(|e| Error::io("cannot create the finishing signal (pipe)", e))?;
-        let mut parent = origin.parent;
-        // Kept apart from the link, which ready() consumes: the HTTP layer asks for connections after it.
-        let moves = parent.as_mut().and_then(|l| l.moves.take());
         let upgrader = Upgrader {
             inner: Arc::new(Inner {
                 program,
@@ -300,8 +297,9 @@ impl Builder {
                 own_probation_ends: std::sync::OnceLock::new(),
                 app_state: self.state,
                 registry: Sockets::new(Registry::with_inherited(origin.sockets)),
-                parent: Mutex::new(parent),
-                moves: Mutex::new(moves),
+                parent: Mutex::new(origin.parent),
+                // Apart from the link, which ready() consumes: the HTTP layer asks for connections after it.
+                moves: Mutex::new(origin.moves),
                 inherited_state: origin.state,
                 generation: origin.generation,
                 lifecycle,
@@ -368,6 +366,8 @@ struct Origin {
     born_of: Option<u64>,
     /// The window the old process watches this one through.
     probation: Option<Duration>,
+    /// The connection channel from the old process (`crate::moving`).
+    moves: Option<std::os::fd::OwnedFd>,
 }
 
 impl Inheritance {
@@ -419,6 +419,7 @@ impl Inheritance {
                 generation: 0,
                 born_of: None,
                 probation: None,
+                moves: None,
             });
         };
         let sockets = match self.listen_names {
@@ -439,11 +440,12 @@ impl Inheritance {
                 generation: 0,
                 born_of: None,
                 probation: None,
+                moves: None,
             });
         };
         let (mut link, state) = handover::child::connect(handover.channel_fd, &mut right)?;
         link.restore_nice = handover.nice;
-        link.moves = match handover.moves_fd {
+        let moves = match handover.moves_fd {
             Some(raw) => Some(handover::child::adopt_moves(raw, &mut right)?),
             None => None,
         };
@@ -461,6 +463,7 @@ impl Inheritance {
             parent: Some(link),
             state: Some(state),
             probation: handover.probation,
+            moves,
         })
     }
 }

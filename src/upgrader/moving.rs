@@ -23,7 +23,7 @@ impl Upgrader {
         Ok(Arrivals::new(self.take_moves()?))
     }
 
-    /// The new process's end of the connection channel, once, before ready.
+    /// The new process's end of the connection channel, once (`None` when turned off or not offered).
     pub(crate) fn take_moves(&self) -> Result<Option<OwnedFd>> {
         if self.inner.arrivals_taken.swap(true, Ordering::AcqRel) {
             return Err(Error::new(
