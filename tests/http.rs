@@ -360,10 +360,17 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
 }
 
 const UPGRADES: usize = 3;
+/// ab's: every keep-alive connection moves at each of them.
+const AB_UPGRADES: usize = 5;
 
-/// Runs `UPGRADES` upgrades one after the other, checking that the client program still runs after them.
-fn upgrades_while(target: &mut Target, child: &mut std::process::Child, what: &str) {
-    for i in 0..UPGRADES {
+/// Runs `upgrades` upgrades one after the other, checking that the client program still runs after them.
+fn upgrades_while(
+    target: &mut Target,
+    child: &mut std::process::Child,
+    what: &str,
+    upgrades: usize,
+) {
+    for i in 0..upgrades {
         let old = target.current();
         target
             .upgrade_started()
@@ -416,7 +423,7 @@ fn under_wrk(target: &mut Target) -> Option<String> {
         .spawn()
         .unwrap();
     wait_clients(addr, 16, &mut child, "wrk");
-    upgrades_while(target, &mut child, "wrk");
+    upgrades_while(target, &mut child, "wrk", UPGRADES);
     let out = output(child);
     eprintln!("wrk:\n{out}");
     assert!(!out.contains("Socket errors"), "wrk saw errors:\n{out}");
@@ -439,16 +446,16 @@ fn under_ab(target: &mut Target) -> Option<String> {
     let addr = target.addr();
     let url = format!("http://{addr}/");
     let ab = client("ab", "apache2-utils")?;
-    // HTTP/1.0 keep-alive, 16 connections; -l: the body's length varies with the pid.
+    // HTTP/1.0 keep-alive, 64 connections; -l: the body's length varies with the pid.
     let mut child = Command::new(ab)
         .args([
             "-k",
             "-l",
             "-q",
             "-c",
-            "16",
+            "64",
             "-t",
-            "8",
+            "20",
             "-n",
             "100000000",
             &url,
@@ -457,8 +464,8 @@ fn under_ab(target: &mut Target) -> Option<String> {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_clients(addr, 16, &mut child, "ab");
-    upgrades_while(target, &mut child, "ab");
+    wait_clients(addr, 64, &mut child, "ab");
+    upgrades_while(target, &mut child, "ab", AB_UPGRADES);
     let out = output(child);
     eprintln!("ab:\n{out}");
     let complete = number_after(&out, "Complete requests").expect("Complete requests");
@@ -474,7 +481,7 @@ fn under_ab(target: &mut Target) -> Option<String> {
         "the server closed a keep-alive connection:\n{out}"
     );
     Some(format!(
-        "ab -k: {complete} requests, 0 failed, all {keep_alive} on kept-alive connections across {UPGRADES} upgrades"
+        "ab -k -c 64: {complete} requests, 0 failed, all {keep_alive} on kept-alive connections across {AB_UPGRADES} upgrades"
     ))
 }
 

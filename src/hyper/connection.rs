@@ -138,6 +138,11 @@ impl<S: AsFd> Tracked<S> {
         self.slot.id
     }
 
+    /// The server's list this connection is in (to register it again if it does not move).
+    pub(crate) fn connections(&self) -> Arc<Connections> {
+        self.slot.connections.clone()
+    }
+
     /// The stream, to move to the new process, and the guard that keeps the drain counting it until it has
     /// moved. It leaves this server's list: the drain deadline never shuts down a socket that has moved.
     pub(crate) fn into_parts(self) -> (S, ConnectionGuard) {

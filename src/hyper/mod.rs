@@ -101,10 +101,12 @@
 //!   service.
 
 mod connection;
+mod frames;
 mod headers;
 mod listener;
 mod moving;
 mod service;
+mod upgraded;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -122,6 +124,8 @@ pub use listener::Listener;
 use moving::ConnectionIo;
 pub use service::BoxError;
 use service::{AppBody, AppService, HttpService};
+pub(crate) use upgraded::WebSocketQueue;
+pub use upgraded::{WebSocketArrival, WebSocketArrivals, WebSocketIo};
 
 /// Serves `service` on every connection accepted from `listener` until this process is finishing, then drains
 /// (see the [module docs](self)) and returns how the drain went. Call [`Upgrader::ready`] first.
@@ -194,6 +198,11 @@ where
                 // The old process has exited: nothing more comes.
                 None => {
                     arrivals = None;
+                    upgrader.websocket_queue().close();
+                    continue;
+                }
+                Some(a) if a.state.starts_with(upgraded::WEBSOCKET_STATE) => {
+                    upgraded::arrived(upgrader, &server.connections, a);
                     continue;
                 }
                 Some(a) => match arrived_connection::<L::Incoming>(a) {
@@ -222,7 +231,9 @@ where
     }
     // This process no longer accepts; its copy of the listener closes, the new process keeps its own.
     drop(incoming);
-    drop(arrivals);
+    if arrivals.take().is_some() {
+        upgrader.websocket_queue().close();
+    }
     server.finishing_tx.send_replace(true);
 
     let report = upgrader.drain_async().await;

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use ::hyper::body::Bytes;
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::connection::{Protocol, Tracked};
+use super::connection::{Connections, Protocol, Tracked};
 use crate::drain::ConnectionGuard;
 
 /// A connection's stream as the HTTP layer serves and moves it (a listener's `Accept::Stream`), named once.
@@ -91,6 +91,11 @@ impl<I: AsFd> Served<I> {
             io,
             protocol,
         }
+    }
+
+    /// What puts the connection back in service if it does not move: the server's list and its protocol.
+    pub(crate) fn rejoin(&self) -> (Arc<Connections>, Arc<Protocol>) {
+        (self.io.connections(), self.protocol.clone())
     }
 
     /// The stream, its drain guard, and every byte read from it and not consumed: hyper's `read_buf` (read

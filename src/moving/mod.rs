@@ -125,8 +125,10 @@ pub enum Refusal {
         /// The most there may be.
         max: usize,
     },
-    /// The stream is not a connected TCP or Unix stream socket.
+    /// The stream is not a connected TCP or Unix stream socket (or has already moved).
     NotAConnection,
+    /// The connection is in the middle of a message of its protocol: hand it over after a whole one.
+    MidMessage,
     /// The channel failed in a way that left the connection here (the reason, for the log).
     Failed(String),
 }
@@ -144,6 +146,10 @@ impl fmt::Display for Refusal {
                 "its {what} ({len} bytes) is more than a connection carries ({max} bytes)"
             ),
             Refusal::NotAConnection => write!(f, "it is not a connected TCP or Unix stream socket"),
+            Refusal::MidMessage => write!(
+                f,
+                "it is in the middle of a message (hand it over after a whole one)"
+            ),
             Refusal::Failed(why) => write!(f, "the connection channel failed: {why}"),
         }
     }

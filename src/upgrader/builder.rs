@@ -308,6 +308,8 @@ impl Builder {
                 manager,
                 control: Mutex::new(None),
                 arrivals_taken: AtomicBool::new(false),
+                #[cfg(feature = "hyper")]
+                websockets: Default::default(),
                 move_connections: self.move_connections,
                 successor: Mutex::new(None),
             }),

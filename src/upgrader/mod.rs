@@ -101,6 +101,9 @@ struct Inner {
     arrivals_taken: AtomicBool,
     /// The new process of the last commit, as far as moving connections goes (a rollback clears it).
     successor: Mutex<Option<crate::moving::Successor>>,
+    /// The WebSocket connections that moved here, on their way to the application (HTTP layer).
+    #[cfg(feature = "hyper")]
+    websockets: crate::hyper::WebSocketQueue,
 }
 
 /// The process's handle on its sockets and upgrades. Cheap to clone; every clone is the same upgrader.

@@ -66,6 +66,12 @@ impl Upgrader {
         lock(&self.inner.successor).clone()
     }
 
+    /// Where the HTTP layer puts the WebSocket connections that moved here.
+    #[cfg(feature = "hyper")]
+    pub(crate) fn websocket_queue(&self) -> &crate::hyper::WebSocketQueue {
+        &self.inner.websockets
+    }
+
     /// At the commit: watches whether the new process takes connections (a rollback forgets it).
     pub(super) fn watch_successor(&self, channel: Option<OwnedFd>) {
         let successor = channel.map(Successor::watch);
