@@ -59,6 +59,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     common::initialise(&upgrader, &args)?;
     upgrader.ready()?;
+    if common::crash_later(&args) == common::Fault::Deaf {
+        drop(listener);
+        tracing::info!(finish = ?upgrader.wait(), "finishing (deaf)");
+        return Ok(());
+    }
     tracing::info!(%addr, version = %args.version, generation = upgrader.generation(), "serving");
     runtime.block_on(async move {
         let pid = std::process::id();

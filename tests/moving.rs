@@ -72,32 +72,6 @@ impl Client {
     }
 }
 
-/// Raises this process's descriptor limit to `want` (the hard limit too, where allowed: root), or as far as
-/// it goes; returns the soft limit. The servers started from here inherit it.
-fn raise_fd_limit(want: u64) -> u64 {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a pointer to a live rlimit.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
-        if r.rlim_cur >= want {
-            return r.rlim_cur;
-        }
-        let raised = libc::rlimit {
-            rlim_cur: want,
-            rlim_max: r.rlim_max.max(want),
-        };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-            return want;
-        }
-        r.rlim_cur = r.rlim_max;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
-    }
-    r.rlim_cur
-}
-
 #[test]
 fn line_connections_keep_their_count_and_pipelined_bytes_across_five_upgrades() {
     let mut server = Server::start(&example("tcp_lines"), &["--drain-timeout", "60"]);

@@ -1438,3 +1438,72 @@ fn keep_alive_connections_move_across_systemctl_reloads_and_probation(server: &s
     drop(conns);
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
 }
+
+/// WebSocket sessions (Python's `websockets` clients) across `systemctl reload` of the shipped template with
+/// a probation window: each session stays with the old process through the window, then moves with its
+/// counter; a crash in the window rolls back with every session still served by the old process.
+#[test]
+fn websocket_sessions_move_across_systemctl_reloads_and_probation() {
+    const CLIENTS: usize = 200;
+    let Some(python) = WsClients::python("websocket sessions under systemd") else {
+        return;
+    };
+    let Some(sd) = boot("websocket") else { return };
+    let fault = sd.dir.join("crash");
+    let args = format!(
+        "--drain-timeout 60 --probation 1 --crash-fault {}",
+        fault.display()
+    );
+    let addr = install(&sd, "websocket", free_port(), &args, &[]);
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    let mut main = sd.main_pid("app.service");
+    let url = format!("ws://{addr}/ws");
+    let mut clients = WsClients::start(&python, &url, CLIENTS, Duration::from_millis(10));
+    assert!(clients.all_answered_by(main, Duration::from_secs(30)));
+    for i in 0..3 {
+        let t0 = Instant::now();
+        ok(
+            sd.systemctl(&["reload", "app.service"]),
+            &format!("reload {i}"),
+            &sd,
+        );
+        let new = sd.main_pid("app.service");
+        assert_ne!(new, main, "reload {i}: MainPID did not move");
+        assert!(
+            clients.all_answered_by(new, Duration::from_secs(30)),
+            "reload {i}: not every session moved to {new}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sd.pids_of("websocket") != vec![new] {
+            assert!(
+                Instant::now() < deadline,
+                "reload {i}: {:?} still running",
+                sd.pids_of("websocket")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "reload {i}: every session answered by {new} {:?} after the reload began",
+            t0.elapsed()
+        );
+        main = new;
+    }
+    // A new process that crashes in its window: rolled back, and the sessions never left the old one.
+    std::fs::write(&fault, "exit 300").unwrap();
+    let out = sd.systemctl(&["reload", "app.service"]);
+    assert!(
+        !out.status.success(),
+        "a crash in the window must fail the reload"
+    );
+    assert_eq!(
+        sd.main_pid("app.service"),
+        main,
+        "the old process serves again"
+    );
+    let report = clients.finish();
+    eprintln!("{}", report.raw);
+    assert_eq!(report.disconnects, 0, "{}", report.raw);
+    assert_eq!(report.error_count, 0, "{}", report.raw);
+    assert_eq!(report.last_pids, vec![main], "{}", report.raw);
+    ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+}

@@ -1238,3 +1238,182 @@ pub fn jam(
         opened
     })
 }
+
+/// Raises this process's descriptor limit to `want` (the hard limit too, where allowed: root), or as far as
+/// it goes; returns the soft limit. The servers started from here inherit it.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a pointer to a live rlimit.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
+        if r.rlim_cur >= want {
+            return r.rlim_cur;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: r.rlim_max.max(want),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return want;
+        }
+        r.rlim_cur = r.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
+    }
+    r.rlim_cur
+}
+
+/// WebSocket clients of a library nobody here wrote (Python's `websockets`, `tests/support/ws_clients.py`):
+/// each sends its next number every `interval` and checks that the answer carries its session's counter.
+pub struct WsClients {
+    child: std::process::Child,
+    stop: tempfile::TempDir,
+    /// Their output, line by line (`all <pid>`, then the report).
+    lines: std::sync::mpsc::Receiver<String>,
+    report: Option<String>,
+}
+
+/// What the WebSocket clients saw, from their report.
+#[derive(Debug)]
+pub struct WsReport {
+    pub messages: u64,
+    pub per_second: u64,
+    pub disconnects: u64,
+    pub error_count: u64,
+    /// Every pid that answered, and those that gave each client its last answer.
+    pub pids: Vec<u32>,
+    pub last_pids: Vec<u32>,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub raw: String,
+}
+
+impl WsClients {
+    /// The Debian interpreter with the Debian package (`python3-websockets`), or a loud skip (a failure in CI).
+    pub fn python(what: &str) -> Option<PathBuf> {
+        let python = PathBuf::from("/usr/bin/python3");
+        let ok = Command::new(&python)
+            .args(["-c", "import websockets"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            skip(
+                what,
+                "Python's websockets is missing: apt-get install python3-websockets (.ci/run does)",
+            );
+            return None;
+        }
+        Some(python)
+    }
+
+    /// Starts `n` clients of `url` and returns once every one is connected.
+    pub fn start(python: &Path, url: &str, n: usize, interval: Duration) -> WsClients {
+        let stop = tempfile::tempdir().unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ws_clients.py");
+        let mut child = Command::new(python)
+            .arg(script)
+            .arg(url)
+            .arg(n.to_string())
+            .arg(interval.as_millis().to_string())
+            .arg(stop.path().join("stop"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the WebSocket clients");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        if line.trim() != format!("connected {n}") {
+            let _ = child.kill();
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("the WebSocket clients did not connect: {line}{err}");
+        }
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        WsClients {
+            child,
+            stop,
+            lines,
+            report: None,
+        }
+    }
+
+    /// Waits until every client has had an answer from process `pid` (they say so), at most `timeout`.
+    pub fn all_answered_by(&mut self, pid: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let want = format!("all {pid}");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == want => return true,
+                Ok(line) if line.starts_with('{') => {
+                    self.report = Some(line);
+                    return false;
+                }
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Stops the clients (each closes its connection normally) and returns their report.
+    pub fn finish(mut self) -> WsReport {
+        std::fs::write(self.stop.path().join("stop"), b"").unwrap();
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let raw = self
+            .report
+            .take()
+            .or_else(|| self.lines.iter().find(|l| l.starts_with('{')))
+            .unwrap_or_default();
+        assert!(
+            status.success() && !raw.is_empty(),
+            "the WebSocket clients failed ({status}): {raw}{err}"
+        );
+        let number = |key: &str| -> f64 {
+            let at = raw
+                .find(&format!("\"{key}\": "))
+                .unwrap_or_else(|| panic!("{key} missing in {raw}"));
+            raw[at + key.len() + 4..]
+                .split([',', '}'])
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap_or(f64::NAN)
+        };
+        let list = |key: &str| -> Vec<u32> {
+            let at = raw.find(&format!("\"{key}\": [")).unwrap() + key.len() + 5;
+            let end = raw[at..].find(']').unwrap();
+            raw[at..at + end]
+                .split(',')
+                .filter_map(|p| p.trim().parse().ok())
+                .collect()
+        };
+        WsReport {
+            messages: number("messages") as u64,
+            per_second: number("per_second") as u64,
+            disconnects: number("disconnects") as u64,
+            error_count: number("error_count") as u64,
+            pids: list("pids"),
+            last_pids: list("last_pids"),
+            p99_ms: number("p99_ms"),
+            max_ms: number("max_ms"),
+            raw,
+        }
+    }
+}

@@ -8,7 +8,8 @@ client has sent on this connection: it must equal <number> at every message, whi
 (the session's counter carried across upgrades). Any other answer, a closed connection or a timeout is
 counted as an error, never retried.
 
-Prints "connected <n>" once every client is connected, then runs until the file STOP exists, closes every
+Prints "connected <n>" once every client is connected, "all <pid>" once every client has had an answer from
+process <pid>, and runs until the file STOP exists, closes every
 connection (a normal close) and prints one line of JSON with what it saw.
 """
 
@@ -43,8 +44,14 @@ async def client(i, url, interval, stop, stats, connected):
                 stats["errors"].append(f"client {i}: sent {n}, answered {answer!r}")
                 return
             stats["messages"] += 1
-            stats["pids"].add(int(parts[2]))
-            stats["last_pid"][i] = int(parts[2])
+            pid = int(parts[2])
+            stats["pids"].add(pid)
+            if stats["last_pid"].get(i) != pid:
+                stats["last_pid"][i] = pid
+                reached = stats["reached"].get(pid, 0) + 1
+                stats["reached"][pid] = reached
+                if reached == stats["clients"]:
+                    print(f"all {pid}", flush=True)
             await asyncio.sleep(interval)
     except websockets.ConnectionClosed as e:
         stats["disconnects"] += 1
@@ -68,6 +75,8 @@ async def main():
         "pids": set(),
         "last_pid": {},
         "sent": {},
+        "reached": {},
+        "clients": clients,
     }
     stop = asyncio.Event()
     connected = asyncio.Semaphore(0)
