@@ -73,3 +73,55 @@ fn a_thousand_websocket_sessions_keep_their_counters_across_ten_upgrades() {
     );
     server.stop();
 }
+
+/// An upgrade right after another, before the first old process is done moving its sessions: the process in
+/// the middle takes the rest of them and passes them on, and none is lost.
+#[test]
+fn sessions_move_on_through_back_to_back_upgrades() {
+    let Some(python) = WsClients::python("websocket sessions") else {
+        return;
+    };
+    let limit = raise_fd_limit(8192);
+    if limit < 2 * CLIENTS as u64 + 300 {
+        skip(
+            "websocket sessions",
+            &format!("the descriptor limit ({limit}) is too low for {CLIENTS} clients"),
+        );
+        return;
+    }
+    let mut server = Server::start(&example("websocket"), &["--drain-timeout", "60"]);
+    let url = format!("ws://{}/ws", server.addr);
+    let mut clients = WsClients::start(&python, &url, CLIENTS, Duration::from_millis(10));
+    for i in 0..3 {
+        let first = server.current();
+        let middle = server
+            .upgrade_started()
+            .unwrap_or_else(|e| panic!("round {i}: {e}\n{}", server.log.dump()));
+        // At once: the first old process is still handing its sessions over.
+        let last = server
+            .upgrade_started()
+            .unwrap_or_else(|e| panic!("round {i}, second: {e}\n{}", server.log.dump()));
+        for pid in [first, middle] {
+            assert!(wait_gone(pid, Duration::from_secs(60)), "{pid} lingered");
+        }
+        assert!(
+            clients.all_answered_by(last, Duration::from_secs(60)),
+            "round {i}: not every client was answered by {last}"
+        );
+    }
+    let report = clients.finish();
+    eprintln!("{}", report.raw);
+    assert_eq!(report.disconnects, 0, "{}", report.raw);
+    assert_eq!(report.error_count, 0, "{}", report.raw);
+    assert_eq!(report.last_pids, vec![server.current()], "{}", report.raw);
+    let reports: Vec<String> = server
+        .log
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("connections moved to the new process"))
+        .collect();
+    eprintln!("{}", reports.join("\n"));
+    assert_eq!(reports.len(), 6, "{reports:?}");
+    assert!(reports.iter().all(|l| l.contains("lost=0")), "{reports:?}");
+    server.stop();
+}

@@ -178,44 +178,13 @@ where
         Err(e) => return Err(e),
     };
 
-    loop {
-        let next = async {
-            match arrivals.as_mut() {
-                Some(a) => a.next().await,
-                None => std::future::pending().await,
-            }
-        };
-        let (stream, peer, first) = ::tokio::select! {
-            accepted = incoming.next() => match accepted {
-                None => break,
-                Some(Ok((stream, peer))) => (stream, peer, None),
-                Some(Err(e)) => {
-                    accept_failed(e).await;
-                    continue;
-                }
-            },
-            arrived = next => match arrived {
-                // The old process has exited: nothing more comes.
-                None => {
-                    arrivals = None;
-                    upgrader.websocket_queue().close();
-                    continue;
-                }
-                Some(a) if a.state.starts_with(upgraded::WEBSOCKET_STATE) => {
-                    upgraded::arrived(upgrader, &server.connections, a);
-                    continue;
-                }
-                Some(a) => match arrived_connection::<L::Incoming>(a) {
-                    Some((stream, peer, unread)) => (stream, peer, Some(unread)),
-                    None => continue,
-                },
-            },
-        };
+    // Serves one connection, accepted or moved here.
+    let admit = |stream, peer: &_, first| {
         let io = server.connections.register(stream, upgrader.track());
         let id = io.id();
         let protocol = Arc::new(Protocol::default());
         let service = HttpService::new(
-            make(&peer),
+            make(peer),
             protocol.clone(),
             server.closing.clone(),
             Some(upgrader.clone()),
@@ -228,15 +197,59 @@ where
             first,
         ));
         server.connections.set_task(id, task.abort_handle());
+    };
+    // A connection the old process moved here: HTTP/1 served, a WebSocket to the application.
+    let arrived = |a: crate::moving::Arrived| {
+        if a.state.starts_with(upgraded::WEBSOCKET_STATE) {
+            upgraded::arrived(upgrader, &server.connections, a);
+        } else if let Some((stream, peer, unread)) = arrived_connection::<L::Incoming>(a) {
+            admit(stream, &peer, Some(unread));
+        }
+    };
+    loop {
+        ::tokio::select! {
+            accepted = incoming.next() => match accepted {
+                None => break,
+                Some(Ok((stream, peer))) => admit(stream, &peer, None),
+                Some(Err(e)) => accept_failed(e).await,
+            },
+            a = next_arrival(&mut arrivals) => match a {
+                Some(a) => arrived(a),
+                // The old process has exited: nothing more comes.
+                None => {
+                    arrivals = None;
+                    upgrader.websocket_queue().close();
+                }
+            },
+        }
     }
     // This process no longer accepts; its copy of the listener closes, the new process keeps its own.
     drop(incoming);
-    if arrivals.take().is_some() {
-        upgrader.websocket_queue().close();
-    }
     server.finishing_tx.send_replace(true);
 
-    let report = upgrader.drain_async().await;
+    // Connections may still be arriving from the old process (an upgrade right after the one that started
+    // this process): they are taken and passed on to the new process (or drained) like this process's own,
+    // and the drain waits for the old process to be done.
+    let mut arriving = arrivals.as_ref().map(|_| upgrader.track());
+    let report = {
+        let drain = upgrader.drain_async();
+        let mut drain = std::pin::pin!(drain);
+        loop {
+            ::tokio::select! {
+                report = &mut drain => break report,
+                a = next_arrival(&mut arrivals), if arriving.is_some() => match a {
+                    Some(a) => arrived(a),
+                    None => {
+                        arrivals = None;
+                        arriving = None;
+                        upgrader.websocket_queue().close();
+                    }
+                },
+            }
+        }
+    };
+    drop((arrivals, arriving));
+    upgrader.websocket_queue().close();
     let closed = server.connections.close_all();
     if closed > 0 {
         tracing::warn!(
@@ -263,6 +276,16 @@ where
         );
     }
     Ok(report)
+}
+
+/// The next connection the old process moves here; `None` once it has exited; never, without arrivals.
+async fn next_arrival(
+    arrivals: &mut Option<crate::tokio::Arrivals>,
+) -> Option<crate::moving::Arrived> {
+    match arrivals.as_mut() {
+        Some(a) => a.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What every connection task of one [`serve`] shares.
