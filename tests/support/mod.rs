@@ -461,7 +461,11 @@ impl Server {
         // Found (built, the first time in this test process) before the signal: systemd starts the helper
         // right after it, and a helper that starts seconds later takes the signal for someone else's.
         let helper = self.control.as_ref().map(|_| binary("exuvia-ctl"));
-        assert!(signal(old, libc::SIGHUP), "SIGHUP to {old} failed");
+        assert!(
+            signal(old, libc::SIGHUP),
+            "SIGHUP to {old} failed: it has exited\n{}",
+            self.log.dump()
+        );
         let (Some(control), Some(helper)) = (&self.control, helper) else {
             return self.await_verdict(old, mark);
         };
