@@ -34,7 +34,8 @@ use exuvia::hyper::WebSocketIo;
 use exuvia::Upgrader;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -149,7 +150,7 @@ async fn session(upgrader: Upgrader, io: WebSocketIo, mut count: u64) {
                     Err(why) => {
                         tracing::warn!(%why, "a session could not move; closing it");
                         leaving = None;
-                        let _ = ws.close(None).await;
+                        let _ = ws.close(Some(going_away())).await;
                     }
                 }
             }
@@ -173,10 +174,18 @@ async fn session(upgrader: Upgrader, io: WebSocketIo, mut count: u64) {
                     Some(departures) => leaving = Some(departures),
                     // Nowhere to go: a close frame; the client's answer ends the session.
                     None => {
-                        let _ = ws.close(None).await;
+                        let _ = ws.close(Some(going_away())).await;
                     }
                 }
             }
         }
+    }
+}
+
+/// The close frame of a session that ends because this process is finishing: 1001, "going away".
+fn going_away() -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::Away,
+        reason: "the service is being replaced; reconnect".into(),
     }
 }

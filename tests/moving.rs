@@ -735,3 +735,91 @@ fn a_stop_during_the_window_closes_the_connections_it_kept() {
         "{old} waited for its drain deadline"
     );
 }
+
+/// Descriptors of `pid` that are not TCP connections (listeners, pipes, the control socket, ...).
+fn fds_besides_connections(pid: u32) -> Vec<String> {
+    let conns = tcp_connection_sockets(pid);
+    open_fds(pid)
+        .into_iter()
+        .map(|(_, target)| target)
+        .filter(|t| !conns.contains(t))
+        .collect()
+}
+
+/// How many of `pid`'s descriptors are TCP connections.
+fn connection_fds(pid: u32) -> usize {
+    let conns = tcp_connection_sockets(pid);
+    open_fds(pid)
+        .into_iter()
+        .filter(|(_, t)| conns.contains(t))
+        .count()
+}
+
+/// Half the clients close their connections while they move: the new process closes what it received closed,
+/// serves the rest, and once every client has gone holds no connection and no descriptor more than a process
+/// that never took one.
+#[test]
+fn clients_that_close_during_the_move_leave_no_descriptor_behind() {
+    const N: usize = 2000;
+    if raise_fd_limit(2 * N as u64 + 500) < 2 * N as u64 + 500 {
+        skip(
+            "moving",
+            "the descriptor limit is too low for 2,000 connections",
+        );
+        return;
+    }
+    let mut server = Server::start(&example("http_axum"), &["--drain-timeout", "60"]);
+    // A process an upgrade started, with no connection (the first one also holds what the test harness
+    // leaves open).
+    let old = server.upgrade().unwrap();
+    let fresh = fds_besides_connections(old);
+    let clients = served_once(server.addr, N, old);
+    let (closing, mut staying): (Vec<_>, Vec<_>) = clients
+        .into_iter()
+        .enumerate()
+        .partition(|(i, _)| i % 2 == 0);
+    // One after the other while the upgrade runs and the connections move.
+    let closer = std::thread::spawn(move || {
+        for c in closing {
+            drop(c);
+        }
+    });
+    let new = server.upgrade_started().unwrap();
+    closer.join().unwrap();
+    assert!(wait_gone(old, Duration::from_secs(30)), "{old} lingered");
+    for (_, c) in &mut staying {
+        assert_eq!(c.get(), new);
+    }
+    // Exactly the connections still open are held (those that arrived closed were closed on their end of file).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connection_fds(new) != staying.len() {
+        assert!(
+            Instant::now() < deadline,
+            "the new process holds {} connections for {} clients",
+            connection_fds(new),
+            staying.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (moved, kept, lost) = move_report(&server, old);
+    drop(staying);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connection_fds(new) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the new process still holds {} connections after every client closed",
+            connection_fds(new)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = fds_besides_connections(new);
+    eprintln!(
+        "{N} connections, half closed by their clients during the move: moved {moved}, kept {kept}, lost {lost}; \
+         afterwards the new process holds {} descriptors, as many as one that took none ({})",
+        left.len(),
+        fresh.len()
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(left.len(), fresh.len(), "new: {left:?}\nfresh: {fresh:?}");
+    server.stop();
+}

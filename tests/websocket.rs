@@ -125,3 +125,70 @@ fn sessions_move_on_through_back_to_back_upgrades() {
     assert!(reports.iter().all(|l| l.contains("lost=0")), "{reports:?}");
     server.stop();
 }
+
+/// A new process short of descriptors takes the sessions it can (keeping 64 free); the rest stay with the old
+/// process, whose sessions then close politely (a close frame: `examples/websocket.rs` does not serve on in a
+/// finishing process). What the old process reports is what the clients see, and the moved ones go on.
+#[test]
+fn a_new_process_out_of_descriptors_takes_the_sessions_it_can() {
+    const N: usize = 300;
+    let Some(python) = WsClients::python("websocket sessions") else {
+        return;
+    };
+    let limit = raise_fd_limit(4096);
+    if limit < 2 * N as u64 + 300 {
+        skip(
+            "websocket sessions",
+            &format!("the descriptor limit ({limit}) is too low for {N} clients"),
+        );
+        return;
+    }
+    let fault = tempfile::NamedTempFile::new().unwrap();
+    let fault_path = fault.path().to_str().unwrap().to_string();
+    let mut server = Server::start(
+        &example("websocket"),
+        &["--drain-timeout", "60", "--init-fault", &fault_path],
+    );
+    let first = server.current();
+    let url = format!("ws://{}/ws", server.addr);
+    let mut clients = WsClients::start(&python, &url, N, Duration::from_millis(10));
+    assert!(clients.all_answered_by(first, Duration::from_secs(60)));
+    // Only the next generation runs short.
+    std::fs::write(fault.path(), "fdlimit 150").unwrap();
+    let mark = server.log.len();
+    let new = server
+        .upgrade()
+        .unwrap_or_else(|e| panic!("{e}\n{}", server.log.dump()));
+    let (_, line) = server
+        .log
+        .wait_for(mark, Duration::from_secs(10), |l| {
+            pid_of(l) == first && l.contains("connections moved to the new process")
+        })
+        .unwrap_or_else(|| panic!("no move report\n{}", server.log.dump()));
+    let count = |key: &str| -> usize { field(&line, key).unwrap().parse().unwrap() };
+    let (moved, kept, lost) = (count("moved"), count("kept"), count("lost"));
+    assert!(moved > 0 && kept > 0, "{line}");
+    assert_eq!(moved + kept, N, "{line}");
+    assert_eq!(lost, 0, "{line}");
+    // The sessions that moved are all answered by the new process; the others were closed.
+    assert!(
+        clients.all_answered_by(new, Duration::from_secs(60)),
+        "the moved sessions were not all answered by {new}"
+    );
+    let report = clients.finish();
+    eprintln!("{line}\n{}", report.raw);
+    assert_eq!(report.disconnects as usize, kept, "{}", report.raw);
+    assert_eq!(report.error_count as usize, kept, "{}", report.raw);
+    // Each closed politely: 1001 "going away", which the client library reports as a normal close.
+    assert!(
+        !report.raw.contains("ConnectionClosedError"),
+        "{}",
+        report.raw
+    );
+    assert_eq!(report.last_pids, vec![new], "{}", report.raw);
+    eprintln!(
+        "a new process with a limit of 150 descriptors: {moved} sessions moved, {kept} stayed and were closed \
+         with a close frame, 0 lost"
+    );
+    server.stop();
+}

@@ -47,6 +47,9 @@ impl Header {
             n => (0, u64::from(n)),
         };
         let header = 2 + extended + if masked { 4 } else { 0 };
+        if bytes.len() < header {
+            return None; // the masking key is still to come
+        }
         Some(Header {
             len: (header as u64).saturating_add(payload),
             fin: b0 & 0x80 != 0,

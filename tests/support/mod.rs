@@ -1286,7 +1286,7 @@ pub struct WsReport {
     pub per_second: u64,
     pub disconnects: u64,
     pub error_count: u64,
-    /// Every pid that answered, and those that gave each client its last answer.
+    /// Every pid that answered, and those that gave each client never cut off its last answer.
     pub pids: Vec<u32>,
     pub last_pids: Vec<u32>,
     pub p99_ms: f64,

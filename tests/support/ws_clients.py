@@ -8,8 +8,8 @@ client has sent on this connection: it must equal <number> at every message, whi
 (the session's counter carried across upgrades). Any other answer, a closed connection or a timeout is
 counted as an error, never retried.
 
-Prints "connected <n>" once every client is connected, "all <pid>" once every client has had an answer from
-process <pid>, and runs until the file STOP exists, closes every
+Prints "connected <n>" once every client is connected, "all <pid>" once every client (still connected) has had
+an answer from process <pid>, and runs until the file STOP exists, closes every
 connection (a normal close) and prints one line of JSON with what it saw.
 """
 
@@ -22,11 +22,20 @@ import time
 import websockets
 
 
+def announce(stats):
+    """Says "all <pid>" once every client still connected has had an answer from <pid>."""
+    for pid, reached in stats["reached"].items():
+        if pid not in stats["announced"] and len(reached | stats["dead"]) >= stats["clients"]:
+            stats["announced"].add(pid)
+            print(f"all {pid}", flush=True)
+
+
 async def client(i, url, interval, stop, stats, connected):
     try:
         ws = await websockets.connect(url, ping_interval=None, close_timeout=5, max_queue=None)
     except Exception as e:  # noqa: BLE001 - every failure counts, whatever its kind
         stats["errors"].append(f"client {i}: connect: {e!r}")
+        stats["dead"].add(i)
         connected.release()
         return
     connected.release()
@@ -48,17 +57,19 @@ async def client(i, url, interval, stop, stats, connected):
             stats["pids"].add(pid)
             if stats["last_pid"].get(i) != pid:
                 stats["last_pid"][i] = pid
-                reached = stats["reached"].get(pid, 0) + 1
-                stats["reached"][pid] = reached
-                if reached == stats["clients"]:
-                    print(f"all {pid}", flush=True)
+                stats["reached"].setdefault(pid, set()).add(i)
+                announce(stats)
             await asyncio.sleep(interval)
     except websockets.ConnectionClosed as e:
         stats["disconnects"] += 1
         stats["errors"].append(f"client {i}: closed after {n - 1} answers: {e!r}")
+        stats["dead"].add(i)
+        announce(stats)
         return
     except Exception as e:  # noqa: BLE001
         stats["errors"].append(f"client {i}: after {n - 1} answers: {e!r}")
+        stats["dead"].add(i)
+        announce(stats)
         return
     finally:
         stats["sent"][i] = n
@@ -76,6 +87,8 @@ async def main():
         "last_pid": {},
         "sent": {},
         "reached": {},
+        "announced": set(),
+        "dead": set(),
         "clients": clients,
     }
     stop = asyncio.Event()
@@ -106,7 +119,8 @@ async def main():
                 "errors": stats["errors"][:20],
                 "error_count": len(stats["errors"]),
                 "pids": sorted(stats["pids"]),
-                "last_pids": sorted(set(stats["last_pid"].values())),
+                # Of the clients that were never cut off.
+                "last_pids": sorted({p for i, p in stats["last_pid"].items() if i not in stats["dead"]}),
                 "p50_ms": p(0.5),
                 "p99_ms": p(0.99),
                 "max_ms": p(1.0),
