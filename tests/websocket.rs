@@ -11,22 +11,29 @@ use support::*;
 const CLIENTS: usize = 1000;
 const UPGRADES: usize = 10;
 
-#[test]
-fn a_thousand_websocket_sessions_keep_their_counters_across_ten_upgrades() {
-    let Some(python) = WsClients::python("websocket sessions") else {
-        return;
-    };
-    let limit = raise_fd_limit(8192);
-    if limit < 2 * CLIENTS as u64 + 300 {
+/// The `websocket` example started with `args` and `n` Python clients connected to it, each sending every
+/// 10 ms; `None` (after a loud skip, a failure in CI) where Python's websockets or the descriptors are missing.
+fn sessions(n: usize, args: &[&str]) -> Option<(Server, WsClients)> {
+    let python = WsClients::python("websocket sessions")?;
+    let limit = raise_fd_limit(2 * n as u64 + 4096);
+    if limit < 2 * n as u64 + 300 {
         skip(
             "websocket sessions",
-            &format!("the descriptor limit ({limit}) is too low for {CLIENTS} clients"),
+            &format!("the descriptor limit ({limit}) is too low for {n} clients"),
         );
-        return;
+        return None;
     }
-    let mut server = Server::start(&example("websocket"), &["--drain-timeout", "60"]);
+    let server = Server::start(&example("websocket"), args);
     let url = format!("ws://{}/ws", server.addr);
-    let mut clients = WsClients::start(&python, &url, CLIENTS, Duration::from_millis(10));
+    let clients = WsClients::start(&python, &url, n, Duration::from_millis(10));
+    Some((server, clients))
+}
+
+#[test]
+fn a_thousand_websocket_sessions_keep_their_counters_across_ten_upgrades() {
+    let Some((mut server, mut clients)) = sessions(CLIENTS, &["--drain-timeout", "60"]) else {
+        return;
+    };
     let mut slowest = Duration::ZERO;
     for i in 0..UPGRADES {
         let old = server.current();
@@ -78,20 +85,9 @@ fn a_thousand_websocket_sessions_keep_their_counters_across_ten_upgrades() {
 /// the middle takes the rest of them and passes them on, and none is lost.
 #[test]
 fn sessions_move_on_through_back_to_back_upgrades() {
-    let Some(python) = WsClients::python("websocket sessions") else {
+    let Some((mut server, mut clients)) = sessions(CLIENTS, &["--drain-timeout", "60"]) else {
         return;
     };
-    let limit = raise_fd_limit(8192);
-    if limit < 2 * CLIENTS as u64 + 300 {
-        skip(
-            "websocket sessions",
-            &format!("the descriptor limit ({limit}) is too low for {CLIENTS} clients"),
-        );
-        return;
-    }
-    let mut server = Server::start(&example("websocket"), &["--drain-timeout", "60"]);
-    let url = format!("ws://{}/ws", server.addr);
-    let mut clients = WsClients::start(&python, &url, CLIENTS, Duration::from_millis(10));
     for i in 0..3 {
         let first = server.current();
         let middle = server
@@ -132,26 +128,13 @@ fn sessions_move_on_through_back_to_back_upgrades() {
 #[test]
 fn a_new_process_out_of_descriptors_takes_the_sessions_it_can() {
     const N: usize = 300;
-    let Some(python) = WsClients::python("websocket sessions") else {
-        return;
-    };
-    let limit = raise_fd_limit(4096);
-    if limit < 2 * N as u64 + 300 {
-        skip(
-            "websocket sessions",
-            &format!("the descriptor limit ({limit}) is too low for {N} clients"),
-        );
-        return;
-    }
     let fault = tempfile::NamedTempFile::new().unwrap();
     let fault_path = fault.path().to_str().unwrap().to_string();
-    let mut server = Server::start(
-        &example("websocket"),
-        &["--drain-timeout", "60", "--init-fault", &fault_path],
-    );
+    let args = ["--drain-timeout", "60", "--init-fault", &fault_path];
+    let Some((mut server, mut clients)) = sessions(N, &args) else {
+        return;
+    };
     let first = server.current();
-    let url = format!("ws://{}/ws", server.addr);
-    let mut clients = WsClients::start(&python, &url, N, Duration::from_millis(10));
     assert!(clients.all_answered_by(first, Duration::from_secs(60)));
     // Only the next generation runs short.
     std::fs::write(fault.path(), "fdlimit 150").unwrap();
