@@ -4,14 +4,15 @@
 //! One request per connection, one line each way:
 //!
 //! ```text
-//! -> exuvia-ctl/1 status            <- ok pid=1234 generation=3 connections=12 state=serving rollbacks=0 (tracked client connections ...)
+//! -> exuvia-ctl/1 status            <- ok pid=1234 generation=3 origin=upgrade connections=12 state=serving rollbacks=0 (tracked client connections ...)
 //! -> exuvia-ctl/1 upgrade           <- ok upgraded to pid 1240 in 104 ms (its own initialisation 100 ms, handover overhead 3 ms)  |  error child exited with status 3 ...
 //! -> exuvia-ctl/1 verdict <usec>    <- the verdict of the upgrade the reload signal started (see below)
 //! -> exuvia-ctl/1 stop              <- ok stopping pid 1240 [and pid 1236 (on standby ...)]; the connection then stays open until it exits
 //! -> exuvia-ctl/1 config            <- ok drain_ms=30000 ready_ms=30000 probation_ms=0 fd_store=false taken=http:exuvia-control unclaimed=
 //! ```
 //!
-//! `status`'s `state=` is `starting`, `serving`, `upgrading`, `probation` (a new process serves, this one stands
+//! `status`'s `origin=` is how the process came to serve: `fresh`, `upgrade` (started by its predecessor) or
+//! `takeover` (started by someone else, it took the service over). Its `state=` is `starting`, `serving`, `upgrading`, `probation` (a new process serves, this one stands
 //! by) or `finishing`; `rollbacks=` counts the upgrades taken back after a probation window, and the last one's
 //! reason follows in the parenthesis. Any request may be answered `error busy: ...` when 16 requests already run
 //! (`exuvia-ctl` asks again); `error retry: ...` asks the helper to ask again (it then reaches the new process).
@@ -79,6 +80,9 @@ const MAX_REPLY: u64 = 64 * 1024;
 pub(crate) trait Actions: Send + Sync + 'static {
     /// Runs an upgrade; the reply.
     fn run_upgrade(&self) -> Reply;
+    /// Hands the service to the process at the other end of `conn` (a takeover request, its peer checked);
+    /// everything it is told goes on `conn` and the channel passed on it.
+    fn run_takeover(&self, conn: UnixStream);
     /// Asks the process to stop.
     fn stop(&self);
     /// The old process that stops with this one (it watches this one through a probation window), if any.
@@ -94,6 +98,8 @@ pub(crate) struct Served {
     pub(crate) finishing: Finishing,
     pub(crate) tracker: Tracker,
     pub(crate) generation: u32,
+    /// How this process came to serve (`fresh`, `upgrade`, `takeover`), for `status`.
+    pub(crate) origin: &'static str,
     /// How long a `verdict` request waits for an upgrade to end.
     pub(crate) verdict_wait: Duration,
     /// When the probation window this process serves through ends (it was started with one): a verdict on
@@ -336,7 +342,7 @@ fn dispatch(
             return answer(&conn, &Reply::Ok(status(served, control)));
         }
         Command::Config => return answer(&conn, &Reply::Ok(served.actions.config().to_string())),
-        Command::Upgrade | Command::Verdict { .. } | Command::Stop => {}
+        Command::Upgrade | Command::Verdict { .. } | Command::Stop | Command::Takeover => {}
     }
     // A stop is always served (it is what ExecStop= asks, and nothing else may hold it up); the others wait
     // their turn beyond MAX_RUNNING.
@@ -384,10 +390,11 @@ fn status(served: &Served, control: usize) -> String {
         (c.phase.name(), c.attempts.rollbacks, last)
     });
     format!(
-        "pid={} generation={} connections={} state={state} rollbacks={rollbacks} (tracked client \
+        "pid={} generation={} origin={} connections={} state={state} rollbacks={rollbacks} (tracked client \
          connections open now; control requests not counted{last})",
         std::process::id(),
         served.generation,
+        served.origin,
         served.tracker.open().saturating_sub(control)
     )
 }
@@ -398,6 +405,13 @@ fn run(served: &Served, mut conn: UnixStream, command: Command, guard: Connectio
     let _ = conn.set_write_timeout(Some(REQUEST_DEADLINE));
     let reply = match command {
         Command::Upgrade => served.actions.run_upgrade(),
+        Command::Takeover => {
+            // The answer goes with the sockets; the guard holds this process's drain until the takeover has
+            // ended either way.
+            served.actions.run_takeover(conn);
+            drop(guard);
+            return;
+        }
         Command::Verdict { since_usec } => verdict(served, since_usec),
         Command::Stop => {
             // The answer first: once the stop is taken, this process may exit at any moment.
@@ -599,6 +613,10 @@ pub enum Command {
     /// `config`: the service's own settings, for `exuvia-ctl check`: `drain_ms= ready_ms= probation_ms=
     /// fd_store= taken= unclaimed=` (socket names separated by `:`, which a name cannot contain).
     Config,
+    /// `takeover`: sent by a new process built with [`Builder::take_over`](crate::Builder::take_over), not by
+    /// `exuvia-ctl`: the answer carries the sockets (`SCM_RIGHTS`), and the handover follows on a channel
+    /// passed with them.
+    Takeover,
 }
 
 impl Command {
@@ -622,10 +640,11 @@ impl Command {
             },
             "stop" => Command::Stop,
             "config" => Command::Config,
+            "takeover" => Command::Takeover,
             other => {
                 let other: String = other.chars().take(32).collect();
                 return Err(format!(
-                    "unknown command {other:?}: use status, upgrade, verdict, stop or config"
+                    "unknown command {other:?}: use status, upgrade, verdict, stop, config or takeover"
                 ));
             }
         };
@@ -664,6 +683,8 @@ impl Command {
             Command::Verdict { .. } => "reload-verdict",
             Command::Stop => "stop",
             Command::Config => "config",
+            // Not a word of exuvia-ctl's: a new process asks for a takeover itself.
+            Command::Takeover => "takeover",
         }
     }
 }
@@ -677,6 +698,7 @@ impl fmt::Display for Command {
             Command::Verdict { since_usec } => write!(f, "verdict {since_usec}"),
             Command::Stop => f.write_str("stop"),
             Command::Config => f.write_str("config"),
+            Command::Takeover => f.write_str("takeover"),
         }
     }
 }

@@ -60,6 +60,10 @@ pub enum ErrorKind {
     StateTooLarge,
     /// An sd_notify message systemd would reject or drop: a multi-line `STATUS=`, more than 4096 bytes.
     InvalidNotification,
+    /// The running process refused this process's takeover ([`Builder::take_over`](crate::Builder::take_over)):
+    /// another user, an upgrade or takeover already in flight, a process that is stopping. It serves on; the
+    /// message gives its reason.
+    TakeoverRefused,
     /// Any other operating-system error.
     Io,
 }

@@ -132,7 +132,7 @@ pub use handover::protocol::MAX_STATE_LEN;
 pub use lifecycle::{Finish, StopCause};
 pub use listen::{BindOptions, SocketKind};
 pub use notify::{Notifier, State};
-pub use upgrader::{accept_seqpacket, Builder, Event, UpgradeReport, Upgrader};
+pub use upgrader::{accept_seqpacket, Builder, Event, Origin, UpgradeReport, Upgrader};
 
 /// Every environment variable that carries descriptors or the handover to a process: `LISTEN_*` and
 /// `EXUVIA_HANDOVER_*`. [`Builder::build`] removes them from the environment when it runs before any other

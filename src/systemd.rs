@@ -52,7 +52,7 @@ pub(crate) fn parse_watchdog(
     Some(Duration::from_micros(usec))
 }
 
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     let mut line: String = s
         .chars()
         .map(|c| {

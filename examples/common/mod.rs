@@ -39,6 +39,9 @@ pub struct Args {
     pub sigchld_ignore: bool,
     pub own_reaper: bool,
     pub no_move: bool,
+    /// `--takeover`: take the service over from the process serving the control socket, if any
+    /// (`Builder::take_over`).
+    pub takeover: bool,
 }
 
 /// Where log lines go (`--log`).
@@ -73,7 +76,13 @@ pub fn parse_args() -> Result<Args, String> {
         sigchld_ignore: false,
         own_reaper: false,
         no_move: false,
+        takeover: false,
     };
+    // A deployment's own label for this instance, shown in every response (`--version-tag` wins): how blue/green
+    // units that differ in `Environment=` tell their responses apart.
+    if let Ok(v) = std::env::var("APP_VERSION") {
+        a.version = v;
+    }
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -105,6 +114,7 @@ pub fn parse_args() -> Result<Args, String> {
             "--sigchld-ignore" => a.sigchld_ignore = true,
             "--own-reaper" => a.own_reaper = true,
             "--no-move" => a.no_move = true,
+            "--takeover" => a.takeover = true,
             "--log" => {
                 a.log = match value()?.as_str() {
                     "auto" => LogTo::Auto,
@@ -130,7 +140,7 @@ pub fn parse_args() -> Result<Args, String> {
                             [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
                             [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N] [--background-init] \
                             [--probation SECS] [--probation-stall SECS] [--crash-fault FILE] [--fd-store] [--log auto|journal|stderr] \
-                            [--sigchld-ignore] [--own-reaper]"
+                            [--sigchld-ignore] [--own-reaper] [--no-move] [--takeover]"
                     .into())
             }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
@@ -324,7 +334,8 @@ pub fn builder(args: &Args) -> exuvia::Builder {
         .background_initialisation(args.background_init)
         .probation(args.probation)
         .fd_store(args.fd_store)
-        .move_connections(!args.no_move);
+        .move_connections(!args.no_move)
+        .take_over(args.takeover);
     if let Some(path) = &args.control_socket {
         builder = builder.control_socket(path);
     }

@@ -80,6 +80,12 @@ impl Channel {
         })
     }
 
+    /// Shuts the channel down both ways: the peer reads end of file (after what was sent), even while another
+    /// descriptor of this socket stays open.
+    pub(crate) fn shut(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
     /// Sends one message, waiting for room until `deadline`.
     pub(crate) fn send(&mut self, msg: &Message, deadline: Instant) -> Result<()> {
         let frame = msg.encode()?;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::channel::{Also, Channel, Event};
 use super::protocol::Message;
+use super::Came;
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys;
 
@@ -19,6 +20,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct ParentLink {
     channel: Channel,
     watch: ParentWatch,
+    /// Started by the old process (an upgrade), or by someone else (a takeover).
+    pub(crate) came: Came,
     pub(crate) parent_pid: u32,
     pub(crate) generation: u32,
     pub(crate) started_usec: u64,
@@ -38,12 +41,17 @@ pub(crate) fn adopt_moves(raw: RawFd, inherited: &mut sys::Inherited) -> Result<
             e,
         )
     })?;
+    check_moves(fd, &format!("{var}={raw}"))
+}
+
+/// Checks that `fd` (`what`) is the connection channel (a Unix packet socket) and makes it non-blocking.
+pub(crate) fn check_moves(fd: OwnedFd, what: &str) -> Result<OwnedFd> {
     match sys::socket_info(fd.as_fd()) {
         Ok(Some(i))
             if i.domain == sys::AddressFamily::UNIX && i.ty == sys::SocketType::SEQPACKET => {}
         _ => {
             return Err(Error::env(format!(
-                "{var}={raw} is {}, not the connection channel",
+                "{what} is {}, not the connection channel",
                 crate::listen::describe(fd.as_fd())
             )))
         }
@@ -66,12 +74,17 @@ pub(crate) fn connect(raw: RawFd, inherited: &mut sys::Inherited) -> Result<(Par
             e,
         )
     })?;
+    greet(fd, &format!("{}={raw}", super::env::VAR_FD), Came::Spawned)
+}
+
+/// Checks that `fd` (`what`) is the handover channel and reads `Hello` on it. Returns the link and the
+/// application state.
+pub(crate) fn greet(fd: OwnedFd, what: &str, came: Came) -> Result<(ParentLink, Vec<u8>)> {
     match sys::socket_info(fd.as_fd()) {
         Ok(Some(i)) if i.domain == sys::AddressFamily::UNIX && i.ty == sys::SocketType::STREAM => {}
         _ => {
             return Err(Error::env(format!(
-                "{}={raw} is {}, not the handover channel",
-                super::env::VAR_FD,
+                "{what} is {}, not the handover channel",
                 crate::listen::describe(fd.as_fd())
             )))
         }
@@ -100,8 +113,9 @@ pub(crate) fn connect(raw: RawFd, inherited: &mut sys::Inherited) -> Result<(Par
             state,
         }) => Ok((
             ParentLink {
-                watch: ParentWatch::start(&channel, parent_pid)?,
+                watch: ParentWatch::start(&channel, parent_pid, came)?,
                 channel,
+                came,
                 parent_pid,
                 generation,
                 started_usec,
@@ -148,7 +162,7 @@ impl ParentLink {
         }
         // Read now, while the old process certainly lives (it waits for this report): once it has committed it
         // may exit within a millisecond, before this process gets to read them.
-        let parent_ways = ParentWays::read(self.parent_pid);
+        let parent_ways = (self.came == Came::Spawned).then(|| ParentWays::read(self.parent_pid));
         self.watch.reporting();
         self.channel.send(&Message::Ready { init_usec }, deadline).map_err(|e| {
             Error::new(
@@ -159,14 +173,28 @@ impl ParentLink {
         match self.channel.recv(Some(deadline), Also::NOTHING)? {
             Event::Message(Message::Commit) => {
                 self.watch.stop();
-                parent_ways.adopt();
+                if let Some(ways) = parent_ways {
+                    ways.adopt();
+                }
                 Ok(keep.then_some(self.channel))
             }
+            Event::Message(Message::Failed(why)) => Err(Error::new(
+                ErrorKind::TakeoverRefused,
+                format!(
+                    "the old process (pid {}) gave up on this handover: {why}",
+                    self.parent_pid
+                ),
+            )),
             Event::Closed => {
                 // The old process died between our ready and its commit. It never handed over: this process
                 // must not become a second, unmanaged server (under systemd, Restart= brings the service back
                 // with the sockets systemd holds).
-                end_this_process_group(self.parent_pid, "before confirming the handover")
+                end_this_process(
+                    self.came,
+                    self.parent_pid,
+                    "before confirming the handover",
+                    None,
+                )
             }
             Event::Message(m) => Err(Error::protocol(format!(
                 "handover channel: expected commit from the parent, got {}",
@@ -224,16 +252,38 @@ impl ParentWays {
     }
 }
 
-/// Ends this process and everything it started (its process group: see `sys::spawn`) because the old
-/// process died `when`. Only when this process leads its own group; otherwise (not expected) only itself.
-fn end_this_process_group(parent_pid: u32, when: &str) -> ! {
-    tracing::error!(
-        parent_pid,
-        "the old process went away {when}; exiting with everything this process started, so as not to serve \
-         unmanaged (under systemd, Restart= starts the service again)"
-    );
-    if sys::getpgid(None).ok() == Some(std::process::id()) {
-        let _ = sys::kill_own_process_group();
+/// Ends this process because the old process went away (or gave up on it, for `why`) `when`. A process the
+/// old one started ends everything it started too (its process group: see `sys::spawn`; only when it leads
+/// that group). A taker's group is not this library's: it exits alone, with status 1, having said why (under
+/// systemd, in its unit's status too).
+fn end_this_process(came: Came, parent_pid: u32, when: &str, why: Option<&str>) -> ! {
+    match came {
+        Came::Spawned => {
+            tracing::error!(
+                parent_pid,
+                "the old process went away {when}; exiting with everything this process started, so as not to \
+                 serve unmanaged (under systemd, Restart= starts the service again)"
+            );
+            if sys::getpgid(None).ok() == Some(std::process::id()) {
+                let _ = sys::kill_own_process_group();
+            }
+        }
+        Came::TookOver => {
+            let why = why.unwrap_or("it went away");
+            let line = format!(
+                "takeover failed: the process serving before (pid {parent_pid}) ended the handover {when}: {why}"
+            );
+            tracing::error!("{line}; exiting (the old process serves on, if it lives)");
+            let told = crate::notify::Notifier::from_env().and_then(|n| match n {
+                Some(n) => n.notify(&[crate::notify::State::Status(&crate::systemd::one_line(
+                    &line,
+                ))]),
+                None => Ok(()),
+            });
+            if let Err(e) = told {
+                tracing::debug!(error = %e, "cannot tell the service manager why");
+            }
+        }
     }
     std::process::exit(1)
 }
@@ -252,8 +302,13 @@ struct ParentWatch {
 }
 
 impl ParentWatch {
-    fn start(channel: &Channel, parent_pid: u32) -> Result<ParentWatch> {
+    fn start(channel: &Channel, parent_pid: u32, came: Came) -> Result<ParentWatch> {
         let fd = channel.watch_fd()?;
+        // A taker reads the old process's reason, if it gave one, from its own copy of the channel.
+        let mut reader = match came {
+            Came::TookOver => Some(channel.duplicate()?),
+            Came::Spawned => None,
+        };
         let (stop_read, stop_write) =
             sys::pipe().map_err(|e| Error::io("cannot create the parent watch's pipe", e))?;
         let reporting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -279,7 +334,19 @@ impl ParentWatch {
                     if set.fired(channel) {
                         // `ready` owns the verdict once it reports; before that, nobody would notice.
                         if !r.load(std::sync::atomic::Ordering::SeqCst) {
-                            end_this_process_group(parent_pid, "while this process was initialising");
+                            let why = reader.as_mut().and_then(|c| {
+                                let soon = Instant::now() + Duration::from_millis(100);
+                                match c.recv(Some(soon), Also::NOTHING) {
+                                    Ok(Event::Message(Message::Failed(why))) => Some(why),
+                                    _ => None,
+                                }
+                            });
+                            end_this_process(
+                                came,
+                                parent_pid,
+                                "while this process was initialising",
+                                why.as_deref(),
+                            );
                         }
                         return;
                     }

@@ -18,3 +18,14 @@ pub(crate) mod env;
 pub(crate) mod parent;
 pub(crate) mod probation;
 pub(crate) mod protocol;
+pub(crate) mod takeover;
+
+/// How the new process came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Came {
+    /// This process started it (clone + exec): its child, in a process group of its own until the commit.
+    Spawned,
+    /// Someone else started it and it asked for the service over the control socket (see
+    /// [`takeover`]): not this process's child, watched through its pidfd only.
+    TookOver,
+}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::channel::{Also, Channel, Event};
 use super::probation::{self, QueueWatch, Stalled};
 use super::protocol::Message;
+pub(crate) use super::Came;
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys::{self, PollSet, SpawnPlan};
 
@@ -33,11 +34,12 @@ pub(crate) struct Launch<'a> {
     pub(crate) probation: Duration,
 }
 
-/// A started child that has not yet been committed. Dropping it kills and reaps the child, so no error path
-/// can leave a half-started process behind.
+/// A started child that has not yet been committed. Dropping it kills (and reaps, if it is this process's
+/// child) the new process, so no error path can leave a half-started process behind.
 #[derive(Debug)]
 pub(crate) struct PendingChild {
     pid: u32,
+    came: Came,
     pidfd: OwnedFd,
     channel: Channel,
     /// This process's end of the connection channel (`crate::moving`), until the commit takes it.
@@ -176,6 +178,7 @@ pub(crate) fn start(
     };
     let mut child = PendingChild {
         pid,
+        came: Came::Spawned,
         pidfd,
         channel,
         moves: Some(moves),
@@ -187,16 +190,42 @@ pub(crate) fn start(
         started_usec: launch.started_usec,
         state,
     };
-    if let Err(e) = child.channel.send(&hello, deadline) {
-        // A child that exited before reading explains itself better than the broken pipe does.
-        return Err(child.fail_with(e));
-    }
+    child.greet(&hello, deadline)?;
     Ok(child)
 }
 
 impl PendingChild {
+    /// A process that took the service over (see [`super::takeover`]), watched through `pidfd`.
+    pub(crate) fn taker(
+        pid: u32,
+        pidfd: OwnedFd,
+        channel: Channel,
+        moves: OwnedFd,
+    ) -> PendingChild {
+        PendingChild {
+            pid,
+            came: Came::TookOver,
+            pidfd,
+            channel,
+            moves: Some(moves),
+            done: false,
+        }
+    }
+
+    /// Sends `Hello`; a new process that exited before reading it explains itself better than the broken pipe.
+    pub(crate) fn greet(&mut self, hello: &Message, deadline: Instant) -> Result<()> {
+        if let Err(e) = self.channel.send(hello, deadline) {
+            return Err(self.fail_with(e));
+        }
+        Ok(())
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.pid
+    }
+
+    pub(crate) fn came(&self) -> Came {
+        self.came
     }
 
     pub(crate) fn has_exited(&self) -> bool {
@@ -207,13 +236,52 @@ impl PendingChild {
 
     /// Kills (if still running) and reaps the child, returning how it ended. Everything it started dies with
     /// it: its process group (see [`sys::spawn`]) is killed too.
+    ///
+    /// A taker is not this process's child: it gets the reason on the channel (`Failed`), which its own watch
+    /// reports before it exits (under systemd, in its unit's status), and a second to go; then SIGKILL through
+    /// its pidfd (only that process: its group is its own business). No exit status is ours to read.
     fn kill_and_reap(&mut self) -> Option<std::process::ExitStatus> {
         self.done = true;
+        if self.came == Came::TookOver {
+            self.give_up_on_taker("the takeover failed (the old process's log says why)");
+            return None;
+        }
         // The group id is the child's pid, which cannot be reused before the child is reaped below.
         let _ = sys::kill_process_group(self.pid);
         let _ = sys::kill_process(self.pid);
         // An error is ECHILD: the application set SIGCHLD to SIG_IGN and the kernel reaped it already.
         sys::waitpid(self.pid, false).unwrap_or_default()
+    }
+
+    /// Tells a taker why this process gives up on it, closes the channel, and kills it if it has not exited
+    /// within a second.
+    fn give_up_on_taker(&mut self, why: &str) {
+        let now = Instant::now();
+        let _ = self.channel.send(
+            &Message::Failed(why.to_string()),
+            now + Duration::from_millis(100),
+        );
+        self.channel.shut();
+        let mut set = PollSet::new();
+        set.readable(self.pidfd.as_fd());
+        if !set
+            .wait(Some(now + Duration::from_secs(1)))
+            .unwrap_or(false)
+        {
+            if let Err(e) = sys::kill_pidfd(self.pidfd.as_fd()) {
+                tracing::warn!(taker_pid = self.pid, error = %e, "cannot kill the taking process");
+            }
+        }
+    }
+
+    /// Ends the handover with a taker for `why` (told to it), or kills and reaps a spawned child.
+    fn end_with(&mut self, why: &str) -> Option<std::process::ExitStatus> {
+        if self.came == Came::TookOver {
+            self.done = true;
+            self.give_up_on_taker(why);
+            return None;
+        }
+        self.kill_and_reap()
     }
 
     /// Turns a failure into the most telling error: if the child has exited, its exit status; otherwise `e`,
@@ -223,9 +291,24 @@ impl PendingChild {
             if let Some(status) = self.kill_and_reap() {
                 return Error::child_exited(status);
             }
+            if self.came == Came::TookOver {
+                return self.taker_exited();
+            }
         }
-        self.kill_and_reap();
+        self.end_with(&e.to_string());
         e
+    }
+
+    /// A taker ended before it reported ready (its status is its own parent's to read).
+    fn taker_exited(&self) -> Error {
+        Error::new(
+            ErrorKind::ChildExited,
+            format!(
+                "the taking process (pid {}) exited during its initialisation (its own log, or its unit's \
+                 status, says why)",
+                self.pid
+            ),
+        )
     }
 
     /// Waits for `Ready` and returns the child's own initialisation time as it reported it. Any other outcome
@@ -255,10 +338,14 @@ impl PendingChild {
                     return Ok(Duration::from_micros(init_usec))
                 }
                 Event::Message(Message::Failed(reason)) => {
-                    self.kill_and_reap();
+                    self.end_with("it reported a failure");
+                    let who = match self.came {
+                        Came::Spawned => "child".to_string(),
+                        Came::TookOver => format!("the taking process (pid {})", self.pid),
+                    };
                     return Err(Error::new(
                         ErrorKind::ChildFailed,
-                        format!("child reported failure during initialisation: {reason}"),
+                        format!("{who} reported failure during initialisation: {reason}"),
                     ));
                 }
                 Event::Message(other) => {
@@ -269,7 +356,9 @@ impl PendingChild {
                     return Err(self.fail_with(e));
                 }
                 Event::Stop => {
-                    self.kill_and_reap();
+                    self.end_with(
+                        "the old process is stopping: the service stops, nothing to take over",
+                    );
                     return Err(Error::new(
                         ErrorKind::Finishing,
                         "upgrade abandoned: this process is stopping (the new process was killed)",
@@ -279,6 +368,7 @@ impl PendingChild {
                     let status = self.kill_and_reap();
                     return Err(match status {
                         Some(s) => Error::child_exited(s),
+                        None if self.came == Came::TookOver => self.taker_exited(),
                         None => {
                             Error::new(ErrorKind::ChildExited, "child exited during initialisation")
                         }
@@ -295,6 +385,7 @@ impl PendingChild {
                     let status = self.kill_and_reap();
                     return Err(match (exited, status) {
                         (true, Some(s)) => Error::child_exited(s),
+                        (true, None) if self.came == Came::TookOver => self.taker_exited(),
                         _ => Error::new(
                             ErrorKind::Channel,
                             "child closed the handover channel without reporting ready; killed",
@@ -303,8 +394,9 @@ impl PendingChild {
                 }
                 Event::Timeout => {
                     if Instant::now() >= deadline {
-                        self.kill_and_reap();
-                        return Err(Error::ready_timeout(timeout));
+                        let e = Error::ready_timeout(timeout);
+                        self.end_with(&e.to_string());
+                        return Err(e);
                     }
                     tick();
                 }
@@ -317,8 +409,13 @@ impl PendingChild {
     pub(crate) fn commit(mut self) -> Result<CommittedChild> {
         // The OOM score returns to this process's before the commit, not only when the child gets to it after:
         // whoever learns of the commit (a reload's verdict) finds the main process's score in place.
-        let score = std::fs::read_to_string("/proc/self/oom_score_adj")
-            .and_then(|s| std::fs::write(format!("/proc/{}/oom_score_adj", self.pid), s.trim()));
+        // (A taker keeps its own: its unit's OOMScoreAdjust=, not this one's.)
+        let score = match self.came {
+            Came::Spawned => std::fs::read_to_string("/proc/self/oom_score_adj").and_then(|s| {
+                std::fs::write(format!("/proc/{}/oom_score_adj", self.pid), s.trim())
+            }),
+            Came::TookOver => Ok(()),
+        };
         if let Err(e) = score {
             tracing::debug!(child_pid = self.pid, error = %e, "cannot return the new process's oom_score_adj to this process's; it takes it itself once committed");
         }
@@ -352,15 +449,16 @@ impl PendingChild {
         let (pidfd, channel) = keep()?;
         Ok(CommittedChild {
             pid: self.pid,
+            came: self.came,
             pidfd,
             channel,
             moves: self.moves.take(),
         })
     }
 
-    /// Abandons the handover: kills and reaps the child.
-    pub(crate) fn abort(mut self) {
-        self.kill_and_reap();
+    /// Abandons the handover: kills and reaps the child (tells a taker why, then ends it).
+    pub(crate) fn abort(mut self, why: &str) {
+        self.end_with(why);
     }
 
     /// After a background initialisation: checks that every thread of the child is back at `SCHED_OTHER`
@@ -389,6 +487,7 @@ impl PendingChild {
 #[derive(Debug)]
 pub(crate) struct CommittedChild {
     pid: u32,
+    came: Came,
     pidfd: OwnedFd,
     channel: Channel,
     /// This process's end of the connection channel, until taken to move connections.
@@ -416,6 +515,10 @@ pub(crate) enum Watched {
 impl CommittedChild {
     pub(crate) fn pid(&self) -> u32 {
         self.pid
+    }
+
+    pub(crate) fn came(&self) -> Came {
+        self.came
     }
 
     /// This process's end of the connection channel (once).
@@ -496,6 +599,9 @@ impl CommittedChild {
 
     /// Reaps the child, which has ended; how it ended, in words.
     fn reap_ended(&self) -> String {
+        if self.came == Came::TookOver {
+            return "exited (not this process's child: its own parent, systemd say, has its status)".into();
+        }
         match sys::waitpid(self.pid, false) {
             Ok(Some(status)) => crate::error::exit_description(status),
             // Reaped by someone else: the application set SIGCHLD to SIG_IGN, or runs its own reaper. Ended
@@ -510,13 +616,24 @@ impl CommittedChild {
 
     /// Kills the child (only the child: after the commit it joined this process's process group) and reaps it.
     fn kill_and_reap(&self) {
+        if self.came == Came::TookOver {
+            let _ = sys::kill_pidfd(self.pidfd.as_fd());
+            return;
+        }
         let _ = sys::kill_process(self.pid);
         let _ = sys::waitpid(self.pid, false);
     }
 
+    /// Tells the child its probation window is over (this process stops without taking the service back).
+    pub(crate) fn pass(&mut self) {
+        let _ = self
+            .channel
+            .send(&Message::Passed, Instant::now() + Duration::from_secs(1));
+    }
+
     /// Asks the child to stop (SIGTERM: it drains as on `systemctl stop`).
     pub(crate) fn terminate(&self) {
-        if let Err(e) = sys::terminate_process(self.pid) {
+        if let Err(e) = sys::terminate_pidfd(self.pidfd.as_fd()) {
             tracing::warn!(error = %e, pid = self.pid, "cannot ask the new process to stop");
         }
     }

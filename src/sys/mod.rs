@@ -27,15 +27,16 @@ pub(crate) use fd::{
     file_identity, pipe, read, set_cloexec, set_nonblocking, Inherited, PollFlags, PollSet,
 };
 pub(crate) use net::{
-    accept, accept_queue, packet_pair, peer_uid, recv_packet, send_packet, send_unix_datagram,
-    set_socket_mode, socket_info, AddressFamily, SocketInfo, SocketType, UnixTarget,
+    accept, accept_queue, packet_pair, peer, peer_uid, recv_packet, send_packet,
+    send_stream_with_fds, send_unix_datagram, set_socket_mode, socket_info, AddressFamily, Peer,
+    SocketInfo, SocketType, UnixTarget,
 };
 #[cfg(feature = "hyper")]
 pub(crate) use net::{Cut, Cuttable};
 pub(crate) use process::{
     descriptors_left, euid, exec_filename, getpgid, join_process_group, kill_own_process_group,
-    kill_process, kill_process_group, monotonic_usec, pidfd_open, terminate_process, thread_count,
-    waitpid,
+    kill_pidfd, kill_process, kill_process_group, monotonic_usec, pidfd_open, terminate_pidfd,
+    thread_count, waitpid,
 };
 pub(crate) use scheduling::{
     may_return_to, return_to_normal_scheduling, scheduling, thread_policies, Policy, Scheduling,

@@ -42,7 +42,47 @@ pub(crate) fn socket_info(fd: BorrowedFd<'_>) -> io::Result<Option<SocketInfo>> 
 
 /// The uid of the process at the other end of a connected Unix socket (`SO_PEERCRED`).
 pub(crate) fn peer_uid(fd: BorrowedFd<'_>) -> io::Result<u32> {
-    Ok(sockopt::socket_peercred(fd)?.uid.as_raw())
+    Ok(peer(fd)?.uid)
+}
+
+/// Who is at the other end of a connected Unix socket (`SO_PEERCRED`: as the kernel recorded it at
+/// `connect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Peer {
+    /// `None` when the peer's process is not visible in this process's PID namespace (the kernel reports 0:
+    /// two containers that share a network namespace but not their PIDs).
+    pub(crate) pid: Option<u32>,
+    pub(crate) uid: u32,
+}
+
+/// The process and user at the other end of a connected Unix socket (`SO_PEERCRED`). Read with libc, not
+/// rustix: rustix's `UCred` holds the pid as a non-zero `Pid`, and the kernel reports 0 for a peer in another
+/// PID namespace.
+pub(crate) fn peer(fd: BorrowedFd<'_>) -> io::Result<Peer> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a valid, writable `ucred` and `len` its size; the kernel writes at most `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Peer {
+        pid: u32::try_from(cred.pid).ok().filter(|p| *p > 0),
+        uid: cred.uid,
+    })
 }
 
 /// `accept4` with close-on-exec, for socket kinds std has no type for (seqpacket).
@@ -186,6 +226,16 @@ pub(crate) fn packet_pair() -> io::Result<(OwnedFd, OwnedFd)> {
         SocketFlags::CLOEXEC,
         None,
     )?)
+}
+
+/// Sends `data` on a connected stream socket in one `sendmsg`, with `fds` attached as `SCM_RIGHTS`: a
+/// reader's `recvmsg` that reads the first byte of `data` receives them. Blocking; never raises SIGPIPE.
+pub(crate) fn send_stream_with_fds(
+    fd: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    send_with_rights(fd, None, data, fds, SendFlags::NOSIGNAL)
 }
 
 /// Sends one packet on a connected packet socket, with `fds` attached as `SCM_RIGHTS` when there are any.

@@ -51,9 +51,14 @@ pub(crate) fn kill_process(raw: u32) -> io::Result<()> {
     Ok(rustix::process::kill_process(pid(raw)?, Signal::KILL)?)
 }
 
-/// SIGTERM to one process.
-pub(crate) fn terminate_process(raw: u32) -> io::Result<()> {
-    Ok(rustix::process::kill_process(pid(raw)?, Signal::TERM)?)
+/// SIGKILL to the process a pidfd names: never another one that reused its pid.
+pub(crate) fn kill_pidfd(pidfd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::process::pidfd_send_signal(pidfd, Signal::KILL)?)
+}
+
+/// SIGTERM to the process a pidfd names.
+pub(crate) fn terminate_pidfd(pidfd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::process::pidfd_send_signal(pidfd, Signal::TERM)?)
 }
 
 /// SIGKILL to every process of a process group.

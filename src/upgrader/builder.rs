@@ -40,6 +40,7 @@ pub struct Builder {
     probation_stall: Duration,
     fd_store: bool,
     move_connections: bool,
+    take_over: bool,
 }
 
 impl fmt::Debug for Builder {
@@ -58,6 +59,7 @@ impl fmt::Debug for Builder {
             .field("probation_stall", &self.probation_stall)
             .field("fd_store", &self.fd_store)
             .field("move_connections", &self.move_connections)
+            .field("take_over", &self.take_over)
             .finish()
     }
 }
@@ -78,7 +80,28 @@ impl Builder {
             probation_stall: DEFAULT_PROBATION_STALL,
             fd_store: false,
             move_connections: true,
+            take_over: false,
         }
+    }
+
+    /// Takeover mode: this process, started by someone else (a second systemd unit, a supervisor, another
+    /// container), asks the process serving the control socket ([`control_socket`](Self::control_socket),
+    /// or `$RUNTIME_DIRECTORY`'s) for the service, instead of binding its own sockets. `build()` then receives
+    /// the sockets by name and the state, and from there it is an upgrade: the old process serves until
+    /// [`Upgrader::ready`], rolls back or serves on if this one fails, hangs or dies, and lets go of (or
+    /// moves) its connections once this one is committed. See the README's "Takeover".
+    ///
+    /// When nothing serves the control socket (no socket file, or nobody listening), this process starts
+    /// fresh, binding as usual: the first instance of a blue/green pair. When something serves it and refuses
+    /// (another user, an upgrade or takeover in flight), `build()` fails with
+    /// [`ErrorKind::TakeoverRefused`]. A process started by an upgrade of its own ignores this (its
+    /// predecessor already handed over to it): a takeover happens once, at the start.
+    ///
+    /// Under systemd the new unit reports `READY=1` once it is committed (after its probation window, with
+    /// one), so `systemctl start` of it fails if the takeover does; the old unit ends `inactive`.
+    pub fn take_over(mut self, on: bool) -> Builder {
+        self.take_over = on;
+        self
     }
 
     /// Whether established connections move to the new process at an upgrade (default: yes; see
@@ -263,11 +286,23 @@ impl Builder {
         // Read before the variables go: logging set up later still learns this process's generation.
         let _ = crate::logging::generation();
         scrub_environment();
-        let origin = found.adopt()?;
+        let mut origin = found.adopt()?;
         let manager = Manager::from_env(self.notify);
         let control_path = self
             .control_socket
             .or_else(crate::control::default_socket_path);
+        if self.take_over && origin.parent.is_none() {
+            let Some(path) = control_path.as_deref() else {
+                return Err(Error::new(
+                    ErrorKind::ControlSocket,
+                    "takeover needs the running process's control socket: set Builder::control_socket, or run \
+                     under systemd with the same RuntimeDirectory= as the running unit",
+                ));
+            };
+            if let Some(received) = handover::takeover::request(path)? {
+                origin = origin.taking_over(received)?;
+            }
+        }
         if manager.enabled() && control_path.is_none() {
             tracing::warn!(
                 "running under systemd without RuntimeDirectory= (and no control socket set): the \
@@ -281,6 +316,7 @@ impl Builder {
             ..Attempts::default()
         })
         .map_err(|e| Error::io("cannot create the finishing signal (pipe)", e))?;
+        let how = origin.how();
         let upgrader = Upgrader {
             inner: Arc::new(Inner {
                 program,
@@ -297,6 +333,7 @@ impl Builder {
                 own_probation_ends: std::sync::OnceLock::new(),
                 app_state: self.state,
                 registry: Sockets::new(Registry::with_inherited(origin.sockets)),
+                origin: how,
                 parent: Mutex::new(origin.parent),
                 // Apart from the link, which ready() consumes: the HTTP layer asks for connections after it.
                 moves: Mutex::new(origin.moves),
@@ -359,7 +396,7 @@ struct Inheritance {
 }
 
 /// Where this process comes from, once its inheritance is adopted.
-struct Origin {
+struct Adopted {
     sockets: Vec<(String, std::os::fd::OwnedFd)>,
     parent: Option<ParentLink>,
     state: Option<Vec<u8>>,
@@ -370,6 +407,53 @@ struct Origin {
     probation: Option<Duration>,
     /// The connection channel from the old process (`crate::moving`).
     moves: Option<std::os::fd::OwnedFd>,
+}
+
+impl Adopted {
+    /// How this process came to serve.
+    fn how(&self) -> super::Origin {
+        match &self.parent {
+            None => super::Origin::Fresh,
+            Some(link) if link.came == handover::Came::TookOver => super::Origin::Takeover,
+            Some(_) => super::Origin::Upgrade,
+        }
+    }
+
+    /// Adds what the running process sent to take over from it: its sockets (replacing any of the same name
+    /// the service manager passed), the channel (whose `Hello` is read here) and the connection channel.
+    fn taking_over(mut self, received: handover::takeover::Received) -> Result<Adopted> {
+        let (link, state) = handover::child::greet(
+            received.channel,
+            "the handover channel the running process sent",
+            handover::Came::TookOver,
+        )?;
+        let moves = handover::child::check_moves(
+            received.moves,
+            "the connection channel the running process sent",
+        )?;
+        let names: Vec<&str> = received.sockets.iter().map(|(n, _)| n.as_str()).collect();
+        self.sockets.retain(|(name, _)| {
+            let replaced = names.contains(&name.as_str());
+            if replaced {
+                tracing::info!(name, "takeover: the running process's socket replaces the one passed by the service manager");
+            }
+            !replaced
+        });
+        tracing::info!(
+            parent_pid = link.parent_pid,
+            generation = link.generation,
+            sockets = received.sockets.len(),
+            state_bytes = state.len(),
+            "taking over; received the sockets"
+        );
+        self.sockets.extend(received.sockets);
+        self.generation = link.generation;
+        self.born_of = Some(link.started_usec);
+        self.parent = Some(link);
+        self.state = Some(state);
+        self.moves = Some(moves);
+        Ok(self)
+    }
 }
 
 impl Inheritance {
@@ -412,9 +496,9 @@ impl Inheritance {
     }
 
     /// Adopts the inherited sockets and, after an upgrade, connects to the old process and reads its greeting.
-    fn adopt(self) -> Result<Origin> {
+    fn adopt(self) -> Result<Adopted> {
         let Some(mut right) = self.right else {
-            return Ok(Origin {
+            return Ok(Adopted {
                 sockets: Vec::new(),
                 parent: None,
                 state: None,
@@ -435,7 +519,7 @@ impl Inheritance {
                     "adopted sockets passed by the service manager"
                 );
             }
-            return Ok(Origin {
+            return Ok(Adopted {
                 sockets,
                 parent: None,
                 state: None,
@@ -458,7 +542,7 @@ impl Inheritance {
             state_bytes = state.len(),
             "started by an upgrade; inherited sockets"
         );
-        Ok(Origin {
+        Ok(Adopted {
             sockets,
             generation: link.generation,
             born_of: Some(link.started_usec),

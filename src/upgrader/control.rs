@@ -1,8 +1,9 @@
 //! The control server's side in the upgrader: binding (or adopting) the control socket, and what a control
 //! request may do to this process. The server itself ([`crate::control`]) sees only a [`Served`].
 
-use std::io;
-use std::os::unix::net::UnixListener;
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use super::{lock, Upgrader};
 use crate::control::{self, Actions, Config, Reply, Served, REGISTRY_NAME};
 use crate::error::{Error, ErrorKind, Result};
+use crate::handover::takeover;
 use crate::lifecycle::StopCause;
 use crate::listen::{self, BindOptions, SocketKind};
 use crate::sys;
@@ -25,6 +27,36 @@ impl Actions for Upgrader {
                 r.overhead().as_millis()
             )),
             Err(e) => self.verdict_reply(&e),
+        }
+    }
+
+    fn run_takeover(&self, conn: UnixStream) {
+        let refuse = |why: String| {
+            let _ = (&conn).write_all(format!("{}\n", Reply::Failed(why)).as_bytes());
+        };
+        let peer = match sys::peer(conn.as_fd()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "takeover: cannot read the peer's credentials; refused");
+                return refuse(format!("cannot read this process's credentials: {e}"));
+            }
+        };
+        if let Some(why) = takeover::refuse_peer(&peer) {
+            tracing::warn!(uid = peer.uid, pid = peer.pid, "takeover refused: {why}");
+            return refuse(why);
+        }
+        let pid = peer.pid.expect("refuse_peer refuses an invisible pid");
+        match self.take_over_by(&conn, pid) {
+            Ok(r) => tracing::info!(
+                taker_pid = r.child_pid,
+                took_ms = r.took.as_millis() as u64,
+                "takeover: handed over"
+            ),
+            Err(e) => {
+                tracing::warn!(taker_pid = pid, error = %e, "takeover failed; this process serves on");
+                // Read only if the taker still waits for its answer (refused before the sockets went).
+                refuse(e.to_string());
+            }
         }
     }
 
@@ -57,6 +89,7 @@ impl Upgrader {
             finishing: self.finishing_handle(),
             tracker: self.inner.tracker.clone(),
             generation: self.inner.generation,
+            origin: self.inner.origin.name(),
             verdict_wait: self.inner.ready_timeout + Duration::from_secs(30),
             own_probation_ends: self.inner.own_probation_ends.get().copied(),
             actions: Arc::new(self.clone()),

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 pub use builder::Builder;
+
 pub use sockets::accept_seqpacket;
 pub use upgrade::UpgradeReport;
 
@@ -60,6 +61,8 @@ pub enum Event {
 
 /// What every clone of an [`Upgrader`] shares: configuration (fixed at `build`), the sockets, the lifecycle.
 struct Inner {
+    /// How this process came to serve.
+    origin: Origin,
     program: PathBuf,
     argv: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
@@ -106,6 +109,30 @@ struct Inner {
     websockets: crate::hyper::WebSocketQueue,
 }
 
+/// How a process came to serve: what [`Upgrader::origin`] says, and `exuvia-ctl status` as `origin=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Origin {
+    /// Started afresh (by the service manager, a shell): it bound or was passed its sockets.
+    Fresh,
+    /// Started by the previous process's upgrade (`systemctl reload`, SIGHUP, `exuvia-ctl upgrade`).
+    Upgrade,
+    /// Started by someone else, it took the service over from the process that served before
+    /// ([`Builder::take_over`]).
+    Takeover,
+}
+
+impl Origin {
+    /// `fresh`, `upgrade` or `takeover`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Origin::Fresh => "fresh",
+            Origin::Upgrade => "upgrade",
+            Origin::Takeover => "takeover",
+        }
+    }
+}
+
 /// The process's handle on its sockets and upgrades. Cheap to clone; every clone is the same upgrader.
 ///
 /// See the [crate documentation](crate) for the whole picture.
@@ -134,7 +161,12 @@ impl Upgrader {
         Builder::new()
     }
 
-    /// Whether this process was started by an upgrade (as opposed to fresh, or by systemd).
+    /// How this process came to serve: fresh, by an upgrade, or by a takeover.
+    pub fn origin(&self) -> Origin {
+        self.inner.origin
+    }
+
+    /// Whether this process was started by an upgrade or a takeover (as opposed to fresh, or by systemd).
     pub fn is_upgraded(&self) -> bool {
         self.inner.generation > 0
     }

@@ -41,8 +41,11 @@ impl Upgrader {
                 parent_pid = link.parent_pid,
                 "reporting ready to the old process"
             );
-            // The old process tells systemd (MAINPID, READY) before it confirms: nothing to send here.
+            // After an upgrade the old process tells systemd (MAINPID, READY) before it confirms: nothing to
+            // send here. A taker is its own unit's main process: it says READY=1 itself once committed (after
+            // its probation window, with one: a failed takeover must fail the start of its unit).
             let parent_pid = link.parent_pid;
+            let took_over = link.came == crate::handover::Came::TookOver;
             // On failure the old process has given up on this one, which should exit: ready() is not retried.
             let kept = link.ready(COMMIT_TIMEOUT, self.inner.own_probation.is_some())?;
             if let Some(window) = self.inner.own_probation {
@@ -51,14 +54,18 @@ impl Upgrader {
                     .own_probation_ends
                     .set(std::time::Instant::now() + window);
             }
-            if let Some(channel) = kept {
-                self.watch_predecessor(channel, parent_pid);
-            }
             tracing::info!(
                 generation = self.inner.generation,
                 "handover confirmed; this process is now the main one"
             );
-            self.status_once_gone(parent_pid);
+            match kept {
+                Some(channel) => self.watch_predecessor(channel, parent_pid, took_over),
+                None if took_over => self.ready_after_takeover(parent_pid),
+                None => {}
+            }
+            if !took_over {
+                self.status_once_gone(parent_pid);
+            }
         } else {
             self.inner.manager.ready(&format!(
                 "serving (pid {}, generation {})",
@@ -83,7 +90,16 @@ impl Upgrader {
     /// refuses upgrades of its own.
     ///
     /// [`tell_predecessor_stopping`]: Self::tell_predecessor_stopping
-    fn watch_predecessor(&self, mut channel: Channel, parent_pid: u32) {
+    /// A taker's `READY=1` to its own service manager: the takeover is done.
+    fn ready_after_takeover(&self, parent_pid: u32) {
+        self.inner.manager.ready(&format!(
+            "serving (pid {}, generation {}); took over from pid {parent_pid}",
+            std::process::id(),
+            self.inner.generation
+        ));
+    }
+
+    fn watch_predecessor(&self, mut channel: Channel, parent_pid: u32, took_over: bool) {
         let sender = match channel.duplicate() {
             Ok(c) => c,
             Err(e) => {
@@ -123,6 +139,9 @@ impl Upgrader {
                     .record(|_, a| a.on_probation_under = None);
                 let sender = lock(&me.inner.predecessor).take();
                 drop(sender); // closed outside the lock
+                if took_over && me.finishing().is_none() {
+                    me.ready_after_takeover(parent_pid);
+                }
                 tracing::info!(
                     parent_pid,
                     "{why}: this process is on its own, and may upgrade"

@@ -5,10 +5,14 @@
 
 use std::time::{Duration, Instant};
 
+use std::os::unix::net::UnixStream;
+
 use super::{micros, Upgrader};
 use crate::error::{Error, ErrorKind, Result};
-use crate::handover::parent::{self, CommittedChild, PendingChild, Watched};
+use crate::handover::parent::{self, Came, CommittedChild, PendingChild, Watched};
 use crate::handover::probation::QueueWatch;
+use crate::handover::protocol::Message;
+use crate::handover::takeover;
 use crate::lifecycle::{Phase, Refused, Step, StopCause};
 use crate::sys;
 
@@ -49,9 +53,19 @@ struct Attempt {
     extend: Duration,
 }
 
+/// Where the new process comes from.
+#[derive(Debug, Clone, Copy)]
+enum Start<'a> {
+    /// This process starts the program on disk (an upgrade).
+    Spawn,
+    /// The process at the other end of `conn` (pid `pid`, from the kernel) asked for the service (a takeover).
+    Taker { conn: &'a UnixStream, pid: u32 },
+}
+
 /// What the steps up to the commit produced.
 struct Committed {
     child_pid: u32,
+    came: Came,
     sockets: usize,
     ready_after: Duration,
     child_init: Duration,
@@ -69,6 +83,13 @@ fn next_generation(g: u32) -> Result<u32> {
             ),
         )
     })
+}
+
+fn start_came(start: Start<'_>) -> Came {
+    match start {
+        Start::Spawn => Came::Spawned,
+        Start::Taker { .. } => Came::TookOver,
+    }
 }
 
 /// Error for a step the lifecycle refused.
@@ -113,7 +134,16 @@ impl Upgrader {
         let begun = self.begin();
         started();
         let attempt = begun?;
-        let result = self.run(&attempt);
+        let result = self.run(&attempt, Start::Spawn);
+        self.conclude(&attempt, result)
+    }
+
+    /// Hands the service to the process at the other end of `conn` (pid `pid`, its user already checked):
+    /// the takeover's sockets and channels go on `conn`, then it is an upgrade like any other, one at a time
+    /// with them.
+    pub(super) fn take_over_by(&self, conn: &UnixStream, pid: u32) -> Result<UpgradeReport> {
+        let attempt = self.begin()?;
+        let result = self.run(&attempt, Start::Taker { conn, pid });
         self.conclude(&attempt, result)
     }
 
@@ -164,18 +194,34 @@ impl Upgrader {
     }
 
     /// Steps 2 to 4.
-    fn run(&self, attempt: &Attempt) -> Result<Committed> {
+    fn run(&self, attempt: &Attempt, start: Start<'_>) -> Result<Committed> {
         let inner = &self.inner;
-        tracing::info!(program = %inner.program.display(), generation = inner.generation, "upgrade requested");
         let next = next_generation(inner.generation)?;
-        inner.manager.reloading(
-            &format!(
-                "upgrading: starting {} (generation {next})",
-                inner.program.display(),
-            ),
-            attempt.extend,
-        );
-        let (child, sockets, background) = self.start_child(attempt, next)?;
+        let (child, sockets, background) = match start {
+            Start::Spawn => {
+                tracing::info!(program = %inner.program.display(), generation = inner.generation, "upgrade requested");
+                inner.manager.reloading(
+                    &format!(
+                        "upgrading: starting {} (generation {next})",
+                        inner.program.display(),
+                    ),
+                    attempt.extend,
+                );
+                self.start_child(attempt, next)?
+            }
+            Start::Taker { conn, pid } => {
+                tracing::info!(
+                    taker_pid = pid,
+                    generation = inner.generation,
+                    "takeover requested"
+                );
+                // This unit is not reloading: another one is starting. Only the status line says so.
+                inner.manager.status(&format!(
+                    "pid {pid} is taking over (generation {next}); serving until it is ready"
+                ));
+                self.offer(attempt, next, conn, pid)?
+            }
+        };
         let (child, child_init) = self.await_ready(child, attempt, background)?;
         let ready_after = attempt.started.elapsed();
         tracing::info!(
@@ -192,10 +238,43 @@ impl Upgrader {
         }
         Ok(Committed {
             child_pid,
+            came: start_came(start),
             sockets,
             ready_after,
             child_init,
         })
+    }
+
+    /// Step 2 of a takeover: the sockets and both channels' far ends go to the taker on `conn`, then the
+    /// greeting on the channel.
+    fn offer(
+        &self,
+        attempt: &Attempt,
+        generation: u32,
+        conn: &UnixStream,
+        pid: u32,
+    ) -> Result<(PendingChild, usize, bool)> {
+        let inner = &self.inner;
+        let state = inner.app_state.as_ref().map(|f| f()).unwrap_or_default();
+        let shared = inner.registry.handover_shared();
+        let set: Vec<_> = shared
+            .iter()
+            .map(|(name, fd)| (name.as_str(), std::os::fd::AsFd::as_fd(&**fd)))
+            .collect();
+        let hello = Message::Hello {
+            parent_pid: std::process::id(),
+            generation,
+            started_usec: attempt.started_usec,
+            state,
+        };
+        let child = takeover::offer(
+            conn,
+            pid,
+            &set,
+            &hello,
+            attempt.started + inner.ready_timeout,
+        )?;
+        Ok((child, set.len(), false))
     }
 
     /// Step 2: starts the program on disk with every socket (listed under the registry's lock, the spawn
@@ -261,7 +340,7 @@ impl Upgrader {
     fn commit(&self, child: PendingChild) -> Result<CommittedChild> {
         let inner = &self.inner;
         if let Err(r) = inner.lifecycle.step(Step::Commit) {
-            child.abort();
+            child.abort("the old process is stopping: the service stops, nothing to take over");
             return Err(refused(r));
         }
         if child.has_exited() {
@@ -272,18 +351,26 @@ impl Upgrader {
             ));
         }
         let pid = child.pid();
+        let came = child.came();
         let now = sys::monotonic_usec();
         inner
             .lifecycle
             .record(|_, a| a.handed_over_usec = Some(now));
-        inner.manager.announce_main(
-            pid,
-            &format!(
-                "serving (pid {pid}, generation {}); pid {} draining",
-                inner.generation.saturating_add(1),
-                std::process::id()
+        match came {
+            Came::Spawned => inner.manager.announce_main(
+                pid,
+                &format!(
+                    "serving (pid {pid}, generation {}); pid {} draining",
+                    inner.generation.saturating_add(1),
+                    std::process::id()
+                ),
             ),
-        );
+            // The taker is another unit's main process (or nobody's): it tells its own manager itself.
+            Came::TookOver => inner.manager.status(&format!(
+                "pid {pid} took over (generation {}); this process lets go",
+                inner.generation.saturating_add(1)
+            )),
+        }
         // The new process serves from its Commit on, without waiting for systemd: its own notifications
         // queue behind MAINPID on the notification socket. This process waits for systemd (the barrier)
         // after the Commit and before it stops accepting: both serve meanwhile, from the same sockets.
@@ -302,7 +389,9 @@ impl Upgrader {
                 "stop requested during the handover; this process hands over and drains"
             );
         }
-        inner.manager.confirm_main();
+        if came == Came::Spawned {
+            inner.manager.confirm_main();
+        }
         Ok(child)
     }
 
@@ -341,6 +430,19 @@ impl Upgrader {
                     }
                 }
             }
+            Watched::Stopped if child.came() == Came::TookOver => {
+                // The taker is a service of its own: this one's stop leaves it serving, as if the window had
+                // passed.
+                child.pass();
+                tracing::info!(
+                    child_pid,
+                    "stop during the probation of the process that took over: it serves on"
+                );
+                return Err(Error::new(
+                    ErrorKind::Finishing,
+                    format!("stopped during the probation of pid {child_pid}, which took over and serves on"),
+                ));
+            }
             Watched::Stopped => {
                 tracing::info!(
                     child_pid,
@@ -352,6 +454,12 @@ impl Upgrader {
                     format!("stopped during the probation of pid {child_pid}, which was asked to stop too"),
                 ));
             }
+            Watched::SuccessorStopping if child.came() == Came::TookOver => format!(
+                "rolled back: the process that took over (pid {child_pid}) was stopped {} ms into its {} ms \
+                 probation",
+                started.elapsed().as_millis(),
+                window.as_millis()
+            ),
             Watched::SuccessorStopping => {
                 // The new process said, before it could exit, that a stop reached it (a stop request on the
                 // shared control socket, or a SIGTERM): a stop of the service, not a crash to roll back.
@@ -430,6 +538,14 @@ impl Upgrader {
                     took_us = micros(attempt.started.elapsed()),
                     "upgrade: handed over; stopped accepting, draining"
                 );
+                if c.came == Came::TookOver {
+                    // This unit ends: its process exits on its own once drained (STOPPING=1 first, so that
+                    // systemd does not take the exit for a crash, nor run ExecStop= against the control
+                    // socket, which the new process serves now).
+                    inner
+                        .manager
+                        .stopping(&format!("pid {} took over; draining", c.child_pid));
+                }
                 self.publish();
                 Ok(UpgradeReport {
                     child_pid: c.child_pid,
