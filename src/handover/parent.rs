@@ -394,9 +394,23 @@ impl PendingChild {
                 }
                 Event::Timeout => {
                     if Instant::now() >= deadline {
-                        let e = Error::ready_timeout(timeout);
-                        self.end_with(&e.to_string());
-                        return Err(e);
+                        if self.came == Came::TookOver {
+                            let why = format!(
+                                "it did not report ready within {} (the running process's ready timeout: raise \
+                                 it there if this initialisation is legitimately slow)",
+                                crate::error::human_duration(timeout)
+                            );
+                            self.end_with(&why);
+                            return Err(Error::new(
+                                ErrorKind::ReadyTimeout,
+                                format!(
+                                    "the taking process (pid {}): {why}; it was told and ended",
+                                    self.pid
+                                ),
+                            ));
+                        }
+                        self.kill_and_reap();
+                        return Err(Error::ready_timeout(timeout));
                     }
                     tick();
                 }

@@ -9,7 +9,8 @@
 //! build(): connect(control socket) ------------->   accept; SO_PEERCRED: uid = ours or root, pid visible
 //! "exuvia-ctl/1 takeover\n" -------------------->   lifecycle: BeginUpgrade (one upgrade or takeover at a time)
 //!                                                   pidfd_open(peer pid); socketpair x2
-//!      <----- one sendmsg: "ok takeover sockets=a:b\n" + SCM_RIGHTS [channel, connection channel, a, b]
+//!      <----- one sendmsg: "ok takeover sockets=a:b probation_ms=0\n"
+//!             + SCM_RIGHTS [channel, connection channel, a, b]
 //!      <----- Hello on the channel; then as an upgrade: Ready -> Commit (or Failed, timeout, exit)
 //! ```
 //!
@@ -30,7 +31,8 @@ use crate::control::{Command, Reply, PROTOCOL};
 use crate::error::{Error, ErrorKind, Result};
 use crate::sys::{self, PollSet};
 
-/// The first word of the old process's answer after `ok`: the sockets follow as `sockets=<names, ':'-joined>`.
+/// The first word of the old process's answer after `ok`: the sockets follow as `sockets=<names, ':'-joined>`,
+/// then `probation_ms=<the window the old process will watch the taker through, 0 for none>`.
 const ANSWER: &str = "takeover";
 /// At most this many descriptors travel in one `SCM_RIGHTS` message (the kernel's `SCM_MAX_FD`); two of them
 /// are the channels.
@@ -66,6 +68,7 @@ pub(crate) fn offer(
     conn: &UnixStream,
     pid: u32,
     sockets: &[(&str, BorrowedFd<'_>)],
+    probation: Duration,
     hello: &Message,
     deadline: Instant,
 ) -> Result<PendingChild> {
@@ -91,7 +94,11 @@ pub(crate) fn offer(
     fds.extend(sockets.iter().map(|(_, fd)| *fd));
     let line = format!(
         "{}\n",
-        Reply::Ok(format!("{ANSWER} sockets={}", names.join(":")))
+        Reply::Ok(format!(
+            "{ANSWER} sockets={} probation_ms={}",
+            names.join(":"),
+            probation.as_millis()
+        ))
     );
     conn.set_write_timeout(Some(Duration::from_secs(2)))
         .and_then(|()| conn.set_nonblocking(false))
@@ -127,6 +134,8 @@ pub(crate) struct Received {
     pub(crate) channel: OwnedFd,
     /// Its end of the connection channel.
     pub(crate) moves: OwnedFd,
+    /// The probation window the old process watches it through.
+    pub(crate) probation: Option<Duration>,
 }
 
 /// New side: asks the process serving the control socket at `path` for the service. `Ok(None)`: nobody serves
@@ -143,15 +152,17 @@ pub(crate) fn request(path: &Path) -> Result<Option<Received>> {
             tracing::info!(path = %path.display(), "takeover: nothing serves this control socket; starting fresh");
             return Ok(None);
         }
-        Err(e) => return Err(Error::with_io(
-            ErrorKind::ControlSocket,
-            format!(
+        Err(e) => {
+            return Err(Error::with_io(
+                ErrorKind::ControlSocket,
+                format!(
                 "takeover: cannot connect to the control socket {} (it must be reachable by this \
                      process: same user or root, and a shared directory)",
                 path.display()
             ),
-            e,
-        )),
+                e,
+            ))
+        }
     };
     let cant = |e| {
         Error::with_io(
@@ -179,7 +190,7 @@ pub(crate) fn request(path: &Path) -> Result<Option<Received>> {
             ))
         }
     };
-    let names = parse_answer(&text)?;
+    let (names, probation) = parse_answer(&text)?;
     if fds.len() != names.len() + 2 {
         return Err(Error::protocol(format!(
             "takeover: the old process named {} sockets but {} descriptors arrived (this process may be out of \
@@ -203,6 +214,7 @@ pub(crate) fn request(path: &Path) -> Result<Option<Received>> {
         sockets: names.into_iter().zip(sockets).collect(),
         channel,
         moves,
+        probation,
     }))
 }
 
@@ -251,20 +263,34 @@ fn read_answer(conn: &UnixStream, deadline: Instant) -> Result<(String, Vec<Owne
     }
 }
 
-/// The socket names of an `ok takeover sockets=...` answer's text.
-fn parse_answer(text: &str) -> Result<Vec<String>> {
-    let names = text
-        .strip_prefix(ANSWER)
-        .and_then(|rest| rest.strip_prefix(" sockets="))
-        .ok_or_else(|| {
-            Error::protocol(format!(
-                "takeover: unexpected answer {text:?} (is the running process built with this version of exuvia?)"
-            ))
-        })?;
-    if names.is_empty() {
-        return Ok(Vec::new());
+/// The socket names and the probation window of an `ok takeover sockets=... probation_ms=...` answer's text.
+fn parse_answer(text: &str) -> Result<(Vec<String>, Option<Duration>)> {
+    let unexpected = || {
+        Error::protocol(format!(
+            "takeover: unexpected answer {text:?} (is the running process built with this version of exuvia?)"
+        ))
+    };
+    let mut words = text.split(' ');
+    if words.next() != Some(ANSWER) {
+        return Err(unexpected());
     }
-    names
+    let names = words
+        .next()
+        .and_then(|w| w.strip_prefix("sockets="))
+        .ok_or_else(unexpected)?;
+    let probation_ms: u64 = words
+        .next()
+        .and_then(|w| w.strip_prefix("probation_ms="))
+        .and_then(|ms| ms.parse().ok())
+        .ok_or_else(unexpected)?;
+    if words.next().is_some() {
+        return Err(unexpected());
+    }
+    let probation = (probation_ms > 0).then(|| Duration::from_millis(probation_ms));
+    if names.is_empty() {
+        return Ok((Vec::new(), probation));
+    }
+    let names = names
         .split(':')
         .map(|n| {
             if crate::activation::name_is_valid(n) {
@@ -275,7 +301,8 @@ fn parse_answer(text: &str) -> Result<Vec<String>> {
                 )))
             }
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((names, probation))
 }
 
 #[cfg(test)]
@@ -285,16 +312,22 @@ mod tests {
     #[test]
     fn answers_parse_or_are_protocol_errors() {
         assert_eq!(
-            parse_answer("takeover sockets=http:exuvia-control").unwrap(),
-            ["http", "exuvia-control"]
+            parse_answer("takeover sockets=http:exuvia-control probation_ms=0").unwrap(),
+            (vec!["http".to_string(), "exuvia-control".to_string()], None)
         );
-        assert!(parse_answer("takeover sockets=").unwrap().is_empty());
+        assert_eq!(
+            parse_answer("takeover sockets= probation_ms=1500").unwrap(),
+            (Vec::new(), Some(Duration::from_millis(1500)))
+        );
         for bad in [
             "",
             "upgraded",
             "takeover",
-            "takeover sockets=a::b",
-            "takeover socket=a",
+            "takeover sockets=a::b probation_ms=0",
+            "takeover socket=a probation_ms=0",
+            "takeover sockets=a",
+            "takeover sockets=a probation_ms=x",
+            "takeover sockets=a probation_ms=0 more",
         ] {
             assert_eq!(
                 parse_answer(bad).unwrap_err().kind(),

@@ -452,6 +452,7 @@ impl Adopted {
         self.parent = Some(link);
         self.state = Some(state);
         self.moves = Some(moves);
+        self.probation = received.probation;
         Ok(self)
     }
 }

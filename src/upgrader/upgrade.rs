@@ -271,6 +271,7 @@ impl Upgrader {
             conn,
             pid,
             &set,
+            inner.successor_probation,
             &hello,
             attempt.started + inner.ready_timeout,
         )?;

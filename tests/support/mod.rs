@@ -1182,6 +1182,87 @@ impl Idle {
 
 /// Says loudly that `what` did not run and why, and records it for the summary `scripts/test` prints
 /// (`EXUVIA_SKIP_LOG`). Panics under CI instead: there every test must really run.
+// ------------------------------------------------------------------------------------------------------------
+// Off-the-shelf client programs (wrk, ab, h2load, curl)
+
+/// The path of a client program, or `None` (a loud skip locally, a failure under CI).
+pub fn client(name: &str, package: &str) -> Option<String> {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    });
+    match found {
+        Some(p) => Some(p.display().to_string()),
+        None => {
+            skip(
+                &format!("the {name} part of the off-the-shelf client tests"),
+                &format!("{name} is missing: apt-get install {package} (.ci/run does)"),
+            );
+            None
+        }
+    }
+}
+
+/// Clients connected to `port` on this machine: established sockets whose remote end is that port.
+pub fn established_to(port: u16) -> usize {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 3 && cols[3] == "01" {
+                let remote_port = cols[2]
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+                if remote_port == Some(port) {
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}
+
+/// Waits until `clients` connections to the service are established (the client program is running).
+pub fn wait_clients(addr: SocketAddr, clients: usize, child: &mut std::process::Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while established_to(addr.port()) < clients {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{what} ended before it connected"
+        );
+        assert!(Instant::now() < deadline, "{what} never connected");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn output(child: std::process::Child) -> String {
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "client failed: {text}");
+    text
+}
+
+/// The number after `key` in a client's report (`Failed requests:        0`).
+pub fn number_after(text: &str, key: &str) -> Option<u64> {
+    let at = text.find(key)? + key.len();
+    text[at..]
+        .trim_start_matches([':', ' ', '\t'])
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+// ------------------------------------------------------------------------------------------------------------
+
 pub fn skip(what: &str, why: &str) {
     assert!(!in_ci(), "{what} cannot run in CI: {why}");
     eprintln!("SKIPPED {what}: {why}");

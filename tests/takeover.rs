@@ -1,0 +1,466 @@
+//! Takeover (`Builder::take_over`, the examples' `--takeover`): a process started by someone else, not by the
+//! running one, takes the service over through the control socket. Real processes, started the way a
+//! supervisor would: two releases installed in directories of their own, each started through a launcher that
+//! sets what a unit's settings would (an environment variable the responses show, the descriptor limit), under
+//! our own load generator and ApacheBench.
+
+#[macro_use]
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One release, installed in a directory of its own and started through a launcher script that sets
+/// `APP_VERSION` (shown in every response) and the descriptor limit, then becomes the binary.
+struct Release {
+    dir: tempfile::TempDir,
+    tag: &'static str,
+    nofile: u64,
+}
+
+impl Release {
+    fn install(example: &str, tag: &'static str, nofile: u64) -> Release {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        let binary = dir.path().join("bin").join("app");
+        std::fs::copy(support::example(example), &binary).unwrap();
+        wrapper(
+            &dir.path().join("run"),
+            &format!("ulimit -n {nofile}\nexport APP_VERSION={tag}"),
+            &binary,
+        );
+        Release { dir, tag, nofile }
+    }
+
+    fn launcher(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn binary(&self) -> PathBuf {
+        self.dir.path().join("bin").join("app")
+    }
+}
+
+/// A process the test started (as a supervisor would), with its log.
+struct Instance {
+    child: Child,
+    pid: u32,
+    log: Log,
+    status: Option<ExitStatus>,
+}
+
+impl Instance {
+    /// Starts `program` with `args`; does not wait for anything.
+    fn spawn(program: &Path, args: &[&str]) -> Instance {
+        become_subreaper();
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start instance");
+        let log = Log::collect(child.stderr.take().unwrap(), "instance");
+        Instance {
+            pid: child.id(),
+            child,
+            log,
+            status: None,
+        }
+    }
+
+    /// Starts `release` on `listen` with the control socket `control`, in takeover mode.
+    fn take_over(release: &Release, listen: &str, control: &Path, extra: &[&str]) -> Instance {
+        let mut args = vec![
+            "--listen",
+            listen,
+            "--control-socket",
+            control.to_str().unwrap(),
+            "--takeover",
+        ];
+        args.extend_from_slice(extra);
+        Instance::spawn(&release.launcher(), &args)
+    }
+
+    /// Waits until it serves; its address.
+    fn serving(&mut self) -> SocketAddr {
+        let found = self
+            .log
+            .wait_for(0, Duration::from_secs(30), |l| l.contains(" serving "));
+        let Some((_, line)) = found else {
+            let st = self.exited(Duration::ZERO);
+            panic!(
+                "{} never served (exit: {st:?}):\n{}",
+                self.pid,
+                self.log.dump()
+            );
+        };
+        field(&line, "addr").unwrap().parse().unwrap()
+    }
+
+    /// Its exit status, waiting up to `timeout`.
+    fn exited(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.status.is_none() {
+                self.status = self.child.try_wait().unwrap();
+            }
+            if self.status.is_some() || Instant::now() >= deadline {
+                return self.status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether its log has a line containing `text`, waiting up to `timeout`.
+    fn says(&self, text: &str, timeout: Duration) -> Option<String> {
+        self.log
+            .wait_for(0, timeout, |l| l.contains(text))
+            .map(|(_, l)| l)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if self.exited(Duration::ZERO).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The soft descriptor limit of `pid`, from `/proc/PID/limits`.
+fn nofile_of(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// `exuvia-ctl status` on `control`.
+fn status(control: &Path) -> String {
+    let out = Command::new(binary("exuvia-ctl"))
+        .arg("--socket")
+        .arg(control)
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const TAKEOVERS: usize = 10;
+
+/// 10 takeovers alternating between two releases (different binary paths, `APP_VERSION`, descriptor limit),
+/// under new-connection and keep-alive load from our generator and `ab -k`: nothing refused or failed, every
+/// keep-alive connection kept, each response afterwards from the new release, each old process exits 0.
+#[test]
+fn ten_takeovers_between_two_releases_refuse_and_fail_nothing() {
+    let control_dir = tempfile::tempdir().unwrap();
+    let control = control_dir.path().join("control.sock");
+    let releases = [
+        Release::install("http_axum", "release-a", 1500),
+        Release::install("http_axum", "release-b", 2500),
+    ];
+    // The first instance finds nobody serving the control socket: it starts fresh.
+    let mut current = Instance::take_over(&releases[0], "127.0.0.1:0", &control, &[]);
+    let addr = current.serving();
+    assert!(
+        current
+            .says(
+                "nothing serves this control socket; starting fresh",
+                Duration::ZERO
+            )
+            .is_some(),
+        "{}",
+        current.log.dump()
+    );
+    assert!(status(&control).contains("origin=fresh"));
+    let listen = addr.to_string();
+
+    let ab = client("ab", "apache2-utils");
+    let mut ab_child = ab.map(|ab| {
+        let mut child = Command::new(ab)
+            .args(["-k", "-l", "-q", "-c", "32", "-t", "25", "-n", "100000000"])
+            .arg(format!("http://{addr}/"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_clients(addr, 32, &mut child, "ab");
+        child
+    });
+    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+    load.wait_progress(200);
+
+    let mut took = Vec::new();
+    for i in 0..TAKEOVERS {
+        let release = &releases[(i + 1) % 2];
+        let started = Instant::now();
+        let mut next = Instance::take_over(release, &listen, &control, &[]);
+        next.serving();
+        took.push(started.elapsed());
+        assert!(
+            next.says("taking over; received the sockets", Duration::ZERO)
+                .is_some(),
+            "{}",
+            next.log.dump()
+        );
+        // The old process lets go and exits on its own, successfully.
+        let old = current.pid;
+        let st = current.exited(Duration::from_secs(30));
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "takeover {i}: the old process {old} ended {st:?}:\n{}",
+            current.log.dump()
+        );
+        assert!(current
+            .says("takeover: handed over", Duration::ZERO)
+            .is_some());
+        // What runs now is the other release: its binary, its environment, its limit.
+        let (resp, _) = get(addr, "/").unwrap();
+        assert_eq!((resp.pid, resp.version.as_str()), (next.pid, release.tag));
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{}/exe", next.pid)).unwrap(),
+            release.binary()
+        );
+        assert_eq!(nofile_of(next.pid), release.nofile);
+        let st = status(&control);
+        assert!(
+            st.contains(&format!("pid={} ", next.pid)) && st.contains("origin=takeover"),
+            "{st}"
+        );
+        current = next;
+        load.wait_progress(100);
+    }
+
+    let stats = load.stop();
+    eprintln!("load: {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    assert!(stats.pids.len() > TAKEOVERS, "{}", stats.summary());
+    took.sort();
+    eprintln!(
+        "start to serving, per takeover: median {:?}, max {:?}",
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
+    if let Some(mut child) = ab_child.take() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ab ended before the takeovers did: make it run longer"
+        );
+        let out = output(child);
+        eprintln!("ab:\n{out}");
+        let complete = number_after(&out, "Complete requests").expect("Complete requests");
+        let failed = number_after(&out, "Failed requests").expect("Failed requests");
+        let keep_alive = number_after(&out, "Keep-Alive requests").expect("Keep-Alive requests");
+        assert_eq!(failed, 0, "ab:\n{out}");
+        assert!(!out.contains("Non-2xx"), "ab:\n{out}");
+        assert!(complete > 1000, "too little load: {complete}");
+        // Every keep-alive connection moved at every takeover: none was closed.
+        assert_eq!(keep_alive, complete, "ab:\n{out}");
+    }
+    signal(current.pid, libc::SIGTERM);
+    assert!(current
+        .exited(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+}
+
+/// A takeover by a process that exits during its initialisation, one that hangs past the old process's ready
+/// timeout, one started while another takeover runs, and one that crashes inside its probation window: the
+/// old process serves throughout (nothing refused), each taker fails with the reason.
+#[test]
+fn failed_takeovers_leave_the_old_process_serving() {
+    let control_dir = tempfile::tempdir().unwrap();
+    let control = control_dir.path().join("control.sock");
+    let faults = tempfile::tempdir().unwrap();
+    let release = Release::install("http_axum", "release-a", 1500);
+    let other = Release::install("http_axum", "release-b", 2500);
+    let mut old = Instance::take_over(
+        &release,
+        "127.0.0.1:0",
+        &control,
+        &["--ready-timeout", "2", "--probation", "2"],
+    );
+    let addr = old.serving();
+    let listen = addr.to_string();
+    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+    load.wait_progress(200);
+
+    // 1. Exits during its initialisation (status 3).
+    let fail = faults.path().join("fail");
+    std::fs::write(&fail, "fail").unwrap();
+    let mut taker = Instance::take_over(
+        &other,
+        &listen,
+        &control,
+        &["--init-fault", fail.to_str().unwrap()],
+    );
+    let st = taker.exited(Duration::from_secs(30));
+    assert_eq!(st.and_then(|s| s.code()), Some(3), "{}", taker.log.dump());
+    let line = old
+        .says("takeover failed", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{}", old.log.dump()));
+    assert!(
+        line.contains(&format!("pid {}", taker.pid)) && line.contains("exited"),
+        "{line}"
+    );
+
+    // 2. Hangs past the old process's 2 s ready timeout; a second taker meanwhile is refused (one at a time).
+    let mut hung = Instance::take_over(&other, &listen, &control, &["--init-delay-ms", "60000"]);
+    hung.says("taking over; received the sockets", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{}", hung.log.dump()));
+    let mut second = Instance::take_over(&other, &listen, &control, &[]);
+    let st = second.exited(Duration::from_secs(30));
+    assert_eq!(st.and_then(|s| s.code()), Some(1), "{}", second.log.dump());
+    assert!(
+        second
+            .says("takeover refused", Duration::ZERO)
+            .is_some_and(|l| l.contains("in flight") || l.contains("in progress")),
+        "{}",
+        second.log.dump()
+    );
+    let st = hung.exited(Duration::from_secs(30));
+    assert_eq!(st.and_then(|s| s.code()), Some(1), "{}", hung.log.dump());
+    let why = hung
+        .says("takeover failed", Duration::ZERO)
+        .unwrap_or_else(|| panic!("{}", hung.log.dump()));
+    assert!(why.contains("did not report ready within 2 s"), "{why}");
+
+    // 3. Crashes 300 ms into its 2 s probation window: the old process takes the service back.
+    let crash = faults.path().join("crash");
+    std::fs::write(&crash, "abort 300").unwrap();
+    let mut crasher = Instance::take_over(
+        &other,
+        &listen,
+        &control,
+        &["--crash-fault", crash.to_str().unwrap()],
+    );
+    crasher.serving();
+    let st = crasher.exited(Duration::from_secs(30));
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "{st:?}\n{}",
+        crasher.log.dump()
+    );
+    let line = old
+        .says("rolled back", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("{}", old.log.dump()));
+    assert!(line.contains(&crasher.pid.to_string()), "{line}");
+    assert!(
+        status(&control).contains(&format!("pid={} ", old.pid)),
+        "{}",
+        status(&control)
+    );
+
+    // The old process served throughout and serves on.
+    load.wait_progress(200);
+    let (resp, _) = get(addr, "/").unwrap();
+    assert_eq!((resp.pid, resp.version.as_str()), (old.pid, release.tag));
+    let stats = load.stop();
+    eprintln!("load: {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    assert!(old.exited(Duration::ZERO).is_none());
+    signal(old.pid, libc::SIGTERM);
+    assert!(old
+        .exited(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+}
+
+/// A process of another user cannot take over: the socket file's mode keeps it out, and with the mode opened
+/// up the service itself refuses it (peer credentials) and logs it. Nothing changes.
+#[test]
+fn a_process_of_another_user_cannot_take_over() {
+    if sys_euid() != 0 {
+        skip(
+            "the other-user takeover test",
+            "it must run as root to start a process of another user",
+        );
+        return;
+    }
+    let control_dir = tempfile::tempdir().unwrap();
+    let control = control_dir.path().join("control.sock");
+    let release = Release::install("http_axum", "release-a", 1500);
+    let stranger = Release::install("http_axum", "release-b", 1500);
+    // The stranger (uid 65534) must be able to run its own release.
+    for p in [stranger.dir.path(), &stranger.dir.path().join("bin")] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut old = Instance::take_over(&release, "127.0.0.1:0", &control, &[]);
+    let addr = old.serving();
+    let as_nobody = |extra: &[&str]| {
+        let mut args = vec![
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            stranger.launcher().to_str().unwrap().to_string().leak(),
+            "--listen",
+        ];
+        let listen = addr.to_string();
+        args.push(listen.leak());
+        args.extend(["--control-socket", control.to_str().unwrap(), "--takeover"]);
+        args.extend_from_slice(extra);
+        Instance::spawn(Path::new("/usr/bin/setpriv"), &args)
+    };
+
+    // The socket is the service user's, mode 0600: the kernel refuses the connection.
+    let mut taker = as_nobody(&[]);
+    let st = taker.exited(Duration::from_secs(30));
+    assert!(st.is_some_and(|s| !s.success()), "{}", taker.log.dump());
+    assert!(
+        taker
+            .says("cannot connect to the control socket", Duration::ZERO)
+            .is_some_and(|l| l.contains("Permission denied")),
+        "{}",
+        taker.log.dump()
+    );
+
+    // Opened up (a mistaken mode, an ACL): the service reads the peer's credentials and refuses, logged.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(control_dir.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    let mark = old.log.len();
+    let mut taker = as_nobody(&[]);
+    let st = taker.exited(Duration::from_secs(30));
+    assert!(st.is_some_and(|s| !s.success()), "{}", taker.log.dump());
+    assert!(
+        taker
+            .says("permission denied", Duration::ZERO)
+            .is_some_and(|l| l.contains("takeover refused")),
+        "{}",
+        taker.log.dump()
+    );
+    assert!(
+        old.log
+            .wait_for(mark, Duration::from_secs(10), |l| l
+                .contains("refused a request from another user"))
+            .is_some(),
+        "{}",
+        old.log.dump()
+    );
+    // Nothing changed.
+    let (resp, _) = get(addr, "/").unwrap();
+    assert_eq!(resp.pid, old.pid);
+    assert!(status(&control).contains("origin=fresh"));
+    assert!(old.exited(Duration::ZERO).is_none());
+    signal(old.pid, libc::SIGTERM);
+    assert!(old
+        .exited(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+}
+
+fn sys_euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
