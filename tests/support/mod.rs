@@ -1180,8 +1180,6 @@ impl Idle {
     }
 }
 
-/// Says loudly that `what` did not run and why, and records it for the summary `scripts/test` prints
-/// (`EXUVIA_SKIP_LOG`). Panics under CI instead: there every test must really run.
 // ------------------------------------------------------------------------------------------------------------
 // Off-the-shelf client programs (wrk, ab, h2load, curl)
 
@@ -1263,6 +1261,8 @@ pub fn number_after(text: &str, key: &str) -> Option<u64> {
 
 // ------------------------------------------------------------------------------------------------------------
 
+/// Says loudly that `what` did not run and why, and records it for the summary `scripts/test` prints
+/// (`EXUVIA_SKIP_LOG`). Panics under CI instead: there every test must really run.
 pub fn skip(what: &str, why: &str) {
     assert!(!in_ci(), "{what} cannot run in CI: {why}");
     eprintln!("SKIPPED {what}: {why}");
