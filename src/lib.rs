@@ -134,6 +134,13 @@ pub use listen::{BindOptions, SocketKind};
 pub use notify::{Notifier, State};
 pub use upgrader::{accept_seqpacket, Builder, Event, Origin, UpgradeReport, Upgrader};
 
+/// The exit status of a process whose takeover failed ([`Builder::take_over`]): 75 (`EX_TEMPFAIL`). The
+/// library exits with it when the running process gives up on the taker while it initialises; an application
+/// should exit with it too when [`Builder::build`] or [`Upgrader::ready`] fails with
+/// [`ErrorKind::TakeoverRefused`]. The blue/green template (`units/exuvia-app@.service`) names it in
+/// `RestartPreventExitStatus=`: the other instance still serves, so restarting would only fail again.
+pub const EXIT_TAKEOVER_FAILED: u8 = 75;
+
 /// Every environment variable that carries descriptors or the handover to a process: `LISTEN_*` and
 /// `EXUVIA_HANDOVER_*`. [`Builder::build`] removes them from the environment when it runs before any other
 /// thread exists (as it should: first thing in `main`). Once other threads run, removing them is unsound (a

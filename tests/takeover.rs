@@ -318,7 +318,7 @@ fn failed_takeovers_leave_the_old_process_serving() {
         .unwrap_or_else(|| panic!("{}", hung.log.dump()));
     let mut second = Instance::take_over(&other, &listen, &control, &[]);
     let st = second.exited(Duration::from_secs(30));
-    assert_eq!(st.and_then(|s| s.code()), Some(1), "{}", second.log.dump());
+    assert_eq!(st.and_then(|s| s.code()), Some(75), "{}", second.log.dump());
     assert!(
         second
             .says("takeover refused", Duration::ZERO)
@@ -327,7 +327,12 @@ fn failed_takeovers_leave_the_old_process_serving() {
         second.log.dump()
     );
     let st = hung.exited(Duration::from_secs(30));
-    assert_eq!(st.and_then(|s| s.code()), Some(1), "{}", hung.log.dump());
+    assert_eq!(
+        st.and_then(|s| s.code()),
+        Some(i32::from(exuvia::EXIT_TAKEOVER_FAILED)),
+        "{}",
+        hung.log.dump()
+    );
     let why = hung
         .says("takeover failed", Duration::ZERO)
         .unwrap_or_else(|| panic!("{}", hung.log.dump()));

@@ -195,7 +195,14 @@ pub fn main(
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            std::process::ExitCode::FAILURE
+            // A refused takeover: the running process serves on; say so to a supervisor (the blue/green
+            // template does not restart on it).
+            match e.downcast_ref::<exuvia::Error>().map(exuvia::Error::kind) {
+                Some(exuvia::ErrorKind::TakeoverRefused) => {
+                    std::process::ExitCode::from(exuvia::EXIT_TAKEOVER_FAILED)
+                }
+                _ => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }

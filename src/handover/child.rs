@@ -283,6 +283,7 @@ fn end_this_process(came: Came, parent_pid: u32, when: &str, why: Option<&str>) 
             if let Err(e) = told {
                 tracing::debug!(error = %e, "cannot tell the service manager why");
             }
+            std::process::exit(i32::from(crate::EXIT_TAKEOVER_FAILED))
         }
     }
     std::process::exit(1)

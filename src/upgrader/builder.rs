@@ -94,7 +94,7 @@ impl Builder {
     /// When nothing serves the control socket (no socket file, or nobody listening), this process starts
     /// fresh, binding as usual: the first instance of a blue/green pair. When something serves it and refuses
     /// (another user, an upgrade or takeover in flight), `build()` fails with
-    /// [`ErrorKind::TakeoverRefused`]. A process started by an upgrade of its own ignores this (its
+    /// [`ErrorKind::TakeoverRefused`]: exit with [`EXIT_TAKEOVER_FAILED`](crate::EXIT_TAKEOVER_FAILED) then. A process started by an upgrade of its own ignores this (its
     /// predecessor already handed over to it): a takeover happens once, at the start.
     ///
     /// Under systemd the new unit reports `READY=1` once it is committed (after its probation window, with

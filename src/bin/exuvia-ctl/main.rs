@@ -80,6 +80,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     };
+    if command == Command::Stop {
+        if let Some(code) = stop_another_instance(&path, timeout) {
+            return code;
+        }
+    }
     let reply = ask(&path, command, timeout);
     if reply.is_err() && reloading {
         main_process_died_during_reload();
@@ -224,6 +229,44 @@ fn end_quietly_on_sigterm() {
 /// `RELOADING=1`) until `TimeoutStartSec=`, with no process serving. This helper may notify (the templates'
 /// `NotifyAccess=exec`): its `READY=1` ends the reload at once, and systemd, seeing the main process gone
 /// with a failure, stops the unit and restarts it (`Restart=`), the socket unit holding clients meanwhile.
+/// `ExecStop=` of a blue/green instance (`units/exuvia-app@.service`) whose service another instance took
+/// over: the control socket they share is served by the other instance's process, which this unit's stop must
+/// not touch. systemd names this unit's own main process in `$MAINPID`: when the socket's process is another
+/// one, this unit's process (standing by through the other's probation window) is asked to stop by SIGTERM
+/// and waited for; a main process already gone needs nothing. `None`: stop through the socket as usual.
+fn stop_another_instance(path: &Path, timeout: Duration) -> Option<ExitCode> {
+    let main: u32 = std::env::var("MAINPID").ok()?.trim().parse().ok()?;
+    if exuvia::control::wait_exited(main, Duration::ZERO) {
+        println!("pid {main} has exited already");
+        return Some(ExitCode::SUCCESS);
+    }
+    let status = exuvia::control::request(path, Command::Status, timeout.min(Duration::from_secs(10)));
+    let serving: u32 = match &status {
+        Ok(r) if r.is_ok() => r
+            .text()
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("pid="))
+            .and_then(|p| p.parse().ok())?,
+        _ => return None,
+    };
+    if serving == main {
+        return None;
+    }
+    // SAFETY: kill with a pid and a signal number has no memory-safety preconditions.
+    #[allow(unsafe_code)]
+    let sent = unsafe { libc::kill(main as libc::pid_t, libc::SIGTERM) } == 0;
+    if !sent {
+        return None;
+    }
+    if exuvia::control::wait_exited(main, timeout) {
+        println!("stopping pid {main} (pid {serving}, another instance, serves the control socket): exited");
+        Some(ExitCode::SUCCESS)
+    } else {
+        eprintln!("exuvia-ctl: pid {main} did not exit within {} s", timeout.as_secs());
+        Some(ExitCode::from(1))
+    }
+}
+
 fn main_process_died_during_reload() {
     let Some(pid) = std::env::var("MAINPID")
         .ok()

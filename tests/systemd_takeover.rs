@@ -1,0 +1,264 @@
+//! Blue/green instances under the REAL systemd (253+): the shipped template `units/exuvia-app@.service`, where
+//! `systemctl start app@green` takes the service over from `app@blue`. The two instances run different binary
+//! paths (`ExecStart=` names the instance's directory) and differ, through a drop-in each, in an environment
+//! variable the responses show and in `LimitNOFILE=`. Skips loudly where systemd cannot be booted; fails in CI.
+
+#[macro_use]
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::systemd::{boot, Systemd};
+use support::*;
+
+/// What each instance runs and how it differs.
+const INSTANCES: [(&str, &str, u64); 2] = [("blue", "release-a", 1500), ("green", "release-b", 2500)];
+
+/// Installs `app@.service` from the template: each instance runs its own copy of the axum example from
+/// `<test dir>/releases/%i/bin/app` with `args`, and a drop-in per instance sets `APP_VERSION` and
+/// `LimitNOFILE=`. Fault files (`<test dir>/faults/init-%i`, `crash-%i`) are named on every command line and
+/// exist only when a test writes them.
+fn install(sd: &Systemd, port: u16, args: &str) -> SocketAddr {
+    let ctl = sd.stage(Path::new(env!("CARGO_BIN_EXE_exuvia-ctl")));
+    let app = example("http_axum");
+    for (name, _, _) in INSTANCES {
+        let bin = sd.dir.join("releases").join(name).join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy(&app, bin.join("app")).unwrap();
+    }
+    std::fs::create_dir_all(sd.dir.join("faults")).unwrap();
+    let exec_start = format!(
+        "{}/releases/%i/bin/app --listen 127.0.0.1:{port} --takeover --init-fault {d}/faults/init-%i \
+         --crash-fault {d}/faults/crash-%i {args}",
+        sd.dir.display(),
+        d = sd.dir.display()
+    );
+    let exec_reload = format!("{} reload-verdict", ctl.display());
+    let exec_stop = format!("{} stop", ctl.display());
+    let stderr = format!("StandardError=append:{}", sd.service_log().display());
+    sd.install(
+        "exuvia-app@.service",
+        "app@.service",
+        &[
+            ("ExecStart", &exec_start),
+            ("ExecReload", &exec_reload),
+            ("ExecStop", &exec_stop),
+        ],
+        &[stderr.as_str()],
+    );
+    for (name, version, nofile) in INSTANCES {
+        sd.install_dropin_text(
+            &format!("app@{name}.service"),
+            "release.conf",
+            &format!("[Service]\nEnvironment=APP_VERSION={version}\nLimitNOFILE={nofile}\n"),
+        );
+    }
+    format!("127.0.0.1:{port}").parse().unwrap()
+}
+
+fn log(sd: &Systemd) -> String {
+    std::fs::read_to_string(sd.service_log()).unwrap_or_default()
+}
+
+/// `systemctl start UNIT`: its output, whether it succeeded, and how long it took.
+fn start(sd: &Systemd, unit: &str) -> (bool, String, Duration) {
+    let t0 = Instant::now();
+    let out = sd.systemctl(&["start", unit]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text, t0.elapsed())
+}
+
+/// Waits until `unit` is `inactive` (not `failed`, not `deactivating`), with `Result=success`.
+fn ends_inactive(sd: &Systemd, unit: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = sd.show(unit, "ActiveState");
+        if state == "inactive" {
+            assert_eq!(
+                sd.show(unit, "Result"),
+                "success",
+                "{unit}\n{}",
+                sd.status_text(unit)
+            );
+            return;
+        }
+        assert!(
+            state != "failed" && Instant::now() < deadline,
+            "{unit} is {state}\n{}\n--- log ---\n{}",
+            sd.status_text(unit),
+            log(sd)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The soft descriptor limit of a process inside the namespace.
+fn nofile_of(sd: &Systemd, ns_pid: u32) -> u64 {
+    let pid = sd.host_pid(ns_pid).expect("process gone");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// 10 takeovers alternating between `app@blue` and `app@green` under new-connection and keep-alive load (our
+/// generator and `ab -k`): nothing refused or failed, each `systemctl start` returns with the new instance
+/// serving (its binary, environment and limit), the previous one ends `inactive` with `Result=success`.
+#[test]
+fn blue_green_instances_take_over_from_each_other_under_load() {
+    let Some(sd) = boot("blue_green_instances_take_over_from_each_other_under_load") else {
+        return;
+    };
+    let addr = install(&sd, free_port(), "");
+    let (ok, text, _) = start(&sd, "app@blue.service");
+    assert!(ok, "{text}\n{}", log(&sd));
+    let (resp, _) = get(addr, "/").unwrap();
+    assert_eq!(resp.pid, sd.main_pid("app@blue.service"));
+
+    let ab = client("ab", "apache2-utils");
+    let ab_child = ab.map(|ab| {
+        let mut child = Command::new(ab)
+            .args(["-k", "-l", "-q", "-c", "32", "-t", "40", "-n", "100000000"])
+            .arg(format!("http://{addr}/"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_clients(addr, 32, &mut child, "ab");
+        child
+    });
+    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+    load.wait_progress(200);
+
+    let mut took = Vec::new();
+    for i in 0..10 {
+        let (from, _, _) = INSTANCES[i % 2];
+        let (to, version, nofile) = INSTANCES[(i + 1) % 2];
+        let (from, to) = (format!("app@{from}.service"), format!("app@{to}.service"));
+        let old = sd.main_pid(&from);
+        let (ok, text, t) = start(&sd, &to);
+        assert!(ok, "takeover {i}: {text}\n{}\n{}", sd.status_text(&to), log(&sd));
+        took.push(t);
+        let new = sd.main_pid(&to);
+        assert_ne!(new, old);
+        let (resp, _) = get(addr, "/").unwrap();
+        assert_eq!(
+            (resp.pid, resp.version.as_str()),
+            (new, version),
+            "takeover {i}"
+        );
+        assert_eq!(nofile_of(&sd, new), nofile);
+        ends_inactive(&sd, &from);
+        load.wait_progress(100);
+    }
+    let stats = load.stop();
+    eprintln!("load: {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    took.sort();
+    eprintln!(
+        "systemctl start of the taking instance: median {:?}, max {:?}",
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
+    if let Some(mut child) = ab_child {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ab ended before the takeovers did: make it run longer"
+        );
+        let out = output(child);
+        eprintln!("ab:\n{out}");
+        let complete = number_after(&out, "Complete requests").expect("Complete requests");
+        let failed = number_after(&out, "Failed requests").expect("Failed requests");
+        let keep_alive = number_after(&out, "Keep-Alive requests").expect("Keep-Alive requests");
+        assert_eq!(failed, 0, "ab:\n{out}");
+        assert!(complete > 1000, "too little load: {complete}");
+        assert_eq!(keep_alive, complete, "ab:\n{out}");
+    }
+    // After ten takeovers blue serves again; a reload upgrades it in place; a stop ends it.
+    let blue = sd.main_pid("app@blue.service");
+    let out = sd.systemctl(&["reload", "app@blue.service"]);
+    assert!(out.status.success(), "{}", sd.status_text("app@blue.service"));
+    assert_ne!(sd.main_pid("app@blue.service"), blue);
+    let out = sd.systemctl(&["stop", "app@blue.service"]);
+    assert!(out.status.success(), "{}", sd.status_text("app@blue.service"));
+    ends_inactive(&sd, "app@blue.service");
+    ends_inactive(&sd, "app@green.service");
+}
+
+/// Takeovers that fail, under load: a green that exits during its initialisation, one that hangs past blue's
+/// ready timeout, one that crashes inside its probation window. Each `systemctl start app@green` fails,
+/// promptly, with the reason in green's status; blue serves throughout (nothing refused) and stays the main
+/// process of its unit.
+#[test]
+fn a_failed_takeover_fails_the_start_and_leaves_blue_serving() {
+    let Some(sd) = boot("a_failed_takeover_fails_the_start_and_leaves_blue_serving") else {
+        return;
+    };
+    let addr = install(&sd, free_port(), "--ready-timeout 3 --probation 2");
+    let (ok, text, _) = start(&sd, "app@blue.service");
+    assert!(ok, "{text}\n{}", log(&sd));
+    let blue = sd.main_pid("app@blue.service");
+    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+    load.wait_progress(200);
+    let faults = sd.dir.join("faults");
+    let green = "app@green.service";
+
+    // 1. Exits (status 3) during its initialisation.
+    std::fs::write(faults.join("init-green"), "fail").unwrap();
+    let (ok, text, t) = start(&sd, green);
+    assert!(!ok, "{text}");
+    eprintln!("exit during initialisation: start failed after {t:?}: {text}");
+    assert!(t < Duration::from_secs(15), "{t:?}");
+    std::fs::remove_file(faults.join("init-green")).unwrap();
+    let _ = sd.systemctl(&["reset-failed", green]);
+
+    // 2. Hangs past blue's 3 s ready timeout: blue tells it why and it exits 75 (no restart).
+    sd.install_dropin_text(
+        green,
+        "hang.conf",
+        "[Service]\nExecStart=\nExecStart=/bin/sh -c 'exec \"$0\" \"$@\" --init-delay-ms 60000' \
+         RELEASE_BIN --listen 127.0.0.1:PORT --takeover\n"
+            .replace("RELEASE_BIN", &format!("{}/releases/green/bin/app", sd.dir.display()))
+            .replace("PORT", &addr.port().to_string())
+            .as_str(),
+    );
+    let (ok, text, t) = start(&sd, green);
+    assert!(!ok, "{text}");
+    let status = sd.status_text(green);
+    eprintln!("hang: start failed after {t:?}; status:\n{status}");
+    assert!(t < Duration::from_secs(15), "{t:?}");
+    assert!(status.contains("did not report ready within 3 s"), "{status}");
+    assert!(status.contains("status=75"), "{status}");
+    std::fs::remove_file(sd.dir.join("units/app@green.service.d/hang.conf")).unwrap();
+    let _ = sd.systemctl(&["daemon-reload"]);
+    let _ = sd.systemctl(&["reset-failed", green]);
+
+    // 3. Crashes 300 ms into its 2 s probation window: blue takes the service back.
+    std::fs::write(faults.join("crash-green"), "abort 300").unwrap();
+    let (ok, text, t) = start(&sd, green);
+    eprintln!("crash on probation: start ok={ok} after {t:?}: {text}");
+    assert!(!ok, "{text}\n{}", sd.status_text(green));
+    assert!(log(&sd).contains("rolled back"), "{}", log(&sd));
+
+    // Blue served throughout and is still its unit's main process.
+    assert_eq!(sd.main_pid("app@blue.service"), blue);
+    assert_eq!(sd.show("app@blue.service", "ActiveState"), "active");
+    load.wait_progress(200);
+    let (resp, _) = get(addr, "/").unwrap();
+    assert_eq!(resp.pid, blue);
+    let stats = load.stop();
+    eprintln!("load: {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    let out = sd.systemctl(&["stop", "app@blue.service"]);
+    assert!(out.status.success(), "{}", sd.status_text("app@blue.service"));
+    ends_inactive(&sd, "app@blue.service");
+}
