@@ -8,7 +8,7 @@
 //! -> exuvia-ctl/1 upgrade           <- ok upgraded to pid 1240 in 104 ms (its own initialisation 100 ms, handover overhead 3 ms)  |  error child exited with status 3 ...
 //! -> exuvia-ctl/1 verdict <usec>    <- the verdict of the upgrade the reload signal started (see below)
 //! -> exuvia-ctl/1 stop              <- ok stopping pid 1240 [and pid 1236 (on standby ...)]; the connection then stays open until it exits
-//! -> exuvia-ctl/1 config            <- ok drain_ms=30000 ready_ms=30000 probation_ms=0 fd_store=false taken=http:exuvia-control unclaimed=
+//! -> exuvia-ctl/1 config            <- ok drain_ms=30000 ready_ms=30000 probation_ms=0 fd_store=false taken=http:exuvia-control unclaimed= take_over=false
 //! ```
 //!
 //! `status`'s `origin=` is how the process came to serve: `fresh`, `upgrade` (started by its predecessor) or
@@ -864,6 +864,9 @@ pub struct Config {
     pub taken: Vec<String>,
     /// The sockets inherited and never taken (passed on all the same).
     pub unclaimed: Vec<String>,
+    /// [`Builder::take_over`](crate::Builder::take_over): whether the process was built to take the service
+    /// over from another instance (`false` when an older service does not say).
+    pub take_over: bool,
 }
 
 impl Config {
@@ -902,6 +905,7 @@ impl Config {
             fd_store: get("fd_store")? == "true",
             taken: names("taken")?,
             unclaimed: names("unclaimed")?,
+            take_over: fields.get("take_over") == Some(&"true"),
         })
     }
 }
@@ -910,13 +914,14 @@ impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "drain_ms={} ready_ms={} probation_ms={} fd_store={} taken={} unclaimed={}",
+            "drain_ms={} ready_ms={} probation_ms={} fd_store={} taken={} unclaimed={} take_over={}",
             self.drain_timeout.as_millis(),
             self.ready_timeout.as_millis(),
             self.probation.as_millis(),
             self.fd_store,
             self.taken.join(":"),
-            self.unclaimed.join(":")
+            self.unclaimed.join(":"),
+            self.take_over
         )
     }
 }
@@ -1082,11 +1087,16 @@ mod tests {
             fd_store: true,
             taken: vec!["http".into(), "exuvia-control".into()],
             unclaimed: vec![],
+            take_over: true,
         };
         assert_eq!(
             c.to_string(),
-            "drain_ms=30000 ready_ms=1500 probation_ms=0 fd_store=true taken=http:exuvia-control unclaimed="
+            "drain_ms=30000 ready_ms=1500 probation_ms=0 fd_store=true taken=http:exuvia-control unclaimed= \
+             take_over=true"
         );
+        // An older service does not say take_over=.
+        let older = "drain_ms=30000 ready_ms=1500 probation_ms=0 fd_store=true taken=http:exuvia-control unclaimed=";
+        assert!(!Config::parse(older).unwrap().take_over);
         assert_eq!(Config::parse(&c.to_string()).unwrap(), c);
         // A newer service may say more; an older one that says less is an error that names the key.
         assert_eq!(Config::parse(&format!("{c} extra=1")).unwrap(), c);

@@ -428,6 +428,7 @@ fn systemd_analyze_verifies_the_templates() {
         ("exuvia-app.socket", "exuvia-app.socket"),
         ("exuvia-app.service", "exuvia-app.service"),
         ("exuvia-app-portable.service", "exuvia-app-portable.service"),
+        ("exuvia-app@.service", "exuvia-app@.service"),
     ] {
         sd.install(
             template,
@@ -453,10 +454,17 @@ fn systemd_analyze_verifies_the_templates() {
         text.lines().any(|l| l.contains("broken.service")),
         "verify did not flag a broken unit:\n{text}"
     );
+    // A template is verified through an instance of it.
+    std::os::unix::fs::symlink(
+        "exuvia-app@.service",
+        sd.dir.join("units").join("exuvia-app@blue.service"),
+    )
+    .unwrap();
     for unit in [
         "exuvia-app.socket",
         "exuvia-app.service",
         "exuvia-app-portable.service",
+        "exuvia-app@blue.service",
     ] {
         let (ok, text) = verify(&sd, &sd.dir.join("units").join(unit));
         assert!(ok, "systemd-analyze verify {unit}:\n{text}");

@@ -15,13 +15,19 @@ use support::systemd::{boot, Systemd};
 use support::*;
 
 /// What each instance runs and how it differs.
-const INSTANCES: [(&str, &str, u64); 2] = [("blue", "release-a", 1500), ("green", "release-b", 2500)];
+const INSTANCES: [(&str, &str, u64); 2] =
+    [("blue", "release-a", 1500), ("green", "release-b", 2500)];
 
 /// Installs `app@.service` from the template: each instance runs its own copy of the axum example from
 /// `<test dir>/releases/%i/bin/app` with `args`, and a drop-in per instance sets `APP_VERSION` and
 /// `LimitNOFILE=`. Fault files (`<test dir>/faults/init-%i`, `crash-%i`) are named on every command line and
 /// exist only when a test writes them.
 fn install(sd: &Systemd, port: u16, args: &str) -> SocketAddr {
+    install_with(sd, port, args, &[])
+}
+
+/// [`install`], with `more` template lines replaced (they win over the test's own).
+fn install_with(sd: &Systemd, port: u16, args: &str, more: &[(&str, &str)]) -> SocketAddr {
     let ctl = sd.stage(Path::new(env!("CARGO_BIN_EXE_exuvia-ctl")));
     let app = example("http_axum");
     for (name, _, _) in INSTANCES {
@@ -39,14 +45,16 @@ fn install(sd: &Systemd, port: u16, args: &str) -> SocketAddr {
     let exec_reload = format!("{} reload-verdict", ctl.display());
     let exec_stop = format!("{} stop", ctl.display());
     let stderr = format!("StandardError=append:{}", sd.service_log().display());
+    let mut replace = more.to_vec();
+    replace.extend_from_slice(&[
+        ("ExecStart", exec_start.as_str()),
+        ("ExecReload", exec_reload.as_str()),
+        ("ExecStop", exec_stop.as_str()),
+    ]);
     sd.install(
         "exuvia-app@.service",
         "app@.service",
-        &[
-            ("ExecStart", &exec_start),
-            ("ExecReload", &exec_reload),
-            ("ExecStop", &exec_stop),
-        ],
+        &replace,
         &[stderr.as_str()],
     );
     for (name, version, nofile) in INSTANCES {
@@ -146,7 +154,12 @@ fn blue_green_instances_take_over_from_each_other_under_load() {
         let (from, to) = (format!("app@{from}.service"), format!("app@{to}.service"));
         let old = sd.main_pid(&from);
         let (ok, text, t) = start(&sd, &to);
-        assert!(ok, "takeover {i}: {text}\n{}\n{}", sd.status_text(&to), log(&sd));
+        assert!(
+            ok,
+            "takeover {i}: {text}\n{}\n{}",
+            sd.status_text(&to),
+            log(&sd)
+        );
         took.push(t);
         let new = sd.main_pid(&to);
         assert_ne!(new, old);
@@ -186,10 +199,18 @@ fn blue_green_instances_take_over_from_each_other_under_load() {
     // After ten takeovers blue serves again; a reload upgrades it in place; a stop ends it.
     let blue = sd.main_pid("app@blue.service");
     let out = sd.systemctl(&["reload", "app@blue.service"]);
-    assert!(out.status.success(), "{}", sd.status_text("app@blue.service"));
+    assert!(
+        out.status.success(),
+        "{}",
+        sd.status_text("app@blue.service")
+    );
     assert_ne!(sd.main_pid("app@blue.service"), blue);
     let out = sd.systemctl(&["stop", "app@blue.service"]);
-    assert!(out.status.success(), "{}", sd.status_text("app@blue.service"));
+    assert!(
+        out.status.success(),
+        "{}",
+        sd.status_text("app@blue.service")
+    );
     ends_inactive(&sd, "app@blue.service");
     ends_inactive(&sd, "app@green.service");
 }
@@ -227,7 +248,10 @@ fn a_failed_takeover_fails_the_start_and_leaves_blue_serving() {
         "hang.conf",
         "[Service]\nExecStart=\nExecStart=/bin/sh -c 'exec \"$0\" \"$@\" --init-delay-ms 60000' \
          RELEASE_BIN --listen 127.0.0.1:PORT --takeover\n"
-            .replace("RELEASE_BIN", &format!("{}/releases/green/bin/app", sd.dir.display()))
+            .replace(
+                "RELEASE_BIN",
+                &format!("{}/releases/green/bin/app", sd.dir.display()),
+            )
             .replace("PORT", &addr.port().to_string())
             .as_str(),
     );
@@ -236,7 +260,10 @@ fn a_failed_takeover_fails_the_start_and_leaves_blue_serving() {
     let status = sd.status_text(green);
     eprintln!("hang: start failed after {t:?}; status:\n{status}");
     assert!(t < Duration::from_secs(15), "{t:?}");
-    assert!(status.contains("did not report ready within 3 s"), "{status}");
+    assert!(
+        status.contains("did not report ready within 3 s"),
+        "{status}"
+    );
     assert!(status.contains("status=75"), "{status}");
     std::fs::remove_file(sd.dir.join("units/app@green.service.d/hang.conf")).unwrap();
     let _ = sd.systemctl(&["daemon-reload"]);
@@ -259,6 +286,64 @@ fn a_failed_takeover_fails_the_start_and_leaves_blue_serving() {
     eprintln!("load: {}", stats.summary());
     assert!(stats.failures.is_empty(), "{}", stats.summary());
     let out = sd.systemctl(&["stop", "app@blue.service"]);
-    assert!(out.status.success(), "{}", sd.status_text("app@blue.service"));
+    assert!(
+        out.status.success(),
+        "{}",
+        sd.status_text("app@blue.service")
+    );
     ends_inactive(&sd, "app@blue.service");
+}
+
+/// `exuvia-ctl check` on a blue/green instance: the shipped template passes; an instance with a directory of
+/// its own, one whose stop removes the shared directory, and one whose service does not take over are each
+/// named, with the fix.
+#[test]
+fn exuvia_ctl_check_validates_blue_green_instances() {
+    let Some(sd) = boot("exuvia_ctl_check_validates_blue_green_instances") else {
+        return;
+    };
+    let ctl = sd.stage(Path::new(env!("CARGO_BIN_EXE_exuvia-ctl")));
+    // (template lines replaced, expected exit, expected finding)
+    let cases: &[(&[(&str, &str)], i32, &str)] = &[
+        (&[], 0, "RuntimeDirectoryPreserve=yes"),
+        (&[("RuntimeDirectory", "%N")], 2, "names this instance"),
+        (
+            &[("RuntimeDirectoryPreserve", "no")],
+            2,
+            "RuntimeDirectoryPreserve=no",
+        ),
+    ];
+    let port = free_port();
+    for (replace, want, finding) in cases {
+        install_with(&sd, port, "", replace);
+        let (ok, text, _) = start(&sd, "app@blue.service");
+        assert!(ok, "{text}\n{}", log(&sd));
+        let out = sd.run(&[ctl.to_str().unwrap(), "check", "app@blue.service"]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("--- {replace:?}: exit {:?}\n{text}", out.status.code());
+        assert_eq!(out.status.code(), Some(*want), "{replace:?}: {text}");
+        assert!(
+            text.contains(finding),
+            "{replace:?}: no {finding:?} in:\n{text}"
+        );
+        let _ = sd.systemctl(&["stop", "app@blue.service"]);
+        ends_inactive(&sd, "app@blue.service");
+    }
+    // A service that does not take over, in a blue/green unit.
+    let exec_start = format!(
+        "{}/releases/%i/bin/app --listen 127.0.0.1:{port}",
+        sd.dir.display()
+    );
+    install_with(&sd, port, "", &[("ExecStart", &exec_start)]);
+    let (ok, text, _) = start(&sd, "app@blue.service");
+    assert!(ok, "{text}\n{}", log(&sd));
+    let out = sd.run(&[ctl.to_str().unwrap(), "check", "app@blue.service"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("does not take over"), "{text}");
+    let _ = sd.systemctl(&["stop", "app@blue.service"]);
 }

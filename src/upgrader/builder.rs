@@ -334,6 +334,7 @@ impl Builder {
                 app_state: self.state,
                 registry: Sockets::new(Registry::with_inherited(origin.sockets)),
                 origin: how,
+                take_over: self.take_over,
                 parent: Mutex::new(origin.parent),
                 // Apart from the link, which ready() consumes: the HTTP layer asks for connections after it.
                 moves: Mutex::new(origin.moves),

@@ -76,6 +76,7 @@ impl Actions for Upgrader {
             ready_timeout: self.inner.ready_timeout,
             probation: self.inner.successor_probation,
             fd_store: self.inner.fd_store,
+            take_over: self.inner.take_over,
             taken,
             unclaimed,
         }

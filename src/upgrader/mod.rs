@@ -63,6 +63,8 @@ pub enum Event {
 struct Inner {
     /// How this process came to serve.
     origin: Origin,
+    /// Built with `Builder::take_over` (said in the `config` answer).
+    take_over: bool,
     program: PathBuf,
     argv: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,

@@ -33,8 +33,8 @@ fn prop<'a>(props: &'a HashMap<String, String>, key: &str) -> &'a str {
 }
 
 const PROPERTIES: &str = "LoadState,ActiveState,Type,NotifyAccess,ReloadSignal,ExecReload,ExecStop,KillMode,\
-TimeoutStopUSec,TimeoutStartUSec,WatchdogUSec,RuntimeDirectory,FileDescriptorStoreMax,FileDescriptorStorePreserve,\
-FragmentPath,DropInPaths";
+TimeoutStopUSec,TimeoutStartUSec,WatchdogUSec,RuntimeDirectory,RuntimeDirectoryPreserve,FileDescriptorStoreMax,\
+FileDescriptorStorePreserve,FragmentPath,DropInPaths,Id";
 
 /// The longest unit name systemd accepts (`UNIT_NAME_MAX` less the NUL).
 const UNIT_NAME_MAX: usize = 255;
@@ -407,10 +407,53 @@ fn check_runtime(props: &HashMap<String, String>, f: &mut Findings) {
             format!("RuntimeDirectory={}", prop(props, "RuntimeDirectory")),
         );
     }
+    if let Some(instance) = instance_of(prop(props, "Id")) {
+        check_instance(props, instance, f);
+    }
     if let Some(w) = parse_span(prop(props, "WatchdogUSec")).filter(|w| !w.is_zero()) {
         f.add(
             Level::Ok,
             format!("WatchdogSec={w:?}: fed by whichever process is the main one, across upgrades"),
+        );
+    }
+}
+
+/// The instance name of a template unit's instance (`green` of `app@green.service`).
+fn instance_of(id: &str) -> Option<&str> {
+    let stem = id.strip_suffix(".service")?;
+    let (_, instance) = stem.split_once('@')?;
+    (!instance.is_empty()).then_some(instance)
+}
+
+/// An instance of a blue/green template (`units/exuvia-app@.service`): every instance must find the same
+/// control socket, and none may remove it from under the other.
+fn check_instance(props: &HashMap<String, String>, instance: &str, f: &mut Findings) {
+    let dir = prop(props, "RuntimeDirectory");
+    if !dir.is_empty() && dir.split_whitespace().any(|d| d.contains(instance)) {
+        f.add(
+            Level::Error,
+            format!(
+                "RuntimeDirectory={dir} names this instance ({instance}): each instance then has a control socket \
+                 of its own, so a starting instance cannot find the running one to take over from, and binds \
+                 afresh (address in use); fix: one directory for every instance, e.g. RuntimeDirectory=app \
+                 (not %N or %i)"
+            ),
+        );
+    }
+    if !dir.is_empty() && prop(props, "RuntimeDirectoryPreserve") != "yes" {
+        f.add(
+            Level::Error,
+            format!(
+                "RuntimeDirectoryPreserve={}: when an instance stops, systemd removes the directory holding \
+                 the control socket the other instance serves, and the next takeover finds nobody; fix: \
+                 RuntimeDirectoryPreserve=yes",
+                prop(props, "RuntimeDirectoryPreserve")
+            ),
+        );
+    } else if !dir.is_empty() {
+        f.add(
+            Level::Ok,
+            "RuntimeDirectoryPreserve=yes: the instances share the control socket's directory",
         );
     }
 }
@@ -443,6 +486,21 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
         );
         return;
     };
+    if instance_of(prop(props, "Id")).is_some() {
+        if config.take_over {
+            f.add(
+                Level::Ok,
+                "the service takes over (--takeover): starting another instance hands the service to it",
+            );
+        } else {
+            f.add(
+                Level::Warning,
+                "this is an instance of a template, but the service does not take over (Builder::take_over, \
+                 the examples' --takeover): starting another instance binds afresh beside this one instead of \
+                 taking the service over; fix: add --takeover (or build with take_over(true))",
+            );
+        }
+    }
     let drain = config.drain_timeout;
     match parse_span(prop(props, "TimeoutStopUSec")) {
         Some(stop) if stop < drain + Duration::from_secs(5) => f.add(

@@ -240,7 +240,8 @@ fn stop_another_instance(path: &Path, timeout: Duration) -> Option<ExitCode> {
         println!("pid {main} has exited already");
         return Some(ExitCode::SUCCESS);
     }
-    let status = exuvia::control::request(path, Command::Status, timeout.min(Duration::from_secs(10)));
+    let status =
+        exuvia::control::request(path, Command::Status, timeout.min(Duration::from_secs(10)));
     let serving: u32 = match &status {
         Ok(r) if r.is_ok() => r
             .text()
@@ -262,7 +263,10 @@ fn stop_another_instance(path: &Path, timeout: Duration) -> Option<ExitCode> {
         println!("stopping pid {main} (pid {serving}, another instance, serves the control socket): exited");
         Some(ExitCode::SUCCESS)
     } else {
-        eprintln!("exuvia-ctl: pid {main} did not exit within {} s", timeout.as_secs());
+        eprintln!(
+            "exuvia-ctl: pid {main} did not exit within {} s",
+            timeout.as_secs()
+        );
         Some(ExitCode::from(1))
     }
 }
