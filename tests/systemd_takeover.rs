@@ -304,7 +304,8 @@ fn exuvia_ctl_check_validates_blue_green_instances() {
     };
     let ctl = sd.stage(Path::new(env!("CARGO_BIN_EXE_exuvia-ctl")));
     // (template lines replaced, expected exit, expected finding)
-    let cases: &[(&[(&str, &str)], i32, &str)] = &[
+    type Case<'a> = (&'a [(&'a str, &'a str)], i32, &'a str);
+    let cases: &[Case] = &[
         (&[], 0, "RuntimeDirectoryPreserve=yes"),
         (&[("RuntimeDirectory", "%N")], 2, "names this instance"),
         (
