@@ -55,9 +55,10 @@
 //! README shows `journalctl -u` across two upgrades.
 
 use std::os::fd::AsFd;
-use std::sync::OnceLock;
 
 use crate::handover;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
 
 /// The variable systemd sets for a service whose stdout or stderr is connected to journald:
 /// `<st_dev>:<st_ino>` of that stream (systemd.exec(5)).
@@ -67,15 +68,31 @@ pub const JOURNAL_STREAM: &str = "JOURNAL_STREAM";
 /// [`Upgrader::generation`](crate::Upgrader::generation), but readable before the upgrader is built, so that
 /// logging set up first can label every line (the old process passes it in the environment, and this reads
 /// it once; a variable meant for another process, or not a number, counts as 0).
+///
+/// A process that takes over ([`Builder::take_over`](crate::Builder::take_over)) learns its generation only
+/// inside `build()`, from the process it takes over from: until then this says 0, and from then on the
+/// generation it received (a formatter that asks per line labels every later line right; a value read once
+/// at start-up, such as a journald layer's custom field, stays 0).
 pub fn generation() -> u32 {
-    static GENERATION: OnceLock<u32> = OnceLock::new();
-    *GENERATION.get_or_init(|| {
-        parse_generation(
+    static FROM_ENV: Once = Once::new();
+    FROM_ENV.call_once(|| {
+        let g = parse_generation(
             std::env::var_os(handover::env::VAR_GENERATION).as_deref(),
             std::env::var_os(handover::env::VAR_PID).as_deref(),
             std::process::id(),
-        )
-    })
+        );
+        // A taker that set it already (build() before any log line asked) keeps its own.
+        let _ = GENERATION.compare_exchange(0, g, Ordering::Relaxed, Ordering::Relaxed);
+    });
+    GENERATION.load(Ordering::Relaxed)
+}
+
+/// This process's generation, once known ([`generation`]).
+static GENERATION: AtomicU32 = AtomicU32::new(0);
+
+/// Sets the generation a takeover brought (see [`generation`]).
+pub(crate) fn set_generation(g: u32) {
+    GENERATION.store(g, Ordering::Relaxed);
 }
 
 fn parse_generation(

@@ -28,10 +28,12 @@ impl Release {
         std::fs::create_dir(dir.path().join("bin")).unwrap();
         let binary = dir.path().join("bin").join("app");
         std::fs::copy(support::example(example), &binary).unwrap();
-        wrapper(
+        // The binary beside the launcher, wherever the release is mounted.
+        script(
             &dir.path().join("run"),
-            &format!("ulimit -n {nofile}\nexport APP_VERSION={tag}"),
-            &binary,
+            &format!(
+                "ulimit -n {nofile}\nexport APP_VERSION={tag}\nexec \"$(dirname \"$0\")/bin/app\" \"$@\"\n"
+            ),
         );
         Release { dir, tag, nofile }
     }
@@ -468,4 +470,80 @@ fn a_process_of_another_user_cannot_take_over() {
 fn sys_euid() -> u32 {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() }
+}
+
+/// The shape of two containers of one pod or compose service: each instance runs in a mount namespace of its
+/// own, where its own release is mounted at the same path (`.../mnt/app`, empty on the host), and the two
+/// share only the network namespace and the control socket's directory (bind-mounted into each). Under load,
+/// takeovers back and forth refuse and fail nothing. (Both stay in one PID namespace: see the README's
+/// "Takeover" for why that is required.)
+#[test]
+fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
+    if sys_euid() != 0 {
+        skip(
+            "the separate-mount-namespace takeover test",
+            "it must run as root to create mount namespaces",
+        );
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    let shared = base.path().join("shared");
+    let mnt_app = base.path().join("mnt/app");
+    let mnt_run = base.path().join("mnt/run");
+    for d in [&shared, &mnt_app, &mnt_run] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let releases = [
+        Release::install("http_axum", "release-a", 1500),
+        Release::install("http_axum", "release-b", 2500),
+    ];
+    // Inside each "container": its own release at mnt/app, the shared directory at mnt/run, then the
+    // release's launcher from the container's own path.
+    let container = |release: &Release, listen: &str| {
+        let script = format!(
+            "set -e\nmount --bind '{rel}' '{app}'\nmount --bind '{shared}' '{run}'\n\
+             exec '{app}/run' --listen {listen} --control-socket '{run}/control.sock' --takeover\n",
+            rel = release.dir.path().display(),
+            app = mnt_app.display(),
+            shared = shared.display(),
+            run = mnt_run.display(),
+        );
+        Instance::spawn(
+            Path::new("unshare"),
+            &["--mount", "--propagation", "private", "sh", "-c", &script],
+        )
+    };
+    let mut current = container(&releases[0], "127.0.0.1:0");
+    let addr = current.serving();
+    let listen = addr.to_string();
+    // The host sees neither release at that path: each lives in its own container's mounts only.
+    assert_eq!(std::fs::read_dir(&mnt_app).unwrap().count(), 0);
+    assert!(shared.join("control.sock").exists());
+    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+    load.wait_progress(200);
+    for i in 0..4 {
+        let release = &releases[(i + 1) % 2];
+        let mut next = container(release, &listen);
+        next.serving();
+        let st = current.exited(Duration::from_secs(30));
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "takeover {i}: {st:?}\n{}",
+            current.log.dump()
+        );
+        let (resp, _) = get(addr, "/").unwrap();
+        assert_eq!((resp.pid, resp.version.as_str()), (next.pid, release.tag));
+        // Each runs its own release's binary, at the same path inside its own mounts.
+        let exe = std::fs::read_link(format!("/proc/{}/exe", next.pid)).unwrap();
+        assert_eq!(exe, mnt_app.join("bin/app"));
+        current = next;
+        load.wait_progress(100);
+    }
+    let stats = load.stop();
+    eprintln!("load: {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    signal(current.pid, libc::SIGTERM);
+    assert!(current
+        .exited(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
 }

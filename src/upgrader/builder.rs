@@ -449,6 +449,7 @@ impl Adopted {
         );
         self.sockets.extend(received.sockets);
         self.generation = link.generation;
+        crate::logging::set_generation(link.generation);
         self.born_of = Some(link.started_usec);
         self.parent = Some(link);
         self.state = Some(state);
