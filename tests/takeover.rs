@@ -547,3 +547,100 @@ fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
         .exited(Duration::from_secs(30))
         .is_some_and(|s| s.success()));
 }
+
+/// The README's deploy script for a takeover without systemd (`scripts/deploy-takeover`, verbatim in the
+/// README): it starts a release in takeover mode and exits 0 once it serves, 1 if its takeover failed. Under
+/// load: a fresh start, two takeovers, and one whose new process exits during its initialisation.
+#[test]
+fn the_readme_deploy_script_takes_over_and_reports_a_failed_takeover() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("scripts/deploy-takeover");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let text = std::fs::read_to_string(&script).unwrap();
+    assert!(
+        readme.contains(&format!("```sh\n{text}```\n")),
+        "README.md must show scripts/deploy-takeover verbatim"
+    );
+    let control_dir = tempfile::tempdir().unwrap();
+    let control = control_dir.path().join("control.sock");
+    let releases = [
+        Release::install("http_axum", "release-a", 1500),
+        Release::install("http_axum", "release-b", 2500),
+    ];
+    let ctl = binary("exuvia-ctl");
+    let path = format!(
+        "{}:{}",
+        ctl.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let out_dir = tempfile::tempdir().unwrap();
+    // Runs the script for `release`; its exit status and the pid it says serves. Its standard output goes to
+    // a file: the process it starts inherits it and keeps it open.
+    let deploy = |release: &Release, extra: &[&str]| -> (Option<i32>, Option<u32>, Log) {
+        become_subreaper();
+        let said_at = out_dir.path().join(release.tag);
+        let stdout = std::fs::File::create(&said_at).unwrap();
+        let mut child = Command::new(&script)
+            .arg(release.dir.path())
+            .args(["--listen", &listen])
+            .args(extra)
+            .env("PATH", &path)
+            .env("APP_CONTROL_SOCKET", &control)
+            .env("APP_VERSION", release.tag)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Log::collect(child.stderr.take().unwrap(), "deploy");
+        let status = child.wait().unwrap();
+        let said = std::fs::read_to_string(&said_at).unwrap();
+        let pid = said
+            .strip_prefix("deploy-takeover: pid ")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok());
+        (status.code(), pid, log)
+    };
+    let (code, first, log) = deploy(&releases[0], &[]);
+    assert_eq!(code, Some(0), "{}", log.dump());
+    let mut current = first.expect("the script names the pid that serves");
+    let addr: SocketAddr = listen.parse().unwrap();
+    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+    load.wait_progress(200);
+    for i in 0..2 {
+        let release = &releases[(i + 1) % 2];
+        let (code, pid, log) = deploy(release, &[]);
+        assert_eq!(code, Some(0), "{}", log.dump());
+        let pid = pid.unwrap();
+        let (resp, _) = get(addr, "/").unwrap();
+        assert_eq!((resp.pid, resp.version.as_str()), (pid, release.tag));
+        assert!(
+            wait_gone(current, Duration::from_secs(30)),
+            "{current} lingered"
+        );
+        current = pid;
+        load.wait_progress(100);
+    }
+    // A release whose process exits during its initialisation: the script says so, exits 1; nothing changes.
+    let faults = tempfile::tempdir().unwrap();
+    let fail = faults.path().join("fail");
+    std::fs::write(&fail, "fail").unwrap();
+    let (code, pid, log) = deploy(&releases[1], &["--init-fault", fail.to_str().unwrap()]);
+    assert_eq!((code, pid), (Some(1), None), "{}", log.dump());
+    assert!(
+        log.wait_for(0, Duration::from_secs(5), |l| l
+            .contains("the takeover failed (exit status 3)"))
+            .is_some(),
+        "{}",
+        log.dump()
+    );
+    let (resp, _) = get(addr, "/").unwrap();
+    assert_eq!(resp.pid, current);
+    let stats = load.stop();
+    eprintln!("load: {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    signal(current, libc::SIGTERM);
+    assert!(wait_gone(current, Duration::from_secs(30)));
+}

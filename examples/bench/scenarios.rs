@@ -14,18 +14,20 @@ pub enum Scenario {
     ExuviaSighupDrain,
     ExuviaSighupBackground,
     ExuviaSystemctl,
+    ExuviaTakeover,
     NaiveRestart,
     ReuseportOverlap,
     ExuviaRollback,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 8] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Control,
         Scenario::ExuviaSighup,
         Scenario::ExuviaSighupDrain,
         Scenario::ExuviaSighupBackground,
         Scenario::ExuviaSystemctl,
+        Scenario::ExuviaTakeover,
         Scenario::NaiveRestart,
         Scenario::ReuseportOverlap,
         Scenario::ExuviaRollback,
@@ -38,6 +40,7 @@ impl Scenario {
             Scenario::ExuviaSighupDrain => "exuvia-sighup-drain",
             Scenario::ExuviaSighupBackground => "exuvia-sighup-bg",
             Scenario::ExuviaSystemctl => "exuvia-systemctl",
+            Scenario::ExuviaTakeover => "exuvia-takeover",
             Scenario::NaiveRestart => "naive-restart",
             Scenario::ReuseportOverlap => "reuseport-overlap",
             Scenario::ExuviaRollback => "exuvia-rollback",
@@ -51,6 +54,7 @@ impl Scenario {
                 | Scenario::ExuviaSighupDrain
                 | Scenario::ExuviaSighupBackground
                 | Scenario::ExuviaSystemctl
+                | Scenario::ExuviaTakeover
         )
     }
 }
@@ -364,6 +368,7 @@ pub fn run(scenario: Scenario, bin: &Path, shape: &LoadShape, upgrades: usize) -
     out.throughput = (fresh.ok + keepalive.ok) as f64 / elapsed.as_secs_f64();
     first_answers(scenario, &mut out, &crashes, &fresh, &keepalive);
     let _ = std::fs::remove_file(&fault);
+    let _ = std::fs::remove_file(fault.with_extension("sock"));
     out.fresh = fresh;
     out.keepalive = keepalive;
     target.stop();
@@ -381,6 +386,12 @@ fn server_args(scenario: Scenario, fault: &Path) -> Vec<String> {
         Scenario::ExuviaRollback => {
             args.extend(["--probation".into(), "5".into(), "--crash-fault".into()]);
             args.push(fault.display().to_string());
+        }
+        // Every process is started by the benchmark and takes over from the one serving the control socket
+        // (a file next to the crash fault's).
+        Scenario::ExuviaTakeover => {
+            args.extend(["--takeover".into(), "--control-socket".into()]);
+            args.push(fault.with_extension("sock").display().to_string());
         }
         _ => {}
     }
@@ -492,6 +503,17 @@ impl Direct<'_> {
                 let idle_done = idle.finish_paced(self.pace);
                 support::wait_gone(old, Duration::from_secs(30));
                 let new = self.start_another(servers, &sampler);
+                (new, idle_done)
+            }
+            Scenario::ExuviaTakeover => {
+                // Returns once the new process says it serves (it took the sockets over).
+                let new = self.start_another(servers, &sampler);
+                let idle_done = idle.finish_paced(self.pace);
+                support::wait_gone(old, Duration::from_secs(30));
+                let lines = servers[servers.len() - 2].log.lines();
+                if let Some(o) = overhead_of(&lines, old) {
+                    out.overhead.push(o);
+                }
                 (new, idle_done)
             }
             Scenario::ReuseportOverlap => {
