@@ -66,6 +66,18 @@
 //! helper make `systemctl reload` return the upgrade's verdict and `systemctl stop` drain. [`notify`] is the
 //! sd_notify client on its own.
 //!
+//! # Takeover: a new process started by someone else
+//!
+//! An upgrade runs the same path with the same settings. To change what runs (another install path, other
+//! unit settings, another container), start the new version yourself with [`Builder::take_over`]: its
+//! `build()` asks the process serving the [`control`] socket for the service (only the same user or root may,
+//! from the same PID namespace), receives the sockets by name and the state, and from there it is an upgrade:
+//! the old process serves until [`Upgrader::ready`], serves on if the new one fails, hangs or dies (rolls back
+//! inside a probation window), and moves or drains its connections once the new one is committed. With nothing
+//! serving the socket, `build()` starts fresh. Exit with [`EXIT_TAKEOVER_FAILED`] when a takeover is refused.
+//! [`Upgrader::origin`] says how a process came to serve. The repository's `units/exuvia-app@.service` runs
+//! blue/green instances that take over from each other.
+//!
 //! # What the new process receives
 //!
 //! The sockets sit at fds 3, 4, ... with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` set to the new
