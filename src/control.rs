@@ -82,7 +82,7 @@ pub(crate) trait Actions: Send + Sync + 'static {
     fn run_upgrade(&self) -> Reply;
     /// Hands the service to the process at the other end of `conn` (a takeover request, its peer checked);
     /// everything it is told goes on `conn` and the channel passed on it.
-    fn run_takeover(&self, conn: UnixStream);
+    fn run_takeover(&self, conn: UnixStream, claimed_pid: u32);
     /// Asks the process to stop.
     fn stop(&self);
     /// The old process that stops with this one (it watches this one through a probation window), if any.
@@ -342,7 +342,7 @@ fn dispatch(
             return answer(&conn, &Reply::Ok(status(served, control)));
         }
         Command::Config => return answer(&conn, &Reply::Ok(served.actions.config().to_string())),
-        Command::Upgrade | Command::Verdict { .. } | Command::Stop | Command::Takeover => {}
+        Command::Upgrade | Command::Verdict { .. } | Command::Stop | Command::Takeover { .. } => {}
     }
     // A stop is always served (it is what ExecStop= asks, and nothing else may hold it up); the others wait
     // their turn beyond MAX_RUNNING.
@@ -405,10 +405,10 @@ fn run(served: &Served, mut conn: UnixStream, command: Command, guard: Connectio
     let _ = conn.set_write_timeout(Some(REQUEST_DEADLINE));
     let reply = match command {
         Command::Upgrade => served.actions.run_upgrade(),
-        Command::Takeover => {
+        Command::Takeover { pid } => {
             // The answer goes with the sockets; the guard holds this process's drain until the takeover has
             // ended either way.
-            served.actions.run_takeover(conn);
+            served.actions.run_takeover(conn, pid);
             drop(guard);
             return;
         }
@@ -613,10 +613,14 @@ pub enum Command {
     /// `config`: the service's own settings, for `exuvia-ctl check`: `drain_ms= ready_ms= probation_ms=
     /// fd_store= taken= unclaimed=` (socket names separated by `:`, which a name cannot contain).
     Config,
-    /// `takeover`: sent by a new process built with [`Builder::take_over`](crate::Builder::take_over), not by
-    /// `exuvia-ctl`: the answer carries the sockets (`SCM_RIGHTS`), and the handover follows on a channel
-    /// passed with them.
-    Takeover,
+    /// `takeover <pid>`: sent by a new process built with [`Builder::take_over`](crate::Builder::take_over),
+    /// not by `exuvia-ctl`: the answer carries the sockets (`SCM_RIGHTS`), and the handover follows on a
+    /// channel passed with them.
+    Takeover {
+        /// The asking process's own pid, as it sees it: used only where the kernel cannot show its pid (a
+        /// process in another PID namespace), in logs and reports.
+        pid: u32,
+    },
 }
 
 impl Command {
@@ -640,7 +644,10 @@ impl Command {
             },
             "stop" => Command::Stop,
             "config" => Command::Config,
-            "takeover" => Command::Takeover,
+            "takeover" => match words.next().and_then(|t| t.parse::<u32>().ok()) {
+                Some(pid) => Command::Takeover { pid },
+                None => return Err("takeover needs the asking process's pid".to_string()),
+            },
             other => {
                 let other: String = other.chars().take(32).collect();
                 return Err(format!(
@@ -684,7 +691,7 @@ impl Command {
             Command::Stop => "stop",
             Command::Config => "config",
             // Not a word of exuvia-ctl's: a new process asks for a takeover itself.
-            Command::Takeover => "takeover",
+            Command::Takeover { .. } => "takeover",
         }
     }
 }
@@ -698,7 +705,7 @@ impl fmt::Display for Command {
             Command::Verdict { since_usec } => write!(f, "verdict {since_usec}"),
             Command::Stop => f.write_str("stop"),
             Command::Config => f.write_str("config"),
-            Command::Takeover => f.write_str("takeover"),
+            Command::Takeover { pid } => write!(f, "takeover {pid}"),
         }
     }
 }

@@ -70,8 +70,8 @@
 //!
 //! An upgrade runs the same path with the same settings. To change what runs (another install path, other
 //! unit settings, another container), start the new version yourself with [`Builder::take_over`]: its
-//! `build()` asks the process serving the [`control`] socket for the service (only the same user or root may,
-//! from the same PID namespace), receives the sockets by name and the state, and from there it is an upgrade:
+//! `build()` asks the process serving the [`control`] socket for the service (only the same user or root may),
+//! receives the sockets by name and the state, and from there it is an upgrade:
 //! the old process serves until [`Upgrader::ready`], serves on if the new one fails, hangs or dies (rolls back
 //! inside a probation window), and moves or drains its connections once the new one is committed. With nothing
 //! serving the socket, `build()` starts fresh. Exit with [`EXIT_TAKEOVER_FAILED`] when a takeover is refused.

@@ -49,7 +49,7 @@ fn upgrade_verdicts_status_and_stop_through_the_helper() {
     // Idle: no connection in flight (the control request itself is not one).
     assert!(
         text(&o).contains(&format!(
-            "pid={} generation=0 connections=0 ",
+            "pid={} generation=0 origin=fresh connections=0 ",
             server.current()
         )),
         "{}",

@@ -269,7 +269,16 @@ fn a_failed_takeover_fails_the_start_and_leaves_blue_serving() {
     let _ = sd.systemctl(&["daemon-reload"]);
     let _ = sd.systemctl(&["reset-failed", green]);
 
-    // 3. Crashes 300 ms into its 2 s probation window: blue takes the service back.
+    // Up to here nothing reached green: nothing may have failed at all.
+    load.wait_progress(200);
+    let stats = load.stop();
+    eprintln!("load (exit, hang): {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+
+    // 3. Crashes 300 ms into its 2 s probation window: blue takes the service back. Green served the new
+    // connections of its window and its crash resets those it held (as any crash does); nothing is refused.
+    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+    load.wait_progress(200);
     std::fs::write(faults.join("crash-green"), "abort 300").unwrap();
     let (ok, text, t) = start(&sd, green);
     eprintln!("crash on probation: start ok={ok} after {t:?}: {text}");
@@ -283,8 +292,9 @@ fn a_failed_takeover_fails_the_start_and_leaves_blue_serving() {
     let (resp, _) = get(addr, "/").unwrap();
     assert_eq!(resp.pid, blue);
     let stats = load.stop();
-    eprintln!("load: {}", stats.summary());
-    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    eprintln!("load (crash on probation): {}", stats.summary());
+    assert_eq!(stats.count(FailKind::Refused), 0, "{}", stats.summary());
+    assert_eq!(stats.count(FailKind::Timeout), 0, "{}", stats.summary());
     let out = sd.systemctl(&["stop", "app@blue.service"]);
     assert!(
         out.status.success(),
@@ -347,4 +357,100 @@ fn exuvia_ctl_check_validates_blue_green_instances() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("does not take over"), "{text}");
     let _ = sd.systemctl(&["stop", "app@blue.service"]);
+}
+
+/// Waits until `addr` answers from `pid` (a process inside the namespace).
+fn answered_by(addr: SocketAddr, pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if get(addr, "/").is_ok_and(|(r, _)| r.pid == pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// With a probation window, either instance may be stopped while green serves on probation: stopping green
+/// abandons the deploy (blue takes the service back: a rollback, not a stop of the service), stopping blue
+/// lets green serve on (its start completes). Under load, nothing refused or failed.
+#[test]
+fn stopping_either_instance_inside_the_probation_window() {
+    let Some(sd) = boot("stopping_either_instance_inside_the_probation_window") else {
+        return;
+    };
+    let addr = install(&sd, free_port(), "--probation 4");
+    let (ok, text, _) = start(&sd, "app@blue.service");
+    assert!(ok, "{text}\n{}", log(&sd));
+    let blue = sd.main_pid("app@blue.service");
+    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+    load.wait_progress(200);
+    let (blue_unit, green_unit) = ("app@blue.service", "app@green.service");
+
+    // 1. Green takes over and serves on probation (its start waits for the window); green is stopped.
+    let out = sd.systemctl(&["start", "--no-block", green_unit]);
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let green = loop {
+        let pid = sd.main_pid(green_unit);
+        if pid != 0 && answered_by(addr, pid) {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "green never served:\n{}",
+            log(&sd)
+        );
+    };
+    assert_eq!(sd.show(green_unit, "ActiveState"), "activating");
+    let out = sd.systemctl(&["stop", green_unit]);
+    assert!(out.status.success(), "{}", sd.status_text(green_unit));
+    assert!(
+        answered_by(addr, blue),
+        "blue did not take the service back:\n{}",
+        log(&sd)
+    );
+    assert_eq!(sd.main_pid(blue_unit), blue);
+    assert_eq!(sd.show(blue_unit, "ActiveState"), "active");
+    assert!(log(&sd).contains("rolled back"), "{}", log(&sd));
+    let _ = green;
+    let _ = sd.systemctl(&["reset-failed", green_unit]);
+
+    // 2. Again; this time blue is stopped inside the window: green serves on and its start completes.
+    let out = sd.systemctl(&["start", "--no-block", green_unit]);
+    assert!(out.status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let green = loop {
+        let pid = sd.main_pid(green_unit);
+        if pid != 0 && pid != green && answered_by(addr, pid) {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "green never served:\n{}",
+            log(&sd)
+        );
+    };
+    let out = sd.systemctl(&["stop", blue_unit]);
+    assert!(out.status.success(), "{}", sd.status_text(blue_unit));
+    ends_inactive(&sd, blue_unit);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sd.show(green_unit, "ActiveState") != "active" {
+        assert!(
+            Instant::now() < deadline,
+            "green never became active:\n{}\n{}",
+            sd.status_text(green_unit),
+            log(&sd)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sd.main_pid(green_unit), green);
+    assert!(answered_by(addr, green));
+    load.wait_progress(200);
+    let stats = load.stop();
+    eprintln!("load: {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    let out = sd.systemctl(&["stop", green_unit]);
+    assert!(out.status.success(), "{}", sd.status_text(green_unit));
+    ends_inactive(&sd, green_unit);
 }

@@ -340,7 +340,17 @@ fn failed_takeovers_leave_the_old_process_serving() {
         .unwrap_or_else(|| panic!("{}", hung.log.dump()));
     assert!(why.contains("did not report ready within 2 s"), "{why}");
 
-    // 3. Crashes 300 ms into its 2 s probation window: the old process takes the service back.
+    // Up to here nothing reached a taker: nothing may have failed at all.
+    load.wait_progress(200);
+    let stats = load.stop();
+    eprintln!("load (exit, hang, one at a time): {}", stats.summary());
+    assert!(stats.failures.is_empty(), "{}", stats.summary());
+
+    // 3. Crashes 300 ms into its 2 s probation window: the old process takes the service back. The taker
+    // served the new connections of its window, and its crash resets those it held (as any crash does);
+    // nothing is refused.
+    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+    load.wait_progress(200);
     let crash = faults.path().join("crash");
     std::fs::write(&crash, "abort 300").unwrap();
     let mut crasher = Instance::take_over(
@@ -371,8 +381,9 @@ fn failed_takeovers_leave_the_old_process_serving() {
     let (resp, _) = get(addr, "/").unwrap();
     assert_eq!((resp.pid, resp.version.as_str()), (old.pid, release.tag));
     let stats = load.stop();
-    eprintln!("load: {}", stats.summary());
-    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    eprintln!("load (crash on probation): {}", stats.summary());
+    assert_eq!(stats.count(FailKind::Refused), 0, "{}", stats.summary());
+    assert_eq!(stats.count(FailKind::Timeout), 0, "{}", stats.summary());
     assert!(old.exited(Duration::ZERO).is_none());
     signal(old.pid, libc::SIGTERM);
     assert!(old
@@ -472,11 +483,10 @@ fn sys_euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// The shape of two containers of one pod or compose service: each instance runs in a mount namespace of its
-/// own, where its own release is mounted at the same path (`.../mnt/app`, empty on the host), and the two
-/// share only the network namespace and the control socket's directory (bind-mounted into each). Under load,
-/// takeovers back and forth refuse and fail nothing. (Both stay in one PID namespace: see the README's
-/// "Takeover" for why that is required.)
+/// The shape of two containers of one pod or compose service: each instance runs in a mount namespace and a
+/// PID namespace of its own (it is pid 1 there), where its own release is mounted at the same path
+/// (`.../mnt/app`, empty on the host), and the two share only the network namespace and the control socket's
+/// directory (bind-mounted into each). Under load, takeovers back and forth refuse and fail nothing.
 #[test]
 fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
     if sys_euid() != 0 {
@@ -499,10 +509,10 @@ fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
     ];
     // Inside each "container": its own release at mnt/app, the shared directory at mnt/run, then the
     // release's launcher from the container's own path.
-    let container = |release: &Release, listen: &str| {
+    let container = |release: &Release, listen: &str, extra: &str| {
         let script = format!(
             "set -e\nmount --bind '{rel}' '{app}'\nmount --bind '{shared}' '{run}'\n\
-             exec '{app}/run' --listen {listen} --control-socket '{run}/control.sock' --takeover\n",
+             exec '{app}/run' --listen {listen} --control-socket '{run}/control.sock' --takeover {extra}\n",
             rel = release.dir.path().display(),
             app = mnt_app.display(),
             shared = shared.display(),
@@ -510,10 +520,36 @@ fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
         );
         Instance::spawn(
             Path::new("unshare"),
-            &["--mount", "--propagation", "private", "sh", "-c", &script],
+            &[
+                "--mount",
+                "--pid",
+                "--fork",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ],
         )
     };
-    let mut current = container(&releases[0], "127.0.0.1:0");
+    // The container's process as the host sees it: unshare's only child.
+    let app_of = |unshare: u32| -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let children =
+                std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+                    .unwrap_or_default();
+            if let Some(pid) = children.split_whitespace().next() {
+                return pid.parse().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "unshare {unshare} started nothing"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let mut current = container(&releases[0], "127.0.0.1:0", "--ready-timeout 2");
     let addr = current.serving();
     let listen = addr.to_string();
     // The host sees neither release at that path: each lives in its own container's mounts only.
@@ -523,7 +559,7 @@ fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
     load.wait_progress(200);
     for i in 0..4 {
         let release = &releases[(i + 1) % 2];
-        let mut next = container(release, &listen);
+        let mut next = container(release, &listen, "--ready-timeout 2");
         next.serving();
         let st = current.exited(Duration::from_secs(30));
         assert!(
@@ -531,18 +567,48 @@ fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
             "takeover {i}: {st:?}\n{}",
             current.log.dump()
         );
+        // Each is pid 1 of its own PID namespace: the old process cannot see the new one's pid, which it
+        // names by the new one's own account, and cannot signal it.
         let (resp, _) = get(addr, "/").unwrap();
-        assert_eq!((resp.pid, resp.version.as_str()), (next.pid, release.tag));
+        assert_eq!((resp.pid, resp.version.as_str()), (1, release.tag));
+        assert!(
+            current
+                .says("same_pid_namespace=false", Duration::ZERO)
+                .is_some(),
+            "{}",
+            current.log.dump()
+        );
         // Each runs its own release's binary, at the same path inside its own mounts.
-        let exe = std::fs::read_link(format!("/proc/{}/exe", next.pid)).unwrap();
+        let exe = std::fs::read_link(format!("/proc/{}/exe", app_of(next.pid))).unwrap();
         assert_eq!(exe, mnt_app.join("bin/app"));
         current = next;
         load.wait_progress(100);
     }
+    // A container whose process hangs in its initialisation past the 2 s ready timeout: the running process
+    // cannot signal it (another PID namespace), so it tells it why; its own watch ends it (status 75), and
+    // the running process serves on.
+    let mut hung = container(&releases[1], &listen, "--init-delay-ms 60000");
+    let st = hung.exited(Duration::from_secs(30));
+    assert_eq!(
+        st.and_then(|s| s.code()),
+        Some(i32::from(exuvia::EXIT_TAKEOVER_FAILED)),
+        "{}",
+        hung.log.dump()
+    );
+    assert!(
+        hung.says("did not report ready within 2 s", Duration::ZERO)
+            .is_some(),
+        "{}",
+        hung.log.dump()
+    );
+    assert!(current.exited(Duration::ZERO).is_none());
+    let (resp, _) = get(addr, "/").unwrap();
+    assert_eq!(resp.version, releases[0].tag);
     let stats = load.stop();
     eprintln!("load: {}", stats.summary());
     assert!(stats.failures.is_empty(), "{}", stats.summary());
-    signal(current.pid, libc::SIGTERM);
+    // To the container's process itself (unshare passes no signal on).
+    signal(app_of(current.pid), libc::SIGTERM);
     assert!(current
         .exited(Duration::from_secs(30))
         .is_some_and(|s| s.success()));

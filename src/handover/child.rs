@@ -256,7 +256,7 @@ impl ParentWays {
 /// old one started ends everything it started too (its process group: see `sys::spawn`; only when it leads
 /// that group). A taker's group is not this library's: it exits alone, with status 1, having said why (under
 /// systemd, in its unit's status too).
-fn end_this_process(came: Came, parent_pid: u32, when: &str, why: Option<&str>) -> ! {
+pub(crate) fn end_this_process(came: Came, parent_pid: u32, when: &str, why: Option<&str>) -> ! {
     match came {
         Came::Spawned => {
             tracing::error!(

@@ -40,11 +40,68 @@ pub(crate) struct Launch<'a> {
 pub(crate) struct PendingChild {
     pid: u32,
     came: Came,
-    pidfd: OwnedFd,
+    hold: Hold,
     channel: Channel,
     /// This process's end of the connection channel (`crate::moving`), until the commit takes it.
     moves: Option<OwnedFd>,
     done: bool,
+}
+
+/// This process's hold on the new process: how it learns of its end, and whether it can signal it.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    /// Readable once the process has ended. `None` only for a taker in another PID namespace on a kernel
+    /// without `SO_PEERPIDFD` (before 6.5): the end of the channel, which only it holds, is then the sign.
+    pub(crate) pidfd: Option<OwnedFd>,
+    /// Whether signals reach it: a process of this PID namespace (or one below it). A taker in a sibling
+    /// namespace (another container) can only be told, on the channel.
+    pub(crate) signals: bool,
+}
+
+impl Hold {
+    fn ended_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(|f| f.as_fd())
+    }
+
+    /// Waits until `deadline` for the process's end: its pidfd, else the channel's hang-up.
+    fn wait_ended(&self, channel: &Channel, deadline: Instant) -> bool {
+        let mut set = PollSet::new();
+        match self.ended_fd() {
+            Some(fd) => {
+                set.readable(fd);
+            }
+            None => {
+                let Ok(watch) = channel.watch_fd() else {
+                    return false;
+                };
+                set.add(watch.as_fd(), sys::PollFlags::RDHUP);
+                return set.wait(Some(deadline)).unwrap_or(false);
+            }
+        }
+        set.wait(Some(deadline)).unwrap_or(false)
+    }
+
+    /// SIGKILL, where signals reach.
+    fn kill(&self, pid: u32) {
+        match (&self.pidfd, self.signals) {
+            (Some(fd), true) => {
+                if let Err(e) = sys::kill_pidfd(fd.as_fd()) {
+                    tracing::warn!(pid, error = %e, "cannot kill the new process");
+                }
+            }
+            _ => tracing::warn!(
+                pid,
+                "the new process is in another PID namespace: it was told to go, and cannot be killed from here"
+            ),
+        }
+    }
+
+    fn try_clone(&self) -> std::io::Result<Hold> {
+        Ok(Hold {
+            pidfd: self.pidfd.as_ref().map(OwnedFd::try_clone).transpose()?,
+            signals: self.signals,
+        })
+    }
 }
 
 /// Builds the child's environment: this process's, minus the fd-passing variables, plus `extra_env`, plus
@@ -179,7 +236,10 @@ pub(crate) fn start(
     let mut child = PendingChild {
         pid,
         came: Came::Spawned,
-        pidfd,
+        hold: Hold {
+            pidfd: Some(pidfd),
+            signals: true,
+        },
         channel,
         moves: Some(moves),
         done: false,
@@ -195,17 +255,12 @@ pub(crate) fn start(
 }
 
 impl PendingChild {
-    /// A process that took the service over (see [`super::takeover`]), watched through `pidfd`.
-    pub(crate) fn taker(
-        pid: u32,
-        pidfd: OwnedFd,
-        channel: Channel,
-        moves: OwnedFd,
-    ) -> PendingChild {
+    /// A process that took the service over (see [`super::takeover`]), watched through `hold`.
+    pub(crate) fn taker(pid: u32, hold: Hold, channel: Channel, moves: OwnedFd) -> PendingChild {
         PendingChild {
             pid,
             came: Came::TookOver,
-            pidfd,
+            hold,
             channel,
             moves: Some(moves),
             done: false,
@@ -229,9 +284,7 @@ impl PendingChild {
     }
 
     pub(crate) fn has_exited(&self) -> bool {
-        let mut set = PollSet::new();
-        set.readable(self.pidfd.as_fd());
-        set.wait(Some(Instant::now())).unwrap_or(false)
+        self.hold.wait_ended(&self.channel, Instant::now())
     }
 
     /// Kills (if still running) and reaps the child, returning how it ended. Everything it started dies with
@@ -261,16 +314,24 @@ impl PendingChild {
             &Message::Failed(why.to_string()),
             now + Duration::from_millis(100),
         );
-        self.channel.shut();
-        let mut set = PollSet::new();
-        set.readable(self.pidfd.as_fd());
-        if !set
-            .wait(Some(now + Duration::from_secs(1)))
-            .unwrap_or(false)
-        {
-            if let Err(e) = sys::kill_pidfd(self.pidfd.as_fd()) {
-                tracing::warn!(taker_pid = self.pid, error = %e, "cannot kill the taking process");
+        // The channel's hang-up cannot tell once it is shut here: without a pidfd, the taker's own watch
+        // (which exits when told) is all there is.
+        let ended = match self.hold.ended_fd() {
+            Some(_) => {
+                self.channel.shut();
+                self.hold
+                    .wait_ended(&self.channel, now + Duration::from_secs(1))
             }
+            None => {
+                let ended = self
+                    .hold
+                    .wait_ended(&self.channel, now + Duration::from_secs(1));
+                self.channel.shut();
+                ended
+            }
+        };
+        if !ended {
+            self.hold.kill(self.pid);
         }
     }
 
@@ -326,7 +387,7 @@ impl PendingChild {
         loop {
             let next_tick = (Instant::now() + tick_every).min(deadline);
             let also = Also {
-                ended: Some(self.pidfd.as_fd()),
+                ended: self.hold.ended_fd(),
                 stop,
             };
             let event = match self.channel.recv(Some(next_tick), also) {
@@ -377,11 +438,16 @@ impl PendingChild {
                 Event::Closed => {
                     // The channel closes as the child exits; its pidfd turns readable a moment later. Wait a
                     // bounded time for that to report the exit status rather than a bare "closed".
-                    let mut set = PollSet::new();
-                    set.readable(self.pidfd.as_fd());
-                    let exited = set
-                        .wait(Some(Instant::now() + Duration::from_secs(2)))
-                        .unwrap_or(false);
+                    let exited = match self.hold.ended_fd() {
+                        Some(fd) => {
+                            let mut set = PollSet::new();
+                            set.readable(fd);
+                            set.wait(Some(Instant::now() + Duration::from_secs(2)))
+                                .unwrap_or(false)
+                        }
+                        // Only it held the other end.
+                        None => true,
+                    };
                     let status = self.kill_and_reap();
                     return Err(match (exited, status) {
                         (true, Some(s)) => Error::child_exited(s),
@@ -453,18 +519,18 @@ impl PendingChild {
             });
         }
         self.done = true;
-        let keep = || -> Result<(OwnedFd, Channel)> {
-            let pidfd = self
-                .pidfd
+        let keep = || -> Result<(Hold, Channel)> {
+            let hold = self
+                .hold
                 .try_clone()
                 .map_err(|e| Error::io("cannot keep a handle on the new process", e))?;
-            Ok((pidfd, self.channel.duplicate()?))
+            Ok((hold, self.channel.duplicate()?))
         };
-        let (pidfd, channel) = keep()?;
+        let (hold, channel) = keep()?;
         Ok(CommittedChild {
             pid: self.pid,
             came: self.came,
-            pidfd,
+            hold,
             channel,
             moves: self.moves.take(),
         })
@@ -502,7 +568,7 @@ impl PendingChild {
 pub(crate) struct CommittedChild {
     pid: u32,
     came: Came,
-    pidfd: OwnedFd,
+    hold: Hold,
     channel: Channel,
     /// This process's end of the connection channel, until taken to move connections.
     moves: Option<OwnedFd>,
@@ -569,13 +635,21 @@ impl CommittedChild {
             };
             let event = if channel_open {
                 let also = Also {
-                    ended: Some(self.pidfd.as_fd()),
+                    ended: self.hold.ended_fd(),
                     stop: Some(stop),
                 };
                 self.channel.recv(Some(next), also)
             } else {
+                let Some(pidfd) = self.hold.ended_fd() else {
+                    // A taker without a pidfd: only it held the channel's other end.
+                    return Watched::Crashed {
+                        how: "ended (its channel closed; no pidfd for a process in another PID namespace on \
+                              this kernel)"
+                            .into(),
+                    };
+                };
                 let mut set = PollSet::new();
-                let ended = set.readable(self.pidfd.as_fd());
+                let ended = set.readable(pidfd);
                 let stopped = set.readable(stop);
                 match set.wait(Some(next)) {
                     Ok(false) => Ok(Event::Timeout),
@@ -629,9 +703,16 @@ impl CommittedChild {
     }
 
     /// Kills the child (only the child: after the commit it joined this process's process group) and reaps it.
-    fn kill_and_reap(&self) {
+    fn kill_and_reap(&mut self) {
         if self.came == Came::TookOver {
-            let _ = sys::kill_pidfd(self.pidfd.as_fd());
+            // Told first: a taker that cannot be signalled (another PID namespace) exits on it.
+            let _ = self.channel.send(
+                &Message::Failed(
+                    "rolled back: it stopped accepting during its probation window".into(),
+                ),
+                Instant::now() + Duration::from_millis(100),
+            );
+            self.hold.kill(self.pid);
             return;
         }
         let _ = sys::kill_process(self.pid);
@@ -647,7 +728,11 @@ impl CommittedChild {
 
     /// Asks the child to stop (SIGTERM: it drains as on `systemctl stop`).
     pub(crate) fn terminate(&self) {
-        if let Err(e) = sys::terminate_pidfd(self.pidfd.as_fd()) {
+        let sent = match (&self.hold.pidfd, self.hold.signals) {
+            (Some(fd), true) => sys::terminate_pidfd(fd.as_fd()),
+            _ => Err(std::io::Error::from_raw_os_error(libc::ESRCH)),
+        };
+        if let Err(e) = sent {
             tracing::warn!(error = %e, pid = self.pid, "cannot ask the new process to stop");
         }
     }

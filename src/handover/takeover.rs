@@ -6,17 +6,19 @@
 //!
 //! ```text
 //! new process (taker)                               old process (serving)
-//! build(): connect(control socket) ------------->   accept; SO_PEERCRED: uid = ours or root, pid visible
-//! "exuvia-ctl/1 takeover\n" -------------------->   lifecycle: BeginUpgrade (one upgrade or takeover at a time)
-//!                                                   pidfd_open(peer pid); socketpair x2
+//! build(): connect(control socket) ------------->   accept; SO_PEERCRED: uid = ours or root
+//! "exuvia-ctl/1 takeover <own pid>\n" ---------->   lifecycle: BeginUpgrade (one upgrade or takeover at a time)
+//!                                                   SO_PEERPIDFD (or pidfd_open(peer pid)); socketpair x2
 //!      <----- one sendmsg: "ok takeover sockets=a:b probation_ms=0\n"
 //!             + SCM_RIGHTS [channel, connection channel, a, b]
 //!      <----- Hello on the channel; then as an upgrade: Ready -> Commit (or Failed, timeout, exit)
 //! ```
 //!
 //! A refusal (another upgrade in flight, another user, a process that is finishing) is an `error ...` line
-//! with no descriptors. The peer's pid comes from the kernel (`SO_PEERCRED`), never from the request; the old
-//! process watches it through a pidfd (it is not its child: no exit status, no process group).
+//! with no descriptors. The peer's pid comes from the kernel (`SO_PEERCRED`); the one in the request stands in
+//! only for a taker in another PID namespace (the kernel then shows 0), in logs and reports. The old process
+//! watches it through a pidfd (it is not its child: no exit status, no process group); one in another PID
+//! namespace cannot be signalled: it is told on the channel, and its own watch ends it.
 
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -25,7 +27,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::channel::Channel;
-use super::parent::PendingChild;
+use super::parent::{Hold, PendingChild};
 use super::protocol::Message;
 use crate::control::{Command, Reply, PROTOCOL};
 use crate::error::{Error, ErrorKind, Result};
@@ -43,7 +45,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest answer line read.
 const MAX_ANSWER: usize = 64 * 1024;
 
-/// What the old process says of a taker that is not allowed.
+/// What the old process says of a taker that is not allowed: another user (root may).
 pub(crate) fn refuse_peer(peer: &sys::Peer) -> Option<String> {
     if peer.uid != 0 && peer.uid != sys::euid() {
         return Some(format!(
@@ -52,21 +54,57 @@ pub(crate) fn refuse_peer(peer: &sys::Peer) -> Option<String> {
             peer.uid
         ));
     }
-    if peer.pid.is_none() {
-        return Some(
-            "the taking process is in another PID namespace, so this process cannot watch it: run both in one \
-             PID namespace (a pod's shareProcessNamespace, a container's --pid)"
-                .to_string(),
-        );
-    }
     None
+}
+
+/// The process asking for the service, as this process can know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Taker {
+    /// Its pid as the kernel shows it here, or, for a process in another PID namespace (the kernel shows 0),
+    /// the pid it gave for itself in its request: its own namespace's number, for the logs and reports only.
+    pub(crate) pid: u32,
+    /// Whether `pid` is this namespace's (signals reach it).
+    pub(crate) visible: bool,
+}
+
+impl Taker {
+    /// From the kernel's peer credentials, and the pid the request claims (used only when the kernel's is
+    /// not visible here).
+    pub(crate) fn new(peer: &sys::Peer, claimed: u32) -> Taker {
+        match peer.pid {
+            Some(pid) => Taker { pid, visible: true },
+            None => Taker {
+                pid: claimed,
+                visible: false,
+            },
+        }
+    }
+
+    /// This process's hold on it: `SO_PEERPIDFD` (which names it across namespaces), else `pidfd_open` of a
+    /// visible pid; a taker in another PID namespace on a kernel before 6.5 is watched through its channel.
+    fn hold(&self, conn: &UnixStream) -> Result<Hold> {
+        let pidfd = match sys::peer_pidfd(conn.as_fd()) {
+            Ok(fd) => Some(fd),
+            Err(_) if self.visible => Some(sys::pidfd_open(self.pid).map_err(|e| {
+                Error::io(
+                    format!("cannot watch the taking process (pid {})", self.pid),
+                    e,
+                )
+            })?),
+            Err(_) => None,
+        };
+        Ok(Hold {
+            pidfd,
+            signals: self.visible,
+        })
+    }
 }
 
 /// Old side: hands the sockets and both channels' far ends to the taker at the other end of `conn` (pid
 /// `pid`, checked by the caller), then greets it with `hello`. From here on it is an upgrade's pending child.
 pub(crate) fn offer(
     conn: &UnixStream,
-    pid: u32,
+    taker: Taker,
     sockets: &[(&str, BorrowedFd<'_>)],
     probation: Duration,
     hello: &Message,
@@ -82,9 +120,9 @@ pub(crate) fn offer(
             ),
         ));
     }
+    let pid = taker.pid;
     // First: from here the pidfd names this process whatever happens to the pid.
-    let pidfd = sys::pidfd_open(pid)
-        .map_err(|e| Error::io(format!("cannot watch the taking process (pid {pid})"), e))?;
+    let hold = taker.hold(conn)?;
     let (ours, theirs) = UnixStream::pair()
         .map_err(|e| Error::io("cannot create the handover channel (socketpair)", e))?;
     let (moves, moves_theirs) = sys::packet_pair()
@@ -113,6 +151,8 @@ pub(crate) fn offer(
     drop((theirs, moves_theirs));
     tracing::info!(
         taker_pid = pid,
+        same_pid_namespace = taker.visible,
+        watched_by_pidfd = hold.pidfd.is_some(),
         sockets = names.len(),
         "takeover: sockets sent to the taking process"
     );
@@ -120,7 +160,7 @@ pub(crate) fn offer(
         tracing::debug!(taker_pid = pid, name, "takeover: passing socket");
     }
     let channel = Channel::new(ours)?;
-    let mut child = PendingChild::taker(pid, pidfd, channel, moves);
+    let mut child = PendingChild::taker(pid, hold, channel, moves);
     child.greet(hello, deadline)?;
     Ok(child)
 }
@@ -172,7 +212,15 @@ pub(crate) fn request(path: &Path) -> Result<Option<Received>> {
         )
     };
     (&conn)
-        .write_all(format!("{PROTOCOL} {}\n", Command::Takeover).as_bytes())
+        .write_all(
+            format!(
+                "{PROTOCOL} {}\n",
+                Command::Takeover {
+                    pid: std::process::id()
+                }
+            )
+            .as_bytes(),
+        )
         .map_err(cant)?;
     conn.set_nonblocking(true).map_err(cant)?;
     let (line, mut fds) = read_answer(&conn, Instant::now() + ANSWER_TIMEOUT)?;
@@ -338,7 +386,7 @@ mod tests {
     }
 
     #[test]
-    fn other_users_and_invisible_processes_are_refused() {
+    fn other_users_are_refused_and_invisible_processes_named_by_their_claim() {
         let me = sys::euid();
         let ok = sys::Peer {
             pid: Some(7),
@@ -346,10 +394,24 @@ mod tests {
         };
         assert_eq!(refuse_peer(&ok), None);
         assert_eq!(refuse_peer(&sys::Peer { uid: 0, ..ok }), None);
+        assert_eq!(refuse_peer(&sys::Peer { pid: None, ..ok }), None);
         let other = if me == 4242 { 4243 } else { 4242 };
         let e = refuse_peer(&sys::Peer { uid: other, ..ok }).unwrap();
         assert!(e.contains("permission denied"), "{e}");
-        let e = refuse_peer(&sys::Peer { pid: None, ..ok }).unwrap();
-        assert!(e.contains("PID namespace"), "{e}");
+        // The kernel's pid wins; the claimed one stands in only where the kernel shows none.
+        assert_eq!(
+            Taker::new(&ok, 1),
+            Taker {
+                pid: 7,
+                visible: true
+            }
+        );
+        assert_eq!(
+            Taker::new(&sys::Peer { pid: None, ..ok }, 1),
+            Taker {
+                pid: 1,
+                visible: false
+            }
+        );
     }
 }

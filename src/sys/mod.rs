@@ -27,7 +27,7 @@ pub(crate) use fd::{
     file_identity, pipe, read, set_cloexec, set_nonblocking, Inherited, PollFlags, PollSet,
 };
 pub(crate) use net::{
-    accept, accept_queue, packet_pair, peer, peer_uid, recv_packet, send_packet,
+    accept, accept_queue, packet_pair, peer, peer_pidfd, peer_uid, recv_packet, send_packet,
     send_stream_with_fds, send_unix_datagram, set_socket_mode, socket_info, AddressFamily, Peer,
     SocketInfo, SocketType, UnixTarget,
 };

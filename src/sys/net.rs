@@ -85,6 +85,42 @@ pub(crate) fn peer(fd: BorrowedFd<'_>) -> io::Result<Peer> {
     })
 }
 
+/// `SO_PEERPIDFD` (Linux 6.5+): where the generic socket option numbers apply (every architecture but
+/// alpha, parisc and sparc).
+#[cfg(not(any(target_arch = "sparc", target_arch = "sparc64")))]
+const SO_PEERPIDFD: libc::c_int = 77;
+#[cfg(any(target_arch = "sparc", target_arch = "sparc64"))]
+const SO_PEERPIDFD: libc::c_int = 0x56;
+
+/// A pidfd for the process at the other end of a connected Unix socket (`SO_PEERPIDFD`, Linux 6.5+): it names
+/// that process even when its pid is not visible here (another PID namespace), and never a process that
+/// reused its pid. Close-on-exec. `ENOPROTOOPT` on older kernels.
+pub(crate) fn peer_pidfd(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+    let mut raw: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `raw` is a valid, writable int and `len` its size; the kernel writes at most `len` bytes.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut raw as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if raw < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: the kernel just installed `raw` as a new descriptor of this process, owned by nobody else.
+    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+    super::fd::set_cloexec(owned.as_fd(), true)?;
+    Ok(owned)
+}
+
 /// `accept4` with close-on-exec, for socket kinds std has no type for (seqpacket).
 pub(crate) fn accept(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     Ok(rustix::io::retry_on_intr(|| {

@@ -30,7 +30,7 @@ impl Actions for Upgrader {
         }
     }
 
-    fn run_takeover(&self, conn: UnixStream) {
+    fn run_takeover(&self, conn: UnixStream, claimed_pid: u32) {
         let refuse = |why: String| {
             let _ = (&conn).write_all(format!("{}\n", Reply::Failed(why)).as_bytes());
         };
@@ -45,15 +45,15 @@ impl Actions for Upgrader {
             tracing::warn!(uid = peer.uid, pid = peer.pid, "takeover refused: {why}");
             return refuse(why);
         }
-        let pid = peer.pid.expect("refuse_peer refuses an invisible pid");
-        match self.take_over_by(&conn, pid) {
+        let taker = takeover::Taker::new(&peer, claimed_pid);
+        match self.take_over_by(&conn, taker) {
             Ok(r) => tracing::info!(
                 taker_pid = r.child_pid,
                 took_ms = r.took.as_millis() as u64,
                 "takeover: handed over"
             ),
             Err(e) => {
-                tracing::warn!(taker_pid = pid, error = %e, "takeover failed; this process serves on");
+                tracing::warn!(taker_pid = taker.pid, error = %e, "takeover failed; this process serves on");
                 // Read only if the taker still waits for its answer (refused before the sockets went).
                 refuse(e.to_string());
             }
@@ -65,8 +65,12 @@ impl Actions for Upgrader {
     }
 
     fn standby(&self) -> Option<u32> {
-        // On probation the old process stops with this one (told before this one can exit).
-        self.predecessor_pid()
+        // On probation the old process stops with this one (told before this one can exit); not the one this
+        // process took over from: that one takes the service back instead.
+        match self.inner.origin {
+            super::Origin::Takeover => None,
+            _ => self.predecessor_pid(),
+        }
     }
 
     fn config(&self) -> Config {

@@ -120,6 +120,16 @@ impl Upgrader {
                     match channel.recv(None, Also::NOTHING) {
                         Ok(Event::Message(Message::Passed)) => break "its probation window passed",
                         Ok(Event::Closed) => break "the old process is gone",
+                        // The old process took the service back (this process stopped accepting) and could
+                        // not kill it (another PID namespace): it goes.
+                        Ok(Event::Message(Message::Failed(why))) if took_over => {
+                            crate::handover::child::end_this_process(
+                                crate::handover::Came::TookOver,
+                                parent_pid,
+                                "during this process's probation window",
+                                Some(&why),
+                            )
+                        }
                         Ok(Event::Message(m)) => {
                             tracing::debug!(
                                 message = m.name(),

@@ -58,8 +58,11 @@ struct Attempt {
 enum Start<'a> {
     /// This process starts the program on disk (an upgrade).
     Spawn,
-    /// The process at the other end of `conn` (pid `pid`, from the kernel) asked for the service (a takeover).
-    Taker { conn: &'a UnixStream, pid: u32 },
+    /// The process at the other end of `conn` asked for the service (a takeover).
+    Taker {
+        conn: &'a UnixStream,
+        taker: takeover::Taker,
+    },
 }
 
 /// What the steps up to the commit produced.
@@ -138,12 +141,15 @@ impl Upgrader {
         self.conclude(&attempt, result)
     }
 
-    /// Hands the service to the process at the other end of `conn` (pid `pid`, its user already checked):
-    /// the takeover's sockets and channels go on `conn`, then it is an upgrade like any other, one at a time
-    /// with them.
-    pub(super) fn take_over_by(&self, conn: &UnixStream, pid: u32) -> Result<UpgradeReport> {
+    /// Hands the service to `taker` at the other end of `conn` (its user already checked): the takeover's
+    /// sockets and channels go on `conn`, then it is an upgrade like any other, one at a time with them.
+    pub(super) fn take_over_by(
+        &self,
+        conn: &UnixStream,
+        taker: takeover::Taker,
+    ) -> Result<UpgradeReport> {
         let attempt = self.begin()?;
-        let result = self.run(&attempt, Start::Taker { conn, pid });
+        let result = self.run(&attempt, Start::Taker { conn, taker });
         self.conclude(&attempt, result)
     }
 
@@ -209,9 +215,11 @@ impl Upgrader {
                 );
                 self.start_child(attempt, next)?
             }
-            Start::Taker { conn, pid } => {
+            Start::Taker { conn, taker } => {
+                let pid = taker.pid;
                 tracing::info!(
                     taker_pid = pid,
+                    same_pid_namespace = taker.visible,
                     generation = inner.generation,
                     "takeover requested"
                 );
@@ -219,7 +227,7 @@ impl Upgrader {
                 inner.manager.status(&format!(
                     "pid {pid} is taking over (generation {next}); serving until it is ready"
                 ));
-                self.offer(attempt, next, conn, pid)?
+                self.offer(attempt, next, conn, taker)?
             }
         };
         let (child, child_init) = self.await_ready(child, attempt, background)?;
@@ -252,7 +260,7 @@ impl Upgrader {
         attempt: &Attempt,
         generation: u32,
         conn: &UnixStream,
-        pid: u32,
+        taker: takeover::Taker,
     ) -> Result<(PendingChild, usize, bool)> {
         let inner = &self.inner;
         let state = inner.app_state.as_ref().map(|f| f()).unwrap_or_default();
@@ -269,7 +277,7 @@ impl Upgrader {
         };
         let child = takeover::offer(
             conn,
-            pid,
+            taker,
             &set,
             inner.successor_probation,
             &hello,
