@@ -118,15 +118,18 @@ fn nofile_of(sd: &Systemd, ns_pid: u32) -> u64 {
     line.split_whitespace().nth(3).unwrap().parse().unwrap()
 }
 
-/// 10 takeovers alternating between `app@blue` and `app@green` under new-connection and keep-alive load (our
-/// generator and `ab -k`): nothing refused or failed, each `systemctl start` returns with the new instance
-/// serving (its binary, environment and limit), the previous one ends `inactive` with `Result=success`.
+/// 10 takeovers alternating between `app@blue` and `app@green` (green sandboxed by the shipped hardening
+/// drop-in, blue not) under new-connection and keep-alive load (our generator and `ab -k`): nothing refused or
+/// failed, each `systemctl start` returns with the new instance serving (its binary, environment, limit and
+/// sandbox), the previous one ends `inactive` with `Result=success`.
 #[test]
 fn blue_green_instances_take_over_from_each_other_under_load() {
     let Some(sd) = boot("blue_green_instances_take_over_from_each_other_under_load") else {
         return;
     };
     let addr = install(&sd, free_port(), "");
+    // Green also runs sandboxed (the shipped hardening drop-in), blue not: sandboxing may differ too.
+    sd.install_dropin("hardening.conf", "app@green.service");
     let (ok, text, _) = start(&sd, "app@blue.service");
     assert!(ok, "{text}\n{}", log(&sd));
     let (resp, _) = get(addr, "/").unwrap();
@@ -170,6 +173,10 @@ fn blue_green_instances_take_over_from_each_other_under_load() {
             "takeover {i}"
         );
         assert_eq!(nofile_of(&sd, new), nofile);
+        assert_eq!(
+            sd.show(&to, "ProtectSystem"),
+            if to.contains("green") { "strict" } else { "no" }
+        );
         ends_inactive(&sd, &from);
         load.wait_progress(100);
     }
