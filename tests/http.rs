@@ -365,47 +365,14 @@ fn under_wrk(target: &mut Target) -> Option<String> {
     Some(format!("wrk: {requests} requests, 0 errors"))
 }
 
-/// ab -k: HTTP/1.0 keep-alive, 16 connections, upgrades while it runs.
+/// ab -k: HTTP/1.0 keep-alive, 64 connections, upgrades while it runs.
 fn under_ab(target: &mut Target) -> Option<String> {
-    let addr = target.addr();
-    let url = format!("http://{addr}/");
-    let ab = client("ab", "apache2-utils")?;
-    // HTTP/1.0 keep-alive, 64 connections; -l: the body's length varies with the pid.
-    let mut child = Command::new(ab)
-        .args([
-            "-k",
-            "-l",
-            "-q",
-            "-c",
-            "64",
-            "-t",
-            "20",
-            "-n",
-            "100000000",
-            &url,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_clients(addr, 64, &mut child, "ab");
-    upgrades_while(target, &mut child, "ab", AB_UPGRADES);
-    let out = output(child);
-    eprintln!("ab:\n{out}");
-    let complete = number_after(&out, "Complete requests").expect("Complete requests");
-    let failed = number_after(&out, "Failed requests").expect("Failed requests");
-    let keep_alive = number_after(&out, "Keep-Alive requests").expect("Keep-Alive requests");
-    assert_eq!(failed, 0, "ab:\n{out}");
-    assert!(!out.contains("Non-2xx"), "ab:\n{out}");
-    assert!(complete > 1000, "too little load: {complete}");
-    // Every keep-alive connection moved to the new process at each upgrade: none was closed, and the
-    // upgrades happened while ab ran (upgrades_while checks each).
-    assert_eq!(
-        keep_alive, complete,
-        "the server closed a keep-alive connection:\n{out}"
-    );
+    let mut ab = AbKeepAlive::start(target.addr(), 64, 20)?;
+    upgrades_while(target, &mut ab.child, "ab", AB_UPGRADES);
+    // Every keep-alive connection moved to the new process at each upgrade: none was closed.
+    let complete = ab.finish("upgrades");
     Some(format!(
-        "ab -k -c 64: {complete} requests, 0 failed, all {keep_alive} on kept-alive connections across {AB_UPGRADES} upgrades"
+        "ab -k -c 64: {complete} requests, 0 failed, all on kept-alive connections across {AB_UPGRADES} upgrades"
     ))
 }
 

@@ -8,7 +8,6 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::systemd::{boot, Systemd};
@@ -118,6 +117,18 @@ fn nofile_of(sd: &Systemd, ns_pid: u32) -> u64 {
     line.split_whitespace().nth(3).unwrap().parse().unwrap()
 }
 
+/// Installs the instances with `args`, starts `app@blue` and load against it: the address, blue's pid and the
+/// load.
+fn blue_under_load(sd: &Systemd, args: &str) -> (SocketAddr, u32, Load) {
+    let addr = install(sd, free_port(), args);
+    let (ok, text, _) = start(sd, "app@blue.service");
+    assert!(ok, "{text}\n{}", log(sd));
+    let blue = sd.main_pid("app@blue.service");
+    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+    load.wait_progress(200);
+    (addr, blue, load)
+}
+
 /// 10 takeovers alternating between `app@blue` and `app@green` (green sandboxed by the shipped hardening
 /// drop-in, blue not) under new-connection and keep-alive load (our generator and `ab -k`): nothing refused or
 /// failed, each `systemctl start` returns with the new instance serving (its binary, environment, limit and
@@ -135,18 +146,7 @@ fn blue_green_instances_take_over_from_each_other_under_load() {
     let (resp, _) = get(addr, "/").unwrap();
     assert_eq!(resp.pid, sd.main_pid("app@blue.service"));
 
-    let ab = client("ab", "apache2-utils");
-    let ab_child = ab.map(|ab| {
-        let mut child = Command::new(ab)
-            .args(["-k", "-l", "-q", "-c", "32", "-t", "40", "-n", "100000000"])
-            .arg(format!("http://{addr}/"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_clients(addr, 32, &mut child, "ab");
-        child
-    });
+    let ab = AbKeepAlive::start(addr, 32, 40);
     let load = Load::start(addr, 2, 4, Duration::from_millis(2));
     load.wait_progress(200);
 
@@ -189,19 +189,8 @@ fn blue_green_instances_take_over_from_each_other_under_load() {
         took[took.len() / 2],
         took[took.len() - 1]
     );
-    if let Some(mut child) = ab_child {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "ab ended before the takeovers did: make it run longer"
-        );
-        let out = output(child);
-        eprintln!("ab:\n{out}");
-        let complete = number_after(&out, "Complete requests").expect("Complete requests");
-        let failed = number_after(&out, "Failed requests").expect("Failed requests");
-        let keep_alive = number_after(&out, "Keep-Alive requests").expect("Keep-Alive requests");
-        assert_eq!(failed, 0, "ab:\n{out}");
-        assert!(complete > 1000, "too little load: {complete}");
-        assert_eq!(keep_alive, complete, "ab:\n{out}");
+    if let Some(ab) = ab {
+        ab.finish("takeovers");
     }
     // After ten takeovers blue serves again; a reload upgrades it in place; a stop ends it.
     let blue = sd.main_pid("app@blue.service");
@@ -231,12 +220,7 @@ fn a_failed_takeover_fails_the_start_and_leaves_blue_serving() {
     let Some(sd) = boot("a_failed_takeover_fails_the_start_and_leaves_blue_serving") else {
         return;
     };
-    let addr = install(&sd, free_port(), "--ready-timeout 3 --probation 2");
-    let (ok, text, _) = start(&sd, "app@blue.service");
-    assert!(ok, "{text}\n{}", log(&sd));
-    let blue = sd.main_pid("app@blue.service");
-    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
-    load.wait_progress(200);
+    let (addr, blue, load) = blue_under_load(&sd, "--ready-timeout 3 --probation 2");
     let faults = sd.dir.join("faults");
     let green = "app@green.service";
 
@@ -386,12 +370,7 @@ fn stopping_either_instance_inside_the_probation_window() {
     let Some(sd) = boot("stopping_either_instance_inside_the_probation_window") else {
         return;
     };
-    let addr = install(&sd, free_port(), "--probation 4");
-    let (ok, text, _) = start(&sd, "app@blue.service");
-    assert!(ok, "{text}\n{}", log(&sd));
-    let blue = sd.main_pid("app@blue.service");
-    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
-    load.wait_progress(200);
+    let (addr, blue, load) = blue_under_load(&sd, "--probation 4");
     let (blue_unit, green_unit) = ("app@blue.service", "app@green.service");
 
     // 1. Green takes over and serves on probation (its start waits for the window); green is stopped.

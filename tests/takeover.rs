@@ -118,6 +118,17 @@ impl Instance {
         }
     }
 
+    /// SIGTERM to `pid` (the instance's own, or its process inside a container); it must exit successfully.
+    fn stop(mut self, pid: u32) {
+        signal(pid, libc::SIGTERM);
+        let st = self.exited(Duration::from_secs(30));
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "{st:?}\n{}",
+            self.log.dump()
+        );
+    }
+
     /// Whether its log has a line containing `text`, waiting up to `timeout`.
     fn says(&self, text: &str, timeout: Duration) -> Option<String> {
         self.log
@@ -186,18 +197,7 @@ fn ten_takeovers_between_two_releases_refuse_and_fail_nothing() {
     assert!(status(&control).contains("origin=fresh"));
     let listen = addr.to_string();
 
-    let ab = client("ab", "apache2-utils");
-    let mut ab_child = ab.map(|ab| {
-        let mut child = Command::new(ab)
-            .args(["-k", "-l", "-q", "-c", "32", "-t", "25", "-n", "100000000"])
-            .arg(format!("http://{addr}/"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_clients(addr, 32, &mut child, "ab");
-        child
-    });
+    let ab = AbKeepAlive::start(addr, 32, 25);
     let load = Load::start(addr, 2, 4, Duration::from_millis(2));
     load.wait_progress(200);
 
@@ -252,26 +252,12 @@ fn ten_takeovers_between_two_releases_refuse_and_fail_nothing() {
         took[took.len() / 2],
         took[took.len() - 1]
     );
-    if let Some(mut child) = ab_child.take() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "ab ended before the takeovers did: make it run longer"
-        );
-        let out = output(child);
-        eprintln!("ab:\n{out}");
-        let complete = number_after(&out, "Complete requests").expect("Complete requests");
-        let failed = number_after(&out, "Failed requests").expect("Failed requests");
-        let keep_alive = number_after(&out, "Keep-Alive requests").expect("Keep-Alive requests");
-        assert_eq!(failed, 0, "ab:\n{out}");
-        assert!(!out.contains("Non-2xx"), "ab:\n{out}");
-        assert!(complete > 1000, "too little load: {complete}");
-        // Every keep-alive connection moved at every takeover: none was closed.
-        assert_eq!(keep_alive, complete, "ab:\n{out}");
+    // Every keep-alive connection moved at every takeover: none was closed.
+    if let Some(ab) = ab {
+        ab.finish("takeovers");
     }
-    signal(current.pid, libc::SIGTERM);
-    assert!(current
-        .exited(Duration::from_secs(30))
-        .is_some_and(|s| s.success()));
+    let pid = current.pid;
+    current.stop(pid);
 }
 
 /// A takeover by a process that exits during its initialisation, one that hangs past the old process's ready
@@ -385,10 +371,8 @@ fn failed_takeovers_leave_the_old_process_serving() {
     assert_eq!(stats.count(FailKind::Refused), 0, "{}", stats.summary());
     assert_eq!(stats.count(FailKind::Timeout), 0, "{}", stats.summary());
     assert!(old.exited(Duration::ZERO).is_none());
-    signal(old.pid, libc::SIGTERM);
-    assert!(old
-        .exited(Duration::from_secs(30))
-        .is_some_and(|s| s.success()));
+    let pid = old.pid;
+    old.stop(pid);
 }
 
 /// A process of another user cannot take over: the socket file's mode keeps it out, and with the mode opened
@@ -472,10 +456,8 @@ fn a_process_of_another_user_cannot_take_over() {
     assert_eq!(resp.pid, old.pid);
     assert!(status(&control).contains("origin=fresh"));
     assert!(old.exited(Duration::ZERO).is_none());
-    signal(old.pid, libc::SIGTERM);
-    assert!(old
-        .exited(Duration::from_secs(30))
-        .is_some_and(|s| s.success()));
+    let pid = old.pid;
+    old.stop(pid);
 }
 
 fn sys_euid() -> u32 {
@@ -608,10 +590,8 @@ fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
     eprintln!("load: {}", stats.summary());
     assert!(stats.failures.is_empty(), "{}", stats.summary());
     // To the container's process itself (unshare passes no signal on).
-    signal(app_of(current.pid), libc::SIGTERM);
-    assert!(current
-        .exited(Duration::from_secs(30))
-        .is_some_and(|s| s.success()));
+    let pid = app_of(current.pid);
+    current.stop(pid);
 }
 
 /// The README's deploy script for a takeover without systemd (`scripts/deploy-takeover`, verbatim in the

@@ -1259,6 +1259,60 @@ pub fn number_after(text: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// `ab -k` (ApacheBench, HTTP/1.0 keep-alive) against `addr` with `clients` connections for `secs` seconds:
+/// the off-the-shelf client that sees any keep-alive connection the server closes.
+pub struct AbKeepAlive {
+    pub child: std::process::Child,
+}
+
+impl AbKeepAlive {
+    /// Starts it and waits until every client is connected; `None` (a loud skip, a failure under CI) without ab.
+    pub fn start(addr: SocketAddr, clients: usize, secs: u32) -> Option<AbKeepAlive> {
+        let ab = client("ab", "apache2-utils")?;
+        // -l: the body's length varies with the pid.
+        let mut child = Command::new(ab)
+            .args([
+                "-k",
+                "-l",
+                "-q",
+                "-c",
+                &clients.to_string(),
+                "-t",
+                &secs.to_string(),
+            ])
+            .args(["-n", "100000000", &format!("http://{addr}/")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_clients(addr, clients, &mut child, "ab");
+        Some(AbKeepAlive { child })
+    }
+
+    /// Checks that it still runs (what was measured happened under it), waits for its report, and asserts 0
+    /// failed, every response 2xx, and every request on a kept-alive connection (none closed by the server:
+    /// "Keep-Alive requests" equals "Complete requests"). Returns the number of requests.
+    pub fn finish(mut self, during: &str) -> u64 {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "ab ended before the {during} did: make it run longer"
+        );
+        let out = output(self.child);
+        eprintln!("ab:\n{out}");
+        let complete = number_after(&out, "Complete requests").expect("Complete requests");
+        let failed = number_after(&out, "Failed requests").expect("Failed requests");
+        let keep_alive = number_after(&out, "Keep-Alive requests").expect("Keep-Alive requests");
+        assert_eq!(failed, 0, "ab:\n{out}");
+        assert!(!out.contains("Non-2xx"), "ab:\n{out}");
+        assert!(complete > 1000, "too little load: {complete}");
+        assert_eq!(
+            keep_alive, complete,
+            "the server closed a keep-alive connection:\n{out}"
+        );
+        complete
+    }
+}
+
 // ------------------------------------------------------------------------------------------------------------
 
 /// Says loudly that `what` did not run and why, and records it for the summary `scripts/test` prints
