@@ -588,15 +588,25 @@ fn no_second_upgrade_during_the_window(server: &str) {
 /// The accept queue of the TCP listener on `port` as the kernel shows it (`/proc/net/tcp`'s rx_queue of a
 /// listening socket is its accept queue).
 fn listen_queue(port: u16) -> Option<u32> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
+    use std::io::BufRead;
+    // Read line by line and stop at the listeners' end: the kernel lists its listening sockets first, then
+    // every other one. Under this test's load (unpaced clients opening a connection per request) the table
+    // holds tens of thousands of TIME_WAIT entries, and reading it whole took seconds: CI once got one sample
+    // in an 8 s window, and the test then took the process for an idle one.
+    let table = std::io::BufReader::new(std::fs::File::open("/proc/net/tcp").ok()?);
+    for line in table.lines().skip(1) {
+        let line = line.ok()?;
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(3) != Some(&"0A") {
+            return None;
+        }
         let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
-        (local_port == port && f.get(3) == Some(&"0A")).then(|| {
+        if local_port == port {
             let rx = f.get(4)?.split(':').nth(1)?;
-            u32::from_str_radix(rx, 16).ok()
-        })?
-    })
+            return u32::from_str_radix(rx, 16).ok();
+        }
+    }
+    None
 }
 
 /// The other side of the stall rule: a new process that is busy (two cores saturated by unpaced clients
@@ -664,6 +674,11 @@ fn a_busy_new_process_is_not_taken_for_a_stalled_one(server: &str) {
         !s.log.lines().iter().any(|l| l.contains("rolled back")),
         "{}",
         s.log.dump()
+    );
+    // The instrument itself: sampled every 2 ms through an 8 s window, it must have looked often.
+    assert!(
+        samples >= 200,
+        "only {samples} samples of the accept queue: the instrument could not look"
     );
     assert!(
         waiting > 0,

@@ -1063,6 +1063,10 @@ fn exuvia_ctl_check_finds_each_misconfiguration() {
             ),
         )
     };
+    // A service that exits with status 3 as it starts: the unit crash-loops (Restart=on-failure).
+    let fault = sd.dir.join("init-fault");
+    std::fs::write(&fault, "fail").unwrap();
+    let crash_loop = format!("--init-fault {}", fault.display());
     // (template lines replaced, service arguments, extra unit lines, expected exit, expected finding)
     type Case<'a> = (
         &'a [(&'a str, &'a str)],
@@ -1112,6 +1116,13 @@ fn exuvia_ctl_check_finds_each_misconfiguration() {
             0,
             "",
         ),
+        (
+            &[],
+            crash_loop.as_str(),
+            &[],
+            2,
+            "last exited with status 3",
+        ),
     ];
     for (replace, args, extra, want, finding) in cases {
         let addr = install(&sd, "http_std", free_port(), args, replace);
@@ -1137,6 +1148,35 @@ fn exuvia_ctl_check_finds_each_misconfiguration() {
         let _ = sd.systemctl(&["stop", "app.service", "app.socket"]);
         let _ = sd.systemctl(&["reset-failed", "app.service"]);
     }
+    // A binary the unit's own sandboxing hides (/var/tmp under the hardening drop-in's PrivateTmp=yes): the
+    // unit fails to start (203/EXEC) and the check names the setting.
+    let hidden_dir = Path::new("/var/tmp").join(format!("exuvia-check-{}", std::process::id()));
+    std::fs::create_dir_all(&hidden_dir).unwrap();
+    let hidden = hidden_dir.join("http_std");
+    std::fs::copy(example("http_std"), &hidden).unwrap();
+    install(
+        &sd,
+        "http_std",
+        free_port(),
+        "",
+        &[("ExecStart", hidden.to_str().unwrap())],
+    );
+    sd.install_dropin("hardening.conf", "app.service");
+    let started = sd.systemctl(&["start", "app.service"]);
+    let (code, text) = check(&sd);
+    eprintln!("--- binary under /var/tmp with PrivateTmp=yes: exit {code}\n{text}");
+    let _ = std::fs::remove_dir_all(&hidden_dir);
+    assert!(
+        !started.status.success(),
+        "{}",
+        sd.status_text("app.service")
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("PrivateTmp=yes"), "{text}");
+    assert!(text.contains("203/EXEC"), "{text}");
+    let _ = sd.systemctl(&["stop", "app.service", "app.socket"]);
+    let _ = sd.systemctl(&["reset-failed", "app.service"]);
+    let _ = std::fs::remove_dir_all(sd.dir.join("units/app.service.d"));
     // The portable template passes clean too.
     install_shape(
         &sd,

@@ -34,7 +34,8 @@ fn prop<'a>(props: &'a HashMap<String, String>, key: &str) -> &'a str {
 
 const PROPERTIES: &str = "LoadState,ActiveState,Type,NotifyAccess,ReloadSignal,ExecReload,ExecStop,KillMode,\
 TimeoutStopUSec,TimeoutStartUSec,WatchdogUSec,RuntimeDirectory,RuntimeDirectoryPreserve,FileDescriptorStoreMax,\
-FileDescriptorStorePreserve,FragmentPath,DropInPaths,Id";
+FileDescriptorStorePreserve,FragmentPath,DropInPaths,Id,SubState,Result,ExecMainCode,ExecMainStatus,NRestarts,ExecStart,\
+PrivateTmp,ProtectHome,InaccessiblePaths,TemporaryFileSystem";
 
 /// The longest unit name systemd accepts (`UNIT_NAME_MAX` less the NUL).
 const UNIT_NAME_MAX: usize = 255;
@@ -279,10 +280,135 @@ fn helper(props: &HashMap<String, String>, key: &str, verb: &str, f: &mut Findin
 
 /// The unit's own settings, one area at a time.
 fn check_unit(props: &HashMap<String, String>, version: Option<u32>, f: &mut Findings) {
+    check_state(props, f);
+    check_exec_visible(props, f);
     check_type(props, version, f);
     check_notify_access(props, f);
     check_stop(props, f);
     check_runtime(props, f);
+}
+
+/// Whether the unit runs at all: a unit that is not active (starting, restarting after a crash, failed, stopped)
+/// fails the check, with how its main process last ended and what systemd's own exit codes mean.
+fn check_state(props: &HashMap<String, String>, f: &mut Findings) {
+    let (active, sub) = (prop(props, "ActiveState"), prop(props, "SubState"));
+    if matches!(active, "active" | "reloading") {
+        f.add(Level::Ok, format!("ActiveState={active} ({sub})"));
+        return;
+    }
+    let restarts = match prop(props, "NRestarts") {
+        "" | "0" => String::new(),
+        n => format!(", restarted {n} times"),
+    };
+    let last = last_exit(prop(props, "ExecMainCode"), prop(props, "ExecMainStatus"));
+    f.add(
+        Level::Error,
+        format!(
+            "the unit is not running: ActiveState={active} ({sub}), Result={}{restarts}; {last}; see systemctl \
+             status and journalctl -u for the service's own words",
+            prop(props, "Result")
+        ),
+    );
+}
+
+/// How the main process last ended, from `ExecMainCode=` (1 exited, 2 killed, 3 dumped core) and
+/// `ExecMainStatus=`, with the meaning of systemd's own exit codes (systemd.exec(5), "Process Exit Codes").
+fn last_exit(code: &str, status: &str) -> String {
+    let status_n: i32 = status.parse().unwrap_or(0);
+    match code {
+        "1" => {
+            let meaning = match status_n {
+                200 => " (200/CHDIR: WorkingDirectory= is not reachable)",
+                203 => {
+                    " (203/EXEC: systemd could not execute ExecStart='s program: missing, not executable, or \
+                     hidden by the unit's sandboxing)"
+                }
+                214 => " (214/SETSCHEDULER: the CPU scheduling settings were refused)",
+                216 => " (216/GROUP: the Group= does not exist)",
+                217 => " (217/USER: the User= does not exist)",
+                218 => " (218/CAPABILITIES: the capability settings were refused)",
+                226 => {
+                    " (226/NAMESPACE: the sandbox could not be set up: a path in ReadWritePaths=, \
+                     ReadOnlyPaths= or InaccessiblePaths= may not exist)"
+                }
+                233 => " (233/RUNTIME_DIRECTORY: RuntimeDirectory= could not be created)",
+                75 => " (75: a takeover failed; the running instance serves on)",
+                _ => "",
+            };
+            format!("its main process last exited with status {status}{meaning}")
+        }
+        "2" => format!("its main process was last killed by signal {status}"),
+        "3" => format!("its main process last dumped core (signal {status})"),
+        _ => "its main process has not run".to_string(),
+    }
+}
+
+/// The program of an `Exec*=` property (`{ path=/usr/local/bin/app ; argv[]=... }`).
+fn exec_path(value: &str) -> Option<&str> {
+    value
+        .split(" ; ")
+        .find_map(|part| part.trim().trim_start_matches("{ ").strip_prefix("path="))
+        .map(str::trim)
+}
+
+/// Whether `path` is `dir` or below it.
+fn is_under(path: &str, dir: &str) -> bool {
+    let dir = dir.trim_end_matches('/');
+    !dir.is_empty() && (path == dir || path.starts_with(&format!("{dir}/")))
+}
+
+/// Whether the unit's own sandboxing hides `ExecStart=`'s program from the service (systemd then fails to
+/// execute it, 203/EXEC, and an upgrade would execute the same path): says which setting hides it.
+fn check_exec_visible(props: &HashMap<String, String>, f: &mut Findings) {
+    let Some(program) = exec_path(prop(props, "ExecStart")) else {
+        return;
+    };
+    let mut hidden: Vec<String> = Vec::new();
+    if prop(props, "PrivateTmp") == "yes" {
+        for dir in ["/tmp", "/var/tmp"] {
+            if is_under(program, dir) {
+                hidden.push(format!(
+                    "PrivateTmp=yes (the service sees an empty private {dir})"
+                ));
+            }
+        }
+    }
+    if matches!(prop(props, "ProtectHome"), "yes" | "tmpfs") {
+        for dir in ["/home", "/root", "/run/user"] {
+            if is_under(program, dir) {
+                hidden.push(format!(
+                    "ProtectHome={} (the service cannot see {dir})",
+                    prop(props, "ProtectHome")
+                ));
+            }
+        }
+    }
+    for entry in prop(props, "InaccessiblePaths").split_whitespace() {
+        let dir = entry.trim_start_matches(['-', '+']);
+        if is_under(program, dir) {
+            hidden.push(format!("InaccessiblePaths={dir}"));
+        }
+    }
+    for entry in prop(props, "TemporaryFileSystem").split_whitespace() {
+        let dir = entry.split(':').next().unwrap_or("");
+        if is_under(program, dir) {
+            hidden.push(format!(
+                "TemporaryFileSystem={dir} (an empty tmpfs over it)"
+            ));
+        }
+    }
+    if hidden.is_empty() {
+        return;
+    }
+    f.add(
+        Level::Error,
+        format!(
+            "ExecStart= runs {program}, which the unit's own sandboxing hides from the service: {}; systemd \
+             cannot execute it (203/EXEC) and an upgrade would execute the same path; fix: install the binary \
+             where the sandbox leaves it visible (/usr/local/bin, /opt/APP), or change that setting",
+            hidden.join(", ")
+        ),
+    );
 }
 
 /// `Type=` and the reload helper it needs, for the running systemd's version.
@@ -581,6 +707,70 @@ fn check_service(props: &HashMap<String, String>, config: Option<&Config>, f: &m
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_the_sandbox_hides_is_named_with_the_setting() {
+        let props = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let exec = |p: &str| format!("{{ path={p} ; argv[]={p} --takeover ; ignore_errors=no }}");
+        let found = |pairs: &[(&str, &str)]| {
+            let mut f = Findings(Vec::new());
+            check_exec_visible(&props(pairs), &mut f);
+            f.0
+        };
+        let e = exec("/var/tmp/app");
+        let hidden = found(&[("ExecStart", &e), ("PrivateTmp", "yes")]);
+        assert_eq!(hidden.len(), 1);
+        assert_eq!(hidden[0].0, Level::Error);
+        assert!(hidden[0].1.contains("PrivateTmp=yes"), "{hidden:?}");
+        assert!(found(&[("ExecStart", &e), ("PrivateTmp", "no")]).is_empty());
+        let e = exec("/root/bin/app");
+        assert!(found(&[("ExecStart", &e), ("ProtectHome", "yes")])[0]
+            .1
+            .contains("ProtectHome=yes"));
+        assert!(found(&[("ExecStart", &e), ("ProtectHome", "read-only")]).is_empty());
+        let e = exec("/srv/app/bin/app");
+        assert!(
+            found(&[("ExecStart", &e), ("InaccessiblePaths", "-/srv/app /x")])[0]
+                .1
+                .contains("InaccessiblePaths=/srv/app")
+        );
+        assert!(found(&[("ExecStart", &e), ("InaccessiblePaths", "/srv/application")]).is_empty());
+        assert!(
+            found(&[("ExecStart", &e), ("TemporaryFileSystem", "/srv:ro")])[0]
+                .1
+                .contains("TemporaryFileSystem=/srv")
+        );
+    }
+
+    #[test]
+    fn a_unit_that_is_not_running_fails_with_its_last_exit() {
+        let mut f = Findings(Vec::new());
+        let props: HashMap<String, String> = [
+            ("ActiveState", "activating"),
+            ("SubState", "auto-restart"),
+            ("Result", "exit-code"),
+            ("ExecMainCode", "1"),
+            ("ExecMainStatus", "203"),
+            ("NRestarts", "4"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        check_state(&props, &mut f);
+        assert_eq!(f.0[0].0, Level::Error);
+        for needle in ["auto-restart", "restarted 4 times", "203/EXEC"] {
+            assert!(f.0[0].1.contains(needle), "{needle}: {:?}", f.0);
+        }
+        assert_eq!(
+            last_exit("2", "9"),
+            "its main process was last killed by signal 9"
+        );
+    }
 
     #[test]
     fn unit_names_are_checked_as_systemd_does() {
