@@ -199,11 +199,8 @@ pub(crate) fn start(
     };
     drop(theirs);
     drop(moves_theirs);
-    // Until it is committed, the new process is the one the OOM killer should take under memory pressure,
-    // not the serving one: the upgrade fails, the service stays. It returns to this process's score at commit.
-    if let Err(e) = std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000") {
-        tracing::debug!(child_pid = pid, error = %e, "cannot raise the new process's oom_score_adj");
-    }
+    // (The new process runs at oom_score_adj 1000, the OOM killer's first choice, from before its exec: see
+    // `sys::spawn`. It returns to this process's score at commit.)
     tracing::info!(
         child_pid = pid,
         program = %launch.program.display(),

@@ -429,6 +429,18 @@ unsafe fn child_before_exec(a: &ChildArgs) -> ! {
                 fd += 1;
             }
         }
+        // Until it is committed, the new process is the one the OOM killer takes under memory pressure, not
+        // the serving one: raised here, before it runs a line of its own (the old process's write after the
+        // spawn came too late when the new program allocated first: the killer then took the old one). Raising
+        // one's own score needs no privilege; without /proc it stays as it was.
+        let adj = libc::open(
+            OOM_SCORE_ADJ.as_ptr().cast(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if adj >= 0 {
+            libc::write(adj, b"1000".as_ptr().cast(), 4);
+            libc::close(adj);
+        }
         if a.idle {
             // Background initialisation: the new program starts at the lowest CPU priority and returns to
             // normal before it reports ready. Lowering one's own priority needs no privilege.
@@ -441,6 +453,9 @@ unsafe fn child_before_exec(a: &ChildArgs) -> ! {
         fail(err_fd, exec)
     }
 }
+
+/// The new process's own OOM score file, NUL-terminated for `open` in the child.
+const OOM_SCORE_ADJ: &[u8] = b"/proc/self/oom_score_adj\0";
 
 /// Writes `v` in decimal followed by NUL at `dst`, which has room for [`PID_SLOT`] bytes.
 ///

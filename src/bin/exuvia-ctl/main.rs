@@ -253,12 +253,8 @@ fn stop_another_instance(path: &Path, timeout: Duration) -> Option<ExitCode> {
     if serving == main {
         return None;
     }
-    // SAFETY: kill with a pid and a signal number has no memory-safety preconditions.
-    #[allow(unsafe_code)]
-    let sent = unsafe { libc::kill(main as libc::pid_t, libc::SIGTERM) } == 0;
-    if !sent {
-        return None;
-    }
+    let pid = i32::try_from(main).ok().and_then(rustix::process::Pid::from_raw)?;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok()?;
     if exuvia::control::wait_exited(main, timeout) {
         println!("stopping pid {main} (pid {serving}, another instance, serves the control socket): exited");
         Some(ExitCode::SUCCESS)
