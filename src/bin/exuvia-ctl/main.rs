@@ -253,7 +253,9 @@ fn stop_another_instance(path: &Path, timeout: Duration) -> Option<ExitCode> {
     if serving == main {
         return None;
     }
-    let pid = i32::try_from(main).ok().and_then(rustix::process::Pid::from_raw)?;
+    let pid = i32::try_from(main)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)?;
     rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok()?;
     if exuvia::control::wait_exited(main, timeout) {
         println!("stopping pid {main} (pid {serving}, another instance, serves the control socket): exited");
