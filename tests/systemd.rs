@@ -1520,6 +1520,51 @@ fn websocket_sessions_move_across_systemctl_reloads_and_probation() {
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
 }
 
+/// Sessions written with axum's own `WebSocketUpgrade` (`examples/ws_axum.rs`), which cannot move, under the
+/// shipped template: at each of 3 `systemctl reload`s every one ends with a 1001 close handshake (no reset,
+/// whatever the unit's journald/stdout plumbing) and reconnects to the new main process; a stop drains.
+#[test]
+fn axum_websocket_sessions_close_with_going_away_across_systemctl_reloads() {
+    const CLIENTS: usize = 100;
+    const RELOADS: usize = 3;
+    let Some(python) = WsClients::python("axum websocket sessions under systemd") else {
+        return;
+    };
+    let Some(sd) = boot("ws_axum") else { return };
+    let addr = install(&sd, "ws_axum", free_port(), "--drain-timeout 30", &[]);
+    ok(sd.systemctl(&["start", "app.service"]), "start", &sd);
+    let mut main = sd.main_pid("app.service");
+    let url = format!("ws://{addr}/ws");
+    let mut clients = WsClients::reconnecting(&python, &url, CLIENTS, Duration::from_millis(10));
+    assert!(clients.all_answered_by(main, Duration::from_secs(30)));
+    for i in 0..RELOADS {
+        ok(
+            sd.systemctl(&["reload", "app.service"]),
+            &format!("reload {i}"),
+            &sd,
+        );
+        let new = sd.main_pid("app.service");
+        assert_ne!(new, main, "reload {i}: MainPID did not move");
+        assert!(
+            clients.all_answered_by(new, Duration::from_secs(30)),
+            "reload {i}: not every session reconnected to {new}"
+        );
+        only_left(&sd, "ws_axum", new, &format!("reload {i}"));
+        main = new;
+    }
+    let report = clients.finish();
+    eprintln!("{}", report.raw);
+    assert_eq!(report.abnormal, 0, "{}", report.raw);
+    assert_eq!(report.error_count, 0, "{}", report.raw);
+    assert_eq!(
+        report.going_away,
+        (CLIENTS * RELOADS) as u64,
+        "{}",
+        report.raw
+    );
+    ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+}
+
 /// Waits until `pid` is the only process of program `comm` left (the old one has moved its connections and
 /// exited), at most 20 s.
 fn only_left(sd: &Systemd, comm: &str, pid: u32, what: &str) {

@@ -1420,6 +1420,10 @@ pub struct WsReport {
     pub messages: u64,
     pub per_second: u64,
     pub disconnects: u64,
+    /// Sessions that ended without a close handshake (a reset, a dropped connection): websockets' 1006.
+    pub abnormal: u64,
+    /// Sessions the server closed with 1001 "going away", reconnected (clients started with `reconnecting`).
+    pub going_away: u64,
     pub error_count: u64,
     /// Every pid that answered, and those that gave each client never cut off its last answer.
     pub pids: Vec<u32>,
@@ -1450,6 +1454,22 @@ impl WsClients {
 
     /// Starts `n` clients of `url` and returns once every one is connected.
     pub fn start(python: &Path, url: &str, n: usize, interval: Duration) -> WsClients {
+        WsClients::start_with(python, url, n, interval, false)
+    }
+
+    /// Like [`start`](Self::start), but a session the server closes with 1001 "going away" reconnects
+    /// (counted in `going_away`) instead of counting as an error.
+    pub fn reconnecting(python: &Path, url: &str, n: usize, interval: Duration) -> WsClients {
+        WsClients::start_with(python, url, n, interval, true)
+    }
+
+    fn start_with(
+        python: &Path,
+        url: &str,
+        n: usize,
+        interval: Duration,
+        reconnect: bool,
+    ) -> WsClients {
         let stop = tempfile::tempdir().unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ws_clients.py");
         let mut child = Command::new(python)
@@ -1458,6 +1478,7 @@ impl WsClients {
             .arg(n.to_string())
             .arg(interval.as_millis().to_string())
             .arg(stop.path().join("stop"))
+            .args(reconnect.then_some("reconnect"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -1547,6 +1568,8 @@ impl WsClients {
             messages: number("messages") as u64,
             per_second: number("per_second") as u64,
             disconnects: number("disconnects") as u64,
+            abnormal: number("abnormal") as u64,
+            going_away: number("going_away") as u64,
             error_count: number("error_count") as u64,
             pids: list("pids"),
             last_pids: list("last_pids"),

@@ -11,6 +11,10 @@ counted as an error, never retried.
 Prints "connected <n>" once every client is connected, "all <pid>" once every client (still connected) has had
 an answer from process <pid>, and runs until the file STOP exists, closes every
 connection (a normal close) and prints one line of JSON with what it saw.
+
+With a fifth argument "reconnect", a session the server ends with a normal close handshake and status 1001
+("going away": sessions that cannot move) is counted in "going_away" and opened again (its count starts anew
+on the new connection); any other end (another code, no close handshake: a reset) is still an error.
 """
 
 import asyncio
@@ -30,15 +34,26 @@ def announce(stats):
             print(f"all {pid}", flush=True)
 
 
-async def client(i, url, interval, stop, stats, connected):
-    try:
-        ws = await websockets.connect(url, ping_interval=None, close_timeout=5, max_queue=None)
-    except Exception as e:  # noqa: BLE001 - every failure counts, whatever its kind
-        stats["errors"].append(f"client {i}: connect: {e!r}")
-        stats["dead"].add(i)
-        connected.release()
-        return
-    connected.release()
+async def client(i, url, interval, stop, stats, connected, reconnect):
+    first = True
+    while True:
+        try:
+            ws = await websockets.connect(url, ping_interval=None, close_timeout=5, max_queue=None)
+        except Exception as e:  # noqa: BLE001 - every failure counts, whatever its kind
+            stats["errors"].append(f"client {i}: connect: {e!r}")
+            stats["dead"].add(i)
+            if first:
+                connected.release()
+            return
+        if first:
+            connected.release()
+            first = False
+        if not await session(i, ws, interval, stop, stats, reconnect):
+            return
+
+
+async def session(i, ws, interval, stop, stats, reconnect):
+    """One connection's messages; True when the server went away politely and the client should reconnect."""
     n = 0
     try:
         while not stop.is_set():
@@ -60,27 +75,42 @@ async def client(i, url, interval, stop, stats, connected):
                 stats["reached"].setdefault(pid, set()).add(i)
                 announce(stats)
             await asyncio.sleep(interval)
-    except websockets.ConnectionClosed as e:
+    except websockets.ConnectionClosedOK as e:
+        code = e.rcvd.code if e.rcvd is not None else None
+        if reconnect and code == 1001 and not stop.is_set():
+            stats["going_away"] += 1
+            return True
         stats["disconnects"] += 1
         stats["errors"].append(f"client {i}: closed after {n - 1} answers: {e!r}")
         stats["dead"].add(i)
         announce(stats)
-        return
+        return False
+    except websockets.ConnectionClosed as e:
+        stats["disconnects"] += 1
+        stats["abnormal"] += 1
+        stats["errors"].append(f"client {i}: closed after {n - 1} answers: {e!r}")
+        stats["dead"].add(i)
+        announce(stats)
+        return False
     except Exception as e:  # noqa: BLE001
         stats["errors"].append(f"client {i}: after {n - 1} answers: {e!r}")
         stats["dead"].add(i)
         announce(stats)
-        return
+        return False
     finally:
-        stats["sent"][i] = n
+        stats["sent"][i] = stats["sent"].get(i, 0) + n
     await ws.close()
+    return False
 
 
 async def main():
     url, clients, interval_ms, stop_file = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    reconnect = len(sys.argv) > 5 and sys.argv[5] == "reconnect"
     stats = {
         "messages": 0,
         "disconnects": 0,
+        "abnormal": 0,
+        "going_away": 0,
         "errors": [],
         "latencies": [],
         "pids": set(),
@@ -96,7 +126,7 @@ async def main():
     started = time.monotonic()
     tasks = []
     for i in range(clients):
-        tasks.append(asyncio.create_task(client(i, url, interval_ms / 1000, stop, stats, connected)))
+        tasks.append(asyncio.create_task(client(i, url, interval_ms / 1000, stop, stats, connected, reconnect)))
         if i % 50 == 49:
             await asyncio.sleep(0)  # let connections complete as they go
     for _ in range(clients):
@@ -116,6 +146,8 @@ async def main():
                 "messages": stats["messages"],
                 "per_second": round(stats["messages"] / elapsed),
                 "disconnects": stats["disconnects"],
+                "abnormal": stats["abnormal"],
+                "going_away": stats["going_away"],
                 "errors": stats["errors"][:20],
                 "error_count": len(stats["errors"]),
                 "pids": sorted(stats["pids"]),
