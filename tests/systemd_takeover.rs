@@ -124,8 +124,7 @@ fn blue_under_load(sd: &Systemd, args: &str) -> (SocketAddr, u32, Load) {
     let (ok, text, _) = start(sd, "app@blue.service");
     assert!(ok, "{text}\n{}", log(sd));
     let blue = sd.main_pid("app@blue.service");
-    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
-    load.wait_progress(200);
+    let load = Load::steady(addr);
     (addr, blue, load)
 }
 
@@ -147,8 +146,7 @@ fn blue_green_instances_take_over_from_each_other_under_load() {
     assert_eq!(resp.pid, sd.main_pid("app@blue.service"));
 
     let ab = AbKeepAlive::start(addr, 32, 40);
-    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
-    load.wait_progress(200);
+    let load = Load::steady(addr);
 
     let mut took = Vec::new();
     for i in 0..10 {
@@ -180,9 +178,7 @@ fn blue_green_instances_take_over_from_each_other_under_load() {
         ends_inactive(&sd, &from);
         load.wait_progress(100);
     }
-    let stats = load.stop();
-    eprintln!("load: {}", stats.summary());
-    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    load.finish_clean("all");
     took.sort();
     eprintln!(
         "systemctl start of the taking instance: median {:?}, max {:?}",
@@ -261,15 +257,11 @@ fn a_failed_takeover_fails_the_start_and_leaves_blue_serving() {
     let _ = sd.systemctl(&["reset-failed", green]);
 
     // Up to here nothing reached green: nothing may have failed at all.
-    load.wait_progress(200);
-    let stats = load.stop();
-    eprintln!("load (exit, hang): {}", stats.summary());
-    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    load.finish_clean("exit, hang");
 
     // 3. Crashes 300 ms into its 2 s probation window: blue takes the service back. Green served the new
     // connections of its window and its crash resets those it held (as any crash does); nothing is refused.
-    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
-    load.wait_progress(200);
+    let load = Load::steady(addr);
     std::fs::write(faults.join("crash-green"), "abort 300").unwrap();
     let (ok, text, t) = start(&sd, green);
     eprintln!("crash on probation: start ok={ok} after {t:?}: {text}");
@@ -282,10 +274,7 @@ fn a_failed_takeover_fails_the_start_and_leaves_blue_serving() {
     load.wait_progress(200);
     let (resp, _) = get(addr, "/").unwrap();
     assert_eq!(resp.pid, blue);
-    let stats = load.stop();
-    eprintln!("load (crash on probation): {}", stats.summary());
-    assert_eq!(stats.count(FailKind::Refused), 0, "{}", stats.summary());
-    assert_eq!(stats.count(FailKind::Timeout), 0, "{}", stats.summary());
+    load.finish_unrefused("crash on probation");
     let out = sd.systemctl(&["stop", "app@blue.service"]);
     assert!(
         out.status.success(),
@@ -432,10 +421,7 @@ fn stopping_either_instance_inside_the_probation_window() {
     }
     assert_eq!(sd.main_pid(green_unit), green);
     assert!(answered_by(addr, green));
-    load.wait_progress(200);
-    let stats = load.stop();
-    eprintln!("load: {}", stats.summary());
-    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    load.finish_clean("all");
     let out = sd.systemctl(&["stop", green_unit]);
     assert!(out.status.success(), "{}", sd.status_text(green_unit));
     ends_inactive(&sd, green_unit);

@@ -198,8 +198,7 @@ fn ten_takeovers_between_two_releases_refuse_and_fail_nothing() {
     let listen = addr.to_string();
 
     let ab = AbKeepAlive::start(addr, 32, 25);
-    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
-    load.wait_progress(200);
+    let load = Load::steady(addr);
 
     let mut took = Vec::new();
     for i in 0..TAKEOVERS {
@@ -242,9 +241,7 @@ fn ten_takeovers_between_two_releases_refuse_and_fail_nothing() {
         load.wait_progress(100);
     }
 
-    let stats = load.stop();
-    eprintln!("load: {}", stats.summary());
-    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    let stats = load.finish_clean("all");
     assert!(stats.pids.len() > TAKEOVERS, "{}", stats.summary());
     took.sort();
     eprintln!(
@@ -278,8 +275,7 @@ fn failed_takeovers_leave_the_old_process_serving() {
     );
     let addr = old.serving();
     let listen = addr.to_string();
-    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
-    load.wait_progress(200);
+    let load = Load::steady(addr);
 
     // 1. Exits during its initialisation (status 3).
     let fail = faults.path().join("fail");
@@ -327,16 +323,12 @@ fn failed_takeovers_leave_the_old_process_serving() {
     assert!(why.contains("did not report ready within 2 s"), "{why}");
 
     // Up to here nothing reached a taker: nothing may have failed at all.
-    load.wait_progress(200);
-    let stats = load.stop();
-    eprintln!("load (exit, hang, one at a time): {}", stats.summary());
-    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    load.finish_clean("exit, hang, one at a time");
 
     // 3. Crashes 300 ms into its 2 s probation window: the old process takes the service back. The taker
     // served the new connections of its window, and its crash resets those it held (as any crash does);
     // nothing is refused.
-    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
-    load.wait_progress(200);
+    let load = Load::steady(addr);
     let crash = faults.path().join("crash");
     std::fs::write(&crash, "abort 300").unwrap();
     let mut crasher = Instance::take_over(
@@ -366,10 +358,7 @@ fn failed_takeovers_leave_the_old_process_serving() {
     load.wait_progress(200);
     let (resp, _) = get(addr, "/").unwrap();
     assert_eq!((resp.pid, resp.version.as_str()), (old.pid, release.tag));
-    let stats = load.stop();
-    eprintln!("load (crash on probation): {}", stats.summary());
-    assert_eq!(stats.count(FailKind::Refused), 0, "{}", stats.summary());
-    assert_eq!(stats.count(FailKind::Timeout), 0, "{}", stats.summary());
+    load.finish_unrefused("crash on probation");
     assert!(old.exited(Duration::ZERO).is_none());
     let pid = old.pid;
     old.stop(pid);
@@ -537,8 +526,7 @@ fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
     // The host sees neither release at that path: each lives in its own container's mounts only.
     assert_eq!(std::fs::read_dir(&mnt_app).unwrap().count(), 0);
     assert!(shared.join("control.sock").exists());
-    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
-    load.wait_progress(200);
+    let load = Load::steady(addr);
     for i in 0..4 {
         let release = &releases[(i + 1) % 2];
         let mut next = container(release, &listen, "--ready-timeout 2");
@@ -586,9 +574,7 @@ fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
     assert!(current.exited(Duration::ZERO).is_none());
     let (resp, _) = get(addr, "/").unwrap();
     assert_eq!(resp.version, releases[0].tag);
-    let stats = load.stop();
-    eprintln!("load: {}", stats.summary());
-    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    load.finish_clean("all");
     // To the container's process itself (unshare passes no signal on).
     let pid = app_of(current.pid);
     current.stop(pid);
@@ -653,8 +639,7 @@ fn the_readme_deploy_script_takes_over_and_reports_a_failed_takeover() {
     assert_eq!(code, Some(0), "{}", log.dump());
     let mut current = first.expect("the script names the pid that serves");
     let addr: SocketAddr = listen.parse().unwrap();
-    let load = Load::start(addr, 2, 4, Duration::from_millis(2));
-    load.wait_progress(200);
+    let load = Load::steady(addr);
     for i in 0..2 {
         let release = &releases[(i + 1) % 2];
         let (code, pid, log) = deploy(release, &[]);
@@ -684,9 +669,7 @@ fn the_readme_deploy_script_takes_over_and_reports_a_failed_takeover() {
     );
     let (resp, _) = get(addr, "/").unwrap();
     assert_eq!(resp.pid, current);
-    let stats = load.stop();
-    eprintln!("load: {}", stats.summary());
-    assert!(stats.failures.is_empty(), "{}", stats.summary());
+    load.finish_clean("all");
     signal(current, libc::SIGTERM);
     assert!(wait_gone(current, Duration::from_secs(30)));
 }

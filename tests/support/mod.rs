@@ -921,6 +921,43 @@ impl Load {
     }
 
     /// Requests completed so far (served or failed).
+    /// The mixed load most tests run under: 2 clients opening a connection per request and 4 keep-alive
+    /// ones, each sending every 2 ms; returns once it runs (200 requests done).
+    pub fn steady(addr: SocketAddr) -> Load {
+        let load = Load::start(addr, 2, 4, Duration::from_millis(2));
+        load.wait_progress(200);
+        load
+    }
+
+    /// Lets 200 more requests through, stops, prints what happened (`what`), and asserts nothing failed.
+    pub fn finish_clean(self, what: &str) -> Stats {
+        self.wait_progress(200);
+        let stats = self.stop();
+        eprintln!("load ({what}): {}", stats.summary());
+        assert!(stats.failures.is_empty(), "{what}: {}", stats.summary());
+        stats
+    }
+
+    /// Stops, prints (`what`), and asserts nothing was refused and nothing timed out: for a stretch in which a
+    /// process crashed (the connections it held end with it, as with any crash).
+    pub fn finish_unrefused(self, what: &str) -> Stats {
+        let stats = self.stop();
+        eprintln!("load ({what}): {}", stats.summary());
+        assert_eq!(
+            stats.count(FailKind::Refused),
+            0,
+            "{what}: {}",
+            stats.summary()
+        );
+        assert_eq!(
+            stats.count(FailKind::Timeout),
+            0,
+            "{what}: {}",
+            stats.summary()
+        );
+        stats
+    }
+
     pub fn completed(&self) -> u64 {
         self.done.load(Ordering::Relaxed)
     }
