@@ -70,6 +70,18 @@ fn log(sd: &Systemd) -> String {
     std::fs::read_to_string(sd.service_log()).unwrap_or_default()
 }
 
+/// Whether the services' log says `text` within 10 s (a process logs what it did a moment after doing it).
+fn logged(sd: &Systemd, text: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !log(sd).contains(text) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 /// `systemctl start UNIT`: its output, whether it succeeded, and how long it took.
 fn start(sd: &Systemd, unit: &str) -> (bool, String, Duration) {
     let t0 = Instant::now();
@@ -266,7 +278,7 @@ fn a_failed_takeover_fails_the_start_and_leaves_blue_serving() {
     let (ok, text, t) = start(&sd, green);
     eprintln!("crash on probation: start ok={ok} after {t:?}: {text}");
     assert!(!ok, "{text}\n{}", sd.status_text(green));
-    assert!(log(&sd).contains("rolled back"), "{}", log(&sd));
+    assert!(logged(&sd, "rolled back"), "{}", log(&sd));
 
     // Blue served throughout and is still its unit's main process.
     assert_eq!(sd.main_pid("app@blue.service"), blue);
@@ -387,7 +399,7 @@ fn stopping_either_instance_inside_the_probation_window() {
     );
     assert_eq!(sd.main_pid(blue_unit), blue);
     assert_eq!(sd.show(blue_unit, "ActiveState"), "active");
-    assert!(log(&sd).contains("rolled back"), "{}", log(&sd));
+    assert!(logged(&sd, "rolled back"), "{}", log(&sd));
     let _ = green;
     let _ = sd.systemctl(&["reset-failed", green_unit]);
 

@@ -208,7 +208,7 @@ fn ten_takeovers_between_two_releases_refuse_and_fail_nothing() {
         next.serving();
         took.push(started.elapsed());
         assert!(
-            next.says("taking over; received the sockets", Duration::ZERO)
+            next.says("taking over; received the sockets", Duration::from_secs(5))
                 .is_some(),
             "{}",
             next.log.dump()
@@ -222,7 +222,7 @@ fn ten_takeovers_between_two_releases_refuse_and_fail_nothing() {
             current.log.dump()
         );
         assert!(current
-            .says("takeover: handed over", Duration::ZERO)
+            .says("takeover: handed over", Duration::from_secs(5))
             .is_some());
         // What runs now is the other release: its binary, its environment, its limit.
         let (resp, _) = get(addr, "/").unwrap();
@@ -305,7 +305,7 @@ fn failed_takeovers_leave_the_old_process_serving() {
     assert_eq!(st.and_then(|s| s.code()), Some(75), "{}", second.log.dump());
     assert!(
         second
-            .says("takeover refused", Duration::ZERO)
+            .says("takeover refused", Duration::from_secs(5))
             .is_some_and(|l| l.contains("in flight") || l.contains("in progress")),
         "{}",
         second.log.dump()
@@ -318,7 +318,7 @@ fn failed_takeovers_leave_the_old_process_serving() {
         hung.log.dump()
     );
     let why = hung
-        .says("takeover failed", Duration::ZERO)
+        .says("takeover failed", Duration::from_secs(5))
         .unwrap_or_else(|| panic!("{}", hung.log.dump()));
     assert!(why.contains("did not report ready within 2 s"), "{why}");
 
@@ -408,7 +408,10 @@ fn a_process_of_another_user_cannot_take_over() {
     assert!(st.is_some_and(|s| !s.success()), "{}", taker.log.dump());
     assert!(
         taker
-            .says("cannot connect to the control socket", Duration::ZERO)
+            .says(
+                "cannot connect to the control socket",
+                Duration::from_secs(5)
+            )
             .is_some_and(|l| l.contains("Permission denied")),
         "{}",
         taker.log.dump()
@@ -427,7 +430,7 @@ fn a_process_of_another_user_cannot_take_over() {
     assert!(st.is_some_and(|s| !s.success()), "{}", taker.log.dump());
     assert!(
         taker
-            .says("permission denied", Duration::ZERO)
+            .says("permission denied", Duration::from_secs(5))
             .is_some_and(|l| l.contains("takeover refused")),
         "{}",
         taker.log.dump()
@@ -543,7 +546,7 @@ fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
         assert_eq!((resp.pid, resp.version.as_str()), (1, release.tag));
         assert!(
             current
-                .says("same_pid_namespace=false", Duration::ZERO)
+                .says("same_pid_namespace=false", Duration::from_secs(5))
                 .is_some(),
             "{}",
             current.log.dump()
@@ -566,7 +569,7 @@ fn containers_sharing_only_the_network_and_the_control_directory_take_over() {
         hung.log.dump()
     );
     assert!(
-        hung.says("did not report ready within 2 s", Duration::ZERO)
+        hung.says("did not report ready within 2 s", Duration::from_secs(5))
             .is_some(),
         "{}",
         hung.log.dump()
