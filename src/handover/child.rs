@@ -254,8 +254,8 @@ impl ParentWays {
 
 /// Ends this process because the old process went away (or gave up on it, for `why`) `when`. A process the
 /// old one started ends everything it started too (its process group: see `sys::spawn`; only when it leads
-/// that group). A taker's group is not this library's: it exits alone, with status 1, having said why (under
-/// systemd, in its unit's status too).
+/// that group). A taker's group is not this library's: it exits alone, with [`crate::EXIT_TAKEOVER_FAILED`],
+/// having said why (under systemd, in its unit's status too).
 pub(crate) fn end_this_process(came: Came, parent_pid: u32, when: &str, why: Option<&str>) -> ! {
     match came {
         Came::Spawned => {

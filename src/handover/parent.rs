@@ -65,17 +65,18 @@ impl Hold {
 
     /// Waits until `deadline` for the process's end: its pidfd, else the channel's hang-up.
     fn wait_ended(&self, channel: &Channel, deadline: Instant) -> bool {
+        let watch;
         let mut set = PollSet::new();
         match self.ended_fd() {
             Some(fd) => {
                 set.readable(fd);
             }
             None => {
-                let Ok(watch) = channel.watch_fd() else {
+                let Ok(fd) = channel.watch_fd() else {
                     return false;
                 };
+                watch = fd;
                 set.add(watch.as_fd(), sys::PollFlags::RDHUP);
-                return set.wait(Some(deadline)).unwrap_or(false);
             }
         }
         set.wait(Some(deadline)).unwrap_or(false)
@@ -291,9 +292,14 @@ impl PendingChild {
     /// reports before it exits (under systemd, in its unit's status), and a second to go; then SIGKILL through
     /// its pidfd (only that process: its group is its own business). No exit status is ours to read.
     fn kill_and_reap(&mut self) -> Option<std::process::ExitStatus> {
+        self.end_with("the takeover failed (the old process's log says why)")
+    }
+
+    /// Ends the handover with a taker for `why` (told to it), or kills and reaps a spawned child.
+    fn end_with(&mut self, why: &str) -> Option<std::process::ExitStatus> {
         self.done = true;
         if self.came == Came::TookOver {
-            self.give_up_on_taker("the takeover failed (the old process's log says why)");
+            self.give_up_on_taker(why);
             return None;
         }
         // The group id is the child's pid, which cannot be reused before the child is reaped below.
@@ -330,16 +336,6 @@ impl PendingChild {
         if !ended {
             self.hold.kill(self.pid);
         }
-    }
-
-    /// Ends the handover with a taker for `why` (told to it), or kills and reaps a spawned child.
-    fn end_with(&mut self, why: &str) -> Option<std::process::ExitStatus> {
-        if self.came == Came::TookOver {
-            self.done = true;
-            self.give_up_on_taker(why);
-            return None;
-        }
-        self.kill_and_reap()
     }
 
     /// Turns a failure into the most telling error: if the child has exited, its exit status; otherwise `e`,
