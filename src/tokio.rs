@@ -357,6 +357,52 @@ impl Upgrader {
         }
     }
 
+    /// Resolves [`Builder::stream_grace`](crate::Builder::stream_grace) after this process started finishing
+    /// (upgraded or stopped): the moment a long-lived stream this process still serves (a gRPC stream, a
+    /// watch, a feed, a WebSocket that cannot move) should end, with a status its client understands, so that
+    /// the client re-opens it on the new process well before the drain deadline cuts it. Returns why this
+    /// process is finishing.
+    ///
+    /// [`finished`](Upgrader::finished) is the moment to stop taking new work; this one is the moment the
+    /// work still running should end. Every call, whenever made, resolves at the same instant. The HTTP layer
+    /// uses it to end gRPC responses with `UNAVAILABLE` (see [`crate::hyper`]); a service that streams
+    /// anything else selects on it:
+    ///
+    /// ```no_run
+    /// # async fn feed(upgrader: exuvia::Upgrader, mut next: impl FnMut() -> Option<String>) {
+    /// let grace = upgrader.grace_ended();
+    /// tokio::pin!(grace);
+    /// loop {
+    ///     tokio::select! {
+    ///         _ = &mut grace => {
+    ///             // Say goodbye in the protocol's own terms, then end the stream.
+    ///             break;
+    ///         }
+    ///         _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+    ///             let Some(_item) = next() else { break };
+    ///             // ... send it
+    ///         }
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime with IO and time enabled.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only waits.
+    pub async fn grace_ended(&self) -> Finish {
+        let finish = self.finished().await;
+        let from = self
+            .finishing_handle()
+            .lifecycle()
+            .finished_at()
+            .unwrap_or_else(std::time::Instant::now);
+        ::tokio::time::sleep_until((from + self.stream_grace()).into()).await;
+        finish
+    }
+
     /// [`wait_event`](Upgrader::wait_event) as a future: the next failed upgrade, or why this process is
     /// finishing. Failed upgrades count from the moment of this call, not from the first poll of the returned
     /// future, so `tokio::spawn(upgrader.next_event())` followed by an upgrade that fails always reports that

@@ -25,6 +25,8 @@ pub struct Args {
     pub init_delay: Duration,
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
+    /// `--stream-grace SECS` (`Builder::stream_grace`); the library's default without it.
+    pub stream_grace: Option<Duration>,
     pub hold_open: Option<String>,
     pub control_socket: Option<String>,
     pub reuseport: bool,
@@ -62,6 +64,7 @@ pub fn parse_args() -> Result<Args, String> {
         init_delay: Duration::ZERO,
         ready_timeout: Duration::from_secs(30),
         drain_timeout: Duration::from_secs(30),
+        stream_grace: None,
         hold_open: None,
         control_socket: None,
         reuseport: false,
@@ -103,6 +106,7 @@ pub fn parse_args() -> Result<Args, String> {
             }
             "--ready-timeout" => a.ready_timeout = secs(value()?)?,
             "--drain-timeout" => a.drain_timeout = secs(value()?)?,
+            "--stream-grace" => a.stream_grace = Some(secs(value()?)?),
             "--hold-open" => a.hold_open = Some(value()?),
             "--control-socket" => a.control_socket = Some(value()?),
             "--reuseport" => a.reuseport = true,
@@ -137,7 +141,7 @@ pub fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => {
                 return Err("usage: PROGRAM [--listen ADDR] [--version-tag V] [--init-fault FILE] \
-                            [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--hold-open FILE] \
+                            [--init-delay-ms N] [--ready-timeout SECS] [--drain-timeout SECS] [--stream-grace SECS] [--hold-open FILE] \
                             [--control-socket PATH] [--reuseport] [--extra-listeners N] [--ballast-mib N] [--background-init] \
                             [--probation SECS] [--probation-stall SECS] [--crash-fault FILE] [--fd-store] [--log auto|journal|stderr] \
                             [--sigchld-ignore] [--own-reaper] [--no-move] [--takeover]"
@@ -348,6 +352,9 @@ pub fn builder(args: &Args) -> exuvia::Builder {
     }
     if let Some(stall) = args.probation_stall {
         builder = builder.probation_stall(stall);
+    }
+    if let Some(grace) = args.stream_grace {
+        builder = builder.stream_grace(grace);
     }
     builder
 }

@@ -102,6 +102,7 @@
 
 mod connection;
 mod frames;
+mod grpc;
 mod headers;
 mod listener;
 mod moving;

@@ -9,6 +9,7 @@ use ::hyper::body::Incoming;
 use ::hyper::{Request, Response, StatusCode, Version};
 
 use super::connection::{Exchange, Protocol};
+use super::grpc::{self, GrpcGrace};
 use super::headers;
 use crate::Upgrader;
 
@@ -145,8 +146,16 @@ where
                 }
             }
             protocol.set_keeps_open(keeps_open);
+            // A gRPC call still streaming at the end of the grace is ended with UNAVAILABLE.
+            let grace = match upgrader {
+                Some(u) if version == Version::HTTP_2 && grpc::is_grpc(&response) => {
+                    Some(GrpcGrace::new(u))
+                }
+                _ => None,
+            };
             Ok(response.map(|body| Exchanged {
                 body,
+                grace,
                 _exchange: exchange,
             }))
         })
@@ -154,10 +163,12 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that keeps its exchange in flight until it is over.
+    /// A response body that keeps its exchange in flight until it is over (and ends a gRPC call still
+    /// streaming at the end of the grace).
     pub(crate) struct Exchanged<B> {
         #[pin]
         body: B,
+        grace: Option<GrpcGrace>,
         _exchange: Exchange,
     }
 }
@@ -170,15 +181,38 @@ impl<B: http_body::Body> http_body::Body for Exchanged<B> {
         self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.project().body.poll_frame(cx)
+        use std::task::Poll;
+        let this = self.project();
+        let Some(grace) = this.grace else {
+            return this.body.poll_frame(cx);
+        };
+        if grace.ended() {
+            return Poll::Ready(None);
+        }
+        match this.body.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    grace.saw(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => match grace.poll_end(cx) {
+                Some(trailers) => Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers)))),
+                None => Poll::Pending,
+            },
+            other => other,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.grace.as_ref().is_some_and(GrpcGrace::ended) || self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        match &self.grace {
+            Some(g) if g.ended() => http_body::SizeHint::with_exact(0),
+            _ => self.body.size_hint(),
+        }
     }
 }
 

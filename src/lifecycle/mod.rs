@@ -41,6 +41,8 @@ struct Shared {
     events: ::tokio::sync::Notify,
     /// The published finish, read without a lock.
     published: OnceLock<Finish>,
+    /// When it was published (set just before it).
+    published_at: OnceLock<Instant>,
     /// True while connections should be let go (on probation, once finishing): for code that checks on every
     /// request (the HTTP layer, `Upgrader::closing`). Revocable: a rollback clears it.
     flag: Arc<AtomicBool>,
@@ -101,6 +103,7 @@ impl Lifecycle {
                 #[cfg(feature = "tokio")]
                 events: ::tokio::sync::Notify::new(),
                 published: OnceLock::new(),
+                published_at: OnceLock::new(),
                 flag: Arc::new(AtomicBool::new(false)),
                 stop_read,
             }),
@@ -119,6 +122,7 @@ impl Lifecycle {
         core.phase = after;
         let mut closing = None;
         if let (None, Some(f)) = (before.published(), after.published()) {
+            let _ = self.shared.published_at.set(Instant::now());
             let _ = self.shared.published.set(f);
             closing = core.stop_write.take();
         }
@@ -251,6 +255,11 @@ impl Lifecycle {
     /// Readable (end of file) once the finish is published.
     pub(crate) fn finishing_fd(&self) -> BorrowedFd<'_> {
         self.shared.stop_read.as_fd()
+    }
+
+    /// When the finish was published, once it is.
+    pub(crate) fn finished_at(&self) -> Option<Instant> {
+        self.shared.published_at.get().copied()
     }
 
     /// Whether connections should be let go now (on probation, once finishing). Lock-free.

@@ -20,6 +20,9 @@ use crate::registry::{Registry, Sockets};
 use crate::sys;
 use crate::systemd::Manager;
 
+/// The default of [`Builder::stream_grace`].
+const DEFAULT_STREAM_GRACE: Duration = Duration::from_secs(5);
+
 /// The default of [`Builder::probation_stall`].
 const DEFAULT_PROBATION_STALL: Duration = Duration::from_secs(3);
 
@@ -29,6 +32,7 @@ const DEFAULT_PROBATION_STALL: Duration = Duration::from_secs(3);
 pub struct Builder {
     ready_timeout: Duration,
     drain_timeout: Duration,
+    stream_grace: Duration,
     program: Option<PathBuf>,
     args: Option<Vec<OsString>>,
     envs: Vec<(OsString, OsString)>,
@@ -48,6 +52,7 @@ impl fmt::Debug for Builder {
         f.debug_struct("Builder")
             .field("ready_timeout", &self.ready_timeout)
             .field("drain_timeout", &self.drain_timeout)
+            .field("stream_grace", &self.stream_grace)
             .field("program", &self.program)
             .field("args", &self.args)
             .field("envs", &self.envs)
@@ -69,6 +74,7 @@ impl Builder {
         Builder {
             ready_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
+            stream_grace: DEFAULT_STREAM_GRACE,
             program: None,
             args: None,
             envs: Vec::new(),
@@ -231,6 +237,18 @@ impl Builder {
         self
     }
 
+    /// How long streams may go on once this process is finishing (default 5 s): long-lived responses
+    /// (gRPC server-streaming and bidirectional calls, a watch, a feed) that have not ended by then are ended,
+    /// so that their clients re-open them on the new process instead of waiting for the
+    /// [drain deadline](Builder::drain_timeout) (which cuts them with an error). The HTTP layer ends gRPC
+    /// responses itself, with the status `UNAVAILABLE` (see [`crate::hyper`]); anything else ends its
+    /// streams when [`Upgrader::grace_ended`] resolves. A grace at or beyond the drain timeout leaves them to
+    /// the drain deadline.
+    pub fn stream_grace(mut self, grace: Duration) -> Builder {
+        self.stream_grace = grace;
+        self
+    }
+
     /// The program to execute on upgrade. Default: the path this process was started from
     /// (`AT_EXECFN`, made absolute against the working directory at [`build`](Builder::build)), so that a
     /// binary replaced on disk is the one that runs. Symlinks are not resolved, for the same reason.
@@ -324,6 +342,7 @@ impl Builder {
                 envs: self.envs,
                 ready_timeout: self.ready_timeout,
                 drain_timeout: self.drain_timeout,
+                stream_grace: self.stream_grace,
                 background_init: self.background_init,
                 successor_probation: self.probation,
                 probation_stall: self.probation_stall,

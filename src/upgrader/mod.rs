@@ -70,6 +70,8 @@ struct Inner {
     envs: Vec<(OsString, OsString)>,
     ready_timeout: Duration,
     drain_timeout: Duration,
+    /// [`Builder::stream_grace`].
+    stream_grace: Duration,
     background_init: bool,
     /// The probation window this process gives each new process after a commit (zero: none).
     successor_probation: Duration,
@@ -186,6 +188,11 @@ impl Upgrader {
     /// The program an upgrade will execute.
     pub fn program(&self) -> &Path {
         &self.inner.program
+    }
+
+    /// [`Builder::stream_grace`].
+    pub(crate) fn stream_grace(&self) -> Duration {
+        self.inner.stream_grace
     }
 
     /// The read-only view of the lifecycle that accept loops and the async layers hold.

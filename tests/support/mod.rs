@@ -1616,3 +1616,108 @@ impl WsClients {
         }
     }
 }
+
+/// `examples/grpc_tonic.rs`'s client (a stock tonic `Channel`): unary calls, server-streaming and
+/// bidirectional streams against one address, reporting each stream opened and ended as it happens.
+pub struct GrpcClients {
+    child: std::process::Child,
+    /// Its stdout, line by line.
+    pub out: Log,
+}
+
+/// What a [`GrpcClients`] run saw in all.
+#[derive(Debug)]
+pub struct GrpcReport {
+    pub ok: u64,
+    pub failed: u64,
+    pub resent: u64,
+    pub resent_cancelled: u64,
+    pub resent_internal: u64,
+    /// The processes that answered unary calls, with how many each answered.
+    pub unary_pids: std::collections::BTreeMap<u32, u64>,
+    /// Every line the client wrote.
+    pub lines: Vec<String>,
+}
+
+impl GrpcClients {
+    /// `unary` tasks of unary calls, `watch` server-streaming and `bidi` bidirectional streams, started once
+    /// every stream is open.
+    pub fn start(addr: SocketAddr, unary: usize, watch: usize, bidi: usize) -> GrpcClients {
+        let mut child = Command::new(example("grpc_tonic"))
+            .arg("client")
+            .args(["--connect", &format!("http://{addr}")])
+            .args(["--unary", &unary.to_string()])
+            .args(["--watch", &watch.to_string()])
+            .args(["--bidi", &bidi.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the gRPC client");
+        let out = Log::collect(child.stdout.take().unwrap(), "grpc client");
+        let clients = GrpcClients { child, out };
+        assert!(
+            clients.out.wait_until(Duration::from_secs(30), |l| {
+                l.iter().filter(|l| l.starts_with("open ")).count() >= watch + bidi
+            }),
+            "the gRPC client did not open its streams:\n{}",
+            clients.out.dump()
+        );
+        clients
+    }
+
+    /// Lines `end ...` or `open ...` of `kind` for streams of process `pid`.
+    pub fn events(&self, what: &str, kind: &str, pid: u32) -> Vec<String> {
+        let head = format!("{what} kind={kind} ");
+        self.out
+            .lines()
+            .into_iter()
+            .filter(|l| l.starts_with(&head) && field(l, "pid") == Some(pid.to_string()))
+            .collect()
+    }
+
+    /// Waits until `n` streams of `kind` were opened on `pid`.
+    pub fn opened_on(&self, kind: &str, pid: u32, n: usize, timeout: Duration) -> bool {
+        let head = format!("open kind={kind} pid={pid}");
+        self.out
+            .wait_until(timeout, |l| l.iter().filter(|l| **l == head).count() >= n)
+    }
+
+    /// SIGINT, then the client's report.
+    pub fn finish(mut self) -> GrpcReport {
+        signal(self.child.id(), libc::SIGINT);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the gRPC client failed: {status}");
+        let found = self
+            .out
+            .wait_until(Duration::from_secs(10), |l| l.iter().any(|l| l == "done"));
+        assert!(
+            found,
+            "no report from the gRPC client:\n{}",
+            self.out.dump()
+        );
+        let lines = self.out.lines();
+        let summary = lines.iter().find(|l| l.starts_with("unary ok=")).unwrap();
+        let n = |k: &str| field(summary, k).and_then(|v| v.parse().ok()).unwrap();
+        let unary_pids = lines
+            .iter()
+            .filter(|l| l.starts_with("unary_pid "))
+            .map(|l| (n_of(l, "pid"), n_of(l, "calls")))
+            .collect();
+        GrpcReport {
+            ok: n("ok"),
+            failed: n("failed"),
+            resent: n("resent"),
+            resent_cancelled: n("resent_cancelled"),
+            resent_internal: n("resent_internal"),
+            unary_pids,
+            lines,
+        }
+    }
+}
+
+fn n_of<T: std::str::FromStr>(line: &str, key: &str) -> T {
+    field(line, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
