@@ -66,8 +66,9 @@ fn main() -> ExitCode {
 fn serve(args: common::Args) -> Result<(), Box<dyn std::error::Error>> {
     // Before the runtime: building the upgrader reads and removes environment variables.
     let upgrader = common::builder(&args).build()?;
+    // Named "http" (gRPC runs over HTTP/2), as the shipped socket unit's `FileDescriptorName=` names it.
     let listener =
-        upgrader.listen_tcp_with("grpc", args.listen.as_str(), &common::bind_options(&args))?;
+        upgrader.listen_tcp_with("http", args.listen.as_str(), &common::bind_options(&args))?;
     let addr = listener.local_addr()?;
     let runtime = tokio::runtime::Runtime::new()?;
     {
