@@ -136,7 +136,7 @@ where
     let mut resent = Vec::new();
     loop {
         match call().await {
-            Err(status) if retryable(&status) && resent.len() < 10 => {
+            Err(status) if retryable(&status) && resent.len() < 10 && RESEND.load(Relaxed) => {
                 resent.push(status.code());
                 // The channel notices the closed connection at its next readiness check and reconnects; a
                 // moment's pause keeps the next attempt from finding the old connection still queued.
@@ -146,6 +146,10 @@ where
         }
     }
 }
+
+/// Off with the client's `--no-resend`: to see what the race costs a client that does not re-send.
+static RESEND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+use std::sync::atomic::Ordering::Relaxed;
 
 /// The pid in a response's `x-pid` header (0 without one).
 fn pid_of(metadata: &tonic::metadata::MetadataMap) -> u32 {
@@ -157,8 +161,9 @@ fn pid_of(metadata: &tonic::metadata::MetadataMap) -> u32 {
 }
 
 mod client {
-    //! `grpc_tonic client --connect URL [--unary N] [--watch N] [--bidi N]`: N tasks of each kind until
-    //! SIGINT or SIGTERM. On stdout, one `key=value` line per event as it happens:
+    //! `grpc_tonic client --connect URL [--unary N] [--watch N] [--bidi N] [--no-resend]`: N tasks of each
+    //! kind until SIGINT or SIGTERM (`--no-resend`: calls are not re-sent after [`retryable`] errors, to
+    //! see what they cost). On stdout, one `key=value` line per event as it happens:
     //!
     //! - `open kind=watch|bidi pid=..` for each stream opened, with the pid of the process serving it;
     //! - `end kind=watch|bidi code=.. message=.. pid=..` for each stream the server ended;
@@ -195,6 +200,10 @@ mod client {
         let (mut unary, mut watch, mut bidi) = (8usize, 4usize, 1usize);
         let mut it = std::env::args().skip(2);
         while let Some(flag) = it.next() {
+            if flag == "--no-resend" {
+                RESEND.store(false, Relaxed);
+                continue;
+            }
             let value = it.next();
             let number = || value.as_deref().and_then(|v| v.parse().ok());
             match (flag.as_str(), &value) {
@@ -205,7 +214,7 @@ mod client {
                 _ => {
                     eprintln!(
                         "grpc_tonic client: bad argument {flag:?} (usage: grpc_tonic client --connect URL \
-                         [--unary N] [--watch N] [--bidi N])"
+                         [--unary N] [--watch N] [--bidi N] [--no-resend])"
                     );
                     return ExitCode::from(2);
                 }

@@ -48,6 +48,14 @@
 //! - **HTTP/2**: GOAWAY (hyper's graceful shutdown of the connection, in two steps); streams in flight
 //!   complete, the client opens its next streams on a new connection. An HTTP/2 connection cannot move: its
 //!   streams, flow-control windows and header tables live in this process.
+//! - **gRPC streams** (HTTP/2 responses with content type `application/grpc`) still open when the stream
+//!   grace has passed ([`Builder::stream_grace`](crate::Builder::stream_grace), default 5 s, counted from the
+//!   moment this process started finishing) end with trailers `grpc-status: 14` (`UNAVAILABLE`, the status
+//!   of a server going away) and a `grpc-message`, sent between two messages (the layer follows gRPC's
+//!   length-prefixed framing). The client sees a clean end and re-opens the call on a new connection, which
+//!   the new process accepts. Other long-lived responses (a feed, server-sent events) end when the service
+//!   ends them: it selects on [`Upgrader::grace_ended`], the same moment, and ends them in its protocol's own
+//!   terms.
 //! - **Upgraded connections** (`Upgrade:`, a WebSocket): counted until the application drops the upgraded
 //!   stream. The application learns that the process is finishing from [`Upgrader::finished`] and closes
 //!   them politely (below).
@@ -91,6 +99,15 @@
 //!         .unwrap()
 //! }
 //! ```
+//!
+//! # gRPC clients: re-send what never left
+//!
+//! Served this way, a gRPC server loses no call, but a tonic client (`Channel`, tonic 0.14) fails calls of
+//! its own at every GOAWAY, from any server: a call waiting in the connection's queue when the GOAWAY arrives
+//! fails with `Cancelled` (hyper's `Canceled`: never written) or `Internal` (h2 refused to open its stream
+//! after the GOAWAY). gRPC's retry design has clients re-send these ("transparent retry", gRFC A6); tonic
+//! does not. `examples/grpc_tonic.rs` shows the few lines that do, recognising the two errors by the status's
+//! source.
 //!
 //! # Caveats
 //!
