@@ -8,7 +8,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use support::systemd::{boot, boot_version, Shape, Systemd, Version};
+use support::systemd::{boot, boot_as_a_host, boot_version, Shape, Systemd, Version};
 use support::*;
 
 for_each_example!(
@@ -1628,6 +1628,97 @@ fn grpc_calls_and_streams_across_systemctl_reloads() {
     assert_eq!(report.failed, 0, "{failures:#?}");
     assert!(failures.is_empty(), "{failures:#?}");
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
+}
+
+/// The README's deploy block, run verbatim by bash (`set -euo pipefail`) as root under the real systemd:
+/// `/etc/systemd/system` and `/usr/local/bin` are the namespace's own (empty at first), the shipped units are
+/// installed unmodified (default dependencies and all), the README's service is `target/release/app`, and the
+/// helper is where the README's build step puts it. Every command must succeed (among them `exuvia-ctl check`
+/// and `systemctl reload`); the service answers before and after the reload from two different processes; after
+/// the stop both units are inactive and nothing listens: a connection is refused and starts nothing.
+#[test]
+fn the_readme_deploy_block_runs_as_written() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let block = readme
+        .split("```sh\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap())
+        .find(|b| b.starts_with("# Deploy:"))
+        .expect("README has no ```sh block starting with \"# Deploy:\"");
+    // The address the block's sed line sets (`s/^ListenStream=.*/ListenStream=ADDR/`).
+    let addr: std::net::SocketAddr = block
+        .split("ListenStream=")
+        .nth(2)
+        .and_then(|rest| rest.split('/').next())
+        .expect("the deploy block sets no ListenStream=")
+        .parse()
+        .unwrap();
+    let Some(sd) = boot_as_a_host("readme_deploy") else {
+        return;
+    };
+    if let Err(e) = std::net::TcpListener::bind(addr) {
+        panic!("the deploy block's address {addr} is taken on this machine ({e}): free it to run this test");
+    }
+    // The README's layout: the project with its release binary and the helper from the build step, exuvia's
+    // checkout beside it.
+    let project = sd.dir.join("project");
+    let release = project.join("target/release");
+    let helper = project.join("target/exuvia/bin");
+    let units = sd.dir.join("exuvia/units");
+    for d in [&release, &helper, &units] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::copy(example("hello_axum"), release.join("app")).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_exuvia-ctl"), helper.join("exuvia-ctl")).unwrap();
+    for unit in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("units")).unwrap() {
+        let unit = unit.unwrap();
+        std::fs::copy(unit.path(), units.join(unit.file_name())).unwrap();
+    }
+    let script = format!("set -euo pipefail\ncd '{}'\n{block}", project.display());
+    let out = sd.run(&["bash", "-c", &script]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "the README's deploy block failed ({}):\n{stdout}{}\n--- app.service ---\n{}\n--- console ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        sd.status_text("app.service"),
+        sd.console()
+    );
+    eprintln!("{stdout}");
+    // The two curl answers: the README's service says which process answered.
+    let pids: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("hello from pid="))
+        .collect();
+    assert_eq!(pids.len(), 2, "two answers expected:\n{stdout}");
+    assert_ne!(
+        pids[0], pids[1],
+        "the reload did not replace the process:\n{stdout}"
+    );
+    for unit in ["app.socket", "app.service"] {
+        assert_eq!(
+            sd.show(unit, "ActiveState"),
+            "inactive",
+            "{unit} after the stop"
+        );
+        assert_eq!(
+            sd.show(unit, "UnitFileState"),
+            "enabled",
+            "{unit}: enable did not take"
+        );
+    }
+    let refused = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2));
+    assert!(
+        refused.is_err(),
+        "something still listens on {addr} after the stop"
+    );
+    assert_eq!(
+        sd.show("app.service", "ActiveState"),
+        "inactive",
+        "a connection started the service again"
+    );
 }
 
 /// Waits until `pid` is the only process of program `comm` left (the old one has moved its connections and

@@ -116,6 +116,19 @@ pub fn boot(test: &str) -> Option<Systemd> {
 
 /// [`boot`], choosing the systemd.
 pub fn boot_version(test: &str, version: Version) -> Option<Systemd> {
+    boot_with(test, version, false)
+}
+
+/// [`boot`] for a user's own commands, run as written: `/etc/systemd/system` (on the unit path) and
+/// `/usr/local/bin` are empty tmpfs of this namespace only (the machine's are untouched), and the targets that
+/// units' default dependencies name (`sysinit.target`, `basic.target`, ...) exist as empty stand-ins, so
+/// that the shipped units run unmodified, with their default dependencies, and nothing of the machine's
+/// boot (systemd-tmpfiles and the like) is ever pulled in.
+pub fn boot_as_a_host(test: &str) -> Option<Systemd> {
+    boot_with(test, Version::Installed, true)
+}
+
+fn boot_with(test: &str, version: Version, as_a_host: bool) -> Option<Systemd> {
     let why = unavailable().or_else(|| {
         let manager = Path::new(DEBIAN12_ROOT).join("lib/systemd/systemd");
         (version == Version::Debian12 && !manager.exists())
@@ -145,6 +158,28 @@ pub fn boot_version(test: &str, version: Version) -> Option<Systemd> {
         "[Unit]\nDescription=exuvia test target\nDefaultDependencies=no\n",
     )
     .unwrap();
+    let mut unit_path = dir.join("units").display().to_string();
+    let mut host_dirs = String::new();
+    if as_a_host {
+        for target in [
+            "sysinit.target",
+            "basic.target",
+            "sockets.target",
+            "network.target",
+            "multi-user.target",
+            "shutdown.target",
+        ] {
+            std::fs::write(
+                dir.join("units").join(target),
+                "[Unit]\nDescription=stand-in of the test systemd\nDefaultDependencies=no\n",
+            )
+            .unwrap();
+        }
+        host_dirs =
+            "mount -t tmpfs tmpfs /etc/systemd/system\nmount -t tmpfs tmpfs /usr/local/bin\n"
+                .into();
+        unit_path.push_str(":/etc/systemd/system");
+    }
     let console = dir.join("console.log");
     std::fs::write(&console, "").unwrap();
     let boot_log = dir.join("boot.log");
@@ -172,10 +207,10 @@ pub fn boot_version(test: &str, version: Version) -> Option<Systemd> {
          mkdir -p /run/systemd/system\n\
          mount --bind '{console}' /dev/console\n\
          {debian12}\
-         SYSTEMD_UNIT_PATH='{units}' exec /usr/lib/systemd/systemd --system --log-target=${{EXUVIA_SYSTEMD_LOG_TARGET:-console}} \
+         {host_dirs}\
+         SYSTEMD_UNIT_PATH='{unit_path}' exec /usr/lib/systemd/systemd --system --log-target=${{EXUVIA_SYSTEMD_LOG_TARGET:-console}} \
          --log-level=${{EXUVIA_SYSTEMD_LOG_LEVEL:-info}} --unit=test.target >>'{console}' 2>&1\n",
         console = console.display(),
-        units = dir.join("units").display(),
         boot_log = boot_log.display(),
     );
     let child = Command::new("unshare")
