@@ -18,12 +18,14 @@ use ::hyper::body::Buf;
 use ::hyper::header::{HeaderValue, CONTENT_TYPE};
 use ::hyper::HeaderMap;
 
-use crate::Upgrader;
+use crate::{Finish, Upgrader};
 
 /// `UNAVAILABLE`, the code of a server going away.
 const UNAVAILABLE: &str = "14";
-/// The status message (percent-encoding is not needed: printable ASCII, no `%`).
-const MESSAGE: &str = "server going away (replaced by a new process); retry on a new connection";
+/// The status messages (percent-encoding is not needed: printable ASCII, no `%`), as the process is
+/// replaced or stopped.
+const REPLACED: &str = "server going away (replaced by a new process); retry on a new connection";
+const STOPPING: &str = "server going away (stopping); retry on a new connection";
 
 /// Whether a response is a gRPC call's (its content type is `application/grpc` or `application/grpc+...`).
 pub(crate) fn is_grpc<B>(response: &::hyper::Response<B>) -> bool {
@@ -41,7 +43,7 @@ pub(crate) fn is_grpc<B>(response: &::hyper::Response<B>) -> bool {
 
 /// One gRPC response's end at the grace: when it is due, and where the response stands in its framing.
 pub(crate) struct GrpcGrace {
-    due: Pin<Box<dyn Future<Output = ()> + Send>>,
+    due: Pin<Box<dyn Future<Output = Finish> + Send>>,
     framing: Framing,
     /// The trailers were sent: the response is over.
     ended: bool,
@@ -60,9 +62,7 @@ impl GrpcGrace {
     /// Due at [`Upgrader::grace_ended`].
     pub(crate) fn new(upgrader: Upgrader) -> GrpcGrace {
         GrpcGrace {
-            due: Box::pin(async move {
-                upgrader.grace_ended().await;
-            }),
+            due: Box::pin(async move { upgrader.grace_ended().await }),
             framing: Framing::default(),
             ended: false,
         }
@@ -85,20 +85,24 @@ impl GrpcGrace {
             return None;
         }
         match self.due.as_mut().poll(cx) {
-            Poll::Ready(()) => {
+            Poll::Ready(finish) => {
                 self.ended = true;
                 tracing::debug!("gRPC response ended with UNAVAILABLE at the end of the grace");
-                Some(trailers())
+                Some(trailers(finish))
             }
             Poll::Pending => None,
         }
     }
 }
 
-fn trailers() -> HeaderMap {
+fn trailers(finish: Finish) -> HeaderMap {
+    let message = match finish {
+        Finish::Stopped { .. } => STOPPING,
+        _ => REPLACED,
+    };
     let mut t = HeaderMap::new();
     t.insert("grpc-status", HeaderValue::from_static(UNAVAILABLE));
-    t.insert("grpc-message", HeaderValue::from_static(MESSAGE));
+    t.insert("grpc-message", HeaderValue::from_static(message));
     t
 }
 

@@ -258,6 +258,7 @@ impl Lifecycle {
     }
 
     /// When the finish was published, once it is.
+    #[cfg(feature = "tokio")]
     pub(crate) fn finished_at(&self) -> Option<Instant> {
         self.shared.published_at.get().copied()
     }

@@ -70,7 +70,8 @@ struct Inner {
     envs: Vec<(OsString, OsString)>,
     ready_timeout: Duration,
     drain_timeout: Duration,
-    /// [`Builder::stream_grace`].
+    /// [`Builder::stream_grace`] (only the async layers wait on it).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     stream_grace: Duration,
     background_init: bool,
     /// The probation window this process gives each new process after a commit (zero: none).
@@ -191,6 +192,7 @@ impl Upgrader {
     }
 
     /// [`Builder::stream_grace`].
+    #[cfg(feature = "tokio")]
     pub(crate) fn stream_grace(&self) -> Duration {
         self.inner.stream_grace
     }
