@@ -393,7 +393,9 @@ impl Upgrader {
     /// # Cancel safety
     /// Cancel safe: it only waits.
     pub async fn grace_ended(&self) -> Finish {
-        let finish = self.finished().await;
+        // Woken by the lifecycle's notifier, not the finishing pipe: no descriptor per waiter (the HTTP layer
+        // waits once per open gRPC stream).
+        let finish = finish_event(&self.finishing_handle()).await;
         let from = self
             .finishing_handle()
             .lifecycle()

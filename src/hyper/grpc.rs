@@ -43,7 +43,9 @@ pub(crate) fn is_grpc<B>(response: &::hyper::Response<B>) -> bool {
 
 /// One gRPC response's end at the grace: when it is due, and where the response stands in its framing.
 pub(crate) struct GrpcGrace {
-    due: Pin<Box<dyn Future<Output = Finish> + Send>>,
+    upgrader: Upgrader,
+    /// Made at the first pause of the response (a unary call's response never pauses: no allocation).
+    due: Option<Pin<Box<dyn Future<Output = Finish> + Send>>>,
     framing: Framing,
     /// The trailers were sent: the response is over.
     ended: bool,
@@ -62,7 +64,8 @@ impl GrpcGrace {
     /// Due at [`Upgrader::grace_ended`].
     pub(crate) fn new(upgrader: Upgrader) -> GrpcGrace {
         GrpcGrace {
-            due: Box::pin(async move { upgrader.grace_ended().await }),
+            upgrader,
+            due: None,
             framing: Framing::default(),
             ended: false,
         }
@@ -84,7 +87,12 @@ impl GrpcGrace {
         if self.ended || !self.framing.between_messages() {
             return None;
         }
-        match self.due.as_mut().poll(cx) {
+        let upgrader = &self.upgrader;
+        let due = self.due.get_or_insert_with(|| {
+            let upgrader = upgrader.clone();
+            Box::pin(async move { upgrader.grace_ended().await })
+        });
+        match due.as_mut().poll(cx) {
             Poll::Ready(finish) => {
                 self.ended = true;
                 tracing::debug!("gRPC response ended with UNAVAILABLE at the end of the grace");
