@@ -249,3 +249,46 @@ async fn every_async_event_waiter_sees_the_finish() {
         }
     }
 }
+
+/// `grace_ended()` resolves the stream grace after the finish was published, for every waiter, whenever it
+/// started waiting: one waiting before the stop, one that starts 250 ms after it (due 50 ms later: it must not
+/// count its own 300 ms, so it resolves before a 150 ms timer started beside it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grace_ended_resolves_the_stream_grace_after_the_finish_for_every_waiter() {
+    const GRACE: Duration = Duration::from_millis(300);
+    let upgrader = Upgrader::builder().stream_grace(GRACE).build().unwrap();
+    upgrader.ready().unwrap();
+    let early = tokio::spawn({
+        let u = upgrader.clone();
+        async move {
+            let finish = u.grace_ended().await;
+            (finish, Instant::now())
+        }
+    });
+    // Not before the finish: still pending a while later (a negative observation).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !early.is_finished(),
+        "grace_ended resolved before any finish"
+    );
+    let stopped = Instant::now();
+    upgrader.shutdown();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let late = upgrader.grace_ended();
+    tokio::pin!(late);
+    tokio::select! {
+        biased;
+        finish = &mut late => assert!(matches!(finish, Finish::Stopped { .. }), "{finish:?}"),
+        _ = tokio::time::sleep(GRACE / 2) => panic!("a late waiter counted the grace from its own start"),
+    }
+    let (finish, at) = tokio::time::timeout(Duration::from_secs(5), early)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(finish, Finish::Stopped { .. }), "{finish:?}");
+    assert!(
+        at.duration_since(stopped) >= GRACE,
+        "resolved {:?} after the stop, before the grace",
+        at.duration_since(stopped)
+    );
+}
