@@ -348,109 +348,99 @@ mod client {
         }
     }
 
-    /// Health `Watch`, re-opened whenever the server ends it.
-    async fn watch_loop(channel: Channel, tx: mpsc::UnboundedSender<Event>) {
-        let client = HealthClient::new(channel);
+    /// One stream after another of one kind: opened (and re-sent, like a unary call, after the GOAWAY race),
+    /// reported with the process serving it, run until the server ends it, reported with how it ended.
+    async fn stream_loop<S, Open, Opened, Run, Ran>(
+        kind: &'static str,
+        tx: mpsc::UnboundedSender<Event>,
+        mut open: Open,
+        mut run: Run,
+    ) where
+        Open: FnMut() -> Opened,
+        Opened: std::future::Future<Output = Result<(u32, S), Status>>,
+        Run: FnMut(S) -> Ran,
+        Ran: std::future::Future<Output = Status>,
+    {
         loop {
-            let (opened, _) = unary(|| {
-                let mut client = client.clone();
-                async move { client.watch(HealthCheckRequest::default()).await }
-            })
-            .await;
-            let response = match opened {
-                Ok(r) => r,
+            let (pid, stream) = match unary(&mut open).await.0 {
+                Ok(opened) => opened,
                 Err(status) => {
-                    let _ = tx.send(Event::OpenFailed {
-                        kind: "watch",
-                        status,
-                    });
+                    let _ = tx.send(Event::OpenFailed { kind, status });
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             };
-            let pid = pid_of(response.metadata());
-            if tx.send(Event::Open { kind: "watch", pid }).is_err() {
+            if tx.send(Event::Open { kind, pid }).is_err() {
                 return;
             }
-            let mut stream = response.into_inner();
-            let status = loop {
+            let status = run(stream).await;
+            if tx.send(Event::End { kind, status, pid }).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Health `Watch`, re-opened whenever the server ends it.
+    async fn watch_loop(channel: Channel, tx: mpsc::UnboundedSender<Event>) {
+        let client = HealthClient::new(channel);
+        let open = || {
+            let mut client = client.clone();
+            async move {
+                let r = client.watch(HealthCheckRequest::default()).await?;
+                Ok((pid_of(r.metadata()), r.into_inner()))
+            }
+        };
+        let run = |mut stream: tonic::Streaming<_>| async move {
+            loop {
                 match stream.message().await {
                     Ok(Some(_)) => {}
                     Ok(None) => break Status::ok("ended without a status"),
                     Err(status) => break status,
                 }
-            };
-            let end = Event::End {
-                kind: "watch",
-                status,
-                pid,
-            };
-            if tx.send(end).is_err() {
-                return;
             }
-        }
+        };
+        stream_loop("watch", tx, open, run).await;
     }
 
     /// Reflection's bidirectional stream: a `list_services` request every 10 ms, each answered; re-opened
     /// whenever the server ends it.
     async fn bidi_loop(channel: Channel, tx: mpsc::UnboundedSender<Event>) {
         let client = ServerReflectionClient::new(channel);
-        loop {
-            let request = ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(MessageRequest::ListServices(String::new())),
-            };
-            let (opened, _) = unary(|| {
-                let mut client = client.clone();
-                let request = request.clone();
-                async move {
-                    // The first request goes with the call, so that the server answers at once.
-                    let (requests_tx, requests_rx) = mpsc::channel(16);
-                    let _ = requests_tx.try_send(request);
-                    let r = client
-                        .server_reflection_info(ReceiverStream::new(requests_rx))
-                        .await?;
-                    Ok((r, requests_tx))
-                }
-            })
-            .await;
-            let (response, requests_tx) = match opened {
-                Ok(r) => r,
-                Err(status) => {
-                    let _ = tx.send(Event::OpenFailed {
-                        kind: "bidi",
-                        status,
-                    });
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let pid = pid_of(response.metadata());
-            if tx.send(Event::Open { kind: "bidi", pid }).is_err() {
-                return;
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let open = || {
+            let mut client = client.clone();
+            let request = request.clone();
+            async move {
+                // The first request goes with the call, so that the server answers at once.
+                let (requests_tx, requests_rx) = mpsc::channel(16);
+                let _ = requests_tx.try_send(request);
+                let r = client
+                    .server_reflection_info(ReceiverStream::new(requests_rx))
+                    .await?;
+                Ok((pid_of(r.metadata()), (r.into_inner(), requests_tx)))
             }
-            let mut stream = response.into_inner();
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            let status = loop {
-                tokio::select! {
-                    m = stream.next() => match m {
-                        Some(Ok(_)) => {}
-                        Some(Err(status)) => break status,
-                        None => break Status::ok("ended without a status"),
-                    },
-                    _ = tick.tick() => {
-                        let _ = requests_tx.try_send(request.clone());
+        };
+        let run = |(mut stream, requests_tx): (tonic::Streaming<_>, mpsc::Sender<_>)| {
+            let request = request.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                loop {
+                    tokio::select! {
+                        m = stream.next() => match m {
+                            Some(Ok(_)) => {}
+                            Some(Err(status)) => break status,
+                            None => break Status::ok("ended without a status"),
+                        },
+                        _ = tick.tick() => {
+                            let _ = requests_tx.try_send(request.clone());
+                        }
                     }
                 }
-            };
-            let end = Event::End {
-                kind: "bidi",
-                status,
-                pid,
-            };
-            if tx.send(end).is_err() {
-                return;
             }
-        }
+        };
+        stream_loop("bidi", tx, open, run).await;
     }
 }

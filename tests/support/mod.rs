@@ -1683,6 +1683,34 @@ impl GrpcClients {
             .wait_until(timeout, |l| l.iter().filter(|l| **l == head).count() >= n)
     }
 
+    /// After `old` handed over to `new`: every stream `old` served ended with `UNAVAILABLE` from the layer,
+    /// and `watch` server-streaming plus `bidi` bidirectional streams re-opened on `new` (within 10 s).
+    pub fn streams_moved(
+        &self,
+        old: u32,
+        new: u32,
+        watch: usize,
+        bidi: usize,
+    ) -> Result<(), String> {
+        for (kind, n) in [("watch", watch), ("bidi", bidi)] {
+            if !self.opened_on(kind, new, n, Duration::from_secs(10)) {
+                return Err(format!(
+                    "not every {kind} stream re-opened on {new}:\n{}",
+                    self.out.dump()
+                ));
+            }
+            let ends = self.events("end", kind, old);
+            let unavailable = ends
+                .iter()
+                .filter(|e| e.contains("code=Unavailable") && e.contains("server going away"))
+                .count();
+            if ends.len() != n || unavailable != n {
+                return Err(format!("{kind} streams of {old}: {ends:#?}"));
+            }
+        }
+        Ok(())
+    }
+
     /// SIGINT, then the client's report.
     pub fn finish(mut self) -> GrpcReport {
         signal(self.child.id(), libc::SIGINT);
