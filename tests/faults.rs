@@ -393,7 +393,16 @@ fn memory_pressure_during_an_upgrade_costs_the_upgrade_not_the_service(server: &
     let old = server.current();
     let load = Load::start(server.addr, 2, 2, Duration::from_millis(3));
     load.wait_progress(200);
-    let e = server.upgrade().unwrap_err();
+    // If the old process dies meanwhile, the helper cannot ask it for the verdict: say what the kernel did.
+    let upgrade = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.upgrade()));
+    let e = match upgrade {
+        Ok(verdict) => verdict.unwrap_err(),
+        Err(panic) => panic!(
+            "{}\n--- the kernel's OOM kills (old pid {old}) ---\n{}",
+            panic.downcast_ref::<String>().cloned().unwrap_or_default(),
+            oom_kills()
+        ),
+    };
     eprintln!("upgrade under memory pressure: {e}");
     assert!(
         e.contains("(SIGKILL)"),
@@ -403,8 +412,31 @@ fn memory_pressure_during_an_upgrade_costs_the_upgrade_not_the_service(server: &
     let st = load.stop();
     assert!(st.failures.is_empty(), "{}", st.summary());
     assert_eq!(st.pids, [old].into_iter().collect(), "{}", st.summary());
-    assert_eq!(zombie_state(old), Some(false), "the old process was killed");
+    assert_eq!(
+        zombie_state(old),
+        Some(false),
+        "the old process was killed:\n{}",
+        oom_kills()
+    );
     server.stop();
+}
+
+/// The kernel log's recent OOM kills (`dmesg`; empty where it cannot be read): which process the OOM killer
+/// took, in which memory cgroup, and why it was invoked.
+fn oom_kills() -> String {
+    let out = std::process::Command::new("dmesg").output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.contains("invoked oom-killer")
+                || l.contains("Killed process")
+                || l.contains("oom-kill:")
+        })
+        .collect();
+    lines[lines.len().saturating_sub(12)..].join("\n")
 }
 
 fn a_sighup_to_the_new_process_before_it_is_ready_is_applied_after(server: &str) {
