@@ -8,6 +8,11 @@
 //! kill -INT <client pid>   # the client prints what it saw
 //! ```
 //!
+//! Under systemd, use `units/exuvia-app.socket` + `units/exuvia-app.service` with `ExecStart=` pointing at the
+//! built binary (`target/release/examples/grpc_tonic --stream-grace 1`): it adopts the socket named `http`
+//! (gRPC runs over HTTP/2), and `systemctl reload` upgrades it. The command line is the same as the HTTP
+//! examples' (see `examples/common`), with `--stream-grace SECS`.
+//!
 //! The server offers two services tonic ships with their generated code (no `protoc` needed): health
 //! (`grpc.health.v1.Health`: unary `Check`, server-streaming `Watch`) and reflection
 //! (`grpc.reflection.v1.ServerReflection`: the bidirectional `ServerReflectionInfo`). Every response carries
