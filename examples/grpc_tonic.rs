@@ -34,7 +34,9 @@
 //! waits in the connection's queue: `Cancelled: operation was canceled` (hyper's `Canceled`, "connection
 //! closed": the queue is dropped when the connection shuts down), or `Internal: h2 protocol error` (the
 //! stream could not be opened on a connection that has received GOAWAY, `NO_ERROR`). The server never saw
-//! these calls, so no server can answer them; gRPC's own retry design (gRFC A6, "transparent retry") has
+//! these calls (hyper cancels only what it never wrote; h2 refuses the stream before opening it, except in a
+//! window of a few instructions where hyper opened it just before the GOAWAY was processed and then resets it),
+//! so no server can answer them; gRPC's own retry design (gRFC A6, "transparent retry") has
 //! clients re-send them by themselves, as grpc-go and grpc-java do, but tonic does not (and has no retry
 //! policy; its `Status` keeps the transport error as its source). [`retryable`] recognises exactly these
 //! two errors by that source, and [`unary`] re-sends a call after them, once the channel has reconnected. Any
@@ -110,9 +112,12 @@ fn serve(args: common::Args) -> Result<(), Box<dyn std::error::Error>> {
     })
 }
 
-/// Whether a failed call was never sent to the server, so that sending it again cannot run it twice: the
-/// two errors a tonic `Channel` reports for a call caught by a GOAWAY before it left the client (see the
-/// module docs). Told apart by the status's source, never by its text.
+/// Whether a failed call was caught by a GOAWAY before the server could answer it: the two errors a tonic
+/// `Channel` reports for a call that had not left the client (see the module docs). Told apart by the
+/// status's source, never by its text. `Cancelled` (hyper never wrote the request) is safe to re-send for any
+/// method; `Internal` with a GOAWAY almost always is (h2 refused to open the stream), but in a narrow window
+/// the stream was opened and then reset by the client, so re-send it as is only for idempotent calls (as
+/// health's `Check` here) or calls the server recognises as repeated.
 pub fn retryable(status: &Status) -> bool {
     let mut source = status.source();
     while let Some(e) = source {

@@ -105,7 +105,8 @@
 //! Served this way, a gRPC server loses no call, but a tonic client (`Channel`, tonic 0.14) fails calls of
 //! its own at every GOAWAY, from any server: a call waiting in the connection's queue when the GOAWAY arrives
 //! fails with `Cancelled` (hyper's `Canceled`: never written) or `Internal` (h2 refused to open its stream
-//! after the GOAWAY). gRPC's retry design has clients re-send these ("transparent retry", gRFC A6); tonic
+//! after the GOAWAY; in a narrow window, opened just before and reset by the client: re-send those only for
+//! idempotent calls). gRPC's retry design has clients re-send these ("transparent retry", gRFC A6); tonic
 //! does not. `examples/grpc_tonic.rs` shows the few lines that do, recognising the two errors by the status's
 //! source.
 //!
