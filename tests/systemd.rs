@@ -1436,13 +1436,7 @@ fn keep_alive_connections_move_across_systemctl_reloads_and_probation(server: &s
     }
     for i in 0..3 {
         let t0 = Instant::now();
-        ok(
-            sd.systemctl(&["reload", "app.service"]),
-            &format!("reload {i}"),
-            &sd,
-        );
-        let new = sd.main_pid("app.service");
-        assert_ne!(new, main, "reload {i}: MainPID did not move");
+        let new = reload_to_a_new_main(&sd, main, i);
         // The window has passed (the reload's verdict waits for it): the connections move, the old process
         // exits, long before its 60 s drain deadline.
         only_left(&sd, server, new, &format!("reload {i}"));
@@ -1492,13 +1486,7 @@ fn websocket_sessions_move_across_systemctl_reloads_and_probation() {
     assert!(clients.all_answered_by(main, Duration::from_secs(30)));
     for i in 0..3 {
         let t0 = Instant::now();
-        ok(
-            sd.systemctl(&["reload", "app.service"]),
-            &format!("reload {i}"),
-            &sd,
-        );
-        let new = sd.main_pid("app.service");
-        assert_ne!(new, main, "reload {i}: MainPID did not move");
+        let new = reload_to_a_new_main(&sd, main, i);
         assert!(
             clients.all_answered_by(new, Duration::from_secs(30)),
             "reload {i}: not every session moved to {new}"
@@ -1538,13 +1526,7 @@ fn axum_websocket_sessions_close_with_going_away_across_systemctl_reloads() {
     let mut clients = WsClients::reconnecting(&python, &url, CLIENTS, Duration::from_millis(10));
     assert!(clients.all_answered_by(main, Duration::from_secs(30)));
     for i in 0..RELOADS {
-        ok(
-            sd.systemctl(&["reload", "app.service"]),
-            &format!("reload {i}"),
-            &sd,
-        );
-        let new = sd.main_pid("app.service");
-        assert_ne!(new, main, "reload {i}: MainPID did not move");
+        let new = reload_to_a_new_main(&sd, main, i);
         assert!(
             clients.all_answered_by(new, Duration::from_secs(30)),
             "reload {i}: not every session reconnected to {new}"
@@ -1586,13 +1568,7 @@ fn grpc_calls_and_streams_across_systemctl_reloads() {
     let clients = GrpcClients::start(addr, 8, WATCH, 1);
     for i in 0..RELOADS {
         let t0 = Instant::now();
-        ok(
-            sd.systemctl(&["reload", "app.service"]),
-            &format!("reload {i}"),
-            &sd,
-        );
-        let new = sd.main_pid("app.service");
-        assert_ne!(new, main, "reload {i}: MainPID did not move");
+        let new = reload_to_a_new_main(&sd, main, i);
         if let Err(e) = clients.streams_moved(main, new, WATCH, 1) {
             panic!("reload {i}: {e}");
         }
@@ -1705,6 +1681,19 @@ fn the_readme_deploy_block_runs_as_written() {
         "inactive",
         "a connection started the service again"
     );
+}
+
+/// `systemctl reload app.service` (the `i`th), which must succeed and make another process than `main` the main
+/// one; returns it.
+fn reload_to_a_new_main(sd: &Systemd, main: u32, i: usize) -> u32 {
+    ok(
+        sd.systemctl(&["reload", "app.service"]),
+        &format!("reload {i}"),
+        sd,
+    );
+    let new = sd.main_pid("app.service");
+    assert_ne!(new, main, "reload {i}: MainPID did not move");
+    new
 }
 
 /// Waits until `pid` is the only process of program `comm` left (the old one has moved its connections and
