@@ -49,6 +49,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::error::Error as _;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -158,8 +160,7 @@ where
 }
 
 /// Off with the client's `--no-resend`: to see what the race costs a client that does not re-send.
-static RESEND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-use std::sync::atomic::Ordering::Relaxed;
+static RESEND: AtomicBool = AtomicBool::new(true);
 
 /// The pid in a response's `x-pid` header (0 without one).
 fn pid_of(metadata: &tonic::metadata::MetadataMap) -> u32 {

@@ -395,9 +395,10 @@ impl Upgrader {
     pub async fn grace_ended(&self) -> Finish {
         // Woken by the lifecycle's notifier, not the finishing pipe: no descriptor per waiter (the HTTP layer
         // waits once per open gRPC stream).
-        let finish = finish_event(&self.finishing_handle()).await;
-        let from = self
-            .finishing_handle()
+        let finishing = self.finishing_handle();
+        let finish = finish_event(&finishing).await;
+        // Published with the finish, so always there once the finish is.
+        let from = finishing
             .lifecycle()
             .finished_at()
             .unwrap_or_else(std::time::Instant::now);

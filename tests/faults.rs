@@ -399,7 +399,11 @@ fn memory_pressure_during_an_upgrade_costs_the_upgrade_not_the_service(server: &
         Ok(verdict) => verdict.unwrap_err(),
         Err(panic) => panic!(
             "{}\n--- the kernel's OOM kills (old pid {old}) ---\n{}",
-            panic.downcast_ref::<String>().cloned().unwrap_or_default(),
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default(),
             oom_kills()
         ),
     };

@@ -1536,14 +1536,7 @@ fn axum_websocket_sessions_close_with_going_away_across_systemctl_reloads() {
     }
     let report = clients.finish();
     eprintln!("{}", report.raw);
-    assert_eq!(report.abnormal, 0, "{}", report.raw);
-    assert_eq!(report.error_count, 0, "{}", report.raw);
-    assert_eq!(
-        report.going_away,
-        (CLIENTS * RELOADS) as u64,
-        "{}",
-        report.raw
-    );
+    report.assert_every_close_going_away(CLIENTS * RELOADS);
     ok(sd.systemctl(&["stop", "app.service"]), "stop", &sd);
 }
 

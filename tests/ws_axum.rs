@@ -78,15 +78,8 @@ fn axum_websocket_sessions_close_with_going_away_and_no_reset_at_each_upgrade() 
     let resets = resets_sent() - resets_before;
     let report = clients.finish();
     eprintln!("{}", report.raw);
-    assert_eq!(report.abnormal, 0, "{}", report.raw);
-    assert_eq!(report.error_count, 0, "{}", report.raw);
+    report.assert_every_close_going_away(CLIENTS * UPGRADES);
     assert_eq!(report.disconnects, 0, "{}", report.raw);
-    assert_eq!(
-        report.going_away,
-        (CLIENTS * UPGRADES) as u64,
-        "{}",
-        report.raw
-    );
     assert_eq!(resets, 0, "resets sent during the upgrades");
     eprintln!(
         "{CLIENTS} axum WebSocket clients across {UPGRADES} upgrades: {} closes, every one 1001 with a close \

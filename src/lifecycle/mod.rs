@@ -39,10 +39,8 @@ struct Shared {
     /// The same wake-ups as `changed`, for async waiters, so that none of them needs a thread of its own.
     #[cfg(feature = "tokio")]
     events: ::tokio::sync::Notify,
-    /// The published finish, read without a lock.
-    published: OnceLock<Finish>,
-    /// When it was published (set just before it).
-    published_at: OnceLock<Instant>,
+    /// The published finish and when it was published, read without a lock.
+    published: OnceLock<(Finish, Instant)>,
     /// True while connections should be let go (on probation, once finishing): for code that checks on every
     /// request (the HTTP layer, `Upgrader::closing`). Revocable: a rollback clears it.
     flag: Arc<AtomicBool>,
@@ -103,7 +101,6 @@ impl Lifecycle {
                 #[cfg(feature = "tokio")]
                 events: ::tokio::sync::Notify::new(),
                 published: OnceLock::new(),
-                published_at: OnceLock::new(),
                 flag: Arc::new(AtomicBool::new(false)),
                 stop_read,
             }),
@@ -122,8 +119,7 @@ impl Lifecycle {
         core.phase = after;
         let mut closing = None;
         if let (None, Some(f)) = (before.published(), after.published()) {
-            let _ = self.shared.published_at.set(Instant::now());
-            let _ = self.shared.published.set(f);
+            let _ = self.shared.published.set((f, Instant::now()));
             closing = core.stop_write.take();
         }
         // Revocable (a rollback clears it): let connections go on probation and once finishing.
@@ -249,7 +245,7 @@ impl Lifecycle {
 
     /// The published finish, without a lock.
     pub(crate) fn finishing(&self) -> Option<Finish> {
-        self.shared.published.get().copied()
+        self.shared.published.get().map(|(f, _)| *f)
     }
 
     /// Readable (end of file) once the finish is published.
@@ -260,7 +256,7 @@ impl Lifecycle {
     /// When the finish was published, once it is.
     #[cfg(feature = "tokio")]
     pub(crate) fn finished_at(&self) -> Option<Instant> {
-        self.shared.published_at.get().copied()
+        self.shared.published.get().map(|(_, at)| *at)
     }
 
     /// Whether connections should be let go now (on probation, once finishing). Lock-free.

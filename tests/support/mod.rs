@@ -1470,6 +1470,16 @@ pub struct WsReport {
     pub raw: String,
 }
 
+impl WsReport {
+    /// Every session ended `closes` times, each with a 1001 "going away" close handshake: none abnormal, no
+    /// client error.
+    pub fn assert_every_close_going_away(&self, closes: usize) {
+        assert_eq!(self.abnormal, 0, "{}", self.raw);
+        assert_eq!(self.error_count, 0, "{}", self.raw);
+        assert_eq!(self.going_away, closes as u64, "{}", self.raw);
+    }
+}
+
 impl WsClients {
     /// The Debian interpreter with the Debian package (`python3-websockets`), or a loud skip (a failure in CI).
     pub fn python(what: &str) -> Option<PathBuf> {

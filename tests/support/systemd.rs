@@ -3,7 +3,10 @@
 //! What keeps the machine safe (see the project's systemd notes): the unit path holds ONLY the test's unit
 //! directory; every unit gets `DefaultDependencies=no` (otherwise systemd pulls in sysinit.target and
 //! systemd-tmpfiles would clean the machine's /tmp); /run and /tmp are fresh tmpfs inside the namespace; and
-//! all test files live under /var/lib/exuvia-tests, never in /tmp or the checkout.
+//! all test files live under /var/lib/exuvia-tests, never in /tmp or the checkout. [`boot_as_a_host`], for
+//! commands run as a user writes them, adds a `/etc/systemd/system` that is a tmpfs of the namespace to the
+//! unit path and keeps the units' default dependencies, which then resolve to empty stand-in targets in the
+//! test's directory: still nothing of the machine's boot.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
